@@ -1,0 +1,54 @@
+"""The `customscripts` command: local stack lifecycle, demo, and running scripts locally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from customscripts import localstack, logs
+
+
+def _up(args: argparse.Namespace) -> int:
+    localstack.up(only=set(args.only) if args.only else None)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    localstack.down(only=set(args.only) if args.only else None)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    report = localstack.status()
+    print(json.dumps(report, indent=2))
+    return 0 if all(s["healthy"] for s in report.values()) else 1
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    localstack.bootstrap_database(localstack.settings())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="customscripts", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the local stack (installs missing packages)")
+    p.add_argument("--only", nargs="*", help="start only these services")
+    p.set_defaults(func=_up)
+    p = sub.add_parser("down", help="stop what `up` started; data is kept")
+    p.add_argument("--only", nargs="*")
+    p.set_defaults(func=_down)
+    sub.add_parser("status", help="health of each local service").set_defaults(func=_status)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logs.setup()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""All configuration, read from environment variables with local-stack defaults.
+
+Every tunable of the platform lives here so that production (OpenFaaS, MinIO, TimescaleDB,
+NATS JetStream) and the local stack differ only in environment, never in code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CUSTOM_SCRIPTS_FEATURE = "custom_scripts"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """What a subscription tier may do; caps apply per user."""
+
+    name: str
+    features: frozenset[str]
+    max_scripts: int
+    timeout_ms: int
+    memory_mb: int
+    cpu_seconds: int
+    rate_per_minute: int  # data-gateway reads per user per minute
+    burst: int
+    allowed_modules: frozenset[str]
+    max_subscriptions: int
+    function_memory: str  # OpenFaaS limits.memory for this tier's script functions
+    function_cpu: str
+
+
+BASE_MODULES = frozenset(
+    {
+        "math",
+        "cmath",
+        "statistics",
+        "datetime",
+        "decimal",
+        "fractions",
+        "itertools",
+        "functools",
+        "collections",
+        "operator",
+        "bisect",
+        "heapq",
+        "random",
+        "re",
+        "json",
+        "typing",
+        "dataclasses",
+        "enum",
+        "numpy",
+    }
+)
+
+DEFAULT_TIERS: dict[str, dict] = {
+    "free": {
+        "features": [],
+        "max_scripts": 0,
+        "timeout_ms": 1000,
+        "memory_mb": 256,
+        "cpu_seconds": 1,
+        "rate_per_minute": 60,
+        "burst": 20,
+        "allowed_modules": sorted(BASE_MODULES),
+        "max_subscriptions": 0,
+        "function_memory": "128Mi",
+        "function_cpu": "100m",
+    },
+    "pro": {
+        "features": [CUSTOM_SCRIPTS_FEATURE],
+        "max_scripts": 50,
+        "timeout_ms": 2000,
+        "memory_mb": 512,
+        "cpu_seconds": 2,
+        "rate_per_minute": 6000,
+        "burst": 600,
+        "allowed_modules": sorted(BASE_MODULES),
+        "max_subscriptions": 2000,
+        "function_memory": "256Mi",
+        "function_cpu": "500m",
+    },
+    "enterprise": {
+        "features": [CUSTOM_SCRIPTS_FEATURE, "marketplace_publish"],
+        "max_scripts": 1000,
+        "timeout_ms": 5000,
+        "memory_mb": 1024,
+        "cpu_seconds": 5,
+        "rate_per_minute": 60000,
+        "burst": 6000,
+        "allowed_modules": sorted(BASE_MODULES),
+        "max_subscriptions": 20000,
+        "function_memory": "512Mi",
+        "function_cpu": "1000m",
+    },
+}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def _load_tiers() -> dict[str, Tier]:
+    raw = os.environ.get("CS_TIERS_JSON")
+    table = json.loads(raw) if raw else DEFAULT_TIERS
+    return {
+        name: Tier(
+            name=name,
+            features=frozenset(spec.get("features", [])),
+            max_scripts=int(spec["max_scripts"]),
+            timeout_ms=int(spec["timeout_ms"]),
+            memory_mb=int(spec["memory_mb"]),
+            cpu_seconds=int(spec["cpu_seconds"]),
+            rate_per_minute=int(spec["rate_per_minute"]),
+            burst=int(spec["burst"]),
+            allowed_modules=frozenset(spec.get("allowed_modules", BASE_MODULES)),
+            max_subscriptions=int(spec.get("max_subscriptions", 0)),
+            function_memory=str(spec.get("function_memory", "256Mi")),
+            function_cpu=str(spec.get("function_cpu", "500m")),
+        )
+        for name, spec in table.items()
+    }
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = field(default_factory=lambda: Path(_env("CS_STATE_DIR", str(REPO_ROOT / ".state"))))
+
+    # PostgreSQL / TimescaleDB
+    pg_host: str = field(default_factory=lambda: _env("CS_PG_HOST", "127.0.0.1"))
+    pg_port: int = field(default_factory=lambda: _env_int("CS_PG_PORT", 54329))
+    pg_db: str = field(default_factory=lambda: _env("CS_PG_DB", "customscripts"))
+    pg_user: str = field(default_factory=lambda: _env("CS_PG_USER", "customscripts"))
+    pg_password: str = field(default_factory=lambda: _env("CS_PG_PASSWORD", "customscripts-local"))
+    pg_reader_user: str = field(default_factory=lambda: _env("CS_PG_READER_USER", "customscripts_reader"))
+    pg_reader_password: str = field(default_factory=lambda: _env("CS_PG_READER_PASSWORD", "reader-local"))
+
+    # Redis
+    redis_host: str = field(default_factory=lambda: _env("CS_REDIS_HOST", "127.0.0.1"))
+    redis_port: int = field(default_factory=lambda: _env_int("CS_REDIS_PORT", 63799))
+
+    # NATS JetStream
+    nats_host: str = field(default_factory=lambda: _env("CS_NATS_HOST", "127.0.0.1"))
+    nats_port: int = field(default_factory=lambda: _env_int("CS_NATS_PORT", 42229))
+    nats_monitor_port: int = field(default_factory=lambda: _env_int("CS_NATS_MONITOR_PORT", 42230))
+    nats_stream: str = field(default_factory=lambda: _env("CS_NATS_STREAM", "MARKET"))
+    nats_subject_prefix: str = field(default_factory=lambda: _env("CS_NATS_SUBJECT_PREFIX", "market.candle"))
+
+    # S3 / MinIO
+    s3_endpoint: str = field(default_factory=lambda: _env("CS_S3_ENDPOINT", "127.0.0.1:18333"))
+    s3_access_key: str = field(default_factory=lambda: _env("CS_S3_ACCESS_KEY", "customscripts"))
+    s3_secret_key: str = field(default_factory=lambda: _env("CS_S3_SECRET_KEY", "customscripts-local-secret"))
+    s3_bucket: str = field(default_factory=lambda: _env("CS_S3_BUCKET", "customscripts"))
+    s3_secure: bool = field(default_factory=lambda: _env("CS_S3_SECURE", "0") == "1")
+
+    # Secrets (production reads them from /var/openfaas/secrets/, see secret())
+    jwt_secret: str = field(default_factory=lambda: secret("jwt-secret", "CS_JWT_SECRET", "local-jwt-secret-change-me"))
+    jwt_algorithm: str = field(default_factory=lambda: _env("CS_JWT_ALGORITHM", "HS256"))
+    invocation_secret: str = field(
+        default_factory=lambda: secret("invocation-secret", "CS_INVOCATION_SECRET", "local-invocation-secret")
+    )
+    execution_token_secret: str = field(
+        default_factory=lambda: secret("execution-token-secret", "CS_EXECUTION_TOKEN_SECRET", "local-exec-secret")
+    )
+    invocation_token_ttl_s: int = field(default_factory=lambda: _env_int("CS_INVOCATION_TOKEN_TTL", 60))
+    execution_token_ttl_s: int = field(default_factory=lambda: _env_int("CS_EXECUTION_TOKEN_TTL", 120))
+
+    # Platform HTTP endpoints (local defaults; on OpenFaaS these are /function/<name> URLs)
+    provider_host: str = field(default_factory=lambda: _env("CS_PROVIDER_HOST", "127.0.0.1"))
+    provider_port: int = field(default_factory=lambda: _env_int("CS_PROVIDER_PORT", 8080))
+    openfaas_url: str = field(default_factory=lambda: _env("OPENFAAS_URL", ""))
+    openfaas_user: str = field(default_factory=lambda: _env("CS_OPENFAAS_USER", "admin"))
+    openfaas_password: str = field(
+        default_factory=lambda: secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "local-admin-password")
+    )
+    registry_port: int = field(default_factory=lambda: _env_int("CS_REGISTRY_PORT", 18091))
+    gateway_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_PORT", 18092))
+    gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
+
+    # Sandbox
+    isolation_mode: str = field(default_factory=lambda: _env("CS_ISOLATION", "bwrap"))  # bwrap | process
+    sandbox_prefork: int = field(default_factory=lambda: _env_int("CS_SANDBOX_PREFORK", 2))
+    max_output_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_OUTPUT_BYTES", 64 * 1024))
+    max_log_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_LOG_BYTES", 16 * 1024))
+    tmp_size_mb: int = field(default_factory=lambda: _env_int("CS_SANDBOX_TMP_MB", 16))
+
+    # Functions
+    function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
+    function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
+    image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
+
+    tiers: dict[str, Tier] = field(default_factory=_load_tiers)
+
+    @property
+    def pg_dsn(self) -> str:
+        return (
+            f"host={self.pg_host} port={self.pg_port} dbname={self.pg_db} "
+            f"user={self.pg_user} password={self.pg_password}"
+        )
+
+    @property
+    def pg_reader_dsn(self) -> str:
+        return (
+            f"host={self.pg_host} port={self.pg_port} dbname={self.pg_db} "
+            f"user={self.pg_reader_user} password={self.pg_reader_password}"
+        )
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.nats_host}:{self.nats_port}"
+
+    @property
+    def provider_url(self) -> str:
+        return self.openfaas_url or f"http://{self.provider_host}:{self.provider_port}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.registry_port}"
+
+    @property
+    def data_gateway_url(self) -> str:
+        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
+
+    def tier(self, name: str) -> Tier | None:
+        return self.tiers.get(name)
+
+
+SECRETS_DIR = Path(os.environ.get("CS_SECRETS_DIR", "/var/openfaas/secrets"))
+
+
+def secret(name: str, env_name: str, default: str) -> str:
+    """An OpenFaaS secret file wins over the environment, which wins over the local default."""
+    path = SECRETS_DIR / name
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return os.environ.get(env_name, default)
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings()

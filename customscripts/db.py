@@ -1,0 +1,75 @@
+"""PostgreSQL access: connection pools and the migrations the stack applies.
+
+Migrations are plain SQL files in `customscripts/migrations/`, applied in name order once each,
+under an advisory lock so several processes starting together apply them once.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from customscripts.config import Settings, settings
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 7_202_611
+
+
+def migrate(cfg: Settings | None = None) -> list[str]:
+    """Apply pending migrations; return the names applied. TimescaleDB is used when present."""
+    cfg = cfg or settings()
+    applied: list[str] = []
+    with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+                if path.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
+                applied.append(path.name)
+            _ensure_reader_role(conn, cfg)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+def _ensure_reader_role(conn: psycopg.Connection, cfg: Settings) -> None:
+    """The data gateway's read-only role: SELECT on the data tables, nothing else."""
+    role = sql.Identifier(cfg.pg_reader_user)
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (cfg.pg_reader_user,)).fetchone()
+    if not exists:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(cfg.pg_reader_password)))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(cfg.pg_db), role))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
+    for table in READER_TABLES:
+        if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None:
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), role))
+
+
+# Tables the data gateway may read; everything else stays invisible to its role.
+READER_TABLES = ("candles", "metrics", "script_outputs")
+
+
+def timescaledb_available(conn: psycopg.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+    return row is not None
+
+
+@functools.cache
+def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
+    """A process-wide pool per DSN (the writer DSN by default)."""
+    p = ConnectionPool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True,
+                       kwargs={"autocommit": True})
+    p.wait(timeout=30)
+    return p

@@ -1,0 +1,47 @@
+"""JSON-lines logging; every line carries the call id of the request being served."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+
+call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "call_id": call_id_var.get(),
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if extra:
+            line.update(extra)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: object) -> None:
+    """Log one structured event; fields become top-level JSON keys."""
+    logger.log(level, msg, extra={"fields": fields})
