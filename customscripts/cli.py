@@ -30,6 +30,29 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test(args: argparse.Namespace) -> int:
+    """Bring the stack up, then run pytest; extra arguments go to pytest."""
+    import subprocess
+
+    localstack.up()
+    argv = [sys.executable, "-m", "pytest", *(args.pytest_args or [])]
+    return subprocess.call(argv, cwd=str(localstack.repo_root()))
+
+
+def _provider(args: argparse.Namespace) -> int:
+    from customscripts.faas import provider
+
+    return provider.main(args.provider_args)
+
+
+def _load_data(args: argparse.Namespace) -> int:
+    from customscripts.marketdata.loader import load_sample_data
+
+    localstack.up(only={"postgres"})
+    load_sample_data()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customscripts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_down)
     sub.add_parser("status", help="health of each local service").set_defaults(func=_status)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
+    sub.add_parser("load-data", help="load the sample market data and derived metrics (idempotent)").set_defaults(
+        func=_load_data)
+    p = sub.add_parser("provider", help="run the local OpenFaaS-compatible provider in the foreground")
+    p.add_argument("provider_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_provider)
+    from customscripts.cli_run import add_run_parser
+
+    add_run_parser(sub)
+    p = sub.add_parser("test", help="start the local stack and run the test suite")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
+    p.set_defaults(func=_test)
     return parser
 
 

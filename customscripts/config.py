@@ -165,13 +165,17 @@ class Settings:
     s3_secure: bool = field(default_factory=lambda: _env("CS_S3_SECURE", "0") == "1")
 
     # Secrets (production reads them from /var/openfaas/secrets/, see secret())
-    jwt_secret: str = field(default_factory=lambda: secret("jwt-secret", "CS_JWT_SECRET", "local-jwt-secret-change-me"))
+    jwt_secret: str = field(
+        default_factory=lambda: secret("jwt-secret", "CS_JWT_SECRET", "local-jwt-secret-change-me-in-production")
+    )
     jwt_algorithm: str = field(default_factory=lambda: _env("CS_JWT_ALGORITHM", "HS256"))
     invocation_secret: str = field(
-        default_factory=lambda: secret("invocation-secret", "CS_INVOCATION_SECRET", "local-invocation-secret")
+        default_factory=lambda: secret("invocation-secret", "CS_INVOCATION_SECRET",
+                                       "local-invocation-secret-change-me-in-production")
     )
     execution_token_secret: str = field(
-        default_factory=lambda: secret("execution-token-secret", "CS_EXECUTION_TOKEN_SECRET", "local-exec-secret")
+        default_factory=lambda: secret("execution-token-secret", "CS_EXECUTION_TOKEN_SECRET",
+                                       "local-execution-secret-change-me-in-production")
     )
     invocation_token_ttl_s: int = field(default_factory=lambda: _env_int("CS_INVOCATION_TOKEN_TTL", 60))
     execution_token_ttl_s: int = field(default_factory=lambda: _env_int("CS_EXECUTION_TOKEN_TTL", 120))
@@ -184,8 +188,6 @@ class Settings:
     openfaas_password: str = field(
         default_factory=lambda: secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "local-admin-password")
     )
-    registry_port: int = field(default_factory=lambda: _env_int("CS_REGISTRY_PORT", 18091))
-    gateway_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_PORT", 18092))
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
 
     # Sandbox
@@ -194,6 +196,13 @@ class Settings:
     max_output_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_OUTPUT_BYTES", 64 * 1024))
     max_log_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_LOG_BYTES", 16 * 1024))
     tmp_size_mb: int = field(default_factory=lambda: _env_int("CS_SANDBOX_TMP_MB", 16))
+    sandbox_py_guards: bool = field(default_factory=lambda: _env("CS_SANDBOX_PY_GUARDS", "1") != "0")  # tests only
+    sandbox_max_batch: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_BATCH", 1000))
+    sandbox_max_calls_per_item: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_CALLS_PER_ITEM", 1000))
+
+    # Script function identity (set by the provider / deployment for each function)
+    function_name: str = field(default_factory=lambda: _env("CS_FUNCTION_NAME", ""))
+    function_sample_data: bool = field(default_factory=lambda: _env("CS_FUNCTION_SAMPLE_DATA", "0") == "1")
 
     # Functions
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
@@ -230,11 +239,13 @@ class Settings:
 
     @property
     def registry_url(self) -> str:
-        return f"http://127.0.0.1:{self.registry_port}"
+        """The public API: registry-fn behind the (local or OpenFaaS) gateway."""
+        return f"{self.provider_url}/function/registry-fn"
 
     @property
     def data_gateway_url(self) -> str:
-        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
+        """Where script functions read data: gateway-fn behind the gateway unless set explicitly."""
+        return self.gateway_url or f"{self.provider_url}/function/gateway-fn"
 
     def tier(self, name: str) -> Tier | None:
         return self.tiers.get(name)

@@ -69,7 +69,9 @@ def timescaledb_available(conn: psycopg.Connection) -> bool:
 @functools.cache
 def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
     """A process-wide pool per DSN (the writer DSN by default)."""
+    # `check` revalidates a connection when it is handed out, so a PostgreSQL restart costs one
+    # reconnect instead of an error on every pooled connection.
     p = ConnectionPool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True,
-                       kwargs={"autocommit": True})
+                       kwargs={"autocommit": True}, check=ConnectionPool.check_connection)
     p.wait(timeout=30)
     return p

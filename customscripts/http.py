@@ -126,12 +126,12 @@ class Router:
 
     def _dispatch(self, event: Event, call_id: str) -> Response:
         path = event.path or "/"
-        allowed = False
+        allowed: list[str] = []
         for method, pattern, func in self._routes:
             match = pattern.match(path)
             if not match:
                 continue
-            allowed = True
+            allowed.append(method)
             if method != event.method.upper():
                 continue
             try:
@@ -142,7 +142,8 @@ class Router:
                 log.exception("unhandled error on %s %s", event.method, path)
                 return error_response(ApiError("internal error"))
         if allowed:
-            return error_response(MethodNotAllowed(f"{event.method} not allowed on {path}"))
+            return error_response(MethodNotAllowed(f"{event.method} not allowed on {path}",
+                                                   headers={"Allow": ", ".join(sorted(set(allowed)))}))
         return error_response(NotFound(f"no route for {path}", code="no_route"))
 
 
@@ -163,6 +164,21 @@ def flask_app(handle: Callable[[Event, Context], Any]):
     app.config["MAX_CONTENT_LENGTH"] = 8 * MAX_BODY_BYTES
     context = Context(hostname=socket.gethostname())
 
+    from werkzeug.exceptions import HTTPException
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        # Requests Flask rejects before the handler (e.g. a path with a newline, an oversized body)
+        # still answer with the platform's JSON error body, never Flask's HTML page.
+        status = exc.code or 500
+        code = {404: "no_route", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "bad_request")
+        resp = jsonify({"error": {"code": code, "message": exc.name}})
+        resp.status_code = status
+        valid = getattr(exc, "valid_methods", None)
+        if status == 405 and valid:
+            resp.headers["Allow"] = ", ".join(valid)
+        return resp
+
     def format_response(result: Any):
         if result is None:
             return ("", 200)
@@ -179,8 +195,11 @@ def flask_app(handle: Callable[[Event, Context], Any]):
             return resp
         return (str(body), status, headers)
 
-    @app.route("/", defaults={"path": ""}, methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
-    @app.route("/<path:path>", methods=["GET", "PUT", "POST", "PATCH", "DELETE"])
+    # OPTIONS goes to the handler too, so its router answers with the Allow header of its own routes.
+    methods = ["GET", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
+
+    @app.route("/", defaults={"path": ""}, methods=methods, provide_automatic_options=False)
+    @app.route("/<path:path>", methods=methods, provide_automatic_options=False)
     def call_handler(path: str):
         event = Event(
             body=request.get_data(),
@@ -211,7 +230,28 @@ class LocalServer:
         return self
 
     def stop(self) -> None:
-        self.server.close()
+        # Not server.close() from this thread: it closes waitress's trigger pipe while task threads
+        # and open channels may still pull it, and that later os.write(b"x") lands on whatever reused
+        # the fd number (seen as a stray "x" before another server's HTTP response). Stop the task
+        # threads first, then close channels, listener and trigger inside the loop thread.
+        server = self.server
+        if server.trigger._closed:  # type: ignore[attr-defined]  # stopped already
+            return
+        closed = threading.Event()
+
+        def close_all() -> None:
+            for channel in list(server._map.values()):  # type: ignore[attr-defined]
+                if channel is not server.trigger:  # type: ignore[attr-defined]
+                    channel.close()
+            server.trigger.close()  # type: ignore[attr-defined]
+            closed.set()
+
+        server.task_dispatcher.shutdown(timeout=5)  # type: ignore[attr-defined]
+        try:
+            server.trigger.pull_trigger(close_all)  # type: ignore[attr-defined]
+        except OSError:  # the loop already ended and closed it
+            return
+        closed.wait(5)
 
 
 def serve(handle: Callable[[Event, Context], Any], port: int, threads: int = 8) -> None:

@@ -230,12 +230,31 @@ def _s3_ready(cfg: Settings) -> bool:
         return False
 
 
+def _provider_start(cfg: Settings, data: Path) -> list[str]:
+    return [sys.executable, "-m", "customscripts.faas.provider", "--host", cfg.provider_host,
+            "--port", str(cfg.provider_port)]
+
+
+def _provider_ready(cfg: Settings) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{cfg.provider_host}:{cfg.provider_port}/healthz", timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+INFRA = ("postgres", "redis", "nats", "s3")
+
+
 def services(cfg: Settings) -> list[Service]:
     return [
         Service("postgres", cfg.pg_port, _pg_start, _pg_ready, _pg_prepare, run_as="postgres"),
         Service("redis", cfg.redis_port, _redis_start, _redis_ready),
         Service("nats", cfg.nats_port, _nats_start, _nats_ready),
         Service("s3", int(cfg.s3_endpoint.rsplit(":", 1)[1]), _s3_start, _s3_ready),
+        Service("provider", cfg.provider_port, _provider_start, _provider_ready),
     ]
 
 
@@ -338,15 +357,29 @@ def bootstrap_database(cfg: Settings) -> None:
         say(f"migration applied: {name}")
 
 
+def deploy_platform(cfg: Settings) -> None:
+    """Deploy stack.yml's platform functions to the provider, exactly as `faas-cli deploy` would."""
+    from customscripts.faas.build import stack_deployments
+    from customscripts.faas.client import OpenFaaSClient
+
+    with OpenFaaSClient(cfg.provider_url) as client:
+        for body in stack_deployments():
+            client.deploy(body)
+            say(f"function {body['service']} deployed at {cfg.provider_url}/function/{body['service']}")
+
+
 def up(cfg: Settings | None = None, only: set[str] | None = None) -> None:
+    """Start the services (all, or `only` these), migrate, and deploy the platform functions."""
     cfg = cfg or settings()
     ensure_packages()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     for svc in services(cfg):
         if only is None or svc.name in only:
             start_service(cfg, svc)
-    if only is None or "postgres" in only:
-        bootstrap_database(cfg)
+        if svc.name == "postgres" and (only is None or "postgres" in only):
+            bootstrap_database(cfg)
+    if only is None or "provider" in only:
+        deploy_platform(cfg)
 
 
 def down(cfg: Settings | None = None, only: set[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from customscripts import localstack
 def test_every_service_is_healthy(stack):
     report = localstack.status(stack)
     assert {name: s["healthy"] for name, s in report.items()} == {
-        "postgres": True, "redis": True, "nats": True, "s3": True}
+        "postgres": True, "redis": True, "nats": True, "s3": True, "provider": True}
 
 
 def test_migrations_are_recorded_once(stack):

@@ -1,0 +1,868 @@
+"""The local function provider: the OpenFaaS gateway REST subset, running functions as local processes.
+
+It answers the same routes, bodies and status codes as the CE gateway + faas-netes (docs/openfaas.md
+§5), so `faas-cli --gateway http://127.0.0.1:8080` and `OpenFaaSClient` work unchanged:
+
+  /system/functions        GET list, POST create (202), PUT update (202/404), DELETE (202/404)  basic auth
+  /system/function/{name}  GET FunctionStatus                                                   basic auth
+  /system/info, /system/namespaces                                                              basic auth
+  /function/{name}[/path]  any method, proxied to the function process (X-Call-Id, X-Start-Time)
+  /async-function/{name}   POST -> 202, run in the background, result POSTed to X-Callback-Url
+  /healthz
+
+A deployment is a `FunctionDeployment` body. Its code is the build context `functions/<name>/`
+(or the folder named by the `com.customscripts.local.path` annotation, used for registry-fn and
+gateway-fn). The function process starts on its first call (cold start), is stopped after
+`function_idle_s` without calls, and is restarted on the next call if it crashed. Deployments are
+persisted in `state_dir/provider/functions.json`, so a provider restart keeps them.
+
+Differences from faas-netes, on purpose: POST of an existing name answers 500 exactly like
+faas-netes (its Deployment create fails), not 409; replicas is always 1 and availableReplicas is 1
+only while the process runs (scale to zero is the local cold-start model); the image is recorded but
+never pulled; read-only root fs and limits are enforced by the sandbox, not by this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from customscripts import logs
+from customscripts.config import REPO_ROOT, settings
+from customscripts.faas.naming import is_dns1123, label_value
+
+log = logs.get("customscripts.faas.provider")
+
+PROVIDER_NAME = "customscripts-local"
+VERSION = "0.1.0"
+NAMESPACE = "openfaas-fn"
+LOCAL_PATH_ANNOTATION = "com.customscripts.local.path"
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "transfer-encoding", "upgrade", "content-length"})
+# Variables handed through from the provider's own environment to function processes. Secret-bearing
+# CS_* variables are withheld: a function gets secrets only as files, and only the ones it lists.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR")
+SECRET_ENV = frozenset({"CS_JWT_SECRET", "CS_INVOCATION_SECRET", "CS_EXECUTION_TOKEN_SECRET",
+                        "CS_OPENFAAS_PASSWORD", "CS_SECRETS_DIR"})
+_STR_MAPS = ("envVars", "labels", "annotations")
+_STR_LISTS = ("secrets", "constraints")
+MAX_BODY = 64 << 20
+
+
+class DeployError(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def validate_deployment(body: Any) -> dict[str, Any]:
+    """Check a FunctionDeployment the way faas-netes does (400 on anything malformed)."""
+    if not isinstance(body, dict):
+        raise DeployError("request body must be a FunctionDeployment JSON object")
+    service = body.get("service")
+    if not isinstance(service, str) or not service:
+        raise DeployError("service: is required")
+    if not is_dns1123(service):
+        raise DeployError(f"(\"{service}\") must be a valid DNS entry for service name")
+    if not isinstance(body.get("image"), str) or not body["image"]:
+        raise DeployError("image: is required")
+    namespace = body.get("namespace") or ""
+    if namespace not in ("", NAMESPACE):
+        raise DeployError(f"namespace must be: {NAMESPACE}")
+    for key in _STR_MAPS:
+        value = body.get(key)
+        if value is not None and (not isinstance(value, dict)
+                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+            raise DeployError(f"{key}: must be a map of strings")
+    for key in _STR_LISTS:
+        value = body.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise DeployError(f"{key}: must be a list of strings")
+    for key in ("limits", "requests"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, dict)
+                                  or not all(isinstance(v, str) for v in value.values())):
+            raise DeployError(f"{key}: must be an object of strings")
+    for key in ("envProcess",):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise DeployError(f"{key}: must be a string")
+    if body.get("readOnlyRootFilesystem") is not None and not isinstance(body["readOnlyRootFilesystem"], bool):
+        raise DeployError("readOnlyRootFilesystem: must be a boolean")
+    for key, value in (body.get("labels") or {}).items():
+        if label_value(value) != value:
+            raise DeployError(f"label {key}: value {value!r} is not a valid label value (<= 63 chars)")
+    clean = {k: v for k, v in body.items() if v is not None}
+    clean["namespace"] = NAMESPACE
+    return clean
+
+
+# --------------------------------------------------------------------------- function processes
+
+
+@dataclass
+class FunctionProcess:
+    """One running function: its process, loopback port and a pool of keep-alive connections."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int
+    spec: dict[str, Any]
+    started_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    inflight: int = 0
+    pool: queue.LifoQueue = field(default_factory=queue.LifoQueue)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        try:
+            conn = self.pool.get_nowait()
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            return conn
+        except queue.Empty:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        self.pool.put(conn)
+
+    def close_pool(self) -> None:
+        while True:
+            try:
+                self.pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+@dataclass
+class UpstreamResult:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    duration: float
+
+
+class Provider:
+    """Deployments, function processes and the HTTP front end of the local provider."""
+
+    def __init__(self, host: str | None = None, port: int | None = None, *, state_dir: Path | None = None,
+                 functions_dir: Path | None = None, idle_s: float | None = None, user: str | None = None,
+                 password: str | None = None, secrets: Mapping[str, str] | None = None,
+                 max_functions: int | None = None, upstream_timeout: float = 60.0,
+                 start_timeout: float = 30.0, async_workers: int = 2, python: str | None = None) -> None:
+        cfg = settings()
+        self.host = host or cfg.provider_host
+        self.port = cfg.provider_port if port is None else port
+        self.state_dir = (state_dir or cfg.state_dir) / "provider"
+        self.functions_dir = functions_dir or REPO_ROOT / "functions"
+        self.idle_s = float(cfg.function_idle_s if idle_s is None else idle_s)
+        self.user = cfg.openfaas_user if user is None else user
+        self.password = cfg.openfaas_password if password is None else password
+        self._auth = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        self.secrets = dict(secrets) if secrets is not None else {
+            "invocation-secret": cfg.invocation_secret,
+            "jwt-secret": cfg.jwt_secret,
+            "execution-token-secret": cfg.execution_token_secret,
+            "basic-auth-user": cfg.openfaas_user,
+            "basic-auth-password": cfg.openfaas_password,
+        }
+        self.max_functions = max_functions
+        self.upstream_timeout = upstream_timeout
+        self.start_timeout = start_timeout
+        self.python = python or sys.executable
+        self._lock = threading.RLock()
+        self._start_locks: dict[str, threading.Lock] = {}
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.processes: dict[str, FunctionProcess] = {}
+        self._async_q: queue.Queue = queue.Queue(maxsize=10000)
+        self._async_workers = async_workers
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._callbacks = requests.Session()
+        self._load()
+
+    # ------------------------------------------------------------------ persistence
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state_dir / "functions.json"
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return
+        self.deployments = {name: entry for name, entry in data.get("functions", {}).items()
+                            if isinstance(entry, dict) and "spec" in entry}
+
+    def _save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"functions": self.deployments}, indent=1, sort_keys=True))
+        os.replace(tmp, self._state_file)
+
+    # ------------------------------------------------------------------ deployments
+
+    def source_dir(self, spec: Mapping[str, Any]) -> Path:
+        local = (spec.get("annotations") or {}).get(LOCAL_PATH_ANNOTATION)
+        return Path(local) if local else self.functions_dir / spec["service"]
+
+    def _check_source(self, spec: Mapping[str, Any]) -> None:
+        folder = self.source_dir(spec)
+        if not ((folder / "function" / "handler.py").is_file() or (folder / "handler.py").is_file()):
+            raise DeployError(f"function source for {spec['service']} not found: no handler.py in {folder}")
+        for name in spec.get("secrets") or []:
+            if name not in self.secrets and not (self.state_dir / "secrets" / name).is_file():
+                raise DeployError(f"Required secret '{name}' was not found")
+
+    def deploy(self, body: Any, *, create: bool) -> int:
+        spec = validate_deployment(body)
+        name = spec["service"]
+        self._check_source(spec)
+        with self._lock:
+            exists = name in self.deployments
+            if create and exists:
+                # faas-netes: creating the Kubernetes Deployment fails for an existing name -> 500.
+                raise DeployError(f"unable create Deployment: deployments.apps \"{name}\" already exists", 500)
+            if not create and not exists:
+                raise DeployError(f"deployment not found: {name}", 404)
+            if create and self.max_functions is not None and len(self.deployments) >= self.max_functions:
+                raise DeployError(f"unable to create function, maximum: {self.max_functions}")
+            previous = self.deployments.get(name)
+            self.deployments[name] = {
+                "spec": spec,
+                "createdAt": previous["createdAt"] if previous else _now_rfc3339(),
+                "invocationCount": previous.get("invocationCount", 0) if previous else 0,
+            }
+            self._save()
+            changed = previous is not None and previous["spec"] != spec
+        if changed:
+            self.stop_function(name)  # the next call starts the new code
+        logs.event(log, "function deployed", function=name, image=spec["image"], created=create)
+        return 202
+
+    def remove(self, body: Any) -> int:
+        if not isinstance(body, dict) or not isinstance(body.get("functionName"), str) or not body["functionName"]:
+            raise DeployError("functionName: is required")
+        name = body["functionName"]
+        with self._lock:
+            if name not in self.deployments:
+                raise DeployError(f"function {name} not found", 404)
+            del self.deployments[name]
+            self._save()
+        self.stop_function(name)
+        shutil.rmtree(self.state_dir / "run" / name, ignore_errors=True)
+        logs.event(log, "function removed", function=name)
+        return 202
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self.deployments.get(name)
+            if entry is None:
+                return None
+            spec = entry["spec"]
+            fp = self.processes.get(name)
+            running = fp is not None and fp.alive()
+            return {
+                "name": name,
+                "image": spec["image"],
+                "namespace": NAMESPACE,
+                "envProcess": spec.get("envProcess", ""),
+                "envVars": spec.get("envVars") or {},
+                "constraints": spec.get("constraints") or [],
+                "secrets": spec.get("secrets") or [],
+                "labels": spec.get("labels") or {},
+                "annotations": spec.get("annotations") or {},
+                "limits": spec.get("limits"),
+                "requests": spec.get("requests"),
+                "readOnlyRootFilesystem": bool(spec.get("readOnlyRootFilesystem", False)),
+                "invocationCount": entry.get("invocationCount", 0),
+                "replicas": 1,
+                "availableReplicas": 1 if running else 0,
+                "createdAt": entry["createdAt"],
+            }
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            names = sorted(self.deployments)
+        return [s for s in (self.status(n) for n in names) if s is not None]
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, fp in self.processes.items() if fp.alive())
+
+    # ------------------------------------------------------------------ processes
+
+    def _secrets_dir(self, name: str, spec: Mapping[str, Any]) -> Path:
+        """Materialise the function's secrets as files in a private folder (its /var/openfaas/secrets)."""
+        folder = self.state_dir / "run" / name / "secrets"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, mode=0o700)
+        os.chmod(folder.parent, 0o700)
+        for secret in spec.get("secrets") or []:
+            value = self.secrets.get(secret)
+            if value is None:
+                value = (self.state_dir / "secrets" / secret).read_text()
+            path = folder / secret
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(value)
+        return folder
+
+    def _env(self, name: str, spec: Mapping[str, Any], secrets_dir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k in BASE_ENV or (k.startswith("CS_") and k not in SECRET_ENV)}
+        env.update(spec.get("envVars") or {})
+        env.update({
+            "fprocess": spec.get("envProcess") or "python index.py",
+            "CS_SECRETS_DIR": str(secrets_dir),
+            "CS_FUNCTION_NAME": name,
+            "HOSTNAME": name,
+            "PYTHONUNBUFFERED": "1",
+        })
+        if spec.get("readOnlyRootFilesystem"):
+            env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing is written next to the code
+        return env
+
+    def _start(self, name: str, spec: dict[str, Any]) -> FunctionProcess:
+        folder = self.source_dir(spec).resolve()
+        secrets_dir = self._secrets_dir(name, spec)
+        env = self._env(name, spec, secrets_dir)
+        rfd, wfd = os.pipe()
+        env["CS_FN_READY_FD"] = str(wfd)
+        logdir = self.state_dir.parent / "logs"
+        logdir.mkdir(parents=True, exist_ok=True)
+        argv = [self.python, "-m", "customscripts.faas.runner", str(folder)]
+        started = time.monotonic()
+        with open(logdir / f"fn-{name}.log", "ab") as logfile:
+            proc = subprocess.Popen(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL, stdout=logfile,
+                                    stderr=subprocess.STDOUT, pass_fds=(wfd,), start_new_session=True)
+        os.close(wfd)
+        try:
+            port = self._await_port(proc, rfd, name)
+        finally:
+            os.close(rfd)
+        logs.event(log, "function started", function=name, pid=proc.pid, port=port,
+                   cold_start_ms=round((time.monotonic() - started) * 1000, 1))
+        return FunctionProcess(name=name, proc=proc, port=port, spec=spec)
+
+    def _await_port(self, proc: subprocess.Popen, rfd: int, name: str) -> int:
+        deadline = time.monotonic() + self.start_timeout
+        data = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([rfd], [], [], 0.05)
+            if ready:
+                chunk = os.read(rfd, 64)
+                data += chunk
+                if data.endswith(b"\n"):
+                    return int(data)
+                if not chunk:  # writer closed without a port: the process failed to start
+                    break
+            if proc.poll() is not None:
+                break
+        self._kill(proc)
+        raise RuntimeError(f"function {name} failed to start (exit {proc.poll()}); see logs/fn-{name}.log")
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, grace: float = 3.0) -> None:
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the function and its sandbox children
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def ensure_running(self, name: str) -> FunctionProcess:
+        """The running process for a deployed function, starting (or restarting) it if needed."""
+        fp = self.processes.get(name)
+        if fp is not None and fp.alive():
+            return fp
+        with self._lock:
+            lock = self._start_locks.setdefault(name, threading.Lock())
+        with lock:
+            fp = self.processes.get(name)
+            if fp is not None and fp.alive():
+                return fp
+            if fp is not None:
+                logs.event(log, "function exited; restarting", logging.WARNING, function=name,
+                           code=fp.proc.returncode)
+                fp.close_pool()
+            with self._lock:
+                entry = self.deployments.get(name)
+            if entry is None:
+                raise KeyError(name)
+            fp = self._start(name, entry["spec"])
+            with self._lock:
+                if name not in self.deployments:  # removed while starting
+                    self._kill(fp.proc)
+                    raise KeyError(name)
+                self.processes[name] = fp
+            return fp
+
+    def stop_function(self, name: str) -> bool:
+        with self._lock:
+            fp = self.processes.pop(name, None)
+        if fp is None:
+            return False
+        fp.close_pool()
+        self._kill(fp.proc)
+        logs.event(log, "function stopped", function=name, pid=fp.proc.pid)
+        return True
+
+    def _reap_idle(self) -> None:
+        interval = max(0.05, min(1.0, self.idle_s / 4))
+        while not self._stopping.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                idle = [n for n, fp in self.processes.items()
+                        if fp.inflight == 0 and now - fp.last_used >= self.idle_s]
+            for name in idle:
+                logs.event(log, "function idle; stopping", function=name)
+                self.stop_function(name)
+
+    # ------------------------------------------------------------------ invocation
+
+    def call(self, name: str, method: str, target: str, headers: list[tuple[str, str]],
+             body: bytes) -> UpstreamResult:
+        """Send one request to the function process (cold-starting it), retrying once on a dead socket."""
+        start = time.perf_counter()
+        for attempt in (1, 2):
+            fp = self.ensure_running(name)
+            fp.inflight += 1
+            fp.last_used = time.monotonic()
+            conn: http.client.HTTPConnection | None = None
+            try:
+                conn = fp.connection(self.upstream_timeout)
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for key, value in headers:
+                    conn.putheader(key, value)
+                if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+                    conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body or None)
+                resp = conn.getresponse()
+                data = resp.read()
+                result = UpstreamResult(resp.status, resp.getheaders(), data, time.perf_counter() - start)
+                if resp.will_close:
+                    conn.close()
+                else:
+                    fp.release(conn)
+                return result
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+                if conn is not None:
+                    conn.close()
+                nothing_sent = isinstance(exc, ConnectionRefusedError)
+                if self._exited(fp):
+                    # It died. If the request reached it, it may be what killed it: answer 500 rather
+                    # than run it twice; the next call restarts the function.
+                    fp.close_pool()
+                    logs.event(log, "function process exited", logging.WARNING, function=name,
+                               code=fp.proc.returncode)
+                    if not nothing_sent or attempt == 2:
+                        raise
+                elif attempt == 2:
+                    raise
+                # a stale keep-alive socket (or a refused connect): one fresh try, restarting if dead
+                logs.event(log, "function connection failed; retrying", logging.DEBUG, function=name,
+                           error=str(exc))
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+            finally:
+                fp.inflight -= 1
+                fp.last_used = time.monotonic()
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _exited(fp: FunctionProcess, wait: float = 0.1) -> bool:
+        """Whether the process is gone; a process whose socket just dropped gets a moment to exit."""
+        try:
+            fp.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def count_invocation(self, name: str) -> None:
+        with self._lock:
+            entry = self.deployments.get(name)
+            if entry is not None:
+                entry["invocationCount"] = entry.get("invocationCount", 0) + 1
+
+    def _async_worker(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._async_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            name, call_id, method, target, headers, body, callback = job
+            token = logs.call_id_var.set(call_id)
+            try:
+                try:
+                    result = self.call(name, method, target, headers, body)
+                    self.count_invocation(name)
+                    status, rbody, rheaders, duration = result.status, result.body, result.headers, result.duration
+                except Exception as exc:
+                    logs.event(log, "async invocation failed", logging.WARNING, function=name, error=str(exc))
+                    status, rbody, rheaders, duration = 500, str(exc).encode(), [], 0.0
+                logs.event(log, "async invocation done", function=name, status=status)
+                if callback:
+                    cb_headers = {
+                        "X-Call-Id": call_id,
+                        "X-Duration-Seconds": f"{duration:.6f}",
+                        "X-Function-Status": str(status),
+                        "X-Function-Name": name,
+                        "User-Agent": f"queue-worker/{PROVIDER_NAME}-{VERSION}",
+                    }
+                    ctype = next((v for k, v in rheaders if k.lower() == "content-type"), None)
+                    if ctype:
+                        cb_headers["Content-Type"] = ctype
+                    try:
+                        self._callbacks.post(callback, data=rbody, headers=cb_headers, timeout=30)
+                    except requests.RequestException as exc:
+                        logs.event(log, "callback failed", logging.WARNING, function=name, url=callback,
+                                   error=str(exc))
+            finally:
+                logs.call_id_var.reset(token)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Provider:
+        """Bind and serve in background threads (tests and embedding); returns self."""
+        handler = type("BoundHandler", (_Handler,), {"provider": self})
+        server = ThreadingHTTPServer((self.host, self.port), handler, bind_and_activate=False)
+        server.daemon_threads = True
+        server.request_queue_size = 256
+        server.allow_reuse_address = True
+        server.server_bind()
+        server.server_activate()
+        self._server = server
+        self.port = server.server_address[1]
+        threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                    name="provider-http", daemon=True),
+                   threading.Thread(target=self._reap_idle, name="provider-idle", daemon=True)]
+        threads += [threading.Thread(target=self._async_worker, name=f"provider-async-{i}", daemon=True)
+                    for i in range(self._async_workers)]
+        for thread in threads:
+            thread.start()
+        self._threads = threads
+        logs.event(log, "provider listening", url=self.url, functions=len(self.deployments))
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for name in list(self.processes):
+            self.stop_function(name)
+        with self._lock:
+            if self.deployments:
+                self._save()  # keeps invocation counts
+
+    def __enter__(self) -> Provider:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- HTTP front end
+
+
+def _split_name(segment: str) -> str | None:
+    """`name` or `name.openfaas-fn`; any other namespace is unknown here (CE has one)."""
+    name, _, namespace = segment.partition(".")
+    if namespace and namespace != NAMESPACE:
+        return None
+    return name
+
+
+class _Handler(BaseHTTPRequestHandler):
+    provider: Provider
+    protocol_version = "HTTP/1.1"
+    server_version = f"{PROVIDER_NAME}/{VERSION}"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # access logs only at debug level
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(format, *args)
+
+    # ---- plumbing
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            total = 0
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                total += size
+                if total > MAX_BODY:
+                    raise DeployError("request body too large", 413)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise DeployError("request body too large", 413)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes | str = b"", headers: list[tuple[str, str]] | None = None,
+              content_type: str | None = "text/plain; charset=utf-8") -> None:
+        data = body.encode() if isinstance(body, str) else body
+        lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"]
+        has_ct = False
+        for key, value in headers or []:
+            if key.lower() in HOP_BY_HOP:
+                continue
+            has_ct = has_ct or key.lower() == "content-type"
+            lines.append(f"{key}: {value}\r\n")
+        if not has_ct and content_type and status not in (204, 304):
+            lines.append(f"Content-Type: {content_type}\r\n")
+        lines.append(f"Content-Length: {len(data)}\r\n")
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        payload = "".join(lines).encode("latin-1")
+        if self.command != "HEAD":
+            payload += data
+        self.wfile.write(payload)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj), content_type="application/json")
+
+    def _authorised(self) -> bool:
+        given = self.headers.get("Authorization") or ""
+        if hmac.compare_digest(given.encode(), self.provider._auth.encode()):
+            return True
+        self._send(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
+        return False
+
+    # ---- dispatch
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._read_body()
+        except (ValueError, DeployError):
+            self.close_connection = True
+            self._send(400, "invalid request body\n")
+            return
+        url = urlsplit(self.path)
+        path = url.path
+        try:
+            if path == "/healthz":
+                if self.command in ("GET", "HEAD"):
+                    self._send(200, "OK")
+                else:
+                    self._send(405, "Method Not Allowed\n")
+            elif path.startswith("/function/"):
+                self._invoke(path[len("/function/"):], url.query, body)
+            elif path.startswith("/async-function/"):
+                self._invoke_async(path[len("/async-function/"):], url.query, body)
+            elif path.startswith("/system/"):
+                if self._authorised():
+                    self._system(path, url.query, body)
+            else:
+                self._send(404, "404 page not found\n")
+        except DeployError as exc:
+            self._send(exc.status, str(exc) + "\n")
+        except Exception as exc:  # never let one request take the server down
+            log.exception("provider error on %s %s", self.command, path)
+            self._send(500, f"internal error: {exc}\n")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def _system(self, path: str, query: str, body: bytes) -> None:
+        p = self.provider
+        method = self.command
+        if path == "/system/functions":
+            if method == "GET":
+                self._json(200, p.list())
+                return
+            if method in ("POST", "PUT", "DELETE"):
+                try:
+                    payload = json.loads(body) if body.strip() else None
+                except ValueError as exc:
+                    raise DeployError(f"unable to unmarshal request: {exc}") from None
+                if method == "DELETE":
+                    self._send(p.remove(payload))
+                else:
+                    self._send(p.deploy(payload, create=method == "POST"))
+                return
+        elif path.startswith("/system/function/") and method == "GET":
+            name = _split_name(path[len("/system/function/"):])
+            status = p.status(name) if name else None
+            if status is None:
+                self._send(404, f"function {name} not found\n")
+            else:
+                self._json(200, status)
+            return
+        elif path == "/system/info" and method == "GET":
+            self._json(200, {
+                "provider": {"provider": PROVIDER_NAME, "orchestration": "process",
+                             "version": {"release": VERSION, "sha": "local", "commit_message": ""}},
+                "version": {"release": VERSION, "sha": "local", "commit_message": ""},
+                "arch": os.uname().machine,
+            })
+            return
+        elif path == "/system/namespaces" and method == "GET":
+            self._json(200, [NAMESPACE])
+            return
+        else:
+            self._send(404, "404 page not found\n")
+            return
+        self._send(405, "Method Not Allowed\n")
+
+    def _route(self, rest: str, query: str) -> tuple[str | None, str]:
+        segment, slash, sub = rest.partition("/")
+        name = _split_name(segment)
+        target = "/" + sub if slash else "/"
+        if query:
+            target += "?" + query
+        return name, target
+
+    def _forward_headers(self, call_id: str, start_time: str) -> list[tuple[str, str]]:
+        headers = [(k, v) for k, v in self.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("x-call-id", "x-start-time")]
+        headers.append(("X-Call-Id", call_id))
+        headers.append(("X-Start-Time", start_time))
+        if self.headers.get("X-Forwarded-For") is None:
+            headers.append(("X-Forwarded-For", self.client_address[0]))
+        if self.headers.get("X-Forwarded-Host") is None and self.headers.get("Host"):
+            headers.append(("X-Forwarded-Host", self.headers["Host"]))
+        return headers
+
+    def _invoke(self, rest: str, query: str, body: bytes) -> None:
+        p = self.provider
+        name, target = self._route(rest, query)
+        call_id = self.headers.get("X-Call-Id") or str(uuid.uuid4())
+        start_time = str(time.time_ns())
+        ids = [("X-Call-Id", call_id), ("X-Start-Time", start_time), ("X-OpenFaaS-Internal", "proxy")]
+        if not name or name not in p.deployments:
+            self._send(404, f"error finding function {name}: not found\n", ids)
+            return
+        token = logs.call_id_var.set(call_id)
+        try:
+            result = p.call(name, self.command, target, self._forward_headers(call_id, start_time), body)
+        except KeyError:
+            self._send(404, f"error finding function {name}: not found\n", ids)
+            return
+        except TimeoutError:
+            self._send(504, f"Upstream timed out for: {name}\n", ids)
+            return
+        except Exception as exc:
+            logs.event(log, "function unreachable", logging.WARNING, function=name, error=str(exc))
+            self._send(500, f"Can't reach service for: {name}.\n", ids)
+            return
+        finally:
+            logs.call_id_var.reset(token)
+        p.count_invocation(name)
+        headers = [(k, v) for k, v in result.headers if k.lower() not in ("x-call-id", "x-start-time")]
+        headers += [("X-Call-Id", call_id), ("X-Start-Time", start_time),
+                    ("X-Duration-Seconds", f"{result.duration:.6f}"),
+                    ("X-Served-By", f"{PROVIDER_NAME}/{VERSION}")]
+        fallback = self.headers.get("Content-Type") or "text/plain"
+        self._send(result.status, result.body, headers, content_type=fallback)
+
+    def _invoke_async(self, rest: str, query: str, body: bytes) -> None:
+        p = self.provider
+        if self.command != "POST":
+            self._send(405, "Method Not Allowed\n")
+            return
+        name, target = self._route(rest, query)
+        call_id = self.headers.get("X-Call-Id") or str(uuid.uuid4())
+        start_time = str(time.time_ns())
+        ids = [("X-Call-Id", call_id), ("X-Start-Time", start_time)]
+        if not name or name not in p.deployments:
+            self._send(404, f"error finding function {name}: not found\n", [*ids, ("X-OpenFaaS-Internal", "proxy")])
+            return
+        callback = self.headers.get("X-Callback-Url")
+        if callback:
+            parts = urlsplit(callback)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self._send(400, f"X-Callback-Url is not a valid URL: {callback}\n", ids)
+                return
+        headers = [(k, v) for k, v in self._forward_headers(call_id, start_time) if k.lower() != "x-callback-url"]
+        try:
+            p._async_q.put_nowait((name, call_id, "POST", target, headers, body, callback))
+        except queue.Full:
+            self._send(500, "async queue is full\n", ids)
+            return
+        self._send(202, b"", ids)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the provider in the foreground until SIGINT/SIGTERM; stops every function it started."""
+    cfg = settings()
+    parser = argparse.ArgumentParser(prog="customscripts provider", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=cfg.provider_host)
+    parser.add_argument("--port", type=int, default=cfg.provider_port)
+    parser.add_argument("--functions-dir", type=Path, default=REPO_ROOT / "functions")
+    parser.add_argument("--idle", type=float, default=cfg.function_idle_s, help="seconds before an idle stop")
+    parser.add_argument("--max-functions", type=int, default=None, help="hard cap, like CE's 15")
+    args = parser.parse_args(argv)
+    logs.setup()
+    provider = Provider(args.host, args.port, functions_dir=args.functions_dir, idle_s=args.idle,
+                        max_functions=args.max_functions)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    provider.start()
+    try:
+        done.wait()
+    finally:
+        provider.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

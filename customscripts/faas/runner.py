@@ -1,0 +1,72 @@
+"""Entry point of one local function process: the python3-http index.py, run by the local provider.
+
+`python -m customscripts.faas.runner <dir>` imports `handle` from `<dir>/function/handler.py` (a
+shrinkwrapped build context, as faas-cli lays it out) or `<dir>/handler.py` (a bare handler
+folder such as `registry-fn/`), exactly as index.py does (`from function import handler`), and
+serves it with Flask + waitress on an ephemeral loopback port. The port is written to the file
+descriptor named by CS_FN_READY_FD once the server listens, so the provider needs no port guessing
+and no readiness polling. The process exits when its parent (the provider) goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+
+def load_handler(folder: Path):
+    """Import the handler module as `function.handler`, the package name the template gives it."""
+    folder = folder.resolve()
+    package_dir = folder / "function" if (folder / "function" / "handler.py").is_file() else folder
+    if not (package_dir / "handler.py").is_file():
+        raise SystemExit(f"no handler.py in {folder} or {folder}/function")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    package = types.ModuleType("function")
+    package.__path__ = [str(package_dir)]  # type: ignore[attr-defined]
+    package.__file__ = str(package_dir / "__init__.py")
+    sys.modules["function"] = package
+    return importlib.import_module("function.handler")
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m customscripts.faas.runner <function-folder>", file=sys.stderr)
+        return 2
+    from waitress.server import create_server
+
+    from customscripts.http import flask_app
+
+    handler = load_handler(Path(args[0]))
+    threads = int(os.environ.get("CS_FN_THREADS", "8"))
+    # Standalone (no provider) it listens where index.py would: $port, else 5000.
+    port = 0 if os.environ.get("CS_FN_READY_FD") else int(os.environ.get("port") or 5000)  # noqa: SIM112 - of-watchdog name
+    server = create_server(flask_app(handler.handle), host="127.0.0.1", port=port, threads=threads,
+                           clear_untrusted_proxy_headers=False, channel_timeout=120)
+    ready_fd = os.environ.get("CS_FN_READY_FD")
+    if ready_fd is not None:
+        fd = int(ready_fd)
+        os.write(fd, f"{server.effective_port}\n".encode())  # type: ignore[attr-defined]
+        os.close(fd)
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Script output history: the one place that writes and reads `script_outputs`.
+
+The realtime publisher and `store=true` executions write through `OutputStore.write_many`; the data
+gateway reads through `latest`/`history` with its read-only pool. Every read is scoped to one tenant
+and bounded by an as-of time, so a replay sees what realtime saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from customscripts import ids
+
+PARAMS_HASH_LEN = 16
+MAX_HISTORY = 5000
+
+
+def params_hash(params: dict[str, Any] | None) -> str:
+    """sha256 of canonical JSON (sorted keys, no spaces), shortened: the same params ⇒ the same key."""
+    canonical = json.dumps(params or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:PARAMS_HASH_LEN]
+
+
+def to_datetime(value: float | int | datetime) -> datetime:
+    """Epoch seconds or an aware datetime → aware UTC datetime (naive datetimes are taken as UTC)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"invalid timestamp: {value!r}")
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """One published output: the event identity plus its value (a number, or JSON for dicts)."""
+
+    time: float | datetime
+    tenant: str
+    instrument_key: str
+    timeframe: str
+    script_id: str
+    version: int
+    params_hash: str
+    value: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    call_id: str | None = None
+
+
+_INSERT = """
+INSERT INTO script_outputs (time, tenant, instrument_key, timeframe, script_id, version, params_hash,
+                            value, value_json, metadata, status, call_id)
+SELECT t.time, t.tenant, t.instrument_key, t.timeframe, t.script_id, t.version, t.params_hash,
+       t.value, t.value_json::jsonb, t.metadata::jsonb, t.status, t.call_id
+FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[],
+            %s::float8[], %s::text[], %s::text[], %s::text[], %s::text[])
+     AS t(time, tenant, instrument_key, timeframe, script_id, version, params_hash,
+          value, value_json, metadata, status, call_id)
+ON CONFLICT ON CONSTRAINT script_outputs_event_key DO NOTHING
+"""
+
+
+def _split_value(value: Any) -> tuple[float | None, str | None]:
+    """Numbers go to the float column (fast to read and aggregate); anything else is stored as JSON."""
+    if value is None:
+        return None, None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    return None, json.dumps(value, allow_nan=False)
+
+
+class OutputStore:
+    """Batched idempotent writes and tenant-scoped as-of reads of script outputs."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def write_many(self, rows: Iterable[OutputRow]) -> int:
+        """Insert rows in one statement; rows already present (same event) are skipped. Returns inserted."""
+        cols: list[list[Any]] = [[] for _ in range(12)]
+        for row in rows:
+            value, value_json = _split_value(row.value)
+            values = (
+                to_datetime(row.time), ids.tenant_id(row.tenant), ids.instrument_key(row.instrument_key),
+                ids.timeframe(row.timeframe), ids.script_id(row.script_id), ids.version(row.version),
+                row.params_hash, value, value_json, json.dumps(row.metadata or {}, allow_nan=False),
+                row.status, row.call_id,
+            )
+            for col, val in zip(cols, values, strict=True):
+                col.append(val)
+        if not cols[0]:
+            return 0
+        with self.pool.connection() as conn:
+            cur = conn.execute(_INSERT, cols)
+            return cur.rowcount
+
+    def latest(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
+               as_of: float | datetime, versions: Sequence[int] | None = None) -> dict[str, Any] | None:
+        """The newest output at or before `as_of` (of the given versions, or any), in indicator shape."""
+        rows = self._select(tenant, script_id, instrument_key, timeframe, params_hash, versions,
+                            start=None, end=as_of, limit=1, newest_first=True)
+        if not rows:
+            return None
+        time, version, value, value_json, metadata = rows[0]
+        return {"value": value if value is not None else value_json, "timestamp": time,
+                "metadata": metadata or {}, "version": version}
+
+    def history(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
+                *, as_of: float | datetime, start: float | datetime | None = None,
+                end: float | datetime | None = None, limit: int = 200,
+                versions: Sequence[int] | None = None) -> dict[str, list[Any]]:
+        """Outputs in time order, columnar; with `start` the first `limit` from it, else the last `limit`."""
+        limit = max(1, min(int(limit), MAX_HISTORY))
+        bound = to_datetime(as_of)
+        if end is not None:
+            bound = min(bound, to_datetime(end))
+        rows = self._select(tenant, script_id, instrument_key, timeframe, params_hash, versions,
+                            start=start, end=bound, limit=limit, newest_first=start is None)
+        if start is None:
+            rows.reverse()
+        columns: dict[str, list[Any]] = {"time": [], "value": [], "metadata": [], "version": []}
+        for time, version, value, value_json, metadata in rows:
+            columns["time"].append(time)
+            columns["value"].append(value if value is not None else value_json)
+            columns["metadata"].append(metadata or {})
+            columns["version"].append(version)
+        return columns
+
+    def _select(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
+                versions: Sequence[int] | None, *, start: float | datetime | None, end: float | datetime,
+                limit: int, newest_first: bool) -> list[tuple[Any, ...]]:
+        query = [
+            "SELECT extract(epoch FROM time)::float8, version, value, value_json, metadata",
+            "FROM script_outputs WHERE tenant = %s AND script_id = %s AND instrument_key = %s",
+            "AND timeframe = %s AND params_hash = %s AND status = 'ok' AND time <= %s",
+        ]
+        args: list[Any] = [tenant, script_id, instrument_key, timeframe, params_hash, to_datetime(end)]
+        if versions is not None:
+            query.append("AND version = ANY(%s)")
+            args.append(list(versions))
+        if start is not None:
+            query.append("AND time >= %s")
+            args.append(to_datetime(start))
+        order = "DESC" if newest_first else "ASC"
+        query.append(f"ORDER BY time {order}, version DESC LIMIT %s")
+        args.append(limit)
+        with self.pool.connection() as conn:
+            return list(conn.execute(" ".join(query), args).fetchall())

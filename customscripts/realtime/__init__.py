@@ -1,0 +1,1 @@
+"""Realtime execution: subscriptions, dependency waves, the scheduler and publishing."""

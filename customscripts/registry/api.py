@@ -1,0 +1,270 @@
+"""registry-fn's HTTP API: routes, request parsing and the OpenAPI document that describes them.
+
+The handler in `registry-fn/handler.py` only calls `handle()`. Every route authenticates first
+(401), then applies the tier gate (403) before reading the body, so a caller without the
+`custom_scripts` feature causes no work at all. Errors are `{"error": {"code", "message", ...}}`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from customscripts import logs
+from customscripts.auth import Principal, principal_from_request
+from customscripts.errors import ServiceUnavailable, Unprocessable
+from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
+from customscripts.permissions import tier_of
+from customscripts.registry.models import (
+    MAX_SOURCE_BYTES,
+    DraftCreate,
+    DraftUpdate,
+    ErrorBody,
+    PublishResult,
+    ScriptMeta,
+    ScriptView,
+    Subscription,
+    VersionList,
+)
+from customscripts.registry.service import RegistryService
+
+M = TypeVar("M", bound=BaseModel)
+
+router = Router()
+log = logs.get("customscripts.registry")
+
+
+@functools.cache
+def service() -> RegistryService:
+    """One service per process (pooled Postgres connections, one minio client)."""
+    svc = RegistryService()
+    svc.store.ensure_bucket()
+    return svc
+
+
+def handle(event: Event, context: Context | None = None) -> Response:
+    return router.dispatch(event)
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+    import urllib3
+    from minio.error import S3Error
+    from psycopg_pool import PoolTimeout
+
+    return (psycopg.OperationalError, PoolTimeout, S3Error, urllib3.exceptions.HTTPError)
+
+
+def _guarded(func: RouteHandler) -> RouteHandler:
+    """Storage outages are a retryable 503 with a JSON body, not an opaque 500."""
+
+    @functools.wraps(func)
+    def wrapper(req: Request) -> Response:
+        try:
+            return func(req)
+        except _backend_errors() as exc:
+            log.warning("registry backend unavailable: %s", type(exc).__name__)
+            raise ServiceUnavailable("registry storage temporarily unavailable", code="backend_unavailable",
+                                     headers={"Retry-After": "1"}) from None
+
+    return wrapper
+
+
+def route(method: str, template: str):
+    def register(func: RouteHandler) -> RouteHandler:
+        return router.route(method, template)(_guarded(func))
+
+    return register
+
+
+# ----------------------------------------------------------------- request helpers
+
+
+def _caller(req: Request) -> Principal:
+    principal = principal_from_request(req)
+    tier_of(principal)
+    return principal
+
+
+def _body(req: Request, model: type[M]) -> M:
+    data = req.json_object()
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300], "type": e["type"]}
+                   for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]]
+        raise Unprocessable("request body is invalid", code="invalid_body", details=details) from None
+
+
+# ----------------------------------------------------------------- routes
+
+
+@route("GET", "/openapi.json")
+def openapi_route(req: Request) -> Response:
+    return json_response(openapi())
+
+
+@route("POST", "/scripts")
+def create_script(req: Request) -> Response:
+    principal = _caller(req)
+    body = _body(req, DraftCreate)
+    meta = service().create_draft(principal, body, req.call_id)
+    return json_response(meta.model_dump(mode="json"), 201)
+
+
+def _update(req: Request) -> Response:
+    principal = _caller(req)
+    body = _body(req, DraftUpdate)
+    meta = service().update_draft(principal, req.params["script_id"], body, req.call_id)
+    return json_response(meta.model_dump(mode="json"))
+
+
+route("PUT", "/scripts/{script_id}")(_update)
+route("PATCH", "/scripts/{script_id}")(_update)
+
+
+@route("GET", "/scripts/{script_id}")
+def get_script(req: Request) -> Response:
+    principal = _caller(req)
+    return json_response(service().get(principal, req.params["script_id"]))
+
+
+@route("POST", "/scripts/{script_id}/publish")
+def publish_script(req: Request) -> Response:
+    principal = _caller(req)
+    meta, unchanged = service().publish(principal, req.params["script_id"], req.call_id)
+    return json_response({**meta.model_dump(mode="json"), "unchanged": unchanged}, 200 if unchanged else 201)
+
+
+@route("GET", "/scripts/{script_id}/versions")
+def list_versions(req: Request) -> Response:
+    principal = _caller(req)
+    rows = service().list_versions(principal, req.params["script_id"])
+    return json_response({"script_id": req.params["script_id"], "versions": [r.as_json() for r in rows]})
+
+
+@route("GET", "/scripts/{script_id}/versions/{version}")
+def get_version(req: Request) -> Response:
+    principal = _caller(req)
+    return json_response(service().get_version(principal, req.params["script_id"], req.params["version"]))
+
+
+@route("POST", "/scripts/{script_id}/marketplace/subscribe")
+def subscribe(req: Request) -> Response:
+    principal = _caller(req)
+    created = service().subscribe(principal, req.params["script_id"], req.call_id)
+    body = {"script_id": req.params["script_id"], "user_id": principal.user_id, "tenant": principal.tenant,
+            "created": created}
+    return json_response(body, 201 if created else 200)
+
+
+# ----------------------------------------------------------------- OpenAPI
+
+_SCRIPT_ID_PARAM = {
+    "name": "script_id", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "maxLength": 63},
+    "description": "Script id: lowercase slug, globally unique.",
+}
+_VERSION_PARAM = {
+    "name": "version", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": "^([1-9][0-9]{0,8}|draft)$"},
+    "description": "A published version number, or `draft` (owner only).",
+}
+_ERRORS = {
+    "400": "Body is not a JSON object.",
+    "401": "Missing, malformed, expired or badly signed bearer token.",
+    "403": "Tier without `custom_scripts`, not the owner, not entitled, or over the tier's script cap.",
+    "404": "Unknown script, or another tenant's private script (existence is not revealed).",
+    "409": "Script id taken, or a published version would be overwritten.",
+    "413": f"Body over 1 MiB or source over {MAX_SOURCE_BYTES} bytes.",
+    "422": "Invalid ids, schemas, syntax (line/column given), missing run(ctx), bad depends_on, cycles.",
+    "503": "Storage (PostgreSQL or S3) temporarily unavailable; retry after `Retry-After` seconds.",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _operation(op_id: str, summary: str, ok: dict[str, dict], *, params: list | None = None,
+               body: str | None = None, errors: tuple[str, ...] = ("401", "403", "404", "422")) -> dict:
+    responses = dict(ok)
+    for status in (*errors, "503"):
+        responses[status] = _json("ErrorBody", _ERRORS[status])
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+@functools.cache
+def openapi() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(m, "validation" if m in (DraftCreate, DraftUpdate) else "serialization")
+         for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, PublishResult, VersionList, Subscription,
+                   ErrorBody)],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = defs.get("$defs", {})
+    sid = [_SCRIPT_ID_PARAM]
+    update = _operation("updateDraft", "Update the draft (owner only); given fields replace the draft's.",
+                        {"200": _json("ScriptMeta", "The updated draft.")}, params=sid, body="DraftUpdate",
+                        errors=("400", "401", "403", "404", "413", "422"))
+    paths = {
+        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "security": [],
+                                  "responses": {"200": {"description": "OpenAPI 3.1 document.",
+                                                        "content": {"application/json": {"schema": {
+                                                            "type": "object"}}}}}}},
+        "/scripts": {"post": _operation(
+            "createDraft", "Create a script with its first draft.",
+            {"201": _json("ScriptMeta", "The draft's meta.json.")}, body="DraftCreate",
+            errors=("400", "401", "403", "409", "413", "422"))},
+        "/scripts/{script_id}": {
+            "get": _operation("getScript", "Owner: the draft with source. Entitled users: the latest "
+                              "published version's meta, never the source.",
+                              {"200": _json("ScriptView", "Script metadata.")}, params=sid),
+            "put": update,
+            "patch": {**update, "operationId": "patchDraft"},
+        },
+        "/scripts/{script_id}/publish": {"post": _operation(
+            "publish",
+            "Freeze the draft into the next immutable numbered version. Publishing a draft whose code "
+            "sha256 and metadata equal the latest version's creates nothing and answers 200 with that "
+            "version and `unchanged: true`.",
+            {"201": _json("PublishResult", "A new version was published."),
+             "200": _json("PublishResult", "Nothing changed since the latest version (`unchanged: true`).")},
+            params=sid, errors=("401", "403", "404", "409", "413", "422"))},
+        "/scripts/{script_id}/versions": {"get": _operation(
+            "listVersions", "Published versions (all for the owner, usable ones for others).",
+            {"200": _json("VersionList", "Versions in ascending order.")}, params=sid)},
+        "/scripts/{script_id}/versions/{version}": {"get": _operation(
+            "getVersion", "One version's meta; source only for the owner.",
+            {"200": _json("ScriptView", "Version metadata.")}, params=[_SCRIPT_ID_PARAM, _VERSION_PARAM])},
+        "/scripts/{script_id}/marketplace/subscribe": {"post": _operation(
+            "subscribe", "Subscribe (from any tenant) to a marketplace-listed script; it then runs in the "
+            "subscriber's tenant, without its source being visible.",
+            {"201": _json("Subscription", "Subscribed."),
+             "200": _json("Subscription", "Already subscribed.")},
+            params=sid)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "customscripts registry", "version": "1.0.0",
+                 "description": "Script registry: drafts, immutable published versions, marketplace."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }

@@ -1,0 +1,203 @@
+"""The PostgreSQL mirror of the registry: what queries need (owner, tenant, versions, status,
+dependencies, permissions, subscriptions). MinIO stays the truth for code and meta.json.
+
+All SQL is static text with bound parameters; ids never become SQL text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from customscripts import db
+from customscripts.config import Settings, settings
+from customscripts.registry.models import Permissions, ScriptMeta
+
+
+@dataclass(frozen=True)
+class ScriptRow:
+    script_id: str
+    owner_id: str
+    tenant: str
+    name: str
+    runtime_mode: str
+    marketplace: bool
+    draft_sha256: str | None
+    latest_version: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One published version; fits permissions.ScriptLike so listings can be filtered cheaply."""
+
+    script_id: str
+    version: int
+    owner_id: str
+    tenant: str
+    code_sha256: str
+    meta_sha256: str
+    status: str
+    runtime_mode: str
+    depends_on: list[str]
+    permissions: Permissions
+    created_at: datetime
+
+    def as_json(self) -> dict:
+        return {
+            "script_id": self.script_id,
+            "version": self.version,
+            "status": self.status,
+            "code_sha256": self.code_sha256,
+            "runtime_mode": self.runtime_mode,
+            "depends_on": list(self.depends_on),
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+_SCRIPT_COLS = ("script_id, owner_id, tenant, name, runtime_mode, marketplace, draft_sha256, latest_version, "
+                "created_at, updated_at")
+_VERSION_SELECT = (
+    "SELECT v.script_id, v.version, s.owner_id, s.tenant, v.code_sha256, v.meta_sha256, v.status, "
+    "v.runtime_mode, v.depends_on, v.permissions, v.created_at "
+    "FROM script_versions v JOIN scripts s USING (script_id) "
+)
+
+
+def _version(row: tuple) -> VersionRow:
+    return VersionRow(*row[:9], permissions=Permissions.model_validate(row[9]), created_at=row[10])
+
+
+class Catalog:
+    def __init__(self, cfg: Settings | None = None) -> None:
+        self.cfg = cfg or settings()
+        self.pool = db.pool(self.cfg.pg_dsn)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextlib.contextmanager
+    def _conn(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.pool.connection() as fresh:
+                yield fresh
+
+    # ----------------------------------------------------------------- scripts
+
+    def count_owned(self, conn: psycopg.Connection, tenant: str, owner_id: str) -> int:
+        """Under a per-owner transaction lock, so concurrent creates cannot both pass the cap."""
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"owner:{tenant}:{owner_id}",))
+        row = conn.execute("SELECT count(*) FROM scripts WHERE tenant = %s AND owner_id = %s",
+                           (tenant, owner_id)).fetchone()
+        return int(row[0])
+
+    def insert_script(self, conn: psycopg.Connection, meta: ScriptMeta) -> bool:
+        """Claim a globally unique script id; False when it is taken."""
+        row = conn.execute(
+            "INSERT INTO scripts (script_id, owner_id, tenant, name, runtime_mode, draft_sha256, created_at,"
+            " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (script_id) DO NOTHING"
+            " RETURNING script_id",
+            (meta.script_id, meta.owner_id, meta.tenant, meta.name, meta.runtime_mode, meta.code_sha256,
+             meta.created_at, meta.updated_at),
+        ).fetchone()
+        return row is not None
+
+    def update_draft(self, conn: psycopg.Connection, meta: ScriptMeta) -> None:
+        conn.execute(
+            "UPDATE scripts SET name = %s, runtime_mode = %s, draft_sha256 = %s, updated_at = %s"
+            " WHERE script_id = %s",
+            (meta.name, meta.runtime_mode, meta.code_sha256, meta.updated_at, meta.script_id),
+        )
+
+    def get_script(self, script_id: str, conn: psycopg.Connection | None = None, *,
+                   for_update: bool = False) -> ScriptRow | None:
+        query = f"SELECT {_SCRIPT_COLS} FROM scripts WHERE script_id = %s"
+        query += " FOR UPDATE" if for_update else ""
+        with self._conn(conn) as c:
+            row = c.execute(query, (script_id,)).fetchone()
+        return ScriptRow(*row) if row else None
+
+    # ----------------------------------------------------------------- versions
+
+    def insert_version(self, conn: psycopg.Connection, meta: ScriptMeta, meta_sha256: str) -> None:
+        conn.execute(
+            "INSERT INTO script_versions (script_id, version, code_sha256, meta_sha256, status, runtime_mode,"
+            " depends_on, permissions, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (meta.script_id, meta.version, meta.code_sha256, meta_sha256, meta.status, meta.runtime_mode,
+             list(meta.depends_on), Jsonb(meta.permissions.model_dump(mode="json")), meta.created_at),
+        )
+        conn.execute(
+            "UPDATE scripts SET latest_version = %s, marketplace = %s, updated_at = now()"
+            " WHERE script_id = %s",
+            (meta.version, meta.permissions.marketplace, meta.script_id),
+        )
+
+    def versions(self, script_id: str) -> list[VersionRow]:
+        with self._conn(None) as c:
+            rows = c.execute(_VERSION_SELECT + "WHERE v.script_id = %s ORDER BY v.version",
+                             (script_id,)).fetchall()
+        return [_version(r) for r in rows]
+
+    def get_version(self, script_id: str, version: int) -> VersionRow | None:
+        with self._conn(None) as c:
+            row = c.execute(_VERSION_SELECT + "WHERE v.script_id = %s AND v.version = %s",
+                            (script_id, version)).fetchone()
+        return _version(row) if row else None
+
+    def get_versions(self, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], VersionRow]:
+        """Several (script_id, version) rows in one query (dependency validation, closures)."""
+        if not pairs:
+            return {}
+        with self._conn(None) as c:
+            rows = c.execute(
+                _VERSION_SELECT
+                + "WHERE (v.script_id, v.version) IN (SELECT * FROM unnest(%s::text[], %s::int[]))",
+                ([p[0] for p in pairs], [p[1] for p in pairs]),
+            ).fetchall()
+        found = [_version(r) for r in rows]
+        return {(v.script_id, v.version): v for v in found}
+
+    # ----------------------------------------------------------------- marketplace
+
+    def subscribe(self, script_id: str, user_id: str, tenant: str) -> bool:
+        """True when the subscription is new."""
+        with self._conn(None) as c:
+            row = c.execute(
+                "INSERT INTO marketplace_subscriptions (script_id, user_id, tenant) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING script_id",
+                (script_id, user_id, tenant),
+            ).fetchone()
+        return row is not None
+
+    def subscribed_scripts(self, user_id: str, tenant: str, script_ids: list[str]) -> set[str]:
+        if not script_ids:
+            return set()
+        with self._conn(None) as c:
+            rows = c.execute(
+                "SELECT script_id FROM marketplace_subscriptions WHERE user_id = %s AND tenant = %s"
+                " AND script_id = ANY(%s)",
+                (user_id, tenant, script_ids),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    # ----------------------------------------------------------------- audit
+
+    def audit(self, *, action: str, script_id: str, version: int | None, user_id: str, tenant: str,
+              status: str, call_id: str | None = None, detail: str | None = None,
+              conn: psycopg.Connection | None = None) -> None:
+        with self._conn(conn) as c:
+            c.execute(
+                "INSERT INTO audit (call_id, script_id, version, user_id, tenant, action, status, detail)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (call_id, script_id, version, user_id, tenant, action, status, detail),
+            )

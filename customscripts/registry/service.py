@@ -1,0 +1,311 @@
+"""The registry's operations: drafts, publishing, reads, marketplace subscriptions, closures.
+
+Order inside every operation: tier gate (403) → ids (422) → existence/visibility (404) →
+entitlement (403) → validation (413/422) → writes. Nothing is written before all checks pass.
+Another tenant's private script answers 404 exactly like a missing one; a same-tenant caller
+without entitlement gets 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from customscripts import ids
+from customscripts.auth import Principal
+from customscripts.config import Settings, settings
+from customscripts.errors import Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.permissions import Denied, check_can_use, check_dependency_closure, is_owner, tier_of
+from customscripts.registry import validation
+from customscripts.registry.catalog import Catalog, ScriptRow, VersionRow
+from customscripts.registry.models import (
+    DraftCreate,
+    DraftUpdate,
+    ScriptMeta,
+    now,
+    parse_dependency,
+    sha256_text,
+)
+from customscripts.registry.store import DRAFT, ScriptStore
+
+Version = int | str  # a published number or "draft"
+
+
+def parse_version(value: object) -> Version:
+    return DRAFT if value == DRAFT else ids.version(value)
+
+
+def _not_found(script_id: str) -> NotFound:
+    return NotFound(f"script {script_id} not found", code="script_not_found")
+
+
+class RegistryService:
+    def __init__(self, cfg: Settings | None = None, store: ScriptStore | None = None,
+                 catalog: Catalog | None = None) -> None:
+        self.cfg = cfg or settings()
+        self.store = store or ScriptStore(self.cfg)
+        self.catalog = catalog or Catalog(self.cfg)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _script(self, principal: Principal, script_id: str) -> ScriptRow:
+        """The catalog row, or 404 if it does not exist or is another tenant's private script."""
+        row = self.catalog.get_script(ids.script_id(script_id))
+        if row is None:
+            raise _not_found(script_id)
+        if row.tenant != principal.tenant and not row.marketplace:
+            raise _not_found(script_id)
+        return row
+
+    def _owned(self, principal: Principal, script_id: str) -> ScriptRow:
+        row = self._script(principal, script_id)
+        if not is_owner(principal, row):
+            if row.tenant != principal.tenant:
+                raise _not_found(script_id)
+            raise Forbidden(f"only the owner may change script {script_id}", code="not_owner")
+        return row
+
+    def _subscribed(self, principal: Principal, script_ids: list[str]) -> set[str]:
+        return self.catalog.subscribed_scripts(principal.user_id, principal.tenant, script_ids)
+
+    def _check(self, principal: Principal, target: Any, version: Version) -> None:
+        """check_can_use with the caller's live subscription; hidden denials become 404."""
+        subscribed = bool(self._subscribed(principal, [target.script_id]))
+        try:
+            check_can_use(principal, target, version, subscribed=subscribed, cfg=self.cfg)
+        except Denied as exc:
+            if exc.hidden:
+                raise _not_found(target.script_id) from None
+            raise
+
+    def _audit(self, principal: Principal, action: str, script_id: str, version: int | None,
+               call_id: str | None, conn: Any = None) -> None:
+        self.catalog.audit(action=action, script_id=script_id, version=version, user_id=principal.user_id,
+                           tenant=principal.tenant, status="ok", call_id=call_id, conn=conn)
+
+    def _validate(self, principal: Principal, script_id: str, source: str, meta: ScriptMeta) -> None:
+        validation.check_source(source)
+        validation.check_schema(meta.input_schema, "input_schema")
+        validation.check_schema(meta.output_schema, "output_schema")
+        validation.check_limits(meta.limits, tier_of(principal, self.cfg))
+        deps = [parse_dependency(d)[0] for d in meta.depends_on]
+        subs = self._subscribed(principal, deps)
+        validation.check_dependencies(self.catalog, principal, script_id, list(meta.depends_on),
+                                      subscribed=subs.__contains__, cfg=self.cfg)
+
+    # ----------------------------------------------------------------- drafts
+
+    def create_draft(self, principal: Principal, body: DraftCreate, call_id: str | None = None) -> ScriptMeta:
+        tier = tier_of(principal, self.cfg)
+        script_id = body.script_id or ids.new_script_id()
+        stamp = now()
+        meta = ScriptMeta(
+            script_id=script_id, version=DRAFT, owner_id=principal.user_id, tenant=principal.tenant,
+            name=body.name, description=body.description, runtime_mode=body.runtime_mode,
+            permissions=body.permissions, input_schema=body.input_schema, output_schema=body.output_schema,
+            depends_on=body.depends_on, created_at=stamp, updated_at=stamp, status="draft",
+            code_sha256=_code_sha(body.source), limits=body.limits,
+        )
+        self._validate(principal, script_id, body.source, meta)
+        with self.catalog.transaction() as conn:
+            if self.catalog.count_owned(conn, principal.tenant, principal.user_id) >= tier.max_scripts:
+                raise Forbidden(f"tier {tier.name!r} allows at most {tier.max_scripts} scripts",
+                                code="script_quota_exceeded", details={"max_scripts": tier.max_scripts})
+            if not self.catalog.insert_script(conn, meta):
+                raise Conflict(f"script id {script_id} is already taken", code="script_id_taken")
+            self.store.put_draft(meta, body.source)
+            self._audit(principal, "create_draft", script_id, None, call_id, conn)
+        return meta
+
+    def update_draft(self, principal: Principal, script_id: str, body: DraftUpdate,
+                     call_id: str | None = None) -> ScriptMeta:
+        tier_of(principal, self.cfg)
+        row = self._owned(principal, script_id)
+        with self.catalog.transaction() as conn:
+            self.catalog.get_script(row.script_id, conn, for_update=True)
+            current = self.store.get_meta(row.owner_id, row.script_id, DRAFT)
+            source = self.store.get_source(row.owner_id, row.script_id, DRAFT)
+            changes = {k: getattr(body, k) for k in body.model_fields_set if k != "source"}
+            if "source" in body.model_fields_set and body.source is not None:
+                source = body.source
+            changes = {k: v for k, v in changes.items() if v is not None or k == "limits"}
+            merged = current.model_dump() | changes
+            merged.update(updated_at=now(), code_sha256=_code_sha(source))
+            meta = ScriptMeta.model_validate(merged)
+            self._validate(principal, row.script_id, source, meta)
+            self.store.put_draft(meta, source)
+            self.catalog.update_draft(conn, meta)
+            self._audit(principal, "update_draft", row.script_id, None, call_id, conn)
+        return meta
+
+    # ----------------------------------------------------------------- publish
+
+    def publish(self, principal: Principal, script_id: str,
+                call_id: str | None = None) -> tuple[ScriptMeta, bool]:
+        """Freeze the draft into the next immutable version; (existing, True) if nothing changed."""
+        tier_of(principal, self.cfg)
+        row = self._owned(principal, script_id)
+        with self.catalog.transaction() as conn:
+            row = self.catalog.get_script(row.script_id, conn, for_update=True) or row
+            draft = self.store.get_meta(row.owner_id, row.script_id, DRAFT)
+            source = self.store.get_source(row.owner_id, row.script_id, DRAFT)
+            self._validate(principal, row.script_id, source, draft)
+            if row.latest_version:
+                latest = self.store.get_meta(row.owner_id, row.script_id, row.latest_version)
+                if latest.content_key() == draft.content_key():
+                    return latest, True
+            stored = self.store.stored_versions(row.owner_id, row.script_id)
+            number = max([row.latest_version or 0, *stored]) + 1
+            stamp = now()
+            meta = draft.model_copy(update={"version": number, "status": "published", "created_at": stamp,
+                                            "updated_at": stamp})
+            meta = ScriptMeta.model_validate(meta.model_dump())
+            self.store.put_version(meta, source)
+            self.catalog.insert_version(conn, meta, hashlib.sha256(meta.to_json_bytes()).hexdigest())
+            self._audit(principal, "publish", row.script_id, number, call_id, conn)
+        return meta, False
+
+    # ----------------------------------------------------------------- reads
+
+    def list_versions(self, principal: Principal, script_id: str) -> list[VersionRow]:
+        """All versions for the owner; the versions the caller may use for anyone else."""
+        tier_of(principal, self.cfg)
+        row = self._script(principal, script_id)
+        versions = self.catalog.versions(row.script_id)
+        if is_owner(principal, row):
+            return versions
+        subscribed = bool(self._subscribed(principal, [row.script_id]))
+        usable, denial = [], None
+        for v in versions:
+            try:
+                check_can_use(principal, v, v.version, subscribed=subscribed, cfg=self.cfg)
+                usable.append(v)
+            except Denied as exc:
+                denial = exc
+        if not usable:
+            if denial is None or denial.hidden or row.tenant != principal.tenant:
+                raise _not_found(script_id)
+            raise denial
+        return usable
+
+    def get(self, principal: Principal, script_id: str) -> dict[str, Any]:
+        """Owner: the draft with source. Others: the latest published version, without source."""
+        tier_of(principal, self.cfg)
+        row = self._script(principal, script_id)
+        if is_owner(principal, row):
+            meta = self.store.get_meta(row.owner_id, row.script_id, DRAFT)
+            source = self.store.get_source(row.owner_id, row.script_id, DRAFT)
+            return {**meta.model_dump(mode="json"), "source": source, "latest_version": row.latest_version}
+        if not row.latest_version:
+            if row.tenant != principal.tenant:
+                raise _not_found(script_id)
+            raise Denied(f"script {script_id} has no published version", code="not_published")
+        version = self.catalog.get_version(row.script_id, row.latest_version)
+        if version is None:
+            raise _not_found(script_id)
+        self._check(principal, version, version.version)
+        meta = self.store.get_meta(row.owner_id, row.script_id, row.latest_version)
+        return {**meta.model_dump(mode="json"), "latest_version": row.latest_version}
+
+    def get_version(self, principal: Principal, script_id: str, version: object) -> dict[str, Any]:
+        tier_of(principal, self.cfg)
+        row = self._script(principal, script_id)
+        number = parse_version(version)
+        owner = is_owner(principal, row)
+        if number == DRAFT:
+            if not owner:
+                if row.tenant != principal.tenant:
+                    raise _not_found(script_id)
+                raise Forbidden("only the owner may read the draft", code="not_owner")
+        else:
+            vrow = self.catalog.get_version(row.script_id, int(number))
+            if vrow is None:
+                if not owner and row.tenant != principal.tenant:
+                    raise _not_found(script_id)
+                raise NotFound(f"version {script_id}@{number} not found", code="version_not_found")
+            self._check(principal, vrow, vrow.version)
+        meta = self.store.get_meta(row.owner_id, row.script_id, number)
+        out = {**meta.model_dump(mode="json"), "latest_version": row.latest_version}
+        if owner:
+            out["source"] = self.store.get_source(row.owner_id, row.script_id, number)
+        return out
+
+    # ----------------------------------------------------------------- marketplace
+
+    def subscribe(self, principal: Principal, script_id: str, call_id: str | None = None) -> bool:
+        """Subscribe to a marketplace-listed script (any tenant); True when new."""
+        tier_of(principal, self.cfg)
+        row = self._script(principal, script_id)  # another tenant's unlisted script: 404
+        latest = self.catalog.get_version(row.script_id, row.latest_version) if row.latest_version else None
+        if latest is None or not latest.permissions.marketplace:
+            raise Forbidden(f"script {script_id} is not listed on the marketplace", code="not_listed")
+        try:
+            check_can_use(principal, latest, latest.version, subscribed=True, cfg=self.cfg)
+        except Denied as exc:
+            raise Forbidden(exc.message, code=exc.code) from None
+        created = self.catalog.subscribe(row.script_id, principal.user_id, principal.tenant)
+        if created:
+            self._audit(principal, "subscribe", row.script_id, None, call_id)
+        return created
+
+    # ----------------------------------------------------------------- execution support
+
+    def resolve_closure(self, script_id: str, version: int) -> list[tuple[str, int]]:
+        """The version and everything it depends on, dependencies first (the order to run them)."""
+        root = (ids.script_id(script_id), ids.version(version))
+        graph = validation.walk_versions(self.catalog, [root])
+        if root not in graph:
+            raise NotFound(f"version {script_id}@{version} not found", code="version_not_found")
+        order: list[tuple[str, int]] = []
+        done: set[tuple[str, int]] = set()
+        stack: list[tuple[tuple[str, int], bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in done:
+                continue
+            if expanded:
+                done.add(node)
+                order.append(node)
+                continue
+            row = graph.get(node)
+            if row is None:
+                raise Unprocessable(f"dependency {node[0]}@{node[1]} is missing", code="dependency_missing")
+            stack.append((node, True))
+            for dep in reversed(row.depends_on):
+                pair = parse_dependency(dep)
+                if pair not in done:
+                    stack.append((pair, False))
+        return order
+
+    def check_execution(self, principal: Principal, script_id: str, version: int) -> list[tuple[str, int]]:
+        """Permission check for execute: the caller may use the version and its whole closure.
+
+        Returns the closure in dependency order. 404 for unknown or invisible scripts, 403 when the
+        root or any dependency is not usable — always before anything runs.
+        """
+        tier_of(principal, self.cfg)
+        row = self._script(principal, script_id)
+        number = ids.version(version)
+        closure = self.resolve_closure(row.script_id, number)
+        rows = self.catalog.get_versions(closure)
+        self._check(principal, rows[(row.script_id, number)], number)
+        subs = self._subscribed(principal, sorted({sid for sid, _ in closure}))
+        check_dependency_closure(principal, [rows[p] for p in closure[:-1]], subscribed=subs, cfg=self.cfg)
+        return closure
+
+    def load_version(self, script_id: str, version: Version) -> tuple[ScriptMeta, str]:
+        """meta.json and script.py of a version (trusted callers: build, deploy, execute)."""
+        row = self.catalog.get_script(ids.script_id(script_id))
+        if row is None:
+            raise _not_found(script_id)
+        number = parse_version(version)
+        return (self.store.get_meta(row.owner_id, row.script_id, number),
+                self.store.get_source(row.owner_id, row.script_id, number))
+
+
+def _code_sha(source: str) -> str:
+    """sha256 of the source; a placeholder for unencodable text, which check_source then rejects."""
+    try:
+        return sha256_text(source)
+    except UnicodeEncodeError:
+        return "0" * 64

@@ -1,0 +1,33 @@
+"""The DataSource contract the supervisor uses to answer the child's read calls (trusted side)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+class DependencyUnavailable(Exception):
+    """A dependency script has no output; the execution fails with dependency_failed naming it."""
+
+    def __init__(self, script_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"dependency {script_id!r} has no output available")
+        self.script_id = script_id
+
+
+class DataAccessError(Exception):
+    """The data source failed after retries; the execution fails with status error."""
+
+
+class DataDenied(Exception):
+    """The data source refused the read (403); the execution fails with status denied."""
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    def get_market_data(self, instrument_key: str, timeframe: str, *, limit: int | None = None,
+                        start: float | None = None, end: float | None = None) -> dict: ...
+
+    def get_metric(self, instrument_key: str, name: str, *, limit: int | None = None,
+                   start: float | None = None, end: float | None = None) -> dict: ...
+
+    def get_script_output(self, script_id: str, instrument_key: str, timeframe: str, *,
+                          params: dict | None = None, history: int | None = None) -> dict: ...

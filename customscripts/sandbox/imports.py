@@ -1,0 +1,217 @@
+"""Python-level guards (layer c): import allowlist and blocked introspection routes.
+
+Why: defence in depth only. The OS layers (bubblewrap, seccomp, rlimits) must contain a script even
+with this layer switched off (CS_SANDBOX_PY_GUARDS=0, tests only). What this layer adds: clean,
+early errors for obviously hostile scripts, and no casual route to interpreter internals that would
+let a script tamper with the runtime that frames its results.
+
+Mechanism:
+  * the script's AST is checked: no dunder attributes/names (except a few harmless ones), no frame,
+    code or generator internals (f_back, tb_frame, gi_frame, co_code, ...);
+  * every attribute *load* is rewritten to __cs_getattr__(obj, "name"), which refuses module objects
+    outside the allowlist and a few dangerous members of allowlisted modules (operator.attrgetter,
+    typing.get_type_hints, numpy.ctypeslib, numpy.load, ...);
+  * the script's __builtins__ is a private dict: guarded __import__/getattr/setattr/delattr/hasattr;
+    no eval/exec/compile/vars/globals/locals/breakpoint/input/memoryview.
+Stdlib only (runs in the zygote).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import os
+import types
+from collections.abc import Iterable
+from typing import Any
+
+GUARDS_ENV = "CS_SANDBOX_PY_GUARDS"
+
+ALLOWED_DUNDERS = frozenset({"__init__", "__name__", "__doc__", "__len__", "__call__", "__iter__",
+                             "__next__", "__getitem__", "__setitem__", "__contains__", "__repr__",
+                             "__str__", "__eq__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__",
+                             "__add__", "__sub__", "__mul__", "__truediv__", "__enter__", "__exit__",
+                             "__post_init__", "__slots__"})
+BLOCKED_NAMES = frozenset({
+    "f_back", "f_globals", "f_locals", "f_builtins", "f_code", "f_trace", "tb_frame", "tb_next",
+    "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
+    "ag_await", "co_code", "co_consts", "func_globals", "func_code", "mro", "_getframe",
+    "__cs_getattr__", "__cs_import__",
+})
+REMOVED_BUILTINS = frozenset({"eval", "exec", "compile", "vars", "globals", "locals", "breakpoint",
+                              "input", "help", "memoryview", "open_code", "exit", "quit", "copyright",
+                              "credits", "license", "__loader__", "__spec__"})
+# members of allowlisted modules that lead back to code execution or arbitrary objects
+BLOCKED_MODULE_ATTRS: dict[str, frozenset[str]] = {
+    "operator": frozenset({"attrgetter", "methodcaller"}),
+    "typing": frozenset({"get_type_hints", "ForwardRef", "_eval_type", "sys"}),
+    "numpy": frozenset({"ctypeslib", "f2py", "distutils", "testing", "load", "fromregex", "loadtxt",
+                        "genfromtxt", "memmap", "DataSource", "_pytesttester"}),
+    "functools": frozenset({"_lru_cache_wrapper"}),
+    "dataclasses": frozenset({"_create_fn", "sys"}),
+    "json": frozenset({"scanner", "decoder"}),
+}
+BLOCKED_SUBMODULES = frozenset({"numpy.ctypeslib", "numpy.f2py", "numpy.distutils", "numpy.testing",
+                                "numpy.lib.format", "numpy.lib.npyio"})
+
+
+class SandboxViolation(ImportError):
+    """A script used a route the Python-level guard forbids."""
+
+
+def guards_enabled(default: bool = True) -> bool:
+    raw = os.environ.get(GUARDS_ENV)
+    if raw is None or raw == "":
+        return default
+    return raw not in ("0", "false", "no", "off")
+
+
+def _bad_name(name: str) -> bool:
+    if name in BLOCKED_NAMES:
+        return True
+    return name.startswith("__") and name.endswith("__") and name not in ALLOWED_DUNDERS
+
+
+class _Checker(ast.NodeTransformer):
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def _fail(self, node: ast.AST, what: str) -> None:
+        err = SandboxViolation(f"{what} is not allowed in scripts")
+        err.lineno = getattr(node, "lineno", None)  # type: ignore[attr-defined]
+        raise err
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if _bad_name(node.attr):
+            self._fail(node, f"attribute {node.attr!r}")
+        self.generic_visit(node)
+        if isinstance(node.ctx, ast.Load):
+            call = ast.Call(func=ast.Name(id="__cs_getattr__", ctx=ast.Load()),
+                            args=[node.value, ast.Constant(node.attr)], keywords=[])
+            return ast.copy_location(call, node)
+        return node
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if _bad_name(node.id) and node.id != "__name__":
+            self._fail(node, f"name {node.id!r}")
+        return node
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if node.level:
+            self._fail(node, "relative import")
+        return node
+
+    def _check_def(self, node: ast.AST) -> ast.AST:
+        name = getattr(node, "name", "")
+        if _bad_name(name) and name not in ALLOWED_DUNDERS:
+            self._fail(node, f"definition {name!r}")
+        self.generic_visit(node)
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _check_def
+
+
+def compile_script(source: str, filename: str, guards: bool) -> types.CodeType:
+    """Compile once in the zygote; with guards the AST is checked and attribute loads rewritten."""
+    if not guards:
+        return compile(source, filename, "exec", dont_inherit=True)
+    tree = ast.parse(source, filename, "exec")
+    tree = _Checker(filename).visit(tree)
+    ast.fix_missing_locations(tree)
+    return compile(tree, filename, "exec", dont_inherit=True)
+
+
+def _root_allowed(name: str, allowed: frozenset[str]) -> bool:
+    if name in BLOCKED_SUBMODULES or any(name.startswith(b + ".") for b in BLOCKED_SUBMODULES):
+        return False
+    return name.split(".", 1)[0] in allowed
+
+
+def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
+    """The private __builtins__ dict for the script's module."""
+    allowed = frozenset(allowed_modules)
+    real_import = builtins.__import__
+    real_getattr = getattr
+
+    def check_module(mod: types.ModuleType, name: str | None) -> None:
+        modname = real_getattr(mod, "__name__", "?")
+        if not _root_allowed(modname, allowed):
+            raise SandboxViolation(f"access to module {modname!r} is not allowed")
+        if name is not None:
+            root = modname.split(".", 1)[0]
+            if name in BLOCKED_MODULE_ATTRS.get(root, ()) or _bad_name(name):
+                raise SandboxViolation(f"{modname}.{name} is not allowed in scripts")
+
+    def cs_getattr(obj: Any, name: str, *default: Any) -> Any:
+        if not isinstance(name, str):
+            raise TypeError("attribute name must be a string")
+        if _bad_name(name):
+            raise SandboxViolation(f"attribute {name!r} is not allowed in scripts")
+        if isinstance(obj, types.ModuleType):
+            check_module(obj, name)
+        try:
+            value = real_getattr(obj, name)
+        except AttributeError:
+            if default:
+                return default[0]
+            raise
+        if isinstance(value, types.ModuleType):
+            check_module(value, None)
+        return value
+
+    def cs_hasattr(obj: Any, name: str) -> bool:
+        try:
+            cs_getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+
+    def cs_setattr(obj: Any, name: str, value: Any) -> None:
+        if not isinstance(name, str) or _bad_name(name) or isinstance(obj, types.ModuleType | type):
+            raise SandboxViolation("setattr on this target is not allowed in scripts")
+        setattr(obj, name, value)
+
+    def cs_delattr(obj: Any, name: str) -> None:
+        if not isinstance(name, str) or _bad_name(name) or isinstance(obj, types.ModuleType | type):
+            raise SandboxViolation("delattr on this target is not allowed in scripts")
+        delattr(obj, name)
+
+    def cs_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (),
+                  level: int = 0) -> Any:
+        if level:
+            raise SandboxViolation("relative imports are not allowed")
+        if not isinstance(name, str) or not _root_allowed(name, allowed):
+            raise SandboxViolation(f"import of {name!r} is not allowed (allowed: {', '.join(sorted(allowed))})")
+        root = name.split(".", 1)[0]
+        for item in fromlist or ():
+            if not isinstance(item, str) or item == "*" or _bad_name(item) or \
+                    item in BLOCKED_MODULE_ATTRS.get(root, ()) or \
+                    not _root_allowed(f"{name}.{item}", allowed):
+                raise SandboxViolation(f"from {name} import {item} is not allowed")
+        mod = real_import(name, None, None, fromlist, 0)
+        if fromlist:
+            for item in fromlist:
+                value = real_getattr(mod, item, None)
+                if isinstance(value, types.ModuleType):
+                    check_module(value, None)
+        return mod
+
+    safe = {k: v for k, v in vars(builtins).items() if k not in REMOVED_BUILTINS}
+    safe.update({"__import__": cs_import, "getattr": cs_getattr, "hasattr": cs_hasattr,
+                 "setattr": cs_setattr, "delattr": cs_delattr, "__cs_getattr__": cs_getattr,
+                 "__name__": "builtins"})
+    return safe
+
+
+def preload(allowed_modules: Iterable[str]) -> list[str]:
+    """Import allowlisted modules in the zygote so children start warm; returns what loaded."""
+    import importlib
+
+    loaded = []
+    for name in sorted(allowed_modules):
+        try:
+            importlib.import_module(name)
+            loaded.append(name)
+        except Exception:
+            continue
+    return loaded

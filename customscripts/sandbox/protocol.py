@@ -1,0 +1,134 @@
+"""Pipe framing between supervisor, zygote and child.
+
+Why: the child is hostile, so everything it sends is length-prefixed JSON with a hard size cap, parsed
+by the supervisor without ever unpickling. Supervisor->child uses the same framing, plus one binary
+form for columnar read replies (market data, metrics): parsing 1,200 floats from JSON costs more
+than the whole rest of a small script, so numeric columns travel as raw float64 bytes that the child
+maps with numpy.frombuffer. Only the trusted side ever produces binary frames; the supervisor never
+parses anything but size-capped JSON from the child.
+Zygote<->supervisor control uses SOCK_SEQPACKET datagrams that can carry fds.
+
+Binary frame payload (after the usual 4-byte length): b"\0" + 4-byte JSON length + JSON + raw bytes.
+
+This module runs inside the sandbox too: stdlib only.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+from typing import Any
+
+HEADER = struct.Struct("!I")
+MAX_CONTROL_PACKET = 64 * 1024
+BINARY_TAG = b"\0"
+
+
+class ProtocolError(Exception):
+    """The peer broke framing (oversized frame, bad JSON, EOF mid-frame)."""
+
+
+class PeerClosed(ProtocolError):
+    """Clean EOF at a frame boundary."""
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def dumps(obj: Any, *, allow_nan: bool = False) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=allow_nan).encode()
+
+
+def send_frame(sock: socket.socket, obj: Any, *, allow_nan: bool = False) -> None:
+    data = dumps(obj, allow_nan=allow_nan)
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def send_raw_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def frame(obj: Any, *, allow_nan: bool = False) -> bytes:
+    """A complete JSON frame (header included), e.g. to cache and resend."""
+    data = dumps(obj, allow_nan=allow_nan)
+    return HEADER.pack(len(data)) + data
+
+
+def binary_frame(obj: Any, blob: bytes) -> bytes:
+    """A complete binary frame: JSON head (NaN allowed) + raw bytes. Trusted side -> child only."""
+    head = dumps(obj, allow_nan=True)
+    return HEADER.pack(1 + HEADER.size + len(head) + len(blob)) + BINARY_TAG + HEADER.pack(len(head)) + head + blob
+
+
+def split_binary(data: bytearray) -> tuple[Any, memoryview] | None:
+    """(JSON head, raw bytes) of a binary frame payload, or None if it is a plain JSON frame."""
+    if not data or data[0] != 0:
+        return None
+    (n,) = HEADER.unpack_from(data, 1)
+    start = 1 + HEADER.size
+    view = memoryview(data)
+    return json.loads(view[start:start + n].tobytes()), view[start + n:]
+
+
+def _recv_exact(sock: socket.socket, n: int, *, at_boundary: bool) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if not k:
+            if at_boundary and not got:
+                raise PeerClosed("peer closed")
+            raise ProtocolError("peer closed mid-frame")
+        got += k
+    return buf
+
+
+def recv_frame_bytes(sock: socket.socket, max_bytes: int) -> bytearray:
+    """One frame's payload (a fresh, writable buffer)."""
+    (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size, at_boundary=True))
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+    return _recv_exact(sock, length, at_boundary=False)
+
+
+def recv_frame(sock: socket.socket, max_bytes: int, *, allow_nan: bool = False) -> Any:
+    """Receive one JSON frame. With allow_nan=False, NaN/Infinity literals raise ProtocolError."""
+    data = recv_frame_bytes(sock, max_bytes)
+    try:
+        if allow_nan:
+            return json.loads(data)
+        return json.loads(data, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"bad frame: {exc}") from exc
+
+
+def send_packet(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
+    """One SEQPACKET message, optionally carrying fds (SCM_RIGHTS)."""
+    data = dumps(obj)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def recv_packet(sock: socket.socket, max_fds: int = 4) -> tuple[Any, list[int]]:
+    """Receive one SEQPACKET message and any fds it carries; raises PeerClosed on EOF."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(MAX_CONTROL_PACKET, socket.CMSG_SPACE(max_fds * fds.itemsize))
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+    if not msg and not fds:
+        raise PeerClosed("control peer closed")
+    try:
+        return json.loads(msg), list(fds)
+    except ValueError as exc:
+        for fd in fds:
+            import os
+
+            os.close(fd)
+        raise ProtocolError(f"bad control packet: {exc}") from exc

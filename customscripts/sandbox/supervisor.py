@@ -1,0 +1,619 @@
+"""The trusted supervisor: owns one warm zygote per script, hands each execution (or batch) to a fresh
+pre-forked child, answers the child's read calls from a DataSource, enforces the wall-clock timeout
+by SIGKILL (via pidfd) and turns what comes back into validated ExecutionResults.
+
+Why this shape: forking from a zygote that already imported numpy and compiled the script costs well
+under a millisecond, and pre-forking keeps even that off the request path. The only channel out of a
+child is its socketpair; everything it sends is size-capped JSON (never unpickled here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from customscripts import logs
+from customscripts.config import settings
+
+from . import bwrap, protocol
+from . import seccomp as seccomp_mod
+from .datasource import DataAccessError, DataDenied, DataSource, DependencyUnavailable
+from .imports import guards_enabled
+from .limits import SandboxLimits
+from .results import ExecutionResult, InvalidOutput, OutputValidator
+
+log = logs.get("customscripts.sandbox")
+
+THIRD_PARTY = ["numpy"]          # allowlisted heavy modules bound into the sandbox and preloaded
+ZYGOTE_START_TIMEOUT_S = 20.0
+EXIT_REPORT_TIMEOUT_S = 5.0
+MAX_CALLS_PER_ITEM = 1000
+MAX_MARKET_LIMIT = 5000
+ISOLATION_MODES = ("bwrap", "process")
+
+
+class IsolationUnavailable(RuntimeError):
+    """A configured isolation layer is missing; the message names the layer. Never run weaker."""
+
+    def __init__(self, layer: str, detail: str) -> None:
+        super().__init__(f"isolation layer {layer!r} unavailable: {detail}")
+        self.layer = layer
+
+
+@dataclass
+class ExecutionRequest:
+    instrument_key: str
+    timeframe: str
+    params: dict
+    timestamp: float
+    data: DataSource | None = None
+
+    def wire(self) -> dict:
+        return {"instrument_key": self.instrument_key, "timeframe": self.timeframe,
+                "params": self.params or {}, "timestamp": float(self.timestamp)}
+
+
+_BPF: bytes | None = None
+_BPF_LOCK = threading.Lock()
+
+
+def compiled_seccomp() -> bytes:
+    """The BPF program, compiled once per process."""
+    global _BPF
+    with _BPF_LOCK:
+        if _BPF is None:
+            try:
+                _BPF = seccomp_mod.compile_filter()
+            except seccomp_mod.SeccompUnavailable as exc:
+                raise IsolationUnavailable("seccomp", str(exc)) from exc
+        return _BPF
+
+
+class _Child:
+    __slots__ = ("pid", "pidfd", "sock")
+
+    def __init__(self, pid: int, sock: socket.socket, pidfd: int) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.pidfd = pidfd
+
+    def kill(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class _ExitInfo:
+    __slots__ = ("maxrss_kb", "status", "stime", "utime")
+
+    def __init__(self, msg: dict) -> None:
+        self.status = int(msg.get("status", 0))
+        self.utime = float(msg.get("utime", 0.0))
+        self.stime = float(msg.get("stime", 0.0))
+        self.maxrss_kb = int(msg.get("maxrss_kb", 0))
+
+    @property
+    def cpu_ms(self) -> float:
+        return round((self.utime + self.stime) * 1000, 3)
+
+    @property
+    def memory_mb(self) -> float:
+        return round(self.maxrss_kb / 1024, 2)
+
+
+class _Zygote:
+    """One zygote process plus the reader thread of its control socket."""
+
+    def __init__(self, *, source: str, filename: str, limits: SandboxLimits, isolation: str, guards: bool,
+                 bpf: bytes) -> None:
+        self.ready: queue.Queue[_Child] = queue.Queue()
+        self.exits: dict[int, _ExitInfo] = {}
+        self.waiters: dict[int, queue.Queue[_Child]] = {}
+        self.cond = threading.Condition()
+        self.alive = False
+        self.tmpdir: tempfile.TemporaryDirectory | None = None
+        parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ctl = parent_ctl
+        if isolation == "bwrap":
+            py = bwrap.zygote_argv(child_ctl.fileno(), sandbox=True)
+            argv = bwrap.build_argv(py, tmp_size_mb=limits.tmp_size_mb, third_party=THIRD_PARTY)
+            env = {"PATH": "/usr/bin:/bin"}
+            tmp_dir = "/tmp"
+        else:
+            argv = bwrap.zygote_argv(child_ctl.fileno(), sandbox=False)
+            self.tmpdir = tempfile.TemporaryDirectory(prefix="cs-sbx-")
+            tmp_dir = self.tmpdir.name
+            env = {"PATH": "/nonexistent", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                   "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmp_dir, "HOME": tmp_dir}
+        init = {"source": source, "filename": filename, "limits": limits.to_wire(), "guards": guards,
+                "bpf": bpf.hex(), "tmp_dir": tmp_dir}
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, pass_fds=(child_ctl.fileno(),), env=env,
+                                         close_fds=True, start_new_session=True)
+        except OSError as exc:
+            child_ctl.close()
+            parent_ctl.close()
+            raise IsolationUnavailable(isolation, f"cannot start zygote: {exc}") from exc
+        child_ctl.close()
+        self.stderr_tail: list[str] = []
+        threading.Thread(target=self._drain_stderr, name="sbx-zygote-stderr", daemon=True).start()
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(protocol.dumps(init))
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.ctl.settimeout(ZYGOTE_START_TIMEOUT_S)
+        try:
+            msg, _ = protocol.recv_packet(self.ctl)
+        except (OSError, protocol.ProtocolError) as exc:
+            self.kill()
+            detail = " | ".join(self.stderr_tail[-5:]) or str(exc)
+            layer = "bubblewrap" if isolation == "bwrap" else "process"
+            raise IsolationUnavailable(layer, f"zygote failed to start: {detail}") from exc
+        self.ctl.settimeout(None)
+        self.info = msg
+        if not msg.get("baseline_vm"):
+            # no /proc inside (root mode): measure the zygote's address space from the host side
+            zpid = bwrap.descendant_leaf(self.proc.pid) if isolation == "bwrap" else self.proc.pid
+            vm = bwrap.host_vm_bytes(zpid) if zpid else 0
+            self.info["baseline_vm"] = vm
+            if vm:
+                protocol.send_packet(self.ctl, {"op": "config", "baseline_vm": vm})
+        self.alive = True
+        threading.Thread(target=self._read_loop, name="sbx-zygote-ctl", daemon=True).start()
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()[:2000]
+            self.stderr_tail = ([*self.stderr_tail, line])[-50:]
+            logs.event(log, "zygote stderr", line=line)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                msg, fds = protocol.recv_packet(self.ctl)
+                op = msg.get("op")
+                if op == "spawned" and fds:
+                    child = _Child(int(msg["pid"]), socket.socket(fileno=fds[0]), fds[1] if len(fds) > 1 else -1)
+                    waiter = self.waiters.pop(int(msg.get("tag", 0)), None)
+                    (waiter or self.ready).put(child)
+                elif op == "exited":
+                    with self.cond:
+                        self.exits[int(msg["pid"])] = _ExitInfo(msg)
+                        if len(self.exits) > 10_000:  # never-collected entries (children closed unused)
+                            for pid in list(self.exits)[:5000]:
+                                self.exits.pop(pid, None)
+                        self.cond.notify_all()
+                else:
+                    for fd in fds:
+                        os.close(fd)
+        except (OSError, protocol.ProtocolError):
+            pass
+        finally:
+            with self.cond:
+                self.alive = False
+                self.cond.notify_all()
+
+    def request_spawn(self, tag: int = 0, cpu_s: float | None = None) -> None:
+        msg: dict[str, Any] = {"op": "spawn", "tag": tag}
+        if cpu_s is not None:
+            msg["cpu_s"] = cpu_s
+        protocol.send_packet(self.ctl, msg)
+
+    def spawn_now(self, tag: int, cpu_s: float, timeout: float = 10.0) -> _Child:
+        q: queue.Queue[_Child] = queue.Queue()
+        self.waiters[tag] = q
+        self.request_spawn(tag, cpu_s)
+        return q.get(timeout=timeout)
+
+    def wait_exit(self, pid: int, timeout: float = EXIT_REPORT_TIMEOUT_S) -> _ExitInfo | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while pid not in self.exits:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.alive:
+                    return None
+                self.cond.wait(left)
+            return self.exits.pop(pid)
+
+    def kill(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            protocol.send_packet(self.ctl, {"op": "exit"})
+        with contextlib.suppress(OSError):
+            self.ctl.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.ctl.close()
+        while True:
+            try:
+                self.ready.get_nowait().close()
+            except queue.Empty:
+                break
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        if self.tmpdir is not None:
+            with contextlib.suppress(OSError):
+                self.tmpdir.cleanup()
+
+
+class Supervisor:
+    """Runs one script in the sandbox, many times. Thread-safe (executions are serialised)."""
+
+    def __init__(self, source: str, *, output_schema: dict | None = None, limits: SandboxLimits | None = None,
+                 isolation: str | None = None, data: DataSource | None = None, filename: str = "script.py",
+                 prefork: int | None = None) -> None:
+        self.source = source
+        self.filename = filename
+        self.limits = limits or SandboxLimits.default()
+        self.isolation = isolation or settings().isolation_mode
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"unknown isolation mode {self.isolation!r}; use one of {ISOLATION_MODES}")
+        self.data = data
+        self.prefork = max(1, settings().sandbox_prefork if prefork is None else prefork)
+        self.guards = self.limits.py_guards and guards_enabled()
+        self.validator = OutputValidator(output_schema, self.limits.max_output_bytes)
+        self._lock = threading.RLock()
+        self._tag = 0
+        self._owed = 0
+        self._closed = False
+        self._check_layers()
+        self._bpf = compiled_seccomp()
+        self._zygote: _Zygote | None = None
+        self._start_zygote()
+        self.max_frame = self.limits.max_output_bytes + 2 * self.limits.max_log_bytes + 16 * 1024
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _check_layers(self) -> None:
+        if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+            raise IsolationUnavailable("pidfd", "kernel/Python without pidfd support")
+        if self.isolation == "bwrap":
+            try:
+                bwrap.find_bwrap()
+            except bwrap.BwrapUnavailable as exc:
+                raise IsolationUnavailable("bubblewrap", str(exc)) from exc
+
+    def _start_zygote(self) -> None:
+        self._owed = 0
+        self._zygote = _Zygote(source=self.source, filename=self.filename, limits=self.limits,
+                               isolation=self.isolation, guards=self.guards, bpf=self._bpf)
+        for _ in range(self.prefork):
+            self._zygote.request_spawn()
+        logs.event(log, "sandbox zygote ready", isolation=self.isolation, guards=self.guards,
+                   preloaded=self._zygote.info.get("preloaded"))
+
+    def _zyg(self) -> _Zygote:
+        if self._closed:
+            raise RuntimeError("supervisor is closed")
+        if self._zygote is None or not self._zygote.alive or self._zygote.proc.poll() is not None:
+            if self._zygote is not None:
+                logs.event(log, "sandbox zygote lost; restarting")
+                self._zygote.kill()
+            self._start_zygote()
+        assert self._zygote is not None
+        return self._zygote
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._zygote is not None:
+                self._zygote.kill()
+                self._zygote = None
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def zygote_info(self) -> dict:
+        return dict(self._zyg().info)
+
+    # -- execution -------------------------------------------------------------------------------
+    def execute(self, req: ExecutionRequest) -> ExecutionResult:
+        return self.execute_batch([req])[0]
+
+    def execute_batch(self, reqs: list[ExecutionRequest]) -> list[ExecutionResult]:
+        """All items run in one child (one principal), sequentially; each item has its own timeout."""
+        if not reqs:
+            return []
+        with self._lock:
+            results: list[ExecutionResult] = []
+            try:
+                while len(results) < len(reqs):
+                    rest = reqs[len(results):]
+                    child = self._take_child(len(rest))
+                    results.extend(self._drive(child, rest))
+            finally:
+                self._replenish()
+            return results
+
+    def _replenish(self) -> None:
+        zyg = self._zygote
+        while self._owed and zyg is not None and zyg.alive:
+            try:
+                zyg.request_spawn()
+            except OSError:
+                return
+            self._owed -= 1
+
+    def _take_child(self, n_items: int) -> _Child:
+        for attempt in range(2):
+            zyg = self._zyg()
+            try:
+                if n_items == 1:
+                    child = zyg.ready.get(timeout=10.0)
+                    self._owed += 1  # replenished after this execution, off the request path
+                else:
+                    self._tag += 1
+                    child = zyg.spawn_now(self._tag, float(self.limits.cpu_seconds) * n_items)
+                return child
+            except (queue.Empty, OSError):
+                if attempt:
+                    raise
+                zyg.alive = False  # force restart
+        raise RuntimeError("unreachable")
+
+    def _drive(self, child: _Child, reqs: list[ExecutionRequest]) -> list[ExecutionResult]:
+        """Run reqs in child until done or the child dies; returns results for the items it finished
+        (at least one: the item that timed out or crashed it)."""
+        zyg = self._zygote
+        assert zyg is not None
+        results: list[ExecutionResult] = []
+        timeout_s = self.limits.timeout_ms / 1000.0
+        sock = child.sock
+        failure: ExecutionResult | None = None
+        killed_by_us = False
+        item_cpu: list[float] = []
+        t_item = time.perf_counter()
+        deadline = t_item + timeout_s
+        data_failures: list[BaseException] = []
+        calls = 0
+        try:
+            sock.settimeout(timeout_s)
+            protocol.send_frame(sock, {"op": "run", "items": [r.wire() for r in reqs]}, allow_nan=True)
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                msg = protocol.recv_frame(sock, self.max_frame, allow_nan=True)
+                op = msg.get("op") if isinstance(msg, dict) else None
+                if op == "call":
+                    calls += 1
+                    if calls > MAX_CALLS_PER_ITEM:
+                        raise protocol.ProtocolError("too many data calls")
+                    t_call = time.perf_counter()
+                    reply = self._answer(msg, reqs[len(results)], data_failures)
+                    sock.settimeout(max(deadline - time.perf_counter(), 0.05) + 5)
+                    protocol.send_frame(sock, reply, allow_nan=True)
+                    deadline += time.perf_counter() - t_call  # data time is not the script's time
+                elif op == "item":
+                    now = time.perf_counter()
+                    req = reqs[len(results)]
+                    res = self._item_result(msg, req, data_failures)
+                    res.duration_ms = round((now - t_item) * 1000, 3)
+                    cpu = msg.get("cpu_ms")
+                    item_cpu.append(float(cpu) if isinstance(cpu, int | float) and cpu >= 0 else 0.0)
+                    results.append(res)
+                    data_failures = []
+                    calls = 0
+                    t_item = now
+                    deadline = now + timeout_s
+                    if len(results) == len(reqs):
+                        break  # the child sends "done" and exits; its exit report carries the rusage
+                else:
+                    raise protocol.ProtocolError(f"unexpected message {op!r}")
+        except TimeoutError:
+            child.kill()
+            killed_by_us = True
+            failure = ExecutionResult(status="timeout", error={
+                "type": "Timeout", "message": f"execution exceeded {self.limits.timeout_ms} ms and was killed",
+                "traceback": ""})
+        except protocol.PeerClosed:
+            failure = ExecutionResult(status="error", error={
+                "type": "SandboxError", "message": "sandboxed process exited without a result", "traceback": ""})
+        except protocol.ProtocolError as exc:
+            child.kill()
+            killed_by_us = True
+            text = str(exc)
+            status = "invalid_output" if "exceeds" in text else "error"
+            failure = ExecutionResult(status=status, error={
+                "type": "InvalidOutput" if status == "invalid_output" else "SandboxProtocolError",
+                "message": text[:500], "traceback": ""})
+        except OSError as exc:
+            child.kill()
+            killed_by_us = True
+            failure = ExecutionResult(status="error", error={
+                "type": "SandboxError", "message": f"sandbox channel failed: {exc}", "traceback": ""})
+        if failure is None:
+            # all items answered: the child must now say done and exit; anything else is killed
+            try:
+                sock.settimeout(min(timeout_s, 1.0))
+                done = protocol.recv_frame(sock, 1024)
+                if not (isinstance(done, dict) and done.get("op") == "done"):
+                    child.kill()
+            except (OSError, protocol.ProtocolError):
+                child.kill()
+        child.close()
+        info = zyg.wait_exit(child.pid)
+        if info is None:
+            zyg.alive = False  # zygote did not report: restart it on the next call
+        if failure is not None:
+            failure.duration_ms = round((time.perf_counter() - t_item) * 1000, 3)
+            if info is not None:
+                self._classify_death(failure, info, killed_by_us)
+            if data_failures and failure.status == "error":
+                self._apply_data_failure(failure, data_failures)
+            results.append(failure)
+            logs.event(log, "sandbox execution failed", status=failure.status,
+                       error=(failure.error or {}).get("message"))
+        if info is not None:
+            if len(results) == 1:
+                results[0].cpu_ms = info.cpu_ms
+            else:
+                for res, cpu in zip(results, item_cpu, strict=False):
+                    res.cpu_ms = round(min(cpu, info.cpu_ms), 3)
+                if failure is not None:
+                    failure.cpu_ms = round(max(info.cpu_ms - sum(item_cpu), 0.0), 3)
+            for res in results:
+                res.memory_mb = info.memory_mb
+        return results
+
+    def _classify_death(self, res: ExecutionResult, info: _ExitInfo, killed_by_us: bool) -> None:
+        st = info.status
+        if os.WIFSIGNALED(st):
+            sig = os.WTERMSIG(st)
+            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and not killed_by_us):
+                res.status = "timeout"
+                res.error = {"type": "Timeout", "message":
+                             f"CPU time limit of {self.limits.cpu_seconds} s exceeded", "traceback": ""}
+            elif not killed_by_us:
+                res.status = "error"
+                res.error = {"type": "SandboxCrash", "message":
+                             f"sandboxed process killed by signal {signal.Signals(sig).name} "
+                             "(memory limit or forbidden operation)", "traceback": ""}
+        elif os.WIFEXITED(st) and os.WEXITSTATUS(st) != 0 and res.status == "error":
+            res.error = {"type": "SandboxError",
+                         "message": f"sandboxed process exited with status {os.WEXITSTATUS(st)}", "traceback": ""}
+
+    # -- data calls ------------------------------------------------------------------------------
+    def _answer(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> dict:
+        source = req.data or self.data
+        fn = msg.get("fn")
+        args = msg.get("args")
+        if source is None:
+            return {"err": {"kind": "data_error", "message": "no data source configured"}}
+        if not isinstance(args, dict):
+            return {"err": {"kind": "data_error", "message": "invalid arguments"}}
+        try:
+            if fn == "market":
+                key, tf = _s(args.get("instrument_key"), 64), _s(args.get("timeframe"), 16)
+                limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
+                end = req.timestamp if end is None else min(end, req.timestamp)  # as-of: never later
+                return {"ok": source.get_market_data(key, tf, limit=limit, start=start, end=end)}
+            if fn == "metric":
+                key, name = _s(args.get("instrument_key"), 64), _s(args.get("name"), 64)
+                limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
+                end = req.timestamp if end is None else min(end, req.timestamp)
+                return {"ok": source.get_metric(key, name, limit=limit, start=start, end=end)}
+            if fn == "script_output":
+                sid, key = _s(args.get("script_id"), 128), _s(args.get("instrument_key"), 64)
+                tf = _s(args.get("timeframe"), 16)
+                params = args.get("params")
+                if params is not None and not isinstance(params, dict):
+                    raise ValueError("params must be an object")
+                history = args.get("history")
+                if history is not None:
+                    history = _limit(history)
+                return {"ok": source.get_script_output(sid, key, tf, params=params, history=history)}
+            raise ValueError(f"unknown read call {fn!r}")
+        except ValueError as exc:
+            return {"err": {"kind": "data_error", "message": f"invalid read call: {exc}"}}
+        except DependencyUnavailable as exc:
+            failures.append(exc)
+            return {"err": {"kind": "dependency_unavailable", "message": str(exc)}}
+        except DataDenied as exc:
+            failures.append(exc)
+            return {"err": {"kind": "denied", "message": str(exc) or "read denied"}}
+        except DataAccessError as exc:
+            failures.append(exc)
+            return {"err": {"kind": "data_error", "message": str(exc)}}
+        except Exception as exc:
+            logs.event(log, "data source failed", error=repr(exc))
+            failures.append(DataAccessError(f"data source failed: {type(exc).__name__}"))
+            return {"err": {"kind": "data_error", "message": "data source failed"}}
+
+    def _apply_data_failure(self, res: ExecutionResult, failures: list[BaseException]) -> None:
+        """The supervisor, not the child, decides: the data failure it saw explains the error."""
+        for exc in failures:
+            if isinstance(exc, DataDenied):
+                res.status = "denied"
+                res.error = {"type": "DataDenied", "message": str(exc) or "read denied",
+                             "traceback": (res.error or {}).get("traceback", "")}
+                return
+        for exc in failures:
+            if isinstance(exc, DependencyUnavailable):
+                res.status = "dependency_failed"
+                res.error = {"type": "DependencyUnavailable", "message": str(exc), "dependency": exc.script_id,
+                             "traceback": (res.error or {}).get("traceback", "")}
+                return
+        exc = failures[-1]
+        res.error = {"type": "DataAccessError", "message": str(exc),
+                     "traceback": (res.error or {}).get("traceback", "")}
+
+    def _item_result(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> ExecutionResult:
+        stdout = _bounded(msg.get("stdout"), self.limits.max_log_bytes)
+        stderr = _bounded(msg.get("stderr"), self.limits.max_log_bytes)
+        kind = msg.get("kind")
+        if kind == "ok":
+            try:
+                output = self.validator.validate(msg.get("value"), float(req.timestamp))
+            except InvalidOutput as exc:
+                return ExecutionResult(status="invalid_output", stdout=stdout, stderr=stderr, error={
+                    "type": "InvalidOutput", "message": str(exc), "traceback": ""})
+            return ExecutionResult(status="ok", output=output, stdout=stdout, stderr=stderr)
+        error = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+        error = {"type": _bounded(error.get("type"), 100) or "Error",
+                 "message": _bounded(error.get("message"), 2000),
+                 "traceback": _bounded(error.get("traceback"), 8000)}
+        status = "invalid_output" if kind == "invalid_output" else "error"
+        res = ExecutionResult(status=status, error=error, stdout=stdout, stderr=stderr)
+        if failures and status == "error":
+            self._apply_data_failure(res, failures)
+        return res
+
+
+def _bounded(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        return ""
+    return value if len(value) <= limit else value[:limit] + "...[truncated]"
+
+
+def _s(value: Any, maxlen: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > maxlen:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number")
+    return float(value)
+
+
+def _limit(value: Any) -> int:
+    if value is None:
+        return 200
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("limit must be a positive integer")
+    return min(value, MAX_MARKET_LIMIT)
+
+
+def python_executable() -> str:
+    return sys.executable

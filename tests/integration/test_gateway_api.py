@@ -1,0 +1,252 @@
+"""The data gateway over HTTP against the real stack: as-of bounds, tenant isolation, auth, closure, 429."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+import requests
+
+from customscripts.gateway.api import GatewayApi
+from customscripts.gateway.ratelimit import RateLimiter
+from customscripts.gateway.tokens import mint_execution_token
+from customscripts.http import LocalServer
+from customscripts.marketdata.loader import CsvRow, load_rows
+from customscripts.outputs import OutputRow, OutputStore, params_hash
+
+T0 = 1_600_000_000.0  # bars at T0, T0+60, ... (1m)
+N_BARS = 10
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    server = LocalServer(GatewayApi(stack).handle).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def data(stack, uid):
+    """A private instrument with N_BARS candles, a metric per bar, and outputs of one script in 2 tenants."""
+    instrument = f"T{uid}"
+    rows = [CsvRow(datetime.fromtimestamp(T0 + 60 * i, tz=UTC), str(100 + i), str(101 + i), str(99 + i),
+                   str(100.5 + i), str(1000 * (i + 1))) for i in range(N_BARS)]
+    with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
+        assert load_rows(conn, instrument, "1m", rows) == N_BARS
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO metrics (time, instrument_key, name, value, source) "
+                            "VALUES (%s, %s, 'test.m', %s, 'test')",
+                            [(r.time, instrument, float(i)) for i, r in enumerate(rows)])
+    from customscripts import db
+
+    store = OutputStore(db.pool(stack.pg_dsn))
+    script = f"dep-{uid}"
+    out = []
+    for tenant, base in ((f"ta-{uid}", 0.0), (f"tb-{uid}", 1000.0)):
+        for i in range(N_BARS):
+            out.append(OutputRow(time=T0 + 60 * i, tenant=tenant, instrument_key=instrument, timeframe="1m",
+                                 script_id=script, version=1, params_hash=params_hash({}),
+                                 value=base + i, metadata={"i": i}))
+    assert store.write_many(out) == 2 * N_BARS
+    return {"instrument": instrument, "script": script, "ta": f"ta-{uid}", "tb": f"tb-{uid}", "uid": uid}
+
+
+def _token(data, *, tenant=None, as_of=T0 + 60 * 4, deps=None, tier="enterprise", **kw):
+    return mint_execution_token(user=f"u-{data['uid']}", tenant=tenant or data["ta"],
+                                script_id=f"me-{data['uid']}", version=1,
+                                deps=[f"{data['script']}@1"] if deps is None else deps,
+                                as_of=as_of, tier=tier, **kw)
+
+
+def _get(gateway, path, token, **params):
+    return requests.get(gateway.url + path, params=params, headers={"Authorization": f"Bearer {token}"},
+                        timeout=10)
+
+
+# ------------------------------------------------------------------ as-of: no lookahead
+
+
+def test_market_reads_never_pass_the_as_of_time(gateway, data):
+    token = _token(data, as_of=T0 + 60 * 4 + 30)  # between bar 4 and bar 5
+    body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m").json()
+    assert body["columns"]["time"] == [T0 + 60 * i for i in range(5)]
+    assert body["columns"]["close"] == [100.5 + i for i in range(5)]
+    # an explicit end in the future is clamped to as-of; start/limit still apply
+    body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m",
+                start=T0 + 60, end=T0 + 10_000, limit=2).json()
+    assert body["columns"]["time"] == [T0 + 60, T0 + 120]
+    body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m",
+                limit=2).json()
+    assert body["columns"]["time"] == [T0 + 180, T0 + 240]
+
+
+def test_metric_reads_never_pass_the_as_of_time(gateway, data):
+    token = _token(data, as_of=T0 + 60 * 2)
+    body = _get(gateway, "/data/metrics", token, instrument_key=data["instrument"], name="test.m").json()
+    assert body["columns"] == {"time": [T0, T0 + 60, T0 + 120], "value": [0.0, 1.0, 2.0]}
+
+
+def test_output_reads_never_pass_the_as_of_time(gateway, data):
+    token = _token(data, as_of=T0 + 60 * 6 + 59)
+    path = f"/data/scripts/{data['script']}"
+    latest = _get(gateway, f"{path}/latest", token, instrument_key=data["instrument"], timeframe="1m").json()
+    assert (latest["value"], latest["timestamp"], latest["metadata"]) == (6.0, T0 + 360, {"i": 6})
+    hist = _get(gateway, f"{path}/history", token, instrument_key=data["instrument"], timeframe="1m").json()
+    assert hist["columns"]["time"] == [T0 + 60 * i for i in range(7)]
+    early = _token(data, as_of=T0 - 1)
+    resp = _get(gateway, f"{path}/latest", early, instrument_key=data["instrument"], timeframe="1m")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_output"
+
+
+# ------------------------------------------------------------------ tenants and closure
+
+
+def test_a_tenant_never_reads_another_tenants_outputs(gateway, data):
+    path = f"/data/scripts/{data['script']}/latest"
+    key = {"instrument_key": data["instrument"], "timeframe": "1m"}
+    a = _get(gateway, path, _token(data, tenant=data["ta"]), **key)
+    b = _get(gateway, path, _token(data, tenant=data["tb"]), **key)
+    assert (a.json()["value"], b.json()["value"]) == (4.0, 1004.0)
+    other = _get(gateway, path, _token(data, tenant=f"tc-{data['uid']}"), instrument_key=data["instrument"],
+                 timeframe="1m")
+    assert other.status_code == 404  # same script id, no outputs in this tenant
+    hist = _get(gateway, f"/data/scripts/{data['script']}/history", _token(data, tenant=data["tb"]),
+                instrument_key=data["instrument"], timeframe="1m").json()
+    assert all(v >= 1000 for v in hist["columns"]["value"])
+
+
+def test_a_script_outside_the_dependency_closure_is_403(gateway, data):
+    token = _token(data, deps=[])
+    resp = _get(gateway, f"/data/scripts/{data['script']}/latest", token, instrument_key=data["instrument"],
+                timeframe="1m")
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_a_dependency"
+    pinned_other_version = _token(data, deps=[f"{data['script']}@2"])
+    resp = _get(gateway, f"/data/scripts/{data['script']}/latest", pinned_other_version,
+                instrument_key=data["instrument"], timeframe="1m")
+    assert resp.status_code == 404  # in the closure, but version 2 has no output
+
+
+def test_params_select_the_output_series(gateway, data):
+    token = _token(data)
+    path = f"/data/scripts/{data['script']}/latest"
+    ok = _get(gateway, path, token, instrument_key=data["instrument"], timeframe="1m", params="{}")
+    assert ok.status_code == 200
+    ok = _get(gateway, path, token, instrument_key=data["instrument"], timeframe="1m",
+              params_hash=params_hash({}))
+    assert ok.status_code == 200
+    other = _get(gateway, path, token, instrument_key=data["instrument"], timeframe="1m", params='{"n": 3}')
+    assert other.status_code == 404
+
+
+# ------------------------------------------------------------------ authentication and validation
+
+
+def test_expired_tampered_or_missing_tokens_are_401(gateway, data):
+    expired = _token(data, ttl_s=5, now=time.time() - 60)
+    header, payload, sig = _token(data).split(".")
+    tampered = f"{header}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{sig}"
+    for token in (expired, tampered, "garbage"):
+        resp = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m")
+        assert resp.status_code == 401, token
+    resp = requests.get(gateway.url + "/data/market", params={"instrument_key": "X", "timeframe": "1m"},
+                        timeout=5)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "missing_token"
+
+
+@pytest.mark.parametrize(("params", "status"), [
+    ({"timeframe": "1m"}, 400),
+    ({"instrument_key": "../x", "timeframe": "1m"}, 422),
+    ({"instrument_key": "X", "timeframe": "1minute"}, 422),
+    ({"instrument_key": "X", "timeframe": "1m", "limit": "abc"}, 400),
+    ({"instrument_key": "X", "timeframe": "1m", "limit": "0"}, 422),
+    ({"instrument_key": "X", "timeframe": "1m", "limit": "100000"}, 422),
+    ({"instrument_key": "X", "timeframe": "1m", "start": "yesterday"}, 400),
+    ({"instrument_key": "X", "timeframe": "1m", "start": "nan"}, 422),
+    ({"instrument_key": "X", "timeframe": "1m", "start": str(T0 + 1e6)}, 422),
+    ({"instrument_key": "X", "timeframe": "1m", "colour": "red"}, 400),
+])
+def test_bad_parameters_get_a_clear_4xx(gateway, data, params, status):
+    resp = _get(gateway, "/data/market", _token(data), **params)
+    assert resp.status_code == status
+    assert resp.json()["error"]["message"]
+
+
+def test_bad_output_parameters(gateway, data):
+    path = f"/data/scripts/{data['script']}/latest"
+    base = {"instrument_key": data["instrument"], "timeframe": "1m"}
+    assert _get(gateway, path, _token(data), **base, params="[1]").status_code == 422
+    assert _get(gateway, path, _token(data), **base, params="{bad").status_code == 400
+    assert _get(gateway, path, _token(data), **base, params_hash="ZZ").status_code == 422
+    assert _get(gateway, "/data/scripts/Bad..Id/latest", _token(data), **base).status_code == 422
+
+
+def test_unknown_instrument_is_an_empty_series(gateway, data):
+    body = _get(gateway, "/data/market", _token(data), instrument_key=f"none{data['uid']}",
+                timeframe="1m").json()
+    assert body["columns"] == {k: [] for k in ("time", "open", "high", "low", "close", "volume")}
+
+
+def test_healthz(gateway):
+    resp = requests.get(gateway.url + "/healthz", timeout=5)
+    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+
+
+# ------------------------------------------------------------------ rate limits
+
+
+def _tiny(stack, rate_per_minute: int, burst: int):
+    base = stack.tiers["pro"]
+    tier = dataclasses.replace(base, name="tiny", rate_per_minute=rate_per_minute, burst=burst)
+    return dataclasses.replace(stack, tiers={**stack.tiers, "tiny": tier})
+
+
+def test_burst_gets_429_with_retry_after_and_recovers_when_the_clock_moves(stack, data):
+    cfg = _tiny(stack, rate_per_minute=60, burst=2)  # one token a second
+    clock = [1_000_000.0]
+    server = LocalServer(GatewayApi(cfg, limiter=RateLimiter(cfg, clock=lambda: clock[0])).handle).start()
+    try:
+        token = _token(data, tier="tiny")
+        params = {"instrument_key": data["instrument"], "timeframe": "1m", "limit": 1}
+        assert [_get(server, "/data/market", token, **params).status_code for _ in range(2)] == [200, 200]
+        over = _get(server, "/data/market", token, **params)
+        assert over.status_code == 429 and over.headers["Retry-After"] == "1"
+        assert over.json()["error"]["code"] == "rate_limited"
+        clock[0] += 0.5
+        assert _get(server, "/data/market", token, **params).status_code == 429  # half a token
+        clock[0] += 0.5
+        assert _get(server, "/data/market", token, **params).status_code == 200
+        assert _get(server, "/data/market", token, **params).status_code == 429
+    finally:
+        server.stop()
+
+
+def test_the_per_script_bucket_caps_many_users_of_one_script(stack, uid):
+    cfg = _tiny(stack, rate_per_minute=60, burst=1)  # script bucket: 10x the user bucket
+    limiter = RateLimiter(cfg, clock=lambda: 5_000_000.0)
+
+    def allowed(user: str, script: str) -> bool:
+        return limiter.check(tenant=f"t-{uid}", user=user, script_id=script, tier_name="tiny").allowed
+
+    assert [allowed(f"user{i}", f"s-{uid}") for i in range(11)] == [True] * 10 + [False]
+    assert allowed("user0", f"other-{uid}") is False  # user0's own bucket is empty
+    assert allowed("fresh", f"other-{uid}") is True
+
+
+def test_limit_recovers_with_the_real_clock(stack, data):
+    cfg = _tiny(stack, rate_per_minute=60, burst=1)
+    server = LocalServer(GatewayApi(cfg).handle).start()
+    try:
+        token = _token(data, tier="tiny")
+        params = {"instrument_key": data["instrument"], "timeframe": "1m", "limit": 1}
+        statuses = [_get(server, "/data/market", token, **params).status_code for _ in range(3)]
+        assert statuses[0] == 200 and 429 in statuses
+        deadline = time.monotonic() + 30  # a bound for a hung stack, not a timing assertion
+        while (resp := _get(server, "/data/market", token, **params)).status_code == 429:
+            assert time.monotonic() < deadline, "rate limit never recovered"
+            time.sleep(min(float(resp.headers["Retry-After"]), 0.2))
+        assert resp.status_code == 200
+    finally:
+        server.stop()

@@ -1,0 +1,148 @@
+"""GatewayClient against the real gateway over HTTP: retries transient failures, then fails clearly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from customscripts.gateway.api import GatewayApi
+from customscripts.gateway.client import GatewayClient
+from customscripts.gateway.tokens import mint_execution_token
+from customscripts.http import LocalServer, json_response
+from customscripts.marketdata.loader import load_sample_data
+from customscripts.sandbox.datasource import DataAccessError, DataDenied, DataSource, DependencyUnavailable
+
+
+class Counting:
+    """The real gateway handler, counting requests, optionally answering the first few with a fault."""
+
+    def __init__(self, api: GatewayApi, faults: list[dict] | None = None) -> None:
+        self.api, self.faults, self.calls = api, list(faults or []), 0
+
+    def __call__(self, event, context):
+        self.calls += 1
+        if self.faults:
+            return self.faults.pop(0)
+        return self.api.handle(event, context)
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    load_sample_data(stack, echo=lambda _msg: None)
+    return GatewayApi(stack)
+
+
+@pytest.fixture
+def token(uid):
+    return mint_execution_token(user=f"u-{uid}", tenant=f"t-{uid}", script_id=f"s-{uid}", version=1,
+                                deps=[f"dep-{uid}@1"], as_of=time.time(), tier="enterprise")
+
+
+def stop_like_a_crash(server: LocalServer) -> None:
+    """Stop listening AND drop open keep-alive connections, as a dying process would.
+
+    LocalServer.stop() only closes the listening socket; waitress keeps serving established channels,
+    so the closing is done inside waitress's loop thread (its trigger runs thunks there).
+    """
+    waitress = server.server
+    dropped = threading.Event()
+
+    def close_channels() -> None:
+        for channel in list(waitress._map.values()):
+            if channel is not waitress and channel is not waitress.trigger:
+                channel.close()
+        dropped.set()
+
+    waitress.trigger.pull_trigger(close_channels)
+    assert dropped.wait(10)
+    server.stop()
+
+
+def _client(url: str, token: str, sleeps: list[float], **kw) -> GatewayClient:
+    return GatewayClient(url, token, sleep=sleeps.append, **kw)
+
+
+def test_client_satisfies_the_sandbox_datasource_protocol(token):
+    assert isinstance(GatewayClient("http://127.0.0.1:9", token), DataSource)
+
+
+def test_reads_market_data_metrics_and_missing_outputs(api, token, uid):
+    server = LocalServer(Counting(api)).start()
+    try:
+        with GatewayClient(server.url, token) as client:
+            bars = client.get_market_data("GOOG", "1d", limit=200)
+            assert len(bars["columns"]["close"]) == 200 and bars["columns"]["time"][-1] == 1362096000.0
+            metric = client.get_metric("GOOG", "derived.return_1", limit=5)
+            assert len(metric["columns"]["value"]) == 5
+            with pytest.raises(DependencyUnavailable) as err:
+                client.get_script_output(f"dep-{uid}", "GOOG", "1d")
+            assert err.value.script_id == f"dep-{uid}"
+            with pytest.raises(DataDenied):
+                client.get_script_output(f"stranger-{uid}", "GOOG", "1d")
+            with pytest.raises(ValueError, match="invalid_timeframe"):
+                client.get_market_data("GOOG", "daily")
+    finally:
+        server.stop()
+
+
+def test_transient_failures_are_retried_then_succeed(api, token):
+    unavailable = json_response({"error": {"code": "unavailable", "message": "restarting"}}, 503)
+    limited = json_response({"error": {"code": "rate_limited", "message": "slow down"}}, 429,
+                            {"Retry-After": "30"})
+    handler = Counting(api, faults=[unavailable, limited])
+    server = LocalServer(handler).start()
+    sleeps: list[float] = []
+    try:
+        client = _client(server.url, token, sleeps, retry_after_cap_s=0.25)
+        bars = client.get_market_data("GOOG", "1d", limit=10)
+        assert len(bars["columns"]["time"]) == 10
+        assert handler.calls == 3 and client.retries == 2
+        assert 0 < sleeps[0] <= client.backoff_s and sleeps[1] == 0.25  # backoff, then Retry-After capped
+    finally:
+        server.stop()
+
+
+def test_gateway_stopped_mid_run_is_retried_then_reported_clearly(api, token):
+    handler = Counting(api)
+    server = LocalServer(handler).start()
+    sleeps: list[float] = []
+    client = _client(server.url, token, sleeps, attempts=4, backoff_s=0.01)
+    assert len(client.get_market_data("GOOG", "1d", limit=5)["columns"]["time"]) == 5  # the run starts fine
+    stop_like_a_crash(server)  # ... then the gateway goes away
+    before = client.requests_sent
+    with pytest.raises(DataAccessError) as err:
+        client.get_market_data("GOOG", "1d", limit=5)
+    message = str(err.value)
+    assert server.url in message and "get_market_data('GOOG', '1d')" in message and "4 attempts" in message
+    assert client.requests_sent - before == 4 and len(sleeps) == 3
+    assert all(0.01 * 2**i / 2 <= s <= 0.01 * 2**i for i, s in enumerate(sleeps))  # exponential + jitter
+    assert handler.calls == 1  # nothing reached the stopped server
+
+
+def test_gateway_answering_503_forever_fails_after_bounded_attempts(api, token):
+    fault = json_response({"error": {"code": "unavailable", "message": "down"}}, 503)
+    handler = Counting(api, faults=[fault] * 10)
+    server = LocalServer(handler).start()
+    sleeps: list[float] = []
+    try:
+        client = _client(server.url, token, sleeps, attempts=3)
+        with pytest.raises(DataAccessError, match="503 unavailable: down"):
+            client.get_metric("GOOG", "derived.return_1")
+        assert handler.calls == 3 and len(sleeps) == 2
+    finally:
+        server.stop()
+
+
+def test_server_errors_are_not_retried(api, token):
+    bug = json_response({"error": {"code": "internal_error", "message": "bug"}}, 500)
+    handler = Counting(api, faults=[bug])
+    server = LocalServer(handler).start()
+    try:
+        client = _client(server.url, token, [])
+        with pytest.raises(DataAccessError, match="internal_error"):
+            client.get_market_data("GOOG", "1d")
+        assert handler.calls == 1
+    finally:
+        server.stop()

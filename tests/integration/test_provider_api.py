@@ -1,0 +1,312 @@
+"""The local provider driven with the exact REST calls faas-cli makes (docs/openfaas.md §4.3, §5).
+
+A small python3-http echo function is built from a tmp template through `render_context`, deployed
+with PUT -> 404 -> POST, listed, described, invoked (path/query mapping, X-Call-Id), invoked async
+with a callback to a loopback LocalServer, cold-started, idle-stopped, crash-restarted and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from customscripts.config import settings
+from customscripts.faas import build
+from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
+from customscripts.faas.provider import Provider
+from customscripts.http import Event, LocalServer
+
+ECHO_HANDLER = '''
+import json, os, time
+
+def handle(event, context):
+    if event.path == "/crash":
+        os._exit(3)
+    if event.path == "/sleep":
+        time.sleep(float(event.query.get("s", "1")))
+    here = os.path.dirname(__file__)
+    secrets_dir = os.environ.get("CS_SECRETS_DIR", "")
+    secret_file = os.path.join(secrets_dir, "invocation-secret")
+    return {"statusCode": int(event.query.get("status", 200)), "headers": {"X-Echo": "yes"}, "body": {
+        "pid": os.getpid(), "method": event.method, "path": event.path, "query": dict(event.query),
+        "body": event.body.decode(), "call_id": event.headers.get("X-Call-Id"),
+        "start_time": event.headers.get("X-Start-Time"), "hostname": context.hostname,
+        "secret": open(secret_file).read() if os.path.exists(secret_file) else None,
+        "secret_env": os.environ.get("CS_INVOCATION_SECRET"),
+        "gateway_url": os.environ.get("CS_GATEWAY_URL"), "cwd": os.getcwd(),
+        "script": os.path.exists(os.path.join(here, "script.py")),
+    }}
+'''
+
+AUTH = ("admin", "test-password")
+
+
+def make_template(root: Path) -> Path:
+    tpl = root / "template"
+    (tpl / "function").mkdir(parents=True)
+    (tpl / "Dockerfile").write_text("FROM python:3.12-alpine\n")
+    (tpl / "index.py").write_text("# python3-http index.py stand-in\n")
+    (tpl / "requirements.txt").write_text("flask\nwaitress\n")
+    (tpl / "template.yml").write_text("language: python3-http\nfprocess: python index.py\n")
+    (tpl / "function" / "handler.py").write_text(ECHO_HANDLER)
+    return tpl
+
+
+def version_spec(tpl: Path, functions: Path, script_id: str, version: int) -> dict:
+    """Render a version's context and return its FunctionDeployment body."""
+    code = f"def run(ctx):\n    return {version}\n"
+    result = build.render_context(script_id, version, code, {"script_id": script_id, "version": version},
+                                  template_dir=tpl, functions_dir=functions, copy=())
+    return build.deployment(script_id, version, owner_id="u1", tenant="t1", code_hash=result.code_sha256,
+                            tier="pro", template_dir=tpl, gateway_url="http://gw.test",
+                            context_hash=result.context_sha256)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Provider, OpenFaaSClient, Path, Path]]:
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    provider = Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=60,
+                        user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s3cret"}).start()
+    client = OpenFaaSClient(provider.url, *AUTH)
+    try:
+        yield provider, client, tpl, functions
+    finally:
+        client.close()
+        provider.stop()
+
+
+def test_faas_cli_flow(env) -> None:
+    provider, client, tpl, functions = env
+    spec = version_spec(tpl, functions, "echo", 1)
+    base = provider.url
+    # faas-cli deploy: PUT first ...
+    put = requests.put(f"{base}/system/functions", json=spec, auth=AUTH)
+    assert put.status_code == 404
+    # ... then POST on 404
+    post = requests.post(f"{base}/system/functions", json=spec, auth=AUTH)
+    assert post.status_code == 202
+    # creating an existing name fails like faas-netes (500); updating it is a PUT (202)
+    assert requests.post(f"{base}/system/functions", json=spec, auth=AUTH).status_code == 500
+    assert requests.put(f"{base}/system/functions", json=spec, auth=AUTH).status_code == 202
+    assert client.deploy(spec) == 202
+
+    # faas-cli list / describe
+    listed = requests.get(f"{base}/system/functions", auth=AUTH).json()
+    assert [f["name"] for f in listed] == ["cs-echo-v1"]
+    status = requests.get(f"{base}/system/function/cs-echo-v1", params={"namespace": "", "usage": "1"},
+                          auth=AUTH).json()
+    for key in ("name", "image", "envProcess", "labels", "annotations", "limits", "replicas",
+                "availableReplicas", "invocationCount", "createdAt", "readOnlyRootFilesystem", "envVars"):
+        assert key in status, key
+    assert status["image"] == spec["image"] and status["labels"] == spec["labels"]
+    assert status["availableReplicas"] == 0  # not started until the first call
+    assert status["namespace"] == "openfaas-fn"
+
+    # faas-cli invoke: path + query mapping, X-Call-Id generated and returned
+    resp = requests.post(f"{base}/function/cs-echo-v1/a/b?x=1&y=2", data=b"hello")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["path"] == "/a/b" and body["query"] == {"x": "1", "y": "2"}
+    assert body["body"] == "hello" and body["method"] == "POST"
+    assert resp.headers["X-Call-Id"] == body["call_id"] and len(body["call_id"]) == 36
+    assert resp.headers["X-Start-Time"] == body["start_time"]
+    assert resp.headers["X-Echo"] == "yes" and resp.headers["Content-Type"] == "application/json"
+    assert "X-Duration-Seconds" in resp.headers
+    # a bare /function/<name> arrives as "/", a caller's X-Call-Id is kept, namespace suffix accepted
+    resp = requests.get(f"{base}/function/cs-echo-v1.openfaas-fn", headers={"X-Call-Id": "my-call-1"})
+    assert resp.json()["path"] == "/" and resp.json()["call_id"] == "my-call-1"
+    assert resp.headers["X-Call-Id"] == "my-call-1"
+    # the function's own status passes through
+    assert requests.get(f"{base}/function/cs-echo-v1?status=418").status_code == 418
+    # deployment env, secrets as files only, cwd = the build context, script next to the handler
+    body = client.invoke("cs-echo-v1", b"").json()
+    assert body["secret"] == "s3cret" and body["secret_env"] is None
+    assert body["gateway_url"] == "http://gw.test"
+    assert Path(body["cwd"]) == (functions / "cs-echo-v1").resolve()
+    assert body["script"] is True
+    assert client.describe("cs-echo-v1")["availableReplicas"] == 1
+    assert client.describe("cs-echo-v1")["invocationCount"] == 4
+
+    # faas-cli remove
+    delete = requests.delete(f"{base}/system/functions", json={"functionName": "cs-echo-v1", "namespace": ""},
+                             auth=AUTH)
+    assert delete.status_code == 202
+    assert requests.delete(f"{base}/system/functions", json={"functionName": "cs-echo-v1"},
+                           auth=AUTH).status_code == 404
+    assert requests.get(f"{base}/system/function/cs-echo-v1", auth=AUTH).status_code == 404
+    assert requests.post(f"{base}/function/cs-echo-v1").status_code == 404
+    assert provider.running() == []
+    with pytest.raises(FunctionNotFound):
+        client.invoke("cs-echo-v1")
+    with pytest.raises(FunctionNotFound):
+        client.describe("cs-echo-v1")
+    with pytest.raises(FunctionNotFound):
+        client.delete("cs-echo-v1")
+
+
+def test_async_invoke_with_callback(env) -> None:
+    provider, client, tpl, functions = env
+    client.deploy(version_spec(tpl, functions, "echo", 1))
+    received: queue.Queue = queue.Queue()
+
+    def callback(event: Event, context) -> dict:
+        received.put((dict(event.headers), event.body, event.path))
+        return {"statusCode": 200, "body": ""}
+
+    server = LocalServer(callback).start()
+    try:
+        call_id = client.invoke_async("cs-echo-v1", b"later", callback_url=f"{server.url}/done", path="/p/q")
+        assert call_id
+        headers, body, path = received.get(timeout=20)
+        assert path == "/done"
+        assert headers["X-Call-Id"] == call_id
+        assert headers["X-Function-Status"] == "200"
+        assert headers["X-Function-Name"] == "cs-echo-v1"
+        assert float(headers["X-Duration-Seconds"]) > 0
+        result = json.loads(body)
+        assert result["body"] == "later" and result["path"] == "/p/q" and result["call_id"] == call_id
+    finally:
+        server.stop()
+    # raw: 202 + X-Call-Id, even without a callback; bad callback URL is 400; unknown function 404
+    resp = requests.post(f"{provider.url}/async-function/cs-echo-v1", data=b"x")
+    assert resp.status_code == 202 and resp.headers["X-Call-Id"]
+    resp = requests.post(f"{provider.url}/async-function/cs-echo-v1", headers={"X-Callback-Url": "nope"})
+    assert resp.status_code == 400
+    assert requests.post(f"{provider.url}/async-function/nope").status_code == 404
+    assert requests.get(f"{provider.url}/async-function/cs-echo-v1").status_code == 405
+
+
+def test_auth_and_validation(env) -> None:
+    provider, client, tpl, functions = env
+    base = provider.url
+    spec = version_spec(tpl, functions, "echo", 1)
+    assert requests.get(f"{base}/system/functions").status_code == 401
+    assert requests.get(f"{base}/system/functions", auth=("admin", "wrong")).status_code == 401
+    assert requests.get(f"{base}/system/info").status_code == 401
+    assert requests.get(f"{base}/healthz").status_code == 200
+    info = client.info()
+    assert info["provider"]["provider"] == "customscripts-local"
+    assert info["provider"]["orchestration"] == "process"
+    assert client.healthz()
+
+    def post(body: object, raw: bytes | None = None) -> int:
+        data = raw if raw is not None else json.dumps(body).encode()
+        return requests.post(f"{base}/system/functions", data=data, auth=AUTH).status_code
+
+    assert post(None, b"{not json") == 400
+    assert post([1, 2]) == 400
+    assert post({**spec, "service": "Bad_Name"}) == 400
+    assert post({**spec, "service": "x" * 64}) == 400
+    assert post({**spec, "image": ""}) == 400
+    assert post({**spec, "namespace": "other"}) == 400
+    assert post({**spec, "envVars": {"A": 1}}) == 400
+    assert post({**spec, "secrets": ["no-such-secret"]}) == 400
+    assert post({**spec, "labels": {"a": "x" * 64}}) == 400
+    assert post({**spec, "service": "cs-missing-v1"}) == 400  # no build context for it
+    assert requests.delete(f"{base}/system/functions", json={}, auth=AUTH).status_code == 400
+    assert client.list() == []
+    with pytest.raises(FaasError) as err:
+        client.deploy({**spec, "service": "Bad"})
+    assert err.value.status == 400
+
+
+def test_cold_start_idle_stop_and_crash_restart(tmp_path: Path) -> None:
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=0.6,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        client.deploy(version_spec(tpl, functions, "echo", 1))
+        assert provider.running() == []
+        started = time.perf_counter()
+        pid1 = client.invoke("cs-echo-v1").json()["pid"]
+        cold = time.perf_counter() - started
+        print(f"cold start {cold * 1000:.0f} ms")
+        assert provider.running() == ["cs-echo-v1"]
+        assert client.invoke("cs-echo-v1").json()["pid"] == pid1  # warm
+        # idle stop after function_idle_s without calls
+        deadline = time.monotonic() + 10
+        while provider.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert provider.running() == []
+        assert client.describe("cs-echo-v1")["availableReplicas"] == 0
+        pid2 = client.invoke("cs-echo-v1").json()["pid"]
+        assert pid2 != pid1
+        # a crash answers 500 for that call, and the next call restarts the function
+        assert client.invoke("cs-echo-v1", path="/crash").status == 500
+        pid3 = client.invoke("cs-echo-v1").json()["pid"]
+        assert pid3 != pid2
+        # a long call is not idle-stopped while in flight
+        assert client.invoke("cs-echo-v1", path="/sleep", params={"s": "1.2"}).status == 200
+        client.close()
+
+
+def test_update_restarts_and_state_survives_restart(tmp_path: Path) -> None:
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    kwargs = dict(state_dir=tmp_path / "state", functions_dir=functions, idle_s=60, user=AUTH[0],
+                  password=AUTH[1], secrets={"invocation-secret": "s"})
+    with Provider("127.0.0.1", 0, **kwargs) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        spec = version_spec(tpl, functions, "echo", 1)
+        client.deploy(spec)
+        pid1 = client.invoke("cs-echo-v1").json()["pid"]
+        client.deploy(spec)  # unchanged spec: keeps running
+        assert client.invoke("cs-echo-v1").json()["pid"] == pid1
+        client.deploy({**spec, "envVars": {**spec["envVars"], "CS_GATEWAY_URL": "http://other"}})
+        body = client.invoke("cs-echo-v1").json()
+        assert body["pid"] != pid1 and body["gateway_url"] == "http://other"
+        client.close()
+    assert (tmp_path / "state" / "provider" / "functions.json").is_file()
+    with Provider("127.0.0.1", 0, **kwargs) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        assert [f["name"] for f in client.list()] == ["cs-echo-v1"]
+        assert client.describe("cs-echo-v1")["invocationCount"] == 3
+        assert client.invoke("cs-echo-v1").json()["gateway_url"] == "http://other"
+        client.close()
+
+
+def test_platform_function_from_handler_folder(tmp_path: Path) -> None:
+    """registry-fn / gateway-fn style: a bare handler folder, deployed from a stack.yml."""
+    handler_dir = tmp_path / "hello-fn"
+    handler_dir.mkdir()
+    (handler_dir / "handler.py").write_text(ECHO_HANDLER)
+    (tmp_path / "stack.yml").write_text(
+        "version: 1.0\nprovider:\n  name: openfaas\n  gateway: http://127.0.0.1:8080\n"
+        "functions:\n  hello-fn:\n    lang: python3-http\n    handler: ./hello-fn\n"
+        "    image: ${PREFIX:-local}/hello-fn:latest\n    environment:\n      CS_GATEWAY_URL: http://g\n"
+        "    secrets: [invocation-secret]\n    readonly_root_filesystem: true\n"
+    )
+    bodies = build.stack_deployments(tmp_path / "stack.yml", environ={})
+    assert bodies[0]["image"] == "local/hello-fn:latest"
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=tmp_path / "functions",
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        for body in bodies:
+            client.deploy(body)
+        result = client.invoke("hello-fn", b"hi", path="/x").json()
+        assert result["path"] == "/x" and result["gateway_url"] == "http://g" and result["secret"] == "s"
+        client.close()
+
+
+def test_round_trip_latency(env) -> None:
+    """Prints p50/p99 of a provider round trip to a warm echo function (figures, not assertions)."""
+    _provider, client, tpl, functions = env
+    client.deploy(version_spec(tpl, functions, "echo", 1))
+    client.invoke("cs-echo-v1")
+    samples = []
+    for _ in range(2000):
+        started = time.perf_counter()
+        client.invoke("cs-echo-v1", b"x")
+        samples.append(time.perf_counter() - started)
+    samples.sort()
+    print(f"provider round trip over 2000 calls: p50 {samples[1000] * 1000:.2f} ms "
+          f"p99 {samples[1980] * 1000:.2f} ms")
+    assert settings() is not None

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import pytest
+
+from customscripts.realtime.waves import CycleError, waves
+
+
+def test_chain_runs_in_dependency_order():
+    assert waves(["c"], {"c": ["b"], "b": ["a"]}) == [["a"], ["b"], ["c"]]
+
+
+def test_independent_nodes_share_a_wave_and_diamond_joins_last():
+    order = waves(["d", "x"], {"d": ["b", "c"], "b": ["a"], "c": ["a"]})
+    assert order == [["a", "x"], ["b", "c"], ["d"]]
+
+
+def test_dependencies_are_added_transitively():
+    assert waves(["z"], {"z": ["y"], "y": ["w"]}) == [["w"], ["y"], ["z"]]
+
+
+def test_cycle_is_reported_with_its_members():
+    with pytest.raises(CycleError) as err:
+        waves(["a"], {"a": ["b"], "b": ["c"], "c": ["a"]})
+    assert err.value.members == ["a", "b", "c"]
