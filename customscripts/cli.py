@@ -45,6 +45,18 @@ def _provider(args: argparse.Namespace) -> int:
     return provider.main(args.provider_args)
 
 
+def _scheduler(args: argparse.Namespace) -> int:
+    from customscripts.realtime.scheduler import run_scheduler
+
+    return int(run_scheduler(args.scheduler_args) or 0)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from customscripts.demo import run_demo
+
+    return run_demo()
+
+
 def _load_data(args: argparse.Namespace) -> int:
     from customscripts.marketdata.loader import load_sample_data
 
@@ -64,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_down)
     sub.add_parser("status", help="health of each local service").set_defaults(func=_status)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
+    sub.add_parser("demo", help="bring the stack up and run the example scripts on real sample data").set_defaults(
+        func=_demo)
     sub.add_parser("load-data", help="load the sample market data and derived metrics (idempotent)").set_defaults(
         func=_load_data)
+    p = sub.add_parser("scheduler", help="run a realtime scheduler replica in the foreground")
+    p.add_argument("scheduler_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_scheduler)
     p = sub.add_parser("provider", help="run the local OpenFaaS-compatible provider in the foreground")
     p.add_argument("provider_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_provider)
@@ -80,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logs.setup()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    passthrough = {"test": "pytest_args", "scheduler": "scheduler_args", "provider": "provider_args"}
+    if args.command in passthrough:  # everything after the command belongs to the wrapped tool
+        setattr(args, passthrough[args.command], [*extra, *(getattr(args, passthrough[args.command]) or [])])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

@@ -33,6 +33,10 @@ class Tier:
     max_subscriptions: int
     function_memory: str  # OpenFaaS limits.memory for this tier's script functions
     function_cpu: str
+    # Realtime evaluations read through their own bucket (execution tokens minted by the scheduler
+    # carry `rt`): their volume is bounded by max_subscriptions x events, not by a person clicking.
+    realtime_rate_per_minute: int = 0
+    realtime_burst: int = 0
 
 
 BASE_MODULES = frozenset(
@@ -72,6 +76,8 @@ DEFAULT_TIERS: dict[str, dict] = {
         "max_subscriptions": 0,
         "function_memory": "128Mi",
         "function_cpu": "100m",
+        "realtime_rate_per_minute": 0,
+        "realtime_burst": 0,
     },
     "pro": {
         "features": [CUSTOM_SCRIPTS_FEATURE],
@@ -85,6 +91,8 @@ DEFAULT_TIERS: dict[str, dict] = {
         "max_subscriptions": 2000,
         "function_memory": "256Mi",
         "function_cpu": "500m",
+        "realtime_rate_per_minute": 1_200_000,
+        "realtime_burst": 60_000,
     },
     "enterprise": {
         "features": [CUSTOM_SCRIPTS_FEATURE, "marketplace_publish"],
@@ -98,6 +106,8 @@ DEFAULT_TIERS: dict[str, dict] = {
         "max_subscriptions": 20000,
         "function_memory": "512Mi",
         "function_cpu": "1000m",
+        "realtime_rate_per_minute": 6_000_000,
+        "realtime_burst": 300_000,
     },
 }
 
@@ -109,6 +119,11 @@ def _env(name: str, default: str) -> str:
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return int(raw) if raw not in (None, "") else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
 
 
 def _load_tiers() -> dict[str, Tier]:
@@ -128,6 +143,8 @@ def _load_tiers() -> dict[str, Tier]:
             max_subscriptions=int(spec.get("max_subscriptions", 0)),
             function_memory=str(spec.get("function_memory", "256Mi")),
             function_cpu=str(spec.get("function_cpu", "500m")),
+            realtime_rate_per_minute=int(spec.get("realtime_rate_per_minute", 0)),
+            realtime_burst=int(spec.get("realtime_burst", 0)),
         )
         for name, spec in table.items()
     }
@@ -208,6 +225,18 @@ class Settings:
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
     function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
     image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
+
+    # Realtime scheduler (customscripts.realtime.scheduler)
+    scheduler_durable: str = field(default_factory=lambda: _env("CS_SCHEDULER_DURABLE", "cs-scheduler"))
+    scheduler_fetch_batch: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_FETCH_BATCH", 500))
+    scheduler_fetch_wait_s: float = field(default_factory=lambda: _env_float("CS_SCHEDULER_FETCH_WAIT_S", 0.02))
+    scheduler_ack_wait_s: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_ACK_WAIT_S", 30))
+    scheduler_max_deliver: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_MAX_DELIVER", -1))
+    scheduler_workers: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_WORKERS", 8))
+    scheduler_max_items: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_MAX_ITEMS", 1000))
+    scheduler_metrics_port: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_METRICS_PORT", 0))
+    scheduler_timer_subject: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMER_SUBJECT", "cs.timer"))
+    scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
 
     tiers: dict[str, Tier] = field(default_factory=_load_tiers)
 

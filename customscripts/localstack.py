@@ -79,6 +79,7 @@ class Service:
     ready: Callable[[Settings], bool]
     prepare: Callable[[Settings, Path], None] | None = None
     run_as: str | None = None  # system user the process must run as (PostgreSQL refuses root)
+    optional: bool = False  # started only when named in `up(only=...)` (e.g. the realtime scheduler)
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -245,6 +246,24 @@ def _provider_ready(cfg: Settings) -> bool:
         return False
 
 
+def _scheduler_port(cfg: Settings) -> int:
+    return cfg.scheduler_metrics_port or 9464
+
+
+def _scheduler_start(cfg: Settings, data: Path) -> list[str]:
+    return [sys.executable, "-m", "customscripts.realtime.scheduler", "--metrics-port", str(_scheduler_port(cfg))]
+
+
+def _scheduler_ready(cfg: Settings) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{_scheduler_port(cfg)}/metrics", timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 INFRA = ("postgres", "redis", "nats", "s3")
 
 
@@ -255,6 +274,8 @@ def services(cfg: Settings) -> list[Service]:
         Service("nats", cfg.nats_port, _nats_start, _nats_ready),
         Service("s3", int(cfg.s3_endpoint.rsplit(":", 1)[1]), _s3_start, _s3_ready),
         Service("provider", cfg.provider_port, _provider_start, _provider_ready),
+        # the realtime scheduler: `customscripts up --only scheduler` (not part of a plain `up`)
+        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True),
     ]
 
 
@@ -374,7 +395,7 @@ def up(cfg: Settings | None = None, only: set[str] | None = None) -> None:
     ensure_packages()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     for svc in services(cfg):
-        if only is None or svc.name in only:
+        if (only is None and not svc.optional) or (only is not None and svc.name in only):
             start_service(cfg, svc)
         if svc.name == "postgres" and (only is None or "postgres" in only):
             bootstrap_database(cfg)
@@ -395,7 +416,10 @@ def status(cfg: Settings | None = None) -> dict[str, dict[str, object]]:
     cfg = cfg or settings()
     report: dict[str, dict[str, object]] = {}
     for svc in services(cfg):
-        report[svc.name] = {"port": svc.port, "pid": running_pid(cfg, svc.name), "healthy": svc.ready(cfg)}
+        pid = running_pid(cfg, svc.name)
+        if svc.optional and pid is None:
+            continue  # an optional service that is not running is not unhealthy
+        report[svc.name] = {"port": svc.port, "pid": pid, "healthy": svc.ready(cfg)}
     return report
 
 

@@ -135,7 +135,7 @@ class GatewayApi:
         if self.cfg.tier(claims.tier) is None:
             raise Forbidden(f"unknown tier {claims.tier!r}", code="unknown_tier")
         self.limiter.enforce(tenant=claims.tenant, user=claims.user, script_id=claims.script_id,
-                             tier_name=claims.tier)
+                             tier_name=claims.tier, realtime=claims.realtime)
         return claims
 
     def _query(self, sql: str, args: list[Any], binary: bool = False) -> list[tuple[Any, ...]]:

@@ -6,6 +6,11 @@ both have one, so a refused read consumes nothing. Buckets are sized by the call
 SCRIPT_FACTOR times larger so one hot shared script cannot starve the tenant, yet no single user gets
 past their own tier. The clock is Redis's own (TIME) unless the caller passes one, which keeps several
 gateway replicas consistent and lets tests drive time explicitly.
+
+Realtime evaluations (execution tokens minted by the scheduler, claim `rt`) use separate buckets sized
+by the tier's `realtime_rate_per_minute`/`realtime_burst`: their volume is bounded by the user's
+subscriptions (`max_subscriptions`) times the event rate, and must neither starve the user's
+interactive reads nor be starved by them.
 """
 
 from __future__ import annotations
@@ -82,17 +87,22 @@ class RateLimiter:
         self.clock = clock
         self._script = self.redis.register_script(_LUA)
 
-    def check(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int = 1) -> Decision:
+    def check(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int = 1,
+              realtime: bool = False) -> Decision:
         tier: Tier | None = self.cfg.tier(tier_name)
         if tier is None:
             raise Forbidden(f"unknown tier {tier_name!r}", code="unknown_tier")
-        if tier.rate_per_minute <= 0 or tier.burst <= 0:
-            raise TooManyRequests(f"tier {tier_name!r} has no data-gateway allowance", code="rate_limited",
+        per_minute, burst = ((tier.realtime_rate_per_minute, tier.realtime_burst) if realtime
+                             else (tier.rate_per_minute, tier.burst))
+        if per_minute <= 0 or burst <= 0:
+            kind = "realtime " if realtime else ""
+            raise TooManyRequests(f"tier {tier_name!r} has no {kind}data-gateway allowance", code="rate_limited",
                                   headers={"Retry-After": "3600"})
-        rate = tier.rate_per_minute / 60.0
-        keys = [f"{KEY_PREFIX}:user:{tenant}:{user}", f"{KEY_PREFIX}:script:{tenant}:{script_id}"]
+        rate = per_minute / 60.0
+        prefix = f"{KEY_PREFIX}:rt" if realtime else KEY_PREFIX
+        keys = [f"{prefix}:user:{tenant}:{user}", f"{prefix}:script:{tenant}:{script_id}"]
         now = "" if self.clock is None else repr(float(self.clock()))
-        args = [now, cost, rate, tier.burst, rate * SCRIPT_FACTOR, tier.burst * SCRIPT_FACTOR]
+        args = [now, cost, rate, burst, rate * SCRIPT_FACTOR, burst * SCRIPT_FACTOR]
         try:
             allowed, wait_ms = self._script(keys=keys, args=args)
         except redis.RedisError as exc:  # fail closed but retryable: no unmetered reads

@@ -42,6 +42,7 @@ class ExecutionClaims:
     tier: str
     exp: float
     call_id: str | None = None
+    realtime: bool = False  # minted by the scheduler: metered against the tier's realtime budget
 
     def readable_versions(self, script_id: str) -> list[int] | None:
         """Versions of `script_id` this execution may read; raises LookupError when it may read none.
@@ -78,7 +79,7 @@ def _dep(entry: str) -> str:
 
 def mint_execution_token(*, user: str, tenant: str, script_id: str, version: int, deps: Iterable[str],
                          as_of: float, tier: str, ttl_s: int | None = None, call_id: str | None = None,
-                         cfg: Settings | None = None, now: float | None = None) -> str:
+                         cfg: Settings | None = None, now: float | None = None, realtime: bool = False) -> str:
     """Sign the scope of one execution; `deps` is the transitive dependency closure it may read."""
     cfg = cfg or settings()
     issued = time.time() if now is None else now
@@ -98,6 +99,8 @@ def mint_execution_token(*, user: str, tenant: str, script_id: str, version: int
     }
     if call_id:
         claims["cid"] = call_id
+    if realtime:
+        claims["rt"] = True
     return jwt.encode(claims, _key(cfg), algorithm="HS256")
 
 
@@ -126,6 +129,7 @@ def verify_execution_token(token: str | None, cfg: Settings | None = None) -> Ex
             tier=str(claims["tier"]),
             exp=float(claims["exp"]),
             call_id=claims.get("cid"),
+            realtime=claims.get("rt") is True,
         )
     except Exception as exc:  # malformed claims under a valid signature: still not usable
         raise Unauthorized(f"invalid execution token claims: {exc}", code="invalid_token") from None

@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from customscripts import logs
+from customscripts import ids, logs
 from customscripts.auth import Principal, principal_from_request
-from customscripts.errors import ServiceUnavailable, Unprocessable
+from customscripts.errors import BadRequest, ServiceUnavailable, Unprocessable
+from customscripts.execution import ExecuteBody, ExecutionResponse
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
 from customscripts.permissions import tier_of
 from customscripts.registry.models import (
@@ -161,6 +162,56 @@ def subscribe(req: Request) -> Response:
     return json_response(body, 201 if created else 200)
 
 
+@route("POST", "/scripts/{script_id}/execute")
+def execute(req: Request) -> Response:
+    from customscripts.execution import default_executor
+
+    principal = _caller(req)
+    result = default_executor().execute(principal, req.params["script_id"], req.json_object(), req.call_id)
+    return json_response(result)
+
+
+@route("POST", "/scripts/{script_id}/subscribe")
+def subscribe_realtime(req: Request) -> Response:
+    from customscripts.realtime.service import default_service
+
+    principal = _caller(req)
+    body = default_service().subscribe(principal, req.params["script_id"], req.json_object(), req.call_id)
+    return json_response(body, 201 if body["created"] else 200)
+
+
+@route("DELETE", "/scripts/{script_id}/subscriptions/{subscription_id}")
+def unsubscribe_realtime(req: Request) -> Response:
+    from customscripts.realtime.service import default_service
+
+    principal = _caller(req)
+    default_service().unsubscribe(principal, req.params["script_id"], req.params["subscription_id"], req.call_id)
+    return {"statusCode": 204, "body": "", "headers": {}}
+
+
+@route("GET", "/subscriptions")
+def list_subscriptions(req: Request) -> Response:
+    from customscripts.realtime.service import default_service
+
+    principal = _caller(req)
+    unknown = sorted(set(req.query) - {"script_id"})
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
+    script_filter = req.query.get("script_id")
+    if script_filter is not None:  # present means a filter: an empty or malformed one is a 422
+        ids.script_id(script_filter)
+    return json_response({"subscriptions": default_service().list(principal, script_filter)})
+
+
+@route("GET", "/signals/{instrument_key}/custom/{script_id}")
+def custom_signal(req: Request) -> Response:
+    from customscripts.realtime.service import default_service
+
+    principal = _caller(req)
+    return json_response(default_service().signal(principal, req.params["instrument_key"],
+                                                  req.params["script_id"], req.query))
+
+
 # ----------------------------------------------------------------- OpenAPI
 
 _SCRIPT_ID_PARAM = {
@@ -178,7 +229,8 @@ _ERRORS = {
     "401": "Missing, malformed, expired or badly signed bearer token.",
     "403": "Tier without `custom_scripts`, not the owner, not entitled, or over the tier's script cap.",
     "404": "Unknown script, or another tenant's private script (existence is not revealed).",
-    "409": "Script id taken, or a published version would be overwritten.",
+    "409": "Script id taken, a published version would be overwritten, or nothing published yet.",
+    "502": "The script's function could not be reached or answered malformed data.",
     "413": f"Body over 1 MiB or source over {MAX_SOURCE_BYTES} bytes.",
     "422": "Invalid ids, schemas, syntax (line/column given), missing run(ctx), bad depends_on, cycles.",
     "503": "Storage (PostgreSQL or S3) temporarily unavailable; retry after `Retry-After` seconds.",
@@ -208,10 +260,13 @@ def _operation(op_id: str, summary: str, ok: dict[str, dict], *, params: list | 
 
 @functools.cache
 def openapi() -> dict[str, Any]:
+    from customscripts.realtime.service import SignalView, SubscribeBody, SubscriptionList, SubscriptionView
+
     _, defs = models_json_schema(
-        [(m, "validation" if m in (DraftCreate, DraftUpdate) else "serialization")
+        [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody) else "serialization")
          for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, PublishResult, VersionList, Subscription,
-                   ErrorBody)],
+                   ErrorBody, ExecuteBody, ExecutionResponse, SubscribeBody, SubscriptionView, SubscriptionList,
+                   SignalView)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
@@ -249,6 +304,15 @@ def openapi() -> dict[str, Any]:
         "/scripts/{script_id}/versions/{version}": {"get": _operation(
             "getVersion", "One version's meta; source only for the owner.",
             {"200": _json("ScriptView", "Version metadata.")}, params=[_SCRIPT_ID_PARAM, _VERSION_PARAM])},
+        "/scripts/{script_id}/execute": {"post": _operation(
+            "execute",
+            "Run a published version once (the latest unless `version` is given) and answer in the "
+            "indicator shape. Permissions and tier are checked first (403, nothing runs), then the "
+            "dependency closure, then `params` against the version's input_schema (422). The answer is "
+            "200 whenever the script ran; its `status` is ok, error, timeout, invalid_output or "
+            "dependency_failed. `store: true` also writes an ok output to the script's history.",
+            {"200": _json("ExecutionResponse", "The execution's status, output and metrics.")},
+            params=sid, body="ExecuteBody", errors=("400", "401", "403", "404", "409", "422", "502"))},
         "/scripts/{script_id}/marketplace/subscribe": {"post": _operation(
             "subscribe", "Subscribe (from any tenant) to a marketplace-listed script; it then runs in the "
             "subscriber's tenant, without its source being visible.",
@@ -256,6 +320,7 @@ def openapi() -> dict[str, Any]:
              "200": _json("Subscription", "Already subscribed.")},
             params=sid)},
     }
+    paths.update(_realtime_paths(sid))
     return {
         "openapi": "3.1.0",
         "info": {"title": "customscripts registry", "version": "1.0.0",
@@ -267,4 +332,52 @@ def openapi() -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
+    }
+
+
+def _realtime_paths(sid: list[dict[str, Any]]) -> dict[str, Any]:
+    sub_id = {"name": "subscription_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,18}$"}, "description": "Subscription id."}
+    instrument = {"name": "instrument_key", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:|-]{0,63}$"}}
+
+    def q(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+    deleted = _operation("unsubscribe", "Delete one of the caller's realtime subscriptions.",
+                         {"204": {"description": "Deleted; nothing more is evaluated for it."}},
+                         params=[*sid, sub_id])
+    return {
+        "/scripts/{script_id}/subscribe": {"post": _operation(
+            "subscribeRealtime",
+            "Evaluate a published version (the latest unless `version` is given; pinned) on every candle "
+            "close of `instrument_key`/`timeframe`, with `params`. Checked like execute — tier, visibility "
+            "(404), permission on the version and its whole dependency closure (403), params against the "
+            "input_schema (422) — plus the tier's `max_subscriptions` (403 subscription_quota_exceeded) and "
+            "the function budget (409). Dependencies are evaluated for the same events with params `{}`. "
+            "Permissions are checked again on every evaluation: a lost entitlement makes that evaluation "
+            "`denied` and nothing is published. Subscribing twice answers 200 with the existing one.",
+            {"201": _json("SubscriptionView", "Subscribed."),
+             "200": _json("SubscriptionView", "Already subscribed (claims snapshot refreshed).")},
+            params=sid, body="SubscribeBody", errors=("400", "401", "403", "404", "409", "422"))},
+        "/scripts/{script_id}/subscriptions/{subscription_id}": {"delete": deleted},
+        "/subscriptions": {"get": _operation(
+            "listSubscriptions", "The caller's realtime subscriptions, optionally for one script.",
+            {"200": _json("SubscriptionList", "Subscriptions in creation order.")},
+            params=[q("script_id", _SCRIPT_ID_PARAM["schema"], "Only this script's subscriptions.")],
+            errors=("400", "401", "403", "422"))},
+        "/signals/{instrument_key}/custom/{script_id}": {"get": _operation(
+            "customSignal",
+            "A custom script's latest realtime value, exactly like a built-in indicator (from Redis), for "
+            "users entitled to the script, in the caller's own tenant only. `history=N` (or start/end) adds "
+            "the stored history from TimescaleDB, columnar.",
+            {"200": _json("SignalView", "Latest value (and history).")},
+            params=[instrument, *sid,
+                    q("timeframe", {"type": "string"}, "Candle timeframe, e.g. 1d.", required=True),
+                    q("params", {"type": "string"}, "Params as a JSON object (hashed like the subscription)."),
+                    q("params_hash", {"type": "string", "pattern": "^[0-9a-f]{1,64}$"}, "Or the params hash."),
+                    q("history", {"type": "integer", "minimum": 1, "maximum": 5000}, "Also the last N outputs."),
+                    q("start", {"type": "number"}, "History from (epoch s)."),
+                    q("end", {"type": "number"}, "History until (epoch s).")],
+            errors=("400", "401", "403", "404", "422"))},
     }

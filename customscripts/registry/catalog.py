@@ -194,10 +194,14 @@ class Catalog:
 
     def audit(self, *, action: str, script_id: str, version: int | None, user_id: str, tenant: str,
               status: str, call_id: str | None = None, detail: str | None = None,
+              params_hash: str | None = None, output_hash: str | None = None,
+              duration_ms: float | None = None, cpu_ms: float | None = None, memory_mb: float | None = None,
               conn: psycopg.Connection | None = None) -> None:
         with self._conn(conn) as c:
             c.execute(
-                "INSERT INTO audit (call_id, script_id, version, user_id, tenant, action, status, detail)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (call_id, script_id, version, user_id, tenant, action, status, detail),
+                "INSERT INTO audit (call_id, script_id, version, user_id, tenant, action, status, detail,"
+                " params_hash, output_hash, duration_ms, cpu_ms, memory_mb)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (call_id, script_id, version, user_id, tenant, action, status, detail, params_hash, output_hash,
+                 duration_ms, cpu_ms, memory_mb),
             )

@@ -124,6 +124,9 @@ class ScriptMeta(BaseModel):
     status: Status
     code_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     limits: Limits | None = None
+    # The owner's tier when the version was published: it sizes the version's function (limits,
+    # allowed modules) whoever runs it, so a subscriber's tier never changes the sandbox.
+    tier: GroupId | None = None
 
     def content_key(self) -> str:
         """A stable fingerprint of code + behaviour-defining metadata (for unchanged publishes)."""

@@ -104,7 +104,7 @@ class RegistryService:
             name=body.name, description=body.description, runtime_mode=body.runtime_mode,
             permissions=body.permissions, input_schema=body.input_schema, output_schema=body.output_schema,
             depends_on=body.depends_on, created_at=stamp, updated_at=stamp, status="draft",
-            code_sha256=_code_sha(body.source), limits=body.limits,
+            code_sha256=_code_sha(body.source), limits=body.limits, tier=principal.tier,
         )
         self._validate(principal, script_id, body.source, meta)
         with self.catalog.transaction() as conn:
@@ -158,7 +158,7 @@ class RegistryService:
             number = max([row.latest_version or 0, *stored]) + 1
             stamp = now()
             meta = draft.model_copy(update={"version": number, "status": "published", "created_at": stamp,
-                                            "updated_at": stamp})
+                                            "updated_at": stamp, "tier": principal.tier})
             meta = ScriptMeta.model_validate(meta.model_dump())
             self.store.put_version(meta, source)
             self.catalog.insert_version(conn, meta, hashlib.sha256(meta.to_json_bytes()).hexdigest())

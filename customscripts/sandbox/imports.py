@@ -1,7 +1,8 @@
 """Python-level guards (layer c): import allowlist and blocked introspection routes.
 
 Why: defence in depth only. The OS layers (bubblewrap, seccomp, rlimits) must contain a script even
-with this layer switched off (CS_SANDBOX_PY_GUARDS=0, tests only). What this layer adds: clean,
+with this layer switched off (settings().sandbox_py_guards / CS_SANDBOX_PY_GUARDS=0, or
+SandboxLimits.py_guards=False; tests only - the supervisor decides and passes the flag in). What this layer adds: clean,
 early errors for obviously hostile scripts, and no casual route to interpreter internals that would
 let a script tamper with the runtime that frames its results.
 
@@ -20,12 +21,9 @@ from __future__ import annotations
 
 import ast
 import builtins
-import os
 import types
 from collections.abc import Iterable
 from typing import Any
-
-GUARDS_ENV = "CS_SANDBOX_PY_GUARDS"
 
 ALLOWED_DUNDERS = frozenset({"__init__", "__name__", "__doc__", "__len__", "__call__", "__iter__",
                              "__next__", "__getitem__", "__setitem__", "__contains__", "__repr__",
@@ -57,13 +55,6 @@ BLOCKED_SUBMODULES = frozenset({"numpy.ctypeslib", "numpy.f2py", "numpy.distutil
 
 class SandboxViolation(ImportError):
     """A script used a route the Python-level guard forbids."""
-
-
-def guards_enabled(default: bool = True) -> bool:
-    raw = os.environ.get(GUARDS_ENV)
-    if raw is None or raw == "":
-        return default
-    return raw not in ("0", "false", "no", "off")
 
 
 def _bad_name(name: str) -> bool:
@@ -119,6 +110,22 @@ def compile_script(source: str, filename: str, guards: bool) -> types.CodeType:
     tree = _Checker(filename).visit(tree)
     ast.fix_missing_locations(tree)
     return compile(tree, filename, "exec", dont_inherit=True)
+
+
+def imported_roots(source: str) -> list[str]:
+    """Top-level names of the modules a script imports (absolute imports), for warming; [] if it does
+    not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".", 1)[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".", 1)[0])
+    return sorted(names)
 
 
 def _root_allowed(name: str, allowed: frozenset[str]) -> bool:

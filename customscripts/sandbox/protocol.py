@@ -23,6 +23,10 @@ from typing import Any
 
 HEADER = struct.Struct("!I")
 MAX_CONTROL_PACKET = 64 * 1024
+# the two control packets sent once per execution are fixed binary structs (less work in the zygote,
+# whose every write after a fork is a copy-on-write fault); everything else is JSON
+SPAWN = struct.Struct("=cId")      # b"S", tag, cpu seconds          supervisor -> zygote
+SPAWNED = struct.Struct("=cIi")    # b"P", tag, pid (+ fds)           zygote -> supervisor
 BINARY_TAG = b"\0"
 
 
@@ -124,6 +128,9 @@ def recv_packet(sock: socket.socket, max_fds: int = 4) -> tuple[Any, list[int]]:
             fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
     if not msg and not fds:
         raise PeerClosed("control peer closed")
+    if len(msg) == SPAWNED.size and msg[:1] == b"P":
+        _, tag, pid = SPAWNED.unpack(msg)
+        return {"op": "spawned", "tag": tag, "pid": pid}, list(fds)
     try:
         return json.loads(msg), list(fds)
     except ValueError as exc:

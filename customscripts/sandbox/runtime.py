@@ -7,10 +7,14 @@ error messages (trimmed tracebacks, clear types) and bounded logs. Stdlib + nump
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import resource
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -20,6 +24,7 @@ from typing import Any
 from . import protocol
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # supervisor -> child data replies
+MAX_TMP_ENTRIES = 100_000  # a /tmp left with more than this is not wiped entry by entry: the zygote restarts
 
 
 class DataError(Exception):
@@ -77,16 +82,30 @@ class BoundedWriter(io.TextIOBase):
         return text
 
 
+def _f64_columns(spec: Any, blob: memoryview) -> dict:
+    """numpy views over a binary reply's raw float64 columns (writable: the buffer is ours)."""
+    import numpy as np
+
+    cols = {}
+    off = 0
+    for name, n in spec:
+        cols[name] = np.frombuffer(blob, dtype=np.float64, count=n, offset=off)
+        off += 8 * n
+    return cols
+
+
 class Bars:
     """Columnar market data: bars.close, bars["close"], len(bars); columns are numpy arrays."""
 
-    def __init__(self, payload: dict) -> None:
-        import numpy as np
-
+    def __init__(self, payload: dict, columns: dict | None = None) -> None:
         self.instrument_key = payload.get("instrument_key")
         self.timeframe = payload.get("timeframe")
-        cols = payload.get("columns") or {}
-        self.columns = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+        if columns is None:
+            import numpy as np
+
+            cols = payload.get("columns") or {}
+            columns = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+        self.columns = columns
 
     def __getattr__(self, name: str) -> Any:
         cols = self.__dict__.get("columns", {})
@@ -111,16 +130,27 @@ class Bars:
 
 
 class _Channel:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | None) -> None:
         self.sock = sock
 
-    def call(self, fn: str, args: dict) -> Any:
+    def call(self, fn: str, args: dict) -> tuple[Any, dict | None]:
+        """(payload, numpy columns of a binary reply or None)."""
+        assert self.sock is not None
         protocol.send_frame(self.sock, {"op": "call", "fn": fn, "args": args})
-        reply = protocol.recv_frame(self.sock, MAX_REPLY_BYTES)
+        return self.decode(protocol.recv_frame_bytes(self.sock, MAX_REPLY_BYTES))
+
+    @staticmethod
+    def decode(data: bytearray) -> tuple[Any, dict | None]:
+        split = protocol.split_binary(data)  # the supervisor is trusted: binary columns are fine here
+        if split is None:
+            reply, cols = json.loads(data), None
+        else:
+            reply, blob = split
+            cols = _f64_columns(reply.get("f64") or (), blob)
         if "err" in reply:
             err = reply["err"]
             raise _ERRORS.get(err.get("kind"), DataAccessError)(err.get("message", "data error"))
-        return reply.get("ok")
+        return reply.get("ok"), cols
 
 
 class Context:
@@ -135,24 +165,24 @@ class Context:
 
     def get_market_data(self, instrument_key: str | None = None, timeframe: str | None = None,
                         limit: int = 200, start: float | None = None, end: float | None = None) -> Bars:
-        payload = self._channel.call("market", {
+        payload, cols = self._channel.call("market", {
             "instrument_key": instrument_key or self.instrument_key, "timeframe": timeframe or self.timeframe,
             "limit": limit, "start": start, "end": end})
-        return Bars(payload)
+        return Bars(payload, cols)
 
     def get_metric(self, name: str, instrument_key: str | None = None, limit: int = 200,
                    start: float | None = None, end: float | None = None) -> Bars:
-        payload = self._channel.call("metric", {
+        payload, cols = self._channel.call("metric", {
             "instrument_key": instrument_key or self.instrument_key, "name": name, "limit": limit,
             "start": start, "end": end})
-        return Bars(payload)
+        return Bars(payload, cols)
 
     def get_script_output(self, script_id: str, instrument_key: str | None = None,
                           timeframe: str | None = None, params: dict | None = None,
                           history: int | None = None) -> Any:
         return self._channel.call("script_output", {
             "script_id": script_id, "instrument_key": instrument_key or self.instrument_key,
-            "timeframe": timeframe or self.timeframe, "params": params, "history": history})
+            "timeframe": timeframe or self.timeframe, "params": params, "history": history})[0]
 
 
 def to_jsonable(value: Any, depth: int = 0) -> Any:
@@ -202,48 +232,155 @@ def format_error(exc: BaseException, filename: str) -> dict:
     return {"type": type(exc).__name__, "message": msg[:2000], "traceback": tb[-8000:]}
 
 
+def reset_tmp(path: str, mode: int) -> bool:
+    """Empty the private /tmp the previous child may have written (and restore its mode, in case that
+    child chmod-ed it). Runs in the next child, before any user code, once the supervisor has seen the
+    previous child dead. Iterative (no recursion limit), never follows symlinks. True when empty."""
+    try:
+        if stat.S_IMODE(os.stat(path).st_mode) != mode:
+            os.chmod(path, mode)
+    except OSError:
+        return False
+    stack, dirs, seen = [path], [], 0
+    while stack:
+        d = stack.pop()
+        try:
+            if d != path:
+                os.chmod(d, 0o700)
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if seen > MAX_TMP_ENTRIES:
+                return False
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    dirs.append(e.path)
+                else:
+                    os.unlink(e.path)
+            except OSError:
+                pass
+    for d in reversed(dirs):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+    try:
+        return not os.listdir(path)
+    except OSError:
+        return False
+
+
 class Runtime:
-    """Prepared once in the zygote; serve() runs in each forked child."""
+    """Prepared once in the zygote; serve() runs in each forked child.
+
+    A pre-forked child is fully set up before its request arrives: rlimits and seccomp are in place,
+    the script's module namespace is built and prime() has run the request path once with synthetic
+    data, so that the copy-on-write page faults of the first touch happen while the child is idle.
+    User code (the script's module body and run(ctx)) only ever runs after the request arrives.
+    """
 
     def __init__(self, *, code: types.CodeType | None, compile_error: dict | None, filename: str,
-                 script_builtins: dict | None, max_log_bytes: int, max_output_bytes: int) -> None:
+                 script_builtins: dict | None, max_log_bytes: int, max_output_bytes: int,
+                 prime_imports: tuple[str, ...] = ()) -> None:
         self.code = code
         self.compile_error = compile_error
         self.filename = filename
         self.script_builtins = script_builtins
         self.max_log_bytes = max_log_bytes
         self.max_output_bytes = max_output_bytes
+        self.prime_imports = prime_imports  # preloaded modules the script imports
 
-    def serve(self, sock: socket.socket) -> None:
+    # -- idle-time preparation (no user code) ------------------------------------------------------
+    def prime(self) -> None:
+        """Run the request path once with synthetic data: in the zygote this fills lazy caches (json
+        scanners, numpy ufunc dispatch, the import guard), in each child it pre-faults the pages a
+        request writes to. Never runs user code."""
+        item = {"instrument_key": "X", "timeframe": "1d", "params": {"p": 1}, "timestamp": 0.0}
+        raw = bytearray(protocol.dumps({"op": "run", "items": [item]}))
+        json.loads(raw)
+        out = BoundedWriter(64)
+        print("prime", 1.5, file=out)
+        out.getvalue()
+        ctx = Context(item, _Channel(None))
+        if self.script_builtins is not None:
+            imp = self.script_builtins["__import__"]
+            for name in self.prime_imports:
+                with contextlib.suppress(Exception):
+                    imp(name, None, None, (), 0)
+            self.script_builtins["__cs_getattr__"](ctx, "params")
+        value: Any = 1.5
+        if "numpy" in sys.modules:
+            import numpy as np
+
+            n = 64
+            blob = bytearray(protocol.binary_frame(
+                {"ok": {"instrument_key": "X", "timeframe": "1d"}, "f64": [["time", n], ["close", n]]},
+                np.arange(2 * n, dtype=np.float64).tobytes())[protocol.HEADER.size:])
+            payload, cols = _Channel.decode(blob)
+            bars = Bars(payload, cols)
+            close = bars.close
+            value = {"mean": float(np.mean(close[-20:])), "np": np.float64(1.0), "arr": close[:2]}
+            len(bars)
+        msg = {"op": "item", "kind": "ok", "value": to_jsonable(value), "cpu_ms": 0.0,
+               "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stdout": out.getvalue(),
+               "stderr": ""}
+        protocol.dumps(msg, allow_nan=True)
+        time.process_time()
+
+    def _namespace(self, current: list[Context]) -> dict[str, Any]:
+        import builtins as _b
+
+        g: dict[str, Any] = {"__name__": "__script__", "__file__": self.filename,
+                             "__builtins__": self.script_builtins if self.script_builtins is not None else _b}
+
+        def _ctx() -> Context:
+            if not current:
+                raise RuntimeError("read APIs are only available while run(ctx) executes")
+            return current[-1]
+
+        g["get_market_data"] = lambda *a, **k: _ctx().get_market_data(*a, **k)
+        g["get_metric"] = lambda *a, **k: _ctx().get_metric(*a, **k)
+        g["get_script_output"] = lambda *a, **k: _ctx().get_script_output(*a, **k)
+        g.update({"DependencyUnavailable": DependencyUnavailable, "DataDenied": DataDenied,
+                  "DataAccessError": DataAccessError, "DataError": DataError})
+        return g
+
+    # -- one request -------------------------------------------------------------------------------
+    def serve(self, sock: socket.socket, tmp_dir: str | None = None, tmp_mode: int = 0o755) -> None:
+        """Child protocol: <- run{items}; [-> wiping, -> fresh|dirty]; per item: (-> call, <- reply)*,
+        -> item{kind, value|error, cpu_ms, maxrss_kb, stdout, stderr}. After the last item the child
+        exits; the supervisor reads its CPU clock (valid until the zygote reaps it) and kills it
+        anyway, in case user code survived the runtime."""
+        self.prime()
+        current: list[Context] = []
+        g = self._namespace(current) if self.compile_error is None else {}
+        out = BoundedWriter(self.max_log_bytes)
+        err = BoundedWriter(self.max_log_bytes)
         try:
             req = protocol.recv_frame(sock, MAX_REPLY_BYTES)
         except protocol.ProtocolError:
             return
+        t_cpu = time.process_time()
+        if tmp_dir is not None:
+            try:
+                dirty = bool(os.listdir(tmp_dir))
+            except OSError:
+                dirty = True
+            if dirty:
+                protocol.send_frame(sock, {"op": "wiping"})
+                clean = reset_tmp(tmp_dir, tmp_mode)
+                protocol.send_frame(sock, {"op": "fresh" if clean else "dirty"})
+                if not clean:
+                    return
+                t_cpu = time.process_time()
+            os.chdir(tmp_dir)  # here, not at fork: the previous child may have locked /tmp until now
         items = req.get("items") or []
         channel = _Channel(sock)
-        out = BoundedWriter(self.max_log_bytes)
-        err = BoundedWriter(self.max_log_bytes)
         sys.stdout, sys.stderr = out, err
         module_error: dict | None = self.compile_error
         run = None
-        g: dict[str, Any] = {}
         if module_error is None:
-            import builtins as _b
-
-            g = {"__name__": "__script__", "__file__": self.filename,
-                 "__builtins__": self.script_builtins if self.script_builtins is not None else _b}
-            current: list[Context] = []
-
-            def _ctx() -> Context:
-                if not current:
-                    raise RuntimeError("read APIs are only available while run(ctx) executes")
-                return current[-1]
-
-            g["get_market_data"] = lambda *a, **k: _ctx().get_market_data(*a, **k)
-            g["get_metric"] = lambda *a, **k: _ctx().get_metric(*a, **k)
-            g["get_script_output"] = lambda *a, **k: _ctx().get_script_output(*a, **k)
-            g.update({"DependencyUnavailable": DependencyUnavailable, "DataDenied": DataDenied,
-                      "DataAccessError": DataAccessError, "DataError": DataError})
             try:
                 exec(self.code, g)
                 run = g.get("run")
@@ -255,7 +392,6 @@ class Runtime:
         for item in items:
             out.parts.clear(); out.size = out.dropped = 0  # noqa: E702
             err.parts.clear(); err.size = err.dropped = 0  # noqa: E702
-            t_cpu = time.process_time()
             msg: dict[str, Any]
             if module_error is not None:
                 msg = {"op": "item", "kind": "error", "error": module_error}
@@ -275,7 +411,10 @@ class Runtime:
                     msg = {"op": "item", "kind": "error", "error": format_error(exc, self.filename)}
                 finally:
                     current.clear()
-            msg["cpu_ms"] = round((time.process_time() - t_cpu) * 1000, 3)
+            now = time.process_time()
+            msg["cpu_ms"] = round((now - t_cpu) * 1000, 3)
+            t_cpu = now
+            msg["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             msg["stdout"] = out.getvalue()
             msg["stderr"] = err.getvalue()
             try:
@@ -288,7 +427,7 @@ class Runtime:
                     "type": "InvalidOutput", "message": f"output exceeds {self.max_output_bytes} bytes",
                     "traceback": ""}, "stdout": "", "stderr": ""})
             protocol.send_raw_frame(sock, data)
-        protocol.send_frame(sock, {"op": "done"})
+        # done: the child exits right away (the supervisor reads our CPU clock while we are a zombie)
 
 
 def _unused() -> None:  # keep json/math imported for scripts' warm start

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import bisect
 import csv
+import importlib.util
 import math
 import threading
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,12 @@ METRICS = ("realized_vol_20", "volume_z_20", "return_1")
 
 
 def _csv_path(name: str) -> Path:
-    try:
-        return Path(str(resources.files("backtesting") / "test" / name))
-    except ModuleNotFoundError as exc:
-        raise DataAccessError("sample data needs the 'backtesting' package") from exc
+    """The CSV inside the installed `backtesting` package, located without importing it (importing
+    it pulls in pandas and bokeh: half a second)."""
+    spec = importlib.util.find_spec("backtesting")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataAccessError("sample data needs the 'backtesting' package")
+    return Path(next(iter(spec.submodule_search_locations))) / "test" / name
 
 
 def _parse_time(text: str) -> float:
@@ -99,6 +101,13 @@ class SampleDataSource:
                 name, tf = SAMPLES[key]
                 self._cache[key] = _Series(_csv_path(name), tf)
             return self._cache[key]
+
+    def preload(self) -> SampleDataSource:
+        """Parse every sample now (a function serving sample data does this at startup)."""
+        for key in SAMPLES:
+            if key not in self.denied:
+                self._series(key)
+        return self
 
     @staticmethod
     def instruments() -> dict[str, str]:

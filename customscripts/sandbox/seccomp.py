@@ -5,6 +5,11 @@ shells out to ldconfig - impossible (and undesirable) inside the sandbox. The su
 the rules to raw BPF once; the zygote hands the bytes to each child, which installs them with one
 prctl(PR_SET_SECCOMP) call via libc (tens of microseconds, off the request path).
 
+Two stages: the zygote installs everything except what it needs itself (seccomp.ZYGOTE_NEEDS) once,
+after preloading; each child installs a small second filter with the rest before any user code.
+Stacked filters all apply (the strictest answer wins), so the child's policy is the full list, the
+zygote is confined too, and the per-child cost is a ~20-instruction filter instead of ~115.
+
 Policy choice on threads: the child may not create *any* task - clone, clone3, fork and vfork all
 fail (EPERM; clone3 ENOSYS so libc does not retry). That blocks threads too, which makes a thread
 bomb impossible and keeps CPU time <= wall time (so the wall-clock kill bounds CPU exactly). Numeric
@@ -20,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+from collections.abc import Callable
 
 # syscalls denied with EPERM (a Python exception in the script, not a crash)
 DENIED_SYSCALLS: tuple[str, ...] = (
@@ -47,6 +53,12 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "sched_setattr", "sched_setaffinity", "migrate_pages", "move_pages", "mbind", "set_mempolicy",
 )
 ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)  # ENOSYS so glibc's pthread_create/fork fall back to clone
+# What the zygote itself still needs (new channels, fd passing, forking, pidfds, lowering a child's
+# limits). The filter is installed in two stages: the zygote runs under everything else, and each
+# child adds a small filter that denies these too, so the child's policy is exactly the full list
+# while the per-child install (a BPF load + JIT) stays small.
+ZYGOTE_NEEDS: frozenset[str] = frozenset({"socketpair", "sendmsg", "recvmsg", "fork", "vfork", "clone",
+                                          "clone3", "pidfd_open", "setrlimit", "prlimit64"})
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
@@ -58,7 +70,17 @@ class SeccompUnavailable(RuntimeError):
 
 
 def compile_filter() -> bytes:
-    """Build the filter with pyseccomp and return raw BPF (struct sock_filter[]). Trusted side only."""
+    """The whole policy as one filter (raw BPF, struct sock_filter[]). Trusted side only."""
+    return _compile(lambda name: True, ioctl=True)
+
+
+def compile_filters() -> tuple[bytes, bytes]:
+    """(zygote stage, child stage): together exactly compile_filter()'s policy. Trusted side only."""
+    return (_compile(lambda name: name not in ZYGOTE_NEEDS, ioctl=True),
+            _compile(lambda name: name in ZYGOTE_NEEDS, ioctl=False))
+
+
+def _compile(select: Callable[[str], bool], *, ioctl: bool) -> bytes:
     import os
     import tempfile
 
@@ -68,17 +90,21 @@ def compile_filter() -> bytes:
         raise SeccompUnavailable(f"pyseccomp/libseccomp not available: {exc}") from exc
     flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for name in DENIED_SYSCALLS:
+        if not select(name):
+            continue
         try:
             flt.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
         except (OSError, ValueError, RuntimeError):
             continue  # syscall unknown on this arch/libseccomp version
     for name in ENOSYS_SYSCALLS:
+        if not select(name):
+            continue
         try:
             flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
         except (OSError, ValueError, RuntimeError):
             continue
-    # ioctl(fd, TIOCSTI): no injecting keystrokes into a terminal
-    flt.add_rule(pyseccomp.ERRNO(errno.EPERM), "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, 0x5412))
+    if ioctl:  # ioctl(fd, TIOCSTI): no injecting keystrokes into a terminal
+        flt.add_rule(pyseccomp.ERRNO(errno.EPERM), "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, 0x5412))
     with tempfile.TemporaryFile() as fh:
         flt.export_bpf(fh)
         fh.flush()
@@ -122,11 +148,25 @@ def set_dumpable(flag: bool) -> None:
 
 def install(bpf: bytes) -> None:
     """Install the precompiled filter in this process (needs NO_NEW_PRIVS first)."""
-    n = len(bpf) // 8
-    buf = ctypes.create_string_buffer(bpf, len(bpf))
-    prog = _SockFprog(n, ctypes.cast(buf, ctypes.c_void_p))
-    if _get_libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+    Prepared(bpf).install()
+
+
+class Prepared:
+    """The filter's sock_fprog built once in the zygote, so that each child makes only the two prctl
+    calls (no ctypes object construction between fork and the filter)."""
+
+    def __init__(self, bpf: bytes) -> None:
+        self.libc = _get_libc()
+        self.buf = ctypes.create_string_buffer(bpf, len(bpf))
+        self.prog = _SockFprog(len(bpf) // 8, ctypes.cast(self.buf, ctypes.c_void_p))
+        self.addr = ctypes.addressof(self.prog)
+
+    def install(self) -> None:
+        prctl = self.libc.prctl
+        if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.addr, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
 
 
 def filter_len(bpf: bytes) -> int:

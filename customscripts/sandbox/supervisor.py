@@ -5,13 +5,29 @@ by SIGKILL (via pidfd) and turns what comes back into validated ExecutionResults
 Why this shape: forking from a zygote that already imported numpy and compiled the script costs well
 under a millisecond, and pre-forking keeps even that off the request path. The only channel out of a
 child is its socketpair; everything it sends is size-capped JSON (never unpickled here).
+
+The request path, and what was moved off it:
+  * the pre-forked child is fully set up (rlimits, seccomp, module namespace, runtime paths primed)
+    and blocked on its socket before the request arrives;
+  * numeric read replies travel as raw float64 columns (protocol.binary_frame), cached per request;
+  * once the child has answered every item it exits; the supervisor reads the child's CPU time from
+    the kernel's per-process CPU clock (valid until the zygote reaps it), takes the peak RSS the
+    child reported (getrusage, capped by its address-space limit), SIGKILLs it in case user code
+    outlived the runtime and replies - it does not wait for the exit and the zygote's wait4 report
+    (about 1 ms of mm teardown and reaping). wait4 stays the authority wherever the child did not
+    finish normally (timeouts, crashes, protocol violations: classification and usage), and the
+    zygote reaps everything in the background.
+  * a killed child is certainly gone before the next child gets its request: the supervisor checks
+    its pidfd or the kernel's PF_EXITING flag, and the next child empties /tmp before user code runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -19,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +45,6 @@ from customscripts.config import settings
 from . import bwrap, protocol
 from . import seccomp as seccomp_mod
 from .datasource import DataAccessError, DataDenied, DataSource, DependencyUnavailable
-from .imports import guards_enabled
 from .limits import SandboxLimits
 from .results import ExecutionResult, InvalidOutput, OutputValidator
 
@@ -37,9 +53,11 @@ log = logs.get("customscripts.sandbox")
 THIRD_PARTY = ["numpy"]          # allowlisted heavy modules bound into the sandbox and preloaded
 ZYGOTE_START_TIMEOUT_S = 20.0
 EXIT_REPORT_TIMEOUT_S = 5.0
-MAX_CALLS_PER_ITEM = 1000
+TMP_WIPE_TIMEOUT_S = 10.0  # a child emptying what the previous one left in /tmp (not the script's time)
 MAX_MARKET_LIMIT = 5000
 ISOLATION_MODES = ("bwrap", "process")
+PF_EXITING = 0x4  # include/linux/sched.h: set at the start of do_exit, before the task releases anything
+BINARY_FNS = frozenset({"market", "metric"})  # replies the child turns into numpy columns (Bars)
 
 
 class IsolationUnavailable(RuntimeError):
@@ -63,34 +81,74 @@ class ExecutionRequest:
                 "params": self.params or {}, "timestamp": float(self.timestamp)}
 
 
-_BPF: bytes | None = None
+_BPF: tuple[bytes, bytes] | None = None
 _BPF_LOCK = threading.Lock()
 
 
-def compiled_seccomp() -> bytes:
-    """The BPF program, compiled once per process."""
+def compiled_seccomp() -> tuple[bytes, bytes]:
+    """The two BPF stages (zygote, child), compiled once per process."""
     global _BPF
     with _BPF_LOCK:
         if _BPF is None:
             try:
-                _BPF = seccomp_mod.compile_filter()
+                _BPF = seccomp_mod.compile_filters()
             except seccomp_mod.SeccompUnavailable as exc:
                 raise IsolationUnavailable("seccomp", str(exc)) from exc
         return _BPF
 
 
 class _Child:
-    __slots__ = ("pid", "pidfd", "sock")
+    __slots__ = ("cpu0", "hostpid", "pid", "pidfd", "sock")
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int) -> None:
-        self.pid = pid
+        self.pid = pid  # as the zygote sees it (its pid namespace under bwrap)
         self.sock = sock
         self.pidfd = pidfd
+        self.hostpid = _host_pid(pidfd) if pidfd >= 0 else None  # as this process sees it
+        self.cpu0: float | None = None
 
     def kill(self) -> None:
         if self.pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def cpu_s(self) -> float | None:
+        """The child's CPU time (user+system) from the kernel's per-process CPU clock."""
+        if self.hostpid is None:
+            return None
+        try:
+            return time.clock_gettime(((~self.hostpid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, SCHED)
+        except OSError:
+            return None
+
+    def exited(self) -> bool:
+        """True once the kernel reports the child exited (its pidfd is readable)."""
+        if self.pidfd < 0:
+            return False
+        poller = select.poll()  # not select(): pidfds can be numbered above FD_SETSIZE
+        poller.register(self.pidfd, select.POLLIN)
+        with contextlib.suppress(OSError):
+            return bool(poller.poll(0))
+        return False
+
+    def gone(self) -> bool:
+        """After SIGKILL: the child will never run another instruction of its own - it has exited, or
+        it is inside do_exit (PF_EXITING, set before it releases files or memory). Pid reuse is ruled
+        out by checking the pidfd after reading /proc: a pid is only reused after the exit the pidfd
+        reports."""
+        if self.exited():
+            return True
+        if self.hostpid is None:
+            return False
+        try:
+            with open(f"/proc/{self.hostpid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            state, flags = fields[0], int(fields[6])
+        except (OSError, ValueError, IndexError):
+            return self.exited()
+        if self.exited():
+            return True
+        return state in (b"Z", b"X", b"x") or bool(flags & PF_EXITING)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -99,6 +157,19 @@ class _Child:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
             self.pidfd = -1
+
+
+def _host_pid(pidfd: int) -> int | None:
+    """The pid of a pidfd's process in this process's pid namespace (/proc/self/fdinfo, Linux >= 5.4)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class _ExitInfo:
@@ -123,7 +194,8 @@ class _Zygote:
     """One zygote process plus the reader thread of its control socket."""
 
     def __init__(self, *, source: str, filename: str, limits: SandboxLimits, isolation: str, guards: bool,
-                 bpf: bytes) -> None:
+                 bpf: tuple[bytes, bytes]) -> None:
+        self.cpu_s = float(limits.cpu_seconds)
         self.ready: queue.Queue[_Child] = queue.Queue()
         self.exits: dict[int, _ExitInfo] = {}
         self.waiters: dict[int, queue.Queue[_Child]] = {}
@@ -144,7 +216,7 @@ class _Zygote:
             env = {"PATH": "/nonexistent", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                    "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmp_dir, "HOME": tmp_dir}
         init = {"source": source, "filename": filename, "limits": limits.to_wire(), "guards": guards,
-                "bpf": bpf.hex(), "tmp_dir": tmp_dir}
+                "bpf_zygote": bpf[0].hex(), "bpf_child": bpf[1].hex(), "tmp_dir": tmp_dir}
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(child_ctl.fileno(),), env=env,
@@ -154,6 +226,7 @@ class _Zygote:
             parent_ctl.close()
             raise IsolationUnavailable(isolation, f"cannot start zygote: {exc}") from exc
         child_ctl.close()
+        self.isolation = isolation
         self.stderr_tail: list[str] = []
         threading.Thread(target=self._drain_stderr, name="sbx-zygote-stderr", daemon=True).start()
         assert self.proc.stdin is not None
@@ -162,6 +235,12 @@ class _Zygote:
             self.proc.stdin.close()
         except OSError:
             pass
+        self.info: dict = {}
+
+    def wait_ready(self) -> None:
+        """Block until the zygote has preloaded and compiled (it boots while the caller does other
+        work, e.g. compiling the output schema)."""
+        isolation = self.isolation
         self.ctl.settimeout(ZYGOTE_START_TIMEOUT_S)
         try:
             msg, _ = protocol.recv_packet(self.ctl)
@@ -216,10 +295,7 @@ class _Zygote:
                 self.cond.notify_all()
 
     def request_spawn(self, tag: int = 0, cpu_s: float | None = None) -> None:
-        msg: dict[str, Any] = {"op": "spawn", "tag": tag}
-        if cpu_s is not None:
-            msg["cpu_s"] = cpu_s
-        protocol.send_packet(self.ctl, msg)
+        self.ctl.send(protocol.SPAWN.pack(b"S", tag, self.cpu_s if cpu_s is None else cpu_s))
 
     def spawn_now(self, tag: int, cpu_s: float, timeout: float = 10.0) -> _Child:
         q: queue.Queue[_Child] = queue.Queue()
@@ -228,6 +304,11 @@ class _Zygote:
         return q.get(timeout=timeout)
 
     def wait_exit(self, pid: int, timeout: float = EXIT_REPORT_TIMEOUT_S) -> _ExitInfo | None:
+        """The child's wait4 status and rusage, reported by the zygote once it has reaped it."""
+        try:
+            protocol.send_packet(self.ctl, {"op": "watch", "pid": pid})
+        except OSError:
+            return None
         deadline = time.monotonic() + timeout
         with self.cond:
             while pid not in self.exits:
@@ -259,30 +340,46 @@ class _Zygote:
                 self.tmpdir.cleanup()
 
 
+class _TmpNotReset(Exception):
+    """The child could not empty the private /tmp: the zygote (and with it the tmpfs) is replaced."""
+
+
 class Supervisor:
     """Runs one script in the sandbox, many times. Thread-safe (executions are serialised)."""
 
     def __init__(self, source: str, *, output_schema: dict | None = None, limits: SandboxLimits | None = None,
                  isolation: str | None = None, data: DataSource | None = None, filename: str = "script.py",
-                 prefork: int | None = None) -> None:
+                 prefork: int | None = None, py_guards: bool | None = None, max_batch: int | None = None,
+                 max_calls_per_item: int | None = None) -> None:
+        cfg = settings()
         self.source = source
         self.filename = filename
         self.limits = limits or SandboxLimits.default()
-        self.isolation = isolation or settings().isolation_mode
+        self.isolation = isolation or cfg.isolation_mode
         if self.isolation not in ISOLATION_MODES:
             raise ValueError(f"unknown isolation mode {self.isolation!r}; use one of {ISOLATION_MODES}")
         self.data = data
-        self.prefork = max(1, settings().sandbox_prefork if prefork is None else prefork)
-        self.guards = self.limits.py_guards and guards_enabled()
-        self.validator = OutputValidator(output_schema, self.limits.max_output_bytes)
+        self.prefork = max(1, cfg.sandbox_prefork if prefork is None else prefork)
+        self.guards = self.limits.py_guards and (cfg.sandbox_py_guards if py_guards is None else py_guards)
+        self.max_batch = max(1, cfg.sandbox_max_batch if max_batch is None else max_batch)
+        self.max_calls = max(1, cfg.sandbox_max_calls_per_item if max_calls_per_item is None
+                             else max_calls_per_item)
         self._lock = threading.RLock()
         self._tag = 0
         self._owed = 0
         self._closed = False
+        self._dying: list[_Child] = []  # killed after answering; must be gone before the next child runs
+        self._rss_cap_kb = 0
         self._check_layers()
         self._bpf = compiled_seccomp()
         self._zygote: _Zygote | None = None
-        self._start_zygote()
+        self._launch_zygote()  # it boots (bwrap, python, numpy, compile) while we compile the schema
+        try:
+            self.validator = OutputValidator(output_schema, self.limits.max_output_bytes)
+            self._finish_zygote()
+        except BaseException:
+            self.close()
+            raise
         self.max_frame = self.limits.max_output_bytes + 2 * self.limits.max_log_bytes + 16 * 1024
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -296,9 +393,21 @@ class Supervisor:
                 raise IsolationUnavailable("bubblewrap", str(exc)) from exc
 
     def _start_zygote(self) -> None:
+        self._launch_zygote()
+        self._finish_zygote()
+
+    def _launch_zygote(self) -> None:
         self._owed = 0
+        self._release_dying()
         self._zygote = _Zygote(source=self.source, filename=self.filename, limits=self.limits,
                                isolation=self.isolation, guards=self.guards, bpf=self._bpf)
+
+    def _finish_zygote(self) -> None:
+        assert self._zygote is not None
+        self._zygote.wait_ready()
+        # a child reports its own peak RSS (getrusage) on success; it cannot exceed its address space
+        baseline = int(self._zygote.info.get("baseline_vm") or 256 * 2**20)
+        self._rss_cap_kb = baseline // 1024 + self.limits.memory_mb * 1024
         for _ in range(self.prefork):
             self._zygote.request_spawn()
         logs.event(log, "sandbox zygote ready", isolation=self.isolation, guards=self.guards,
@@ -315,12 +424,18 @@ class Supervisor:
         assert self._zygote is not None
         return self._zygote
 
+    def _release_dying(self) -> None:
+        for child in self._dying:
+            child.close()
+        self._dying.clear()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             if self._zygote is not None:
                 self._zygote.kill()
                 self._zygote = None
+            self._release_dying()
 
     def __enter__(self) -> Supervisor:
         return self
@@ -337,16 +452,27 @@ class Supervisor:
         return self.execute_batch([req])[0]
 
     def execute_batch(self, reqs: list[ExecutionRequest]) -> list[ExecutionResult]:
-        """All items run in one child (one principal), sequentially; each item has its own timeout."""
+        """All items run in one child (one principal), sequentially, at most max_batch per child;
+        each item has its own timeout. Read replies are cached for the duration of the call."""
         if not reqs:
             return []
         with self._lock:
             results: list[ExecutionResult] = []
+            cache: dict[tuple, bytes] = {}
+            resets = 0
             try:
                 while len(results) < len(reqs):
-                    rest = reqs[len(results):]
+                    rest = reqs[len(results):len(results) + self.max_batch]
                     child = self._take_child(len(rest))
-                    results.extend(self._drive(child, rest))
+                    try:
+                        results.extend(self._drive(child, rest, cache))
+                    except _TmpNotReset:
+                        resets += 1
+                        if resets > 1:
+                            raise IsolationUnavailable("tmpfs", "the private /tmp could not be reset") from None
+                        logs.event(log, "sandbox /tmp not reset; restarting the zygote")
+                        assert self._zygote is not None
+                        self._zygote.alive = False
             finally:
                 self._replenish()
             return results
@@ -377,9 +503,31 @@ class Supervisor:
                 zyg.alive = False  # force restart
         raise RuntimeError("unreachable")
 
-    def _drive(self, child: _Child, reqs: list[ExecutionRequest]) -> list[ExecutionResult]:
+    def _await_dying(self) -> None:
+        """Before a new child gets its request, every child killed earlier must be gone (it shares
+        /tmp with the next one). Usually already true: the kill went out before the last reply."""
+        zyg = self._zygote
+        deadline = time.monotonic() + EXIT_REPORT_TIMEOUT_S
+        for child in self._dying:
+            while not child.gone():
+                if time.monotonic() > deadline:
+                    # never expected (a SIGKILLed task stuck in the kernel): a new zygote means a new
+                    # /tmp and pid namespace, and the old one is killed with everything in it
+                    logs.event(log, "sandbox child did not die after SIGKILL; restarting the zygote",
+                               pid=child.pid)
+                    if zyg is not None:
+                        zyg.alive = False
+                    break
+                time.sleep(0.0001)  # it has been SIGKILLed: it only needs a CPU to get into do_exit
+            child.close()
+        self._dying.clear()
+
+    def _drive(self, child: _Child, reqs: list[ExecutionRequest], cache: dict[tuple, bytes]
+               ) -> list[ExecutionResult]:
         """Run reqs in child until done or the child dies; returns results for the items it finished
         (at least one: the item that timed out or crashed it)."""
+        if self._dying:
+            self._await_dying()
         zyg = self._zygote
         assert zyg is not None
         results: list[ExecutionResult] = []
@@ -388,10 +536,14 @@ class Supervisor:
         failure: ExecutionResult | None = None
         killed_by_us = False
         item_cpu: list[float] = []
-        t_item = time.perf_counter()
-        deadline = t_item + timeout_s
+        maxrss_kb = 0
         data_failures: list[BaseException] = []
         calls = 0
+        wiping = False
+        cpu_end: float | None = None
+        child.cpu0 = child.cpu_s()
+        t_item = time.perf_counter()
+        deadline = t_item + timeout_s
         try:
             sock.settimeout(timeout_s)
             protocol.send_frame(sock, {"op": "run", "items": [r.wire() for r in reqs]}, allow_nan=True)
@@ -404,12 +556,12 @@ class Supervisor:
                 op = msg.get("op") if isinstance(msg, dict) else None
                 if op == "call":
                     calls += 1
-                    if calls > MAX_CALLS_PER_ITEM:
+                    if calls > self.max_calls:
                         raise protocol.ProtocolError("too many data calls")
                     t_call = time.perf_counter()
-                    reply = self._answer(msg, reqs[len(results)], data_failures)
+                    reply = self._answer_frame(msg, reqs[len(results)], data_failures, cache)
                     sock.settimeout(max(deadline - time.perf_counter(), 0.05) + 5)
-                    protocol.send_frame(sock, reply, allow_nan=True)
+                    sock.sendall(reply)
                     deadline += time.perf_counter() - t_call  # data time is not the script's time
                 elif op == "item":
                     now = time.perf_counter()
@@ -418,16 +570,33 @@ class Supervisor:
                     res.duration_ms = round((now - t_item) * 1000, 3)
                     cpu = msg.get("cpu_ms")
                     item_cpu.append(float(cpu) if isinstance(cpu, int | float) and cpu >= 0 else 0.0)
+                    rss = msg.get("maxrss_kb")
+                    if isinstance(rss, int) and rss > maxrss_kb:
+                        maxrss_kb = rss
                     results.append(res)
                     data_failures = []
                     calls = 0
                     t_item = now
                     deadline = now + timeout_s
                     if len(results) == len(reqs):
-                        break  # the child sends "done" and exits; its exit report carries the rusage
+                        break
+                elif op == "wiping" and not wiping and not results and not calls:
+                    wiping = True  # the child empties what the previous one left in /tmp: not its time
+                    deadline = time.perf_counter() + TMP_WIPE_TIMEOUT_S
+                elif op == "fresh" and wiping:
+                    wiping = False
+                    child.cpu0 = child.cpu_s()
+                    t_item = time.perf_counter()
+                    deadline = t_item + timeout_s
+                elif op == "dirty" and wiping:
+                    child.kill()
+                    zyg.wait_exit(child.pid)
+                    child.close()
+                    raise _TmpNotReset
                 else:
                     raise protocol.ProtocolError(f"unexpected message {op!r}")
         except TimeoutError:
+            cpu_end = child.cpu_s()
             child.kill()
             killed_by_us = True
             failure = ExecutionResult(status="timeout", error={
@@ -450,14 +619,18 @@ class Supervisor:
             failure = ExecutionResult(status="error", error={
                 "type": "SandboxError", "message": f"sandbox channel failed: {exc}", "traceback": ""})
         if failure is None:
-            # all items answered: the child must now say done and exit; anything else is killed
-            try:
-                sock.settimeout(min(timeout_s, 1.0))
-                done = protocol.recv_frame(sock, 1024)
-                if not (isinstance(done, dict) and done.get("op") == "done"):
-                    child.kill()
-            except (OSError, protocol.ProtocolError):
-                child.kill()
+            # every item answered: take the child's CPU time from the kernel (it is exiting by now, or
+            # a zombie the zygote has not reaped), make sure it dies and reply - the zygote reaps it
+            # in the background and the next child only starts once this one is gone (_await_dying)
+            cpu_end = child.cpu_s()
+            child.kill()
+            if cpu_end is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._dying.append(child)
+                self._account(results, item_cpu, child.cpu0, cpu_end, min(maxrss_kb, self._rss_cap_kb), None)
+                return results
+            # no kernel clock (no pidfd or /proc): wait4 decides
         child.close()
         info = zyg.wait_exit(child.pid)
         if info is None:
@@ -471,17 +644,35 @@ class Supervisor:
             results.append(failure)
             logs.event(log, "sandbox execution failed", status=failure.status,
                        error=(failure.error or {}).get("message"))
-        if info is not None:
-            if len(results) == 1:
-                results[0].cpu_ms = info.cpu_ms
-            else:
-                for res, cpu in zip(results, item_cpu, strict=False):
-                    res.cpu_ms = round(min(cpu, info.cpu_ms), 3)
-                if failure is not None:
-                    failure.cpu_ms = round(max(info.cpu_ms - sum(item_cpu), 0.0), 3)
-            for res in results:
-                res.memory_mb = info.memory_mb
+        if cpu_end is None and info is not None:
+            cpu_end = info.cpu_ms / 1000  # lifetime CPU: the baseline only applies to the kernel clock
+            child.cpu0 = None
+        self._account(results, item_cpu, child.cpu0, cpu_end,
+                      info.maxrss_kb if info is not None else maxrss_kb, failure)
         return results
+
+    def _account(self, results: list[ExecutionResult], item_cpu: list[float], cpu0: float | None,
+                 cpu_end: float | None, maxrss_kb: int, failure: ExecutionResult | None) -> None:
+        """cpu_ms: the kernel's figure for the whole request (single item) or the child's per-item
+        figures capped by it (batch); memory_mb: peak RSS of the child."""
+        total = None
+        if cpu_end is not None:
+            total = round(max(cpu_end - (cpu0 or 0.0), 0.0) * 1000, 3)
+        finished = [r for r in results if r is not failure]
+        if total is not None:
+            if len(results) == 1:
+                results[0].cpu_ms = total
+            else:
+                for res, cpu in zip(finished, item_cpu, strict=False):
+                    res.cpu_ms = round(min(cpu, total), 3)
+                if failure is not None:
+                    failure.cpu_ms = round(max(total - sum(item_cpu), 0.0), 3)
+        else:
+            for res, cpu in zip(finished, item_cpu, strict=False):
+                res.cpu_ms = round(cpu, 3)
+        mem = round(maxrss_kb / 1024, 2) if maxrss_kb > 0 else 0.0
+        for res in results:
+            res.memory_mb = mem
 
     def _classify_death(self, res: ExecutionResult, info: _ExitInfo, killed_by_us: bool) -> None:
         st = info.status
@@ -501,6 +692,31 @@ class Supervisor:
                          "message": f"sandboxed process exited with status {os.WEXITSTATUS(st)}", "traceback": ""}
 
     # -- data calls ------------------------------------------------------------------------------
+    def _answer_frame(self, msg: dict, req: ExecutionRequest, failures: list[BaseException],
+                      cache: dict[tuple, bytes]) -> bytes:
+        """The encoded reply to one read call; successful replies are cached for the request (key:
+        data source, call, arguments after the as-of clamp)."""
+        fn = msg.get("fn")
+        args = msg.get("args")
+        source = req.data or self.data
+        key: tuple | None = None
+        if isinstance(args, dict) and isinstance(fn, str):
+            try:
+                key = (id(source), fn, float(req.timestamp), _freeze(args))
+            except TypeError:
+                key = None
+            if key is not None and key in cache:
+                return cache[key]
+        reply = self._answer(msg, req, failures)
+        if "ok" not in reply:
+            return protocol.frame(reply, allow_nan=True)
+        data = _binary_reply(reply["ok"]) if fn in BINARY_FNS else None
+        if data is None:
+            data = protocol.frame(reply, allow_nan=True)
+        if key is not None:
+            cache[key] = data
+        return data
+
     def _answer(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> dict:
         source = req.data or self.data
         fn = msg.get("fn")
@@ -585,6 +801,57 @@ class Supervisor:
         if failures and status == "error":
             self._apply_data_failure(res, failures)
         return res
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    """A hashable form of JSON call arguments (TypeError if too deep)."""
+    if depth > 8:
+        raise TypeError("arguments nested too deeply")
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("[", *(_freeze(v, depth + 1) for v in value))
+    return (type(value).__name__, value)
+
+
+def _f64(col: Any) -> bytes | None:
+    """A numeric column as native float64 bytes (None -> NaN, as numpy would); None if not numeric."""
+    if isinstance(col, list | tuple):
+        try:
+            return array("d", col).tobytes()
+        except (TypeError, OverflowError):
+            try:
+                return array("d", [math.nan if v is None else v for v in col]).tobytes()
+            except (TypeError, OverflowError):
+                return None
+    if getattr(col, "ndim", None) == 1 and hasattr(col, "astype"):  # numpy array from an in-process source
+        try:
+            return bytes(col.astype("float64").tobytes())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _binary_reply(payload: Any) -> bytes | None:
+    """{"columns": {name: numbers}} -> a binary frame the child maps with numpy.frombuffer; None when
+    the payload is not purely numeric columns (then it goes as JSON)."""
+    if not isinstance(payload, dict):
+        return None
+    cols = payload.get("columns")
+    if not isinstance(cols, dict):
+        return None
+    spec, parts = [], []
+    for name, col in cols.items():
+        raw = _f64(col)
+        if raw is None or not isinstance(name, str):
+            return None
+        spec.append([name, len(raw) // 8])
+        parts.append(raw)
+    head = {k: v for k, v in payload.items() if k != "columns"}
+    try:
+        return protocol.binary_frame({"ok": head, "f64": spec}, b"".join(parts))
+    except (TypeError, ValueError):
+        return None
 
 
 def _bounded(value: Any, limit: int) -> str:

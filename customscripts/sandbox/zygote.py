@@ -1,11 +1,17 @@
 """The warm zygote: preloads the runtime and allowlisted modules, compiles the script once, then forks
 one child per execution (or batch) on the supervisor's request.
 
-Runs inside bubblewrap (or as a plain process in `process` mode). Never runs user code itself.
+Runs inside bubblewrap (or as a plain process in `process` mode). Never runs user code itself: it
+only exercises the runtime's own request path with synthetic data (Runtime.prime) before it freezes
+its heap for the children. Reaping happens here, off the request path: the supervisor does not wait
+for a finished child's exit (it kills it), and each new child empties /tmp before user code runs.
 Protocol on the control socket (SOCK_SEQPACKET, JSON):
-  supervisor -> zygote  {"op":"spawn","tag":n,"cpu_s":x}
-  zygote -> supervisor  {"op":"spawned","tag":n,"pid":p} + fds [child socket, pidfd]
+  supervisor -> zygote  b"S" tag cpu_s   (protocol.SPAWN)
+                        {"op":"watch","pid":p}   (send me p's exit report)
+  zygote -> supervisor  b"P" tag pid (protocol.SPAWNED) + fds [child socket, pidfd]
                         {"op":"exited","pid":p,"status":s,"utime":..,"stime":..,"maxrss_kb":..}
+                        (only for watched children: a child that answered every item is killed by
+                        the supervisor and reaped here silently)
                         {"op":"ready","preloaded":[...], "pid":p}
 The init message (script source, limits, BPF) arrives length-prefixed on stdin.
 Stdlib only until preload.
@@ -13,17 +19,24 @@ Stdlib only until preload.
 
 from __future__ import annotations
 
+import _socket
 import gc
+import json
 import os
-import selectors
-import shutil
+import select
 import signal
 import socket
+import stat
+import struct
 import sys
 
 from . import imports, protocol, rlimits, runtime, seccomp
 
 FALLBACK_BASELINE_VM = 256 * 1024 * 1024  # if neither /proc nor the supervisor could measure us
+MAX_FINISHED = 256  # unrequested exit reports kept for a late "watch"
+IDLE_REAP_MS = 1000
+_FDS1 = struct.Struct("i")
+_FDS2 = struct.Struct("2i")
 
 
 def _read_init() -> dict:
@@ -34,35 +47,25 @@ def _read_init() -> dict:
     return json.loads(raw)
 
 
-def _wipe_tmp(path: str) -> None:
-    """Each execution starts with an empty /tmp: nothing leaks from one child to the next."""
-    try:
-        entries = os.listdir(path)
-    except OSError:
-        return
-    for name in entries:
-        full = os.path.join(path, name)
-        try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                os.unlink(full)
-        except OSError:
-            pass
-
-
 class Zygote:
     def __init__(self, ctl: socket.socket, init: dict) -> None:
         self.ctl = ctl
         self.init = init
-        self.bpf = bytes.fromhex(init["bpf"]) if init.get("bpf") else b""
+        self.bpf_zygote = bytes.fromhex(init.get("bpf_zygote") or "")
+        self.bpf_child = bytes.fromhex(init.get("bpf_child") or "")
+        self.filter: seccomp.Prepared | None = None
+        self.devnull = -1
         self.tmp = init.get("tmp_dir") or "/tmp"
         self.limits = init["limits"]
         self.children: set[int] = set()
+        self.finished: dict[int, tuple] = {}  # usage of reaped children nobody asked for (yet)
+        self.watched: dict[int, int] = {}  # pid -> pidfd of children the supervisor waits for
 
     def prepare(self) -> list[str]:
         seccomp.prepare()
         seccomp.set_dumpable(False)
+        if self.bpf_child:
+            self.filter = seccomp.Prepared(self.bpf_child)
         allowed = frozenset(self.limits["allowed_modules"])
         preloaded = imports.preload(allowed)
         guards = bool(self.init.get("guards", True))
@@ -80,64 +83,66 @@ class Zygote:
             code=code, compile_error=compile_error, filename=self.init["filename"],
             script_builtins=imports.make_builtins(allowed) if guards else None,
             max_log_bytes=int(self.limits["max_log_bytes"]),
-            max_output_bytes=int(self.limits["max_output_bytes"]))
+            max_output_bytes=int(self.limits["max_output_bytes"]),
+            prime_imports=tuple(m for m in imports.imported_roots(self.init["source"]) if m in preloaded))
+        try:
+            self.tmp_mode = stat.S_IMODE(os.stat(self.tmp).st_mode)
+        except OSError:
+            self.tmp_mode = 0o700
+        self.runtime.prime()  # fill lazy caches once, so children inherit them instead of building them
         self.baseline_vm = rlimits.current_vm_bytes()
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(self.devnull, 0)  # stdin was the init pipe
         gc.collect()
         gc.freeze()  # children share the preloaded heap copy-on-write without gc touching it
+        if self.bpf_zygote:  # stage 1 of the filter: from here on the zygote is confined too
+            seccomp.Prepared(self.bpf_zygote).install()
         return preloaded
 
     def spawn(self, tag: int, cpu_s: float) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Fork one child and hand its channel and pidfd to the supervisor. Kept to plain fds and
+        fixed structs: after a fork every page the zygote writes is copied."""
+        a, b = _socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent_fd, child_fd = a.detach(), b.detach()
         pid = os.fork()
         if pid == 0:  # child
             try:
-                self._child(parent_end, child_end, cpu_s)
+                self._child(child_fd, cpu_s)
             finally:
                 os._exit(0)
-        child_end.close()
+        os.close(child_fd)
         self.children.add(pid)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = -1
-        fds = [parent_end.fileno()] + ([pidfd] if pidfd >= 0 else [])
-        protocol.send_packet(self.ctl, {"op": "spawned", "tag": tag, "pid": pid}, fds)
-        parent_end.close()
+        fds = _FDS2.pack(parent_fd, pidfd) if pidfd >= 0 else _FDS1.pack(parent_fd)
+        self.ctl.sendmsg([protocol.SPAWNED.pack(b"P", tag, pid)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        os.close(parent_fd)
         if pidfd >= 0:
             os.close(pidfd)
 
-    def _child(self, parent_end: socket.socket, child_end: socket.socket, cpu_s: float) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        self.ctl.close()
-        parent_end.close()
-        self.sel.close()
-        keep = child_end.fileno()
-        devnull = os.open(os.devnull, os.O_RDWR)
+    def _child(self, child_fd: int, cpu_s: float) -> None:
+        """Between fork and the request. Only OS-level fd work (the zygote's socket objects are never
+        finalised here: the child leaves with os._exit), so few heap pages are written."""
         for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        if keep != 3:
-            os.dup2(keep, 3)
-            child_end.close()
-            child_end = socket.socket(fileno=3)
-        os.closerange(4, 65536)
-        os.chdir(self.tmp)
+            os.dup2(self.devnull, fd)
+        if child_fd != 3:
+            os.dup2(child_fd, 3)
+        os.closerange(4, 65536)  # the zygote's control socket, watched pidfds, /dev/null
+        child_end = socket.socket(fileno=3)
         lim = self.limits
         baseline = self.baseline_vm or FALLBACK_BASELINE_VM
         rlimits.apply(cpu_seconds=cpu_s, memory_mb=int(lim["memory_mb"]), baseline_vm=baseline,
                       fsize_mb=int(lim["tmp_size_mb"]))
-        seccomp.set_no_new_privs()
-        if self.bpf:
-            seccomp.install(self.bpf)
-        self.runtime.serve(child_end)
-        try:
-            sys.stdout = sys.__stdout__
-            sys.stderr = sys.__stderr__
-        except Exception:
-            pass
+        if self.filter is not None:
+            self.filter.install()  # no_new_privs + stage 2 of the filter
+        else:
+            seccomp.set_no_new_privs()
+        self.runtime.serve(child_end, self.tmp, self.tmp_mode)
 
     def reap(self) -> None:
+        """Collect every dead child without blocking; report the ones the supervisor watches."""
         while self.children:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
@@ -147,41 +152,79 @@ class Zygote:
             if pid == 0:
                 return
             self.children.discard(pid)
-            _wipe_tmp(self.tmp)
-            protocol.send_packet(self.ctl, {
-                "op": "exited", "pid": pid, "status": status, "utime": ru.ru_utime, "stime": ru.ru_stime,
-                "maxrss_kb": ru.ru_maxrss})
+            usage = (status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
+            if pid in self.watched:
+                self._report(pid, usage)
+            else:
+                self.finished[pid] = usage
+                if len(self.finished) > MAX_FINISHED:
+                    del self.finished[next(iter(self.finished))]
+
+    def watch(self, pid: int) -> None:
+        """The supervisor waits for this child's exit report (it did not finish normally)."""
+        usage = self.finished.pop(pid, None)
+        if usage is None and pid not in self.children:
+            usage = (0, 0.0, 0.0, 0)  # unknown (reported long ago)
+        if usage is not None:
+            self._report(pid, usage)
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.reap()
+            if pid in self.finished:
+                self._report(pid, self.finished.pop(pid))
+            return
+        self.watched[pid] = pidfd
+        self.poll.register(pidfd, select.POLLIN)
+
+    def _report(self, pid: int, usage: tuple) -> None:
+        pidfd = self.watched.pop(pid, None)
+        if pidfd is not None:
+            self.poll.unregister(pidfd)
+            os.close(pidfd)
+        status, utime, stime, maxrss = usage
+        protocol.send_packet(self.ctl, {"op": "exited", "pid": pid, "status": status, "utime": utime,
+                                        "stime": stime, "maxrss_kb": maxrss})
 
     def serve(self) -> None:
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wfd)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        """No SIGCHLD handler: dead children are reaped when the next spawn request comes (one wakeup
+        per execution instead of two), when a watched child's pidfd turns readable, or on idle ticks."""
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
-        self.sel.register(rfd, selectors.EVENT_READ, "sig")
+        ctl_fd = self.ctl.fileno()
+        self.poll = select.poll()
+        self.poll.register(ctl_fd, select.POLLIN)
+        spawn = protocol.SPAWN
         while True:
-            for key, _ in self.sel.select():
-                if key.data == "sig":
-                    try:
-                        while os.read(rfd, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
+            events = self.poll.poll(IDLE_REAP_MS if self.children else None)
+            if not events:
+                self.reap()
+            for fd, _ in events:
+                if fd != ctl_fd:  # a watched child exited
                     self.reap()
                     continue
                 try:
-                    msg, fds = protocol.recv_packet(self.ctl)
-                except (protocol.PeerClosed, ConnectionError):
+                    data = self.ctl.recv(protocol.MAX_CONTROL_PACKET)
+                except ConnectionError:
                     return
-                for fd in fds:
-                    os.close(fd)
-                if msg.get("op") == "spawn":
-                    self.spawn(int(msg.get("tag", 0)), float(msg.get("cpu_s", self.limits["cpu_seconds"])))
-                elif msg.get("op") == "config":
+                if not data:
+                    return
+                if len(data) == spawn.size and data[:1] == b"S":
+                    _, tag, cpu_s = spawn.unpack(data)
+                    self.reap()
+                    self.spawn(tag, cpu_s)
+                    continue
+                try:
+                    msg = json.loads(data)
+                except ValueError:
+                    continue
+                op = msg.get("op") if isinstance(msg, dict) else None
+                if op == "watch" and isinstance(msg.get("pid"), int):
+                    self.watch(msg["pid"])
+                elif op == "config":
                     if not self.baseline_vm and isinstance(msg.get("baseline_vm"), int):
                         self.baseline_vm = msg["baseline_vm"]
-                elif msg.get("op") == "exit":
+                elif op == "exit":
                     return
 
 

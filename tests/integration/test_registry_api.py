@@ -359,7 +359,10 @@ def test_openapi_lists_exactly_the_routes(base, alice):
     assert sorted(doc["paths"]) == sorted({"/openapi.json", "/scripts", "/scripts/{script_id}",
                                            "/scripts/{script_id}/publish", "/scripts/{script_id}/versions",
                                            "/scripts/{script_id}/versions/{version}",
-                                           "/scripts/{script_id}/marketplace/subscribe"})
+                                           "/scripts/{script_id}/marketplace/subscribe",
+                                           "/scripts/{script_id}/execute", "/scripts/{script_id}/subscribe",
+                                           "/scripts/{script_id}/subscriptions/{subscription_id}",
+                                           "/subscriptions", "/signals/{instrument_key}/custom/{script_id}"})
     assert "unchanged" in doc["paths"]["/scripts/{script_id}/publish"]["post"]["summary"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 

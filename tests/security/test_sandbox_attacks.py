@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from customscripts.sandbox import ExecutionResult
+from customscripts.sandbox import ExecutionResult, bwrap
 
 from .conftest import CANARY, GOOG_TS, Listener, make_supervisor, request
 
@@ -305,6 +305,26 @@ def run(ctx):
     resource.setrlimit(resource.RLIMIT_CPU, (1000, 1000))
     return 1
 """),
+    # what the zygote may do and a child may not (the second seccomp stage)
+    Case("socketpair_fd_passing", """
+import socket, array
+def run(ctx):
+    a, b = socket.socketpair()
+    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0]))])
+    return 1
+"""),
+    Case("pidfd_open_zygote", """
+import os
+def run(ctx):
+    fd = os.pidfd_open(2)
+    return fd
+"""),
+    Case("prlimit_raise_fsize", """
+import resource
+def run(ctx):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return 1
+"""),
     # --- python-level routes (OS layers must contain the effect) ----------------------------------
     Case("subclasses_popen", """
 def run(ctx):
@@ -530,6 +550,100 @@ def run(ctx):
         res = sup.execute(request().__class__("GOOG", "1d", {}, ts))
         assert res.status == "ok", res.to_dict()
         assert res.output and res.output["value"] <= ts
+
+
+FORGED_EARLY_RESULT = """
+import json, os, socket, struct
+def run(ctx):
+    if ctx.params["phase"] == "attack":
+        # answer for the runtime over the child's channel (fd 3), then keep running and writing /tmp
+        chan = socket.socket(fileno=3)
+        frame = json.dumps({"op": "item", "kind": "ok", "value": 1, "cpu_ms": 0, "stdout": "", "stderr": ""})
+        chan.sendall(struct.pack("!I", len(frame)) + frame.encode())
+        i = 0
+        while True:
+            try:
+                with open("/tmp/late-%d" % i, "w") as f:
+                    f.write("written after the result")
+                i += 1
+            except OSError:
+                pass
+    names = os.listdir("/tmp")
+    return {"value": len(names), "metadata": {"names": names[:5]}}
+"""
+
+
+def test_forged_early_result_cannot_outlive_its_execution() -> None:
+    """A child that sends its result itself and keeps running is killed before the next child runs,
+    and nothing it wrote after its result is visible to the next execution."""
+    with make_supervisor(FORGED_EARLY_RESULT, guards=False, timeout_ms=2000) as sup:
+        for _ in range(5):
+            attack = sup.execute(request(phase="attack"))
+            assert attack.status == "ok", attack.to_dict()
+            check = sup.execute(request(phase="check"))
+            assert check.status == "ok", check.to_dict()
+            assert check.output is not None and check.output["value"] == 0, check.output
+
+
+TMP_LOCKOUT = """
+import os
+def run(ctx):
+    if ctx.params["phase"] == "attack":
+        os.makedirs("/tmp/a/b/c")
+        with open("/tmp/a/b/c/secret", "w") as f:
+            f.write("s3cr3t")
+        os.symlink("/tmp/a", "/tmp/link")
+        for d in ("/tmp/a/b/c", "/tmp/a/b", "/tmp/a"):
+            os.chmod(d, 0)
+        os.chmod("/tmp", 0)
+        return 1
+    with open("/tmp/mine", "w") as f:
+        f.write("ok")
+    return {"value": len(os.listdir("/tmp")), "metadata": {"names": os.listdir("/tmp")}}
+"""
+
+
+def test_tmp_is_reset_even_when_locked_by_the_previous_child() -> None:
+    """chmod 000 on /tmp and on nested directories does not keep files (or a lock-out) for the next
+    execution."""
+    with make_supervisor(TMP_LOCKOUT, guards=False) as sup:
+        assert sup.execute(request(phase="attack")).status == "ok"
+        check = sup.execute(request(phase="check"))
+        assert check.status == "ok", check.to_dict()
+        assert check.output == {"value": 1, "timestamp": GOOG_TS, "metadata": {"names": ["mine"]}}
+
+
+BINARY_FRAME_FROM_CHILD = """
+import socket, struct
+def run(ctx):
+    chan = socket.socket(fileno=3)
+    head = b'{"op":"item","kind":"ok","value":1}'
+    payload = b"\\0" + struct.pack("!I", len(head)) + head + b"\\x00" * 64
+    chan.sendall(struct.pack("!I", len(payload)) + payload)
+    import time
+    time.sleep(5)
+"""
+
+
+def test_supervisor_parses_only_json_from_the_child() -> None:
+    """The binary frame form exists only from the supervisor to the child."""
+    with make_supervisor(BINARY_FRAME_FROM_CHILD, guards=False, timeout_ms=1000) as sup:
+        res = sup.execute(request())
+        assert res.status == "error" and res.error and res.error["type"] == "SandboxProtocolError", res.to_dict()
+        assert sup.execute(request()).status in {"error", "timeout"}  # still serving
+
+
+def test_zygote_itself_runs_under_seccomp() -> None:
+    """Stage one of the filter is installed in the zygote (the host sees it), stage two in each child."""
+    with make_supervisor("def run(ctx):\n    return 1\n", guards=True) as sup:
+        assert sup.execute(request()).status == "ok"
+        zygote = sup._zygote
+        assert zygote is not None
+        zpid = bwrap.descendant_leaf(zygote.proc.pid, depth=2)
+        assert zpid is not None
+        status = Path(f"/proc/{zpid}/status").read_text()
+        assert "Seccomp:\t2" in status and "Seccomp_filters:\t1" in status, status
+        assert "NoNewPrivs:\t1" in status
 
 
 def test_isolation_probe_inside_bwrap() -> None:

@@ -235,3 +235,113 @@ def run(ctx):
     with sup(src) as s:
         r = s.execute(req())
     assert r.status == "ok", r.to_dict()
+
+
+class CountingSource(SampleDataSource):
+    """Sample data that counts the reads the supervisor makes (and can hand out odd columns)."""
+
+    def __init__(self, columns: dict | None = None) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.columns = columns
+
+    def get_market_data(self, instrument_key: str, timeframe: str, **kw: object) -> dict:
+        self.calls.append(("market", instrument_key, kw.get("limit"), kw.get("end")))
+        if self.columns is not None:
+            return {"instrument_key": instrument_key, "timeframe": timeframe, "columns": self.columns}
+        return super().get_market_data(instrument_key, timeframe, **kw)  # type: ignore[arg-type]
+
+
+def test_market_columns_are_writable_float64_arrays_with_the_sources_values() -> None:
+    src = """
+import numpy as np
+def run(ctx):
+    bars = get_market_data(limit=200)
+    close = bars.close
+    ok = close.dtype == np.float64 and close.flags.writeable and bars["time"].shape == (200,)
+    close[-1] = close[-1] + 1.0
+    return {"value": float(close.sum()), "metadata": {"ok": bool(ok), "keys": bars.keys()}}
+"""
+    data = SampleDataSource()
+    want = data.get_market_data("GOOG", "1d", limit=200, end=TS)
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=data, prefork=1) as s:
+        r = s.execute(req())
+    assert r.status == "ok", r.to_dict()
+    assert r.output["metadata"] == {"ok": True, "keys": list(want["columns"])}
+    assert r.output["value"] == pytest.approx(sum(want["columns"]["close"]) + 1.0)
+
+
+def test_missing_values_in_a_numeric_column_arrive_as_nan() -> None:
+    src = """
+import numpy as np
+def run(ctx):
+    c = get_market_data().close
+    return {"value": float(np.nansum(c)), "metadata": {"nan": [bool(x) for x in np.isnan(c)]}}
+"""
+    data = CountingSource({"time": [1.0, 2.0, 3.0], "close": [1.5, None, 2]})
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=data, prefork=1) as s:
+        r = s.execute(req())
+    assert r.status == "ok", r.to_dict()
+    assert r.output["value"] == 3.5 and r.output["metadata"]["nan"] == [False, True, False]
+
+
+def test_reads_are_cached_per_request_not_across_requests() -> None:
+    src = """
+def run(ctx):
+    a = get_market_data(limit=50)
+    b = get_market_data(limit=50)
+    c = get_market_data(limit=60)
+    return len(a) + len(b) + len(c)
+"""
+    data = CountingSource()
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=data, prefork=1) as s:
+        assert s.execute(req()).output["value"] == 160
+        assert [c[2] for c in data.calls] == [50, 60]
+        assert s.execute(req()).ok
+        assert len(data.calls) == 4
+        rs = s.execute_batch([req(), req(), req()])  # one request: the items share the cache
+        assert [r.output["value"] for r in rs] == [160, 160, 160]
+        assert len(data.calls) == 6
+
+
+def test_batches_larger_than_max_batch_are_split_across_children() -> None:
+    src = ("SEEN = []\ndef run(ctx):\n    SEEN.append(1)\n"
+           "    return {'value': ctx.params['i'], 'metadata': {'n': len(SEEN)}}\n")
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=SampleDataSource(), prefork=1,
+                    max_batch=3) as s:
+        rs = s.execute_batch([req(i=i) for i in range(7)])
+    assert [r.output["value"] for r in rs] == list(range(7))
+    assert [r.output["metadata"]["n"] for r in rs] == [1, 2, 3, 1, 2, 3, 1]  # a fresh child per 3 items
+
+
+def test_max_calls_per_item() -> None:
+    src = "def run(ctx):\n    for i in range(10):\n        get_market_data(limit=10 + i)\n    return 1\n"
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=SampleDataSource(), prefork=1,
+                    max_calls_per_item=5) as s:
+        r = s.execute(req())
+        assert r.status == "error" and "too many data calls" in r.error["message"], r.to_dict()
+        assert s.execute(req()).status == "error"  # and it keeps serving
+
+
+def test_usage_comes_from_the_kernel_for_the_request_only() -> None:
+    src = """
+def run(ctx):
+    x = 0
+    for i in range(ctx.params.get('n', 0)):
+        x += i
+    return 1
+"""
+    with sup(src, timeout_ms=2000) as s:
+        idle = s.execute(req(n=0))
+        busy = s.execute(req(n=3_000_000))
+    for r in (idle, busy):
+        assert r.ok and r.memory_mb > 1
+        assert 0 < r.cpu_ms <= r.duration_ms + 5, r.to_dict()  # one thread: CPU time <= wall time
+    assert busy.cpu_ms > 50 > idle.cpu_ms
+
+
+def test_process_mode_batch_and_failures() -> None:
+    src = "def run(ctx):\n    if ctx.params['i'] == 1:\n        raise ValueError('boom')\n    return ctx.params['i']\n"
+    with sup(src, isolation="process") as s:
+        rs = s.execute_batch([req(i=i) for i in range(3)])
+    assert [r.status for r in rs] == ["ok", "error", "ok"]

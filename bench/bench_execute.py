@@ -1,0 +1,107 @@
+"""One-time execute latency over HTTP, end to end, with a fresh-`python` baseline in the same run.
+
+Path measured: client -> local provider -> registry-fn (JWT, permissions, closure, tokens) -> provider
+-> the version's script function (invocation token, warm zygote, sandboxed child) -> child reads 200
+bars -> supervisor -> provider -> gateway-fn (execution token, rate limit, SQL) -> back.
+The script is a 20-period SMA over 200 GOOG daily bars. Needs nothing running: it brings the local
+stack up (as `customscripts up` does) and loads the sample data.
+Usage: .venv/bin/python bench/bench_execute.py [--n 1000] [--baseline 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import requests
+
+from customscripts import localstack
+from customscripts.auth import issue_user_token
+from customscripts.config import settings
+from customscripts.marketdata.loader import load_sample_data, read_csv, sample_csv
+
+SCRIPT = """
+import numpy as np
+
+def run(ctx):
+    close = get_market_data(limit=200).close
+    return float(np.mean(close[-20:]))
+"""
+
+BASELINE = """
+import json, sys
+import numpy as np
+close = np.asarray(json.load(sys.stdin), dtype=float)
+print(float(np.mean(close[-20:])))
+"""
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def row(label: str, samples: list[float]) -> None:
+    print(f"{label:58} {len(samples):6d} {statistics.median(samples):9.2f} {pct(samples, 0.99):9.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--baseline", type=int, default=30)
+    args = parser.parse_args()
+
+    cfg = settings()
+    localstack.up(cfg)
+    load_sample_data(cfg, echo=lambda _m: None)
+    uid = uuid.uuid4().hex[:8]
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {issue_user_token(f'bench-{uid}', f'bench-{uid}', 'enterprise')}"
+    api = cfg.registry_url
+    sid = f"bench-sma-{uid}"
+    http.post(f"{api}/scripts", json={"name": "bench sma", "script_id": sid, "source": SCRIPT},
+              timeout=30).raise_for_status()
+    http.post(f"{api}/scripts/{sid}/publish", timeout=30).raise_for_status()
+    body = {"instrument_key": "GOOG", "timeframe": "1d", "timestamp": 1356998400.0}
+
+    started = time.perf_counter()
+    first = http.post(f"{api}/scripts/{sid}/execute", json=body, timeout=60)
+    first.raise_for_status()
+    publish_to_first = (time.perf_counter() - started) * 1000
+    assert first.json()["status"] == "ok", first.text
+    for _ in range(50):  # warm: connection pools, caches, pre-forked children
+        http.post(f"{api}/scripts/{sid}/execute", json=body, timeout=60)
+
+    samples: list[float] = []
+    inside: list[float] = []
+    for _ in range(args.n):
+        t0 = time.perf_counter()
+        resp = http.post(f"{api}/scripts/{sid}/execute", json=body, timeout=60)
+        samples.append((time.perf_counter() - t0) * 1000)
+        result = resp.json()
+        if result["status"] != "ok":
+            raise SystemExit(f"execution failed: {result}")
+        inside.append(result["metrics"]["duration_ms"])
+
+    closes = [float(r.close) for r in read_csv(sample_csv("GOOG.csv"))[-200:]]
+    payload = str(closes).encode()
+    fresh: list[float] = []
+    for _ in range(args.baseline):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", BASELINE], input=payload, check=True, capture_output=True)
+        fresh.append((time.perf_counter() - t0) * 1000)
+
+    print(f"\none-time execute, 20-period SMA over 200 GOOG bars ({args.n} sequential calls, loopback)")
+    print(f"{'mode':58} {'n':>6} {'p50 ms':>9} {'p99 ms':>9}")
+    row("POST /scripts/{id}/execute over HTTP (end to end)", samples)
+    row("  of which: script run in the sandbox incl. its data read", inside)
+    row("fresh `python` + numpy computing the same SMA (baseline)", fresh)
+    print(f"first execute after publish (cold function start): {publish_to_first:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

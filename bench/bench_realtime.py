@@ -1,0 +1,155 @@
+"""Realtime fan-out on the real local stack: 1,000 subscriptions (100 instruments x 10 scripts, one of
+them the top of a three-level dependency chain), candle closes through JetStream, the scheduler, the
+script functions (batched), and publishing to Redis + stream + TimescaleDB.
+
+Prints two figures (DESIGN §5 targets: >= 5,000 evaluations/s, p99 <= 500 ms):
+  sustained   all ticks published at once; evaluations per second until everything is published;
+  paced       one tick (100 candle closes) at a time at --interval; event -> published p50/p99.
+
+Synthetic instruments SYN000..SYN099 are the real GOOG daily candles loaded under other keys.
+
+    .venv/bin/python bench/bench_realtime.py [--instruments 100] [--ticks 20] [--paced 20] [--reads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+import uuid
+
+import psycopg
+
+from customscripts import localstack
+from customscripts.auth import decode_token, issue_user_token
+from customscripts.config import settings
+from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
+from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
+from customscripts.realtime.scheduler import Scheduler, build_evaluator, latency_summary
+from customscripts.realtime.service import default_service
+
+NO_READS = {
+    "base": "def run(ctx):\n    return float(ctx.timestamp % 1000)\n",
+    "plain": "def run(ctx):\n    return float(ctx.params.get('k', 1)) * (ctx.timestamp % 97)\n",
+}
+READS = {
+    "base": "def run(ctx):\n    return float(get_market_data(limit=3).close[-1])\n",
+    "plain": ("import numpy as np\n\ndef run(ctx):\n    c = np.asarray(get_market_data(limit=20).close)\n"
+              "    return float(c.mean()) * float(ctx.params.get('k', 1))\n"),
+}
+
+
+def setup(n_instruments: int, reads: bool) -> tuple[object, list[str], list[dict]]:
+    cfg = settings()
+    localstack.up(cfg)
+    load_sample_data(cfg, echo=lambda _m: None)
+    rows = read_csv(sample_csv("GOOG.csv"))
+    instruments = [f"SYN{i:03d}" for i in range(n_instruments)]
+    with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
+        for key in instruments:
+            load_rows(conn, key, "1d", rows)
+    uid = uuid.uuid4().hex[:8]
+    principal = decode_token(issue_user_token(f"bench-{uid}", f"bench-{uid}", "pro"))
+    svc = default_service()
+    src = READS if reads else NO_READS
+    from customscripts.registry.models import DraftCreate
+
+    def publish(sid: str, source: str, deps: list[str]) -> None:
+        svc.registry.create_draft(principal, DraftCreate(name=sid, script_id=sid, source=source, depends_on=deps))
+        svc.registry.publish(principal, sid)
+
+    chain = [f"b{uid}-c0", f"b{uid}-c1", f"b{uid}-c2"]
+    publish(chain[0], src["base"], [])
+    publish(chain[1], f"def run(ctx):\n    return get_script_output('{chain[0]}')['value'] * 2\n", [f"{chain[0]}@1"])
+    publish(chain[2], f"def run(ctx):\n    return get_script_output('{chain[1]}')['value'] + 1\n", [f"{chain[1]}@1"])
+    plain = [f"b{uid}-p{i}" for i in range(7)]
+    for sid in plain:
+        publish(sid, src["plain"], [])
+    subs = []
+    for key in instruments:
+        for sid in chain + plain:
+            params = {} if sid in chain else {"k": 2}
+            subs.append(svc.subscribe(principal, sid, {"instrument_key": key, "timeframe": "1d", "params": params}))
+    return principal, instruments, subs
+
+
+async def publish_ticks(cfg, instruments: list[str], times: list[float], interval: float | None) -> None:
+    import nats
+
+    nc = await nats.connect(cfg.nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js, cfg)
+    for t in times:
+        started = time.monotonic()
+        acks = [js.publish(subject_for(cfg, key, "1d"),
+                           json.dumps({"instrument_key": key, "timeframe": "1d", "time": t, "open": 1, "high": 1,
+                                       "low": 1, "close": 1, "volume": 1}).encode(),
+                           stream=cfg.nats_stream, headers={"Nats-Msg-Id": msg_id(key, "1d", t)})
+                for key in instruments]
+        await asyncio.gather(*acks)
+        if interval:
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+    await nc.drain()
+
+
+def run_phase(cfg, instruments: list[str], times: list[float], interval: float | None) -> dict:
+    evaluator = build_evaluator(cfg)
+    timings: dict[str, float] = {}
+    process = evaluator.process
+
+    def timed(events):  # where the time goes, summed over the phase's batches
+        report = process(events)
+        for k, v in report.timings_s.items():
+            timings[k] = timings.get(k, 0.0) + v
+        return report
+
+    evaluator.process = timed  # type: ignore[method-assign]
+    total = len(times) * len(instruments)
+    publisher = threading.Thread(target=lambda: asyncio.run(publish_ticks(cfg, instruments, times, interval)))
+    started = time.perf_counter()
+    publisher.start()
+    try:
+        stats = asyncio.run(Scheduler(evaluator, cfg).run(until=lambda s: s.events >= total, idle_exit_s=60))
+    finally:
+        evaluator.close()
+        publisher.join()
+    wall = time.perf_counter() - started
+    return {"events": stats.events, "evaluations": stats.evaluations, "statuses": dict(stats.statuses),
+            "wall_s": round(wall, 2), "evaluations_per_s": round(stats.evaluations / wall),
+            "batches": stats.batches, **latency_summary(stats.latencies_s),
+            "time_in_s": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instruments", type=int, default=100)
+    parser.add_argument("--ticks", type=int, default=20, help="ticks for the sustained phase")
+    parser.add_argument("--paced", type=int, default=20, help="ticks for the paced (latency) phase")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between paced ticks")
+    parser.add_argument("--reads", action="store_true", help="scripts read market data through the gateway")
+    args = parser.parse_args()
+    _principal, instruments, subs = setup(args.instruments, args.reads)
+    uid = uuid.uuid4().hex[:8]
+    cfg = dataclasses.replace(settings(), nats_stream=f"BENCH{uid.upper()}", nats_subject_prefix=f"bench{uid}.c",
+                              scheduler_durable=f"bench-{uid}")
+    with psycopg.connect(cfg.pg_dsn) as conn:
+        days = [r[0] for r in conn.execute(
+            "SELECT extract(epoch FROM time)::float8 FROM candles WHERE instrument_key = 'GOOG' AND timeframe = '1d'"
+            " ORDER BY time DESC LIMIT %s", (1 + args.ticks + args.paced,))][::-1]
+    print(f"subscriptions: {len(subs)} ({args.instruments} instruments x 10 scripts, chain of 3); "
+          f"data reads per evaluation: {'yes' if args.reads else 'no'}")
+    warm = run_phase(cfg, instruments, days[:1], None)
+    print("warm-up (deploys the functions):", json.dumps(warm))
+    sustained = run_phase(cfg, instruments, days[1:1 + args.ticks], None)
+    print("sustained:", json.dumps(sustained))
+    paced = run_phase(cfg, instruments, days[1 + args.ticks:], args.interval)
+    print(f"paced (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
+    with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (subs[0]["tenant"],))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Running published versions: the one path from a principal's request to a function's result.
+
+`Invoker` deploys a version's function within the function budget and calls it with fresh, signed,
+short-lived tokens; one-time executes (`execute`) and the realtime scheduler both go through it.
+Order for a one-time execute: permissions and tier (403, nothing started), dependency closure,
+params against `input_schema` (422), tokens, invoke, validate, store, audit. Every attempt —
+denied ones included — leaves an audit row.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from customscripts import ids, logs
+from customscripts.auth import Principal
+from customscripts.config import Settings, settings
+from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.faas.budget import FunctionBudget, RedisLru
+from customscripts.faas.build import deployment, render_context
+from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
+from customscripts.gateway.tokens import mint_execution_token
+from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.registry.models import ScriptMeta
+from customscripts.registry.service import RegistryService
+from customscripts.sandbox.invocation import mint_invocation_token
+
+log = logs.get("customscripts.execution")
+
+STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
+
+
+class ExecuteBody(BaseModel):
+    """POST /scripts/{id}/execute body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instrument_key: str = Field(max_length=64)
+    timeframe: str = Field(max_length=8)
+    params: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=999_999_999)
+    timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800,
+                                    description="As-of epoch seconds; default now. No data after it is visible.")
+    store: bool = Field(default=False, description="Also write the output to the script's history.")
+
+
+class IndicatorOutput(BaseModel):
+    value: Any
+    timestamp: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionResponse(BaseModel):
+    """What execute answers: the indicator-shaped output plus the execution's status and metrics."""
+
+    script_id: str
+    version: int
+    status: str = Field(description="ok | error | timeout | invalid_output | dependency_failed")
+    instrument_key: str
+    timeframe: str
+    params_hash: str
+    output: IndicatorOutput | None
+    error: dict[str, Any] | None
+    stored: bool
+    metrics: dict[str, float | None]
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Who an evaluation runs for: outputs and reads belong to this tenant."""
+
+    user_id: str
+    tenant: str
+    tier: str
+
+
+def canonical_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class Invoker:
+    """Deploy-on-demand within the budget, then invoke with an invocation and an execution token."""
+
+    def __init__(self, registry: RegistryService, client: OpenFaaSClient, budget: FunctionBudget,
+                 cfg: Settings | None = None) -> None:
+        self.cfg = cfg or settings()
+        self.registry = registry
+        self.client = client
+        self.budget = budget
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - published versions are immutable; one Invoker per process
+    def version(self, script_id: str, version: int) -> tuple[ScriptMeta, str]:
+        """meta.json and source of a published version (cached: published objects never change)."""
+        meta, source = self.registry.load_version(script_id, version)
+        if meta.status == "draft":
+            raise Conflict(f"{script_id} has no published version {version}", code="not_published")
+        return meta, source
+
+    def _deploy(self, script_id: str, version: int) -> None:
+        meta, source = self.version(script_id, version)
+        built = render_context(script_id, version, source, meta.model_dump(mode="json"))
+        self.client.deploy(deployment(script_id, version, owner_id=meta.owner_id, tenant=meta.tenant,
+                                      code_hash=built.code_sha256, tier=meta.tier or "pro",
+                                      context_hash=built.context_sha256))
+
+    def function_for(self, script_id: str, version: int) -> str:
+        return self.budget.ensure_deployed(script_id, version, lambda: self._deploy(script_id, version))
+
+    def invoke(self, script_id: str, version: int, payload: dict[str, Any], scope: Scope,
+               call_id: str) -> dict[str, Any]:
+        """POST the payload (one execution or {"items": [...]}) to the version's function."""
+        body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        for attempt in (1, 2):
+            name = self.function_for(script_id, version)
+            token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})
+            headers = {"Authorization": f"Bearer {token}", "X-Call-Id": call_id,
+                       "Content-Type": "application/json"}
+            try:
+                result = self.client.invoke(name, body, headers=headers)
+            except FunctionNotFound:
+                self.budget.forget(name)  # evicted by another replica: redeploy once
+                if attempt == 2:
+                    raise BadGateway(f"function {name} disappeared twice while invoking",
+                                     code="function_gone") from None
+                continue
+            except FaasError as exc:
+                raise BadGateway(f"function {name} could not be reached: {exc}", code="function_unreachable") \
+                    from None
+            if result.status != 200:
+                raise BadGateway(f"function {name} answered {result.status}: {result.body[:300]!r}",
+                                 code="function_error")
+            try:
+                return result.json()
+            except ValueError:
+                raise BadGateway(f"function {name} answered with invalid JSON", code="function_error") from None
+        raise AssertionError("unreachable")
+
+    def execution_token(self, script_id: str, version: int, scope: Scope, as_of: float,
+                        closure: Sequence[tuple[str, int]], call_id: str, *, realtime: bool = False) -> str:
+        """`realtime`: minted by the scheduler; the gateway meters it against the tier's realtime budget."""
+        deps = [f"{sid}@{ver}" for sid, ver in closure if (sid, ver) != (script_id, version)]
+        return mint_execution_token(user=scope.user_id, tenant=scope.tenant, script_id=script_id, version=version,
+                                    deps=deps, as_of=as_of, tier=scope.tier, call_id=call_id, realtime=realtime)
+
+
+def check_result(raw: Any) -> dict[str, Any]:
+    """The function's result for one item, checked for shape; a malformed one is a 502."""
+    if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
+        raise BadGateway("script function returned a malformed result", code="function_error")
+    if raw["status"] == "ok":
+        output = raw.get("output")
+        if not isinstance(output, dict) or not {"value", "timestamp"} <= set(output):
+            raise BadGateway("script function returned ok without an output", code="function_error")
+    return raw
+
+
+class Executor:
+    """One-time executions (`POST /scripts/{id}/execute`)."""
+
+    def __init__(self, invoker: Invoker, outputs: OutputStore) -> None:
+        self.invoker = invoker
+        self.registry = invoker.registry
+        self.outputs = outputs
+
+    def execute(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
+        ids.script_id(script_id)
+        try:
+            body = ExecuteBody.model_validate(raw_body)
+        except ValidationError as exc:
+            details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300]}
+                       for e in exc.errors(include_url=False, include_input=False)[:20]]
+            raise Unprocessable("execute body is invalid", code="invalid_body", details=details) from None
+        instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
+        version = body.version or self._latest(principal, script_id)
+        p_hash = params_hash(body.params)
+        audit = functools.partial(self.registry.catalog.audit, action="execute", script_id=script_id,
+                                  version=version, user_id=principal.user_id, tenant=principal.tenant,
+                                  call_id=call_id, params_hash=p_hash)
+        try:
+            closure = self.registry.check_execution(principal, script_id, version)
+        except Forbidden as exc:
+            audit(status="denied", detail=exc.message[:500])
+            raise
+        meta, _ = self.invoker.version(script_id, version)
+        try:
+            jsonschema.validate(body.params, meta.input_schema or {})
+        except jsonschema.ValidationError as exc:
+            raise Unprocessable(f"params do not match the script's input_schema: {exc.message}",
+                                code="invalid_params", details={"path": list(exc.absolute_path)}) from None
+        scope = Scope(principal.user_id, principal.tenant, principal.tier)
+        as_of = body.timestamp if body.timestamp is not None else time.time()
+        token = self.invoker.execution_token(script_id, version, scope, as_of, closure, call_id)
+        payload = {"instrument_key": instrument, "timeframe": timeframe, "params": body.params,
+                   "timestamp": as_of, "execution_token": token}
+        try:
+            result = check_result(self.invoker.invoke(script_id, version, payload, scope, call_id))
+        except ApiError as exc:
+            audit(status="error", detail=exc.message[:500])
+            raise
+        output = result.get("output")
+        stored = False
+        if result["status"] == "ok" and body.store:
+            self.outputs.write_many([OutputRow(
+                time=output["timestamp"], tenant=principal.tenant, instrument_key=instrument, timeframe=timeframe,
+                script_id=script_id, version=version, params_hash=p_hash, value=output["value"],
+                metadata=output.get("metadata") or {}, call_id=call_id)])
+            stored = True
+        audit(status=result["status"], output_hash=canonical_hash(output) if output else None,
+              duration_ms=result.get("duration_ms"), cpu_ms=result.get("cpu_ms"),
+              memory_mb=result.get("memory_mb"), detail=_detail(result))
+        logs.event(log, "executed", script_id=script_id, version=version, status=result["status"],
+                   duration_ms=result.get("duration_ms"))
+        return {
+            "script_id": script_id, "version": version, "status": result["status"],
+            "instrument_key": instrument, "timeframe": timeframe, "params_hash": p_hash,
+            "output": output, "error": result.get("error"), "stored": stored,
+            "metrics": {k: result.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")},
+            "stdout": result.get("stdout", ""), "stderr": result.get("stderr", ""),
+        }
+
+    def _latest(self, principal: Principal, script_id: str) -> int:
+        row = self.registry.catalog.get_script(script_id)
+        if row is None:
+            raise NotFound(f"script {script_id} not found", code="script_not_found")
+        if not row.latest_version:
+            raise Conflict(f"script {script_id} has no published version", code="not_published")
+        return row.latest_version
+
+
+def _detail(result: dict[str, Any]) -> str | None:
+    error = result.get("error")
+    if not error:
+        return None
+    return f"{error.get('type', '')}: {error.get('message', '')}"[:500]
+
+
+@functools.cache
+def default_executor() -> Executor:
+    """One per process: pooled connections, a keep-alive client, the budget's shared LRU in Redis."""
+    import redis
+
+    from customscripts import db
+    from customscripts.registry.api import service
+
+    cfg = settings()
+    client = OpenFaaSClient(cfg.provider_url, cfg.openfaas_user, cfg.openfaas_password)
+    lru = RedisLru(redis.Redis(host=cfg.redis_host, port=cfg.redis_port))
+    budget = FunctionBudget(client, lru=lru, pinned=_pinned_functions)
+    return Executor(Invoker(service(), client, budget, cfg), OutputStore(db.pool()))
+
+
+def _pinned_functions() -> set[str]:
+    """Functions of versions with live subscriptions: never evicted by the budget."""
+    from customscripts import db
+    from customscripts.faas.naming import function_name
+
+    with db.pool().connection() as conn:
+        if conn.execute("SELECT to_regclass('subscriptions')").fetchone()[0] is None:
+            return set()
+        rows = conn.execute("SELECT DISTINCT script_id, version FROM subscriptions").fetchall()
+    return {function_name(sid, ver) for sid, ver in rows}

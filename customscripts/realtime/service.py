@@ -1,0 +1,290 @@
+"""Realtime control plane behind registry-fn: subscribe, unsubscribe, list, and read signals.
+
+Subscribe runs the same checks as a one-time execute, in the same order — tier gate, visibility
+(404), permission on the version and on its whole dependency closure (403), params against the
+input_schema (422) — plus the tier's `max_subscriptions` cap (403) and the function budget (409).
+The scheduler checks permissions again on every evaluation, with the subscriber's claims as of
+subscribing, so entitlement changes take effect on the next event.
+
+Dependencies of a subscribed script are evaluated for the same events with default params `{}`
+(the params a dependent reads with `get_script_output(script_id)`); they must accept `{}`.
+
+`GET /signals/{instrument_key}/custom/{script_id}` answers like a built-in indicator from Redis,
+only within the caller's tenant and only to users entitled to the script.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jsonschema
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from customscripts import db, ids
+from customscripts.auth import Principal
+from customscripts.config import Settings, settings
+from customscripts.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash
+from customscripts.permissions import tier_of
+from customscripts.realtime.publisher import latest_key
+from customscripts.realtime.subscriptions import (
+    QuotaExceeded,
+    Subscription,
+    SubscriptionStore,
+    principal_snapshot,
+)
+from customscripts.registry.service import RegistryService
+
+
+class SubscribeBody(BaseModel):
+    """POST /scripts/{id}/subscribe body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instrument_key: str = Field(max_length=64)
+    timeframe: str = Field(max_length=8)
+    params: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=999_999_999,
+                                description="Published version; default the latest at subscribe time (pinned).")
+
+
+class SubscriptionView(BaseModel):
+    id: int
+    tenant: str
+    user_id: str
+    script_id: str
+    version: int
+    instrument_key: str
+    timeframe: str
+    params: dict[str, Any]
+    params_hash: str
+    created: bool | None = None
+    dependencies: list[str] | None = Field(default=None, description="Evaluated for the same events, params {}.")
+
+
+class SubscriptionList(BaseModel):
+    subscriptions: list[SubscriptionView]
+
+
+class SignalView(BaseModel):
+    """A custom script's latest value in the built-in indicator shape, plus optional history."""
+
+    instrument_key: str
+    timeframe: str
+    indicator: str
+    script_id: str
+    params_hash: str
+    value: Any
+    timestamp: float
+    metadata: dict[str, Any]
+    history: dict[str, list[Any]] | None = None
+
+
+class RealtimeService:
+    def __init__(self, registry: RegistryService, store: SubscriptionStore, outputs: OutputStore,
+                 redis_client: redis.Redis, cfg: Settings | None = None) -> None:
+        self.cfg = cfg or settings()
+        self.registry = registry
+        self.store = store
+        self.outputs = outputs
+        self.redis = redis_client
+
+    # ----------------------------------------------------------------- subscriptions
+
+    def subscribe(self, principal: Principal, script_id: str, raw_body: Mapping[str, Any],
+                  call_id: str | None = None) -> dict[str, Any]:
+        tier = tier_of(principal, self.cfg)
+        ids.script_id(script_id)
+        try:
+            body = SubscribeBody.model_validate(raw_body)
+        except ValidationError as exc:
+            details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300]}
+                       for e in exc.errors(include_url=False, include_input=False)[:20]]
+            raise Unprocessable("subscribe body is invalid", code="invalid_body", details=details) from None
+        instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
+        version = body.version or self._latest(principal, script_id)
+        audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
+                                  version=version, user_id=principal.user_id, tenant=principal.tenant,
+                                  call_id=call_id, params_hash=params_hash(body.params))
+        try:
+            closure = self.registry.check_execution(principal, script_id, version)
+        except Forbidden as exc:
+            audit(status="denied", detail=exc.message[:500])
+            raise
+        self._check_params(script_id, version, body.params, closure)
+        self._check_budget(closure)
+        try:
+            sub, created = self.store.add(
+                tenant=principal.tenant, user_id=principal.user_id, script_id=script_id, version=version,
+                instrument_key=instrument, timeframe=timeframe, params=body.params,
+                principal=principal_snapshot(principal), max_for_user=tier.max_subscriptions)
+        except QuotaExceeded as exc:
+            audit(status="denied", detail="subscription quota exceeded")
+            raise Forbidden(f"tier {tier.name!r} allows at most {tier.max_subscriptions} subscriptions",
+                            code="subscription_quota_exceeded",
+                            details={"max_subscriptions": tier.max_subscriptions, "current": exc.count}) from None
+        if created:
+            audit(status="ok")
+        deps = [f"{sid}@{ver}" for sid, ver in closure[:-1]]
+        return {**sub.to_dict(), "created": created, "dependencies": deps}
+
+    def unsubscribe(self, principal: Principal, script_id: str, subscription_id: str,
+                    call_id: str | None = None) -> None:
+        tier_of(principal, self.cfg)
+        ids.script_id(script_id)
+        try:
+            number = int(subscription_id)
+        except ValueError:
+            raise Unprocessable("subscription id must be an integer", code="invalid_subscription_id") from None
+        if not 1 <= number < 2**63 or not self.store.remove(principal.tenant, principal.user_id, number, script_id):
+            raise NotFound(f"subscription {subscription_id} not found", code="subscription_not_found")
+        self.registry.catalog.audit(action="unsubscribe_realtime", script_id=script_id, version=None,
+                                    user_id=principal.user_id, tenant=principal.tenant, status="ok",
+                                    call_id=call_id, detail=f"subscription {number}")
+
+    def list(self, principal: Principal, script_id: str | None = None) -> list[dict[str, Any]]:
+        tier_of(principal, self.cfg)
+        if script_id:
+            ids.script_id(script_id)
+        return [s.to_dict() for s in self.store.for_user(principal.tenant, principal.user_id, script_id)]
+
+    def _latest(self, principal: Principal, script_id: str) -> int:
+        row = self.registry.catalog.get_script(script_id)
+        if row is None or (row.tenant != principal.tenant and not row.marketplace):
+            raise NotFound(f"script {script_id} not found", code="script_not_found")
+        if not row.latest_version:
+            raise Conflict(f"script {script_id} has no published version", code="not_published")
+        return row.latest_version
+
+    def _meta(self, script_id: str, version: int):
+        from customscripts.execution import default_executor
+
+        return default_executor().invoker.version(script_id, version)[0]
+
+    def _check_params(self, script_id: str, version: int, params: dict[str, Any],
+                      closure: list[tuple[str, int]]) -> None:
+        meta = self._meta(script_id, version)
+        try:
+            jsonschema.validate(params, meta.input_schema or {})
+        except jsonschema.ValidationError as exc:
+            raise Unprocessable(f"params do not match the script's input_schema: {exc.message}",
+                                code="invalid_params", details={"path": list(exc.absolute_path)}) from None
+        for sid, ver in closure[:-1]:
+            try:
+                jsonschema.validate({}, self._meta(sid, ver).input_schema or {})
+            except jsonschema.ValidationError as exc:
+                raise Unprocessable(f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, which its "
+                                    f"input_schema rejects: {exc.message}", code="invalid_dependency_params",
+                                    details={"dependency": f"{sid}@{ver}"}) from None
+
+    def _check_budget(self, closure: list[tuple[str, int]]) -> None:
+        """Live subscriptions pin their functions: refuse one that could never be deployed."""
+        live = self.store.live_versions()
+        wanted = live | set(closure)
+        if len(wanted) > self.cfg.function_budget and len(wanted) > len(live):
+            raise Conflict(f"the function budget ({self.cfg.function_budget}) is full of versions with live "
+                           "subscriptions", code="function_budget_full",
+                           details={"function_budget": self.cfg.function_budget, "pinned": len(live)})
+
+    # ----------------------------------------------------------------- signals
+
+    def signal(self, principal: Principal, instrument_key: str, script_id: str,
+               query: Mapping[str, str]) -> dict[str, Any]:
+        tier_of(principal, self.cfg)
+        instrument = ids.instrument_key(instrument_key)
+        self.registry.list_versions(principal, script_id)  # 404 invisible, 403 not entitled to any version
+        allowed = {"timeframe", "params", "params_hash", "history", "start", "end"}
+        unknown = sorted(set(query) - allowed)
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
+        timeframe = ids.timeframe(query.get("timeframe") or "")
+        phash = _params_hash_param(query)
+        key = latest_key(principal.tenant, instrument, timeframe, script_id, phash)
+        try:
+            raw = self.redis.hget(key, "payload")
+        except redis.RedisError:
+            raise ServiceUnavailable("signal cache temporarily unavailable", code="cache_unavailable",
+                                     headers={"Retry-After": "1"}) from None
+        if raw is None:
+            raise NotFound(f"no realtime output of {script_id} for {instrument} {timeframe} (params_hash {phash})",
+                           code="no_signal")
+        payload = json.loads(raw)
+        out: dict[str, Any] = {"instrument_key": instrument, "timeframe": timeframe,
+                               "indicator": f"custom:{script_id}", "script_id": script_id, "params_hash": phash,
+                               "value": payload["value"], "timestamp": payload["timestamp"],
+                               "metadata": payload.get("metadata") or {}}
+        history, start, end = query.get("history"), _epoch(query, "start"), _epoch(query, "end")
+        if history or start is not None or end is not None:
+            limit = _int(history, "history", 1, MAX_HISTORY) if history else 200
+            out["history"] = self.outputs.history(principal.tenant, script_id, instrument, timeframe, phash,
+                                                  as_of=time.time(), start=start, end=end, limit=limit)
+        return out
+
+
+def _int(raw: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
+    if not low <= value <= high:
+        raise Unprocessable(f"{name} must be between {low} and {high}", code="invalid_parameter")
+    return value
+
+
+def _epoch(query: Mapping[str, str], name: str) -> float | None:
+    raw = query.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be epoch seconds", code="invalid_parameter") from None
+    if not 0 <= value <= 4_102_444_800:
+        raise Unprocessable(f"{name} out of range", code="invalid_parameter")
+    return value
+
+
+def _params_hash_param(query: Mapping[str, str]) -> str:
+    raw_hash, raw_params = query.get("params_hash"), query.get("params")
+    if raw_hash and raw_params:
+        raise BadRequest("give either params or params_hash, not both", code="invalid_parameter")
+    if raw_hash:
+        if len(raw_hash) > 64 or not all(c in "0123456789abcdef" for c in raw_hash):
+            raise Unprocessable("invalid params_hash", code="invalid_parameter")
+        return raw_hash
+    if raw_params:
+        try:
+            params = json.loads(raw_params)
+        except ValueError:
+            raise BadRequest("params is not valid JSON", code="invalid_parameter") from None
+        if not isinstance(params, dict):
+            raise Unprocessable("params must be a JSON object", code="invalid_parameter")
+        return params_hash(params)
+    return params_hash({})
+
+
+@functools.cache
+def default_service() -> RealtimeService:
+    from customscripts.registry.api import service
+
+    cfg = settings()
+    pool = db.pool()
+    client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=2, socket_connect_timeout=2)
+    return RealtimeService(service(), SubscriptionStore(pool), OutputStore(pool), client, cfg)
+
+
+
+__all__ = [
+    "RealtimeService",
+    "SignalView",
+    "SubscribeBody",
+    "Subscription",
+    "SubscriptionList",
+    "SubscriptionView",
+    "default_service",
+]
