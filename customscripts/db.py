@@ -7,6 +7,7 @@ under an advisory lock so several processes starting together apply them once.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import psycopg
@@ -66,12 +67,31 @@ def timescaledb_available(conn: psycopg.Connection) -> bool:
     return row is not None
 
 
+# A pooled connection idle for longer than this is revalidated (one round trip) before it is handed
+# out. Used more recently, it was fine a moment ago: checking it on every checkout cost a round trip
+# per query (~0.1 ms each, a dozen per execute), and a PostgreSQL restart takes longer than this.
+CHECK_IDLE_S = 1.0
+_RETURNED_AT = "_cs_returned_at"
+
+
+def _mark_returned(conn: psycopg.Connection) -> None:
+    """Pool `reset` hook: remember when the connection went back to the pool."""
+    setattr(conn, _RETURNED_AT, time.monotonic())
+
+
+def check_if_idle(conn: psycopg.Connection) -> None:
+    """Pool `check` hook: ping only connections idle for more than CHECK_IDLE_S (or never used)."""
+    returned = getattr(conn, _RETURNED_AT, None)
+    if returned is None or time.monotonic() - returned > CHECK_IDLE_S:
+        ConnectionPool.check_connection(conn)
+
+
 @functools.cache
 def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
     """A process-wide pool per DSN (the writer DSN by default)."""
-    # `check` revalidates a connection when it is handed out, so a PostgreSQL restart costs one
-    # reconnect instead of an error on every pooled connection.
+    # `check` revalidates a connection idle for a while when it is handed out, so a PostgreSQL restart
+    # costs one reconnect instead of an error on every pooled connection.
     p = ConnectionPool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True,
-                       kwargs={"autocommit": True}, check=ConnectionPool.check_connection)
+                       kwargs={"autocommit": True}, check=check_if_idle, reset=_mark_returned)
     p.wait(timeout=30)
     return p

@@ -29,6 +29,7 @@ from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.registry.catalog import ScriptRow
 from customscripts.registry.models import ScriptMeta
 from customscripts.registry.service import RegistryService
 from customscripts.sandbox.invocation import mint_invocation_token
@@ -106,6 +107,14 @@ class Invoker:
             raise Conflict(f"{script_id} has no published version {version}", code="not_published")
         return meta, source
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - as version(): immutable, one Invoker per process
+    def params_validator(self, script_id: str, version: int) -> jsonschema.protocols.Validator:
+        """The version's input_schema validator, its schema checked once (validate() re-checks per call)."""
+        schema = self.version(script_id, version)[0].input_schema or {}
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        return cls(schema)
+
     def _deploy(self, script_id: str, version: int) -> None:
         meta, source = self.version(script_id, version)
         built = render_context(script_id, version, source, meta.model_dump(mode="json"))
@@ -181,22 +190,24 @@ class Executor:
                        for e in exc.errors(include_url=False, include_input=False)[:20]]
             raise Unprocessable("execute body is invalid", code="invalid_body", details=details) from None
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
-        version = body.version or self._latest(principal, script_id)
+        row = None
+        if body.version is None:
+            row = self._script_row(principal, script_id)
+        version = body.version or self._latest(row)
         p_hash = params_hash(body.params)
         audit = functools.partial(self.registry.catalog.audit, action="execute", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
                                   call_id=call_id, params_hash=p_hash)
         try:
-            closure = self.registry.check_execution(principal, script_id, version)
+            closure = self.registry.check_execution(principal, script_id, version, row)
         except Forbidden as exc:
             audit(status="denied", detail=exc.message[:500])
             raise
-        meta, _ = self.invoker.version(script_id, version)
-        try:
-            jsonschema.validate(body.params, meta.input_schema or {})
-        except jsonschema.ValidationError as exc:
-            raise Unprocessable(f"params do not match the script's input_schema: {exc.message}",
-                                code="invalid_params", details={"path": list(exc.absolute_path)}) from None
+        error = jsonschema.exceptions.best_match(self.invoker.params_validator(script_id, version)
+                                                 .iter_errors(body.params))
+        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
+            raise Unprocessable(f"params do not match the script's input_schema: {error.message}",
+                                code="invalid_params", details={"path": list(error.absolute_path)})
         scope = Scope(principal.user_id, principal.tenant, principal.tier)
         as_of = body.timestamp if body.timestamp is not None else time.time()
         token = self.invoker.execution_token(script_id, version, scope, as_of, closure, call_id)
@@ -228,12 +239,18 @@ class Executor:
             "stdout": result.get("stdout", ""), "stderr": result.get("stderr", ""),
         }
 
-    def _latest(self, principal: Principal, script_id: str) -> int:
+    def _script_row(self, principal: Principal, script_id: str) -> ScriptRow:
+        """The catalog row, read once per execute: it names the latest version and check_execution
+        reuses it. Another tenant's private script is a 404 here too (not a 409 revealing it exists)."""
         row = self.registry.catalog.get_script(script_id)
         if row is None:
             raise NotFound(f"script {script_id} not found", code="script_not_found")
+        return self.registry._visible(principal, row)
+
+    @staticmethod
+    def _latest(row: ScriptRow) -> int:
         if not row.latest_version:
-            raise Conflict(f"script {script_id} has no published version", code="not_published")
+            raise Conflict(f"script {row.script_id} has no published version", code="not_published")
         return row.latest_version
 
 

@@ -1,21 +1,26 @@
 """A small client for the OpenFaaS gateway REST API (the calls faas-cli makes), minio/redis-py style.
 
 The same client talks to a real OpenFaaS gateway and to the local provider, so the platform's
-deploy and invoke code is identical in both. One keep-alive `requests.Session` is reused for every
-call; `/system/*` calls carry basic auth, invocations do not (CE invocation routes are open).
+deploy and invoke code is identical in both. `/system/*` calls go through one keep-alive
+`requests.Session` and carry basic auth; invocations (the hot path: every execute) go through a
+pooled `http.client` connection (`KeepAlivePool`, ~0.4 ms cheaper per call) and carry no auth
+(CE invocation routes are open).
 """
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from customscripts.config import settings
+from customscripts.http import KeepAlivePool, RawReply
 
 NAMESPACE = "openfaas-fn"
 
@@ -49,11 +54,11 @@ class InvokeResult:
         return json.loads(self.body)
 
 
-def _gateway_missing(resp: requests.Response) -> bool:
+def _gateway_missing(status: int, headers: Mapping[str, str], body: bytes) -> bool:
     """A 404 produced by the gateway/provider itself rather than by the function's own routing."""
-    if resp.status_code != 404:
+    if status != 404:
         return False
-    return "X-OpenFaaS-Internal" in resp.headers or resp.content.startswith(b"error finding function")
+    return "X-OpenFaaS-Internal" in headers or body.startswith(b"error finding function")
 
 
 class OpenFaaSClient:
@@ -71,9 +76,15 @@ class OpenFaaSClient:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._pool: KeepAlivePool | None = None
+        self._prefix = ""
+        if self.base_url.startswith("http://"):
+            self._pool, self._prefix = KeepAlivePool.for_url(self.base_url, maxsize=32)
 
     def close(self) -> None:
         self.session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self) -> OpenFaaSClient:
         return self
@@ -155,17 +166,26 @@ class OpenFaaSClient:
                path: str = "", method: str = "POST", params: Mapping[str, str] | None = None,
                timeout: float | None = None) -> InvokeResult:
         """Synchronous call to `/function/{name}{path}`; the function's own status is returned as is."""
-        url = f"{self.base_url}/function/{name}"
+        route = f"/function/{name}"
         if path:
-            url += path if path.startswith("/") else "/" + path
-        try:
-            resp = self.session.request(method, url, data=body, headers=dict(headers or {}), params=params,
-                                        timeout=timeout or self.invoke_timeout)
-        except requests.RequestException as exc:
-            raise FaasError(f"invoke {name!r} failed: {exc}") from exc
-        if _gateway_missing(resp):
-            raise FunctionNotFound(f"function {name!r} not found", 404, resp.text)
-        return InvokeResult(resp.status_code, resp.content, resp.headers)
+            route += path if path.startswith("/") else "/" + path
+        data = body.encode() if isinstance(body, str) else body
+        if self._pool is not None:
+            target = self._prefix + route + (f"?{urlencode(params)}" if params else "")
+            try:
+                reply = self._pool.request(method, target, data, headers, timeout=timeout or self.invoke_timeout)
+            except (OSError, http.client.HTTPException) as exc:
+                raise FaasError(f"invoke {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        else:
+            try:
+                resp = self.session.request(method, self.base_url + route, data=data, headers=dict(headers or {}),
+                                            params=params, timeout=timeout or self.invoke_timeout)
+            except requests.RequestException as exc:
+                raise FaasError(f"invoke {name!r} failed: {exc}") from exc
+            reply = RawReply(resp.status_code, resp.headers, resp.content)  # type: ignore[arg-type]
+        if _gateway_missing(reply.status, reply.headers, reply.body):
+            raise FunctionNotFound(f"function {name!r} not found", 404, reply.text)
+        return InvokeResult(reply.status, reply.body, reply.headers)
 
     def invoke_async(self, name: str, body: bytes | str | None = b"", callback_url: str | None = None,
                      headers: Mapping[str, str] | None = None, path: str = "") -> str:
@@ -180,7 +200,7 @@ class OpenFaaSClient:
             resp = self.session.post(url, data=body, headers=hdrs, timeout=self.timeout)
         except requests.RequestException as exc:
             raise FaasError(f"async invoke {name!r} failed: {exc}") from exc
-        if _gateway_missing(resp):
+        if _gateway_missing(resp.status_code, resp.headers, resp.content):
             raise FunctionNotFound(f"function {name!r} not found", 404, resp.text)
         if resp.status_code != 202:
             raise FaasError(f"async invoke {name!r} failed", resp.status_code, resp.text)

@@ -36,7 +36,6 @@ import queue
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,7 +44,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +53,7 @@ import requests
 from customscripts import logs
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas.naming import is_dns1123, label_value
+from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse
 
 log = logs.get("customscripts.faas.provider")
 
@@ -72,6 +71,9 @@ SECRET_ENV = frozenset({"CS_JWT_SECRET", "CS_INVOCATION_SECRET", "CS_EXECUTION_T
 _STR_MAPS = ("envVars", "labels", "annotations")
 _STR_LISTS = ("secrets", "constraints")
 MAX_BODY = 64 << 20
+PROXY_MAX_INFLIGHT = 4096
+UPSTREAM_POOL_SIZE = 64  # idle keep-alive connections kept per function process
+PROXY_IDLE_TIMEOUT_S = 300.0
 
 
 class DeployError(Exception):
@@ -139,33 +141,22 @@ class FunctionProcess:
     started_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     inflight: int = 0
-    pool: queue.LifoQueue = field(default_factory=queue.LifoQueue)
+    pool: KeepAlivePool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = KeepAlivePool("127.0.0.1", self.port, maxsize=UPSTREAM_POOL_SIZE)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def connection(self, timeout: float) -> http.client.HTTPConnection:
-        try:
-            conn = self.pool.get_nowait()
-            conn.timeout = timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            return conn
-        except queue.Empty:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return conn
+    def connection(self, timeout: float) -> ClientConnection:
+        return self.pool.checkout(timeout, timeout)[0]
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        self.pool.put(conn)
+    def release(self, conn: ClientConnection) -> None:
+        self.pool.release(conn)
 
     def close_pool(self) -> None:
-        while True:
-            try:
-                self.pool.get_nowait().close()
-            except queue.Empty:
-                return
+        self.pool.close()
 
 
 @dataclass
@@ -211,7 +202,7 @@ class Provider:
         self._async_q: queue.Queue = queue.Queue(maxsize=10000)
         self._async_workers = async_workers
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HandlerServer | None = None
         self._threads: list[threading.Thread] = []
         self._callbacks = requests.Session()
         self._load()
@@ -469,19 +460,13 @@ class Provider:
             fp = self.ensure_running(name)
             fp.inflight += 1
             fp.last_used = time.monotonic()
-            conn: http.client.HTTPConnection | None = None
+            conn: ClientConnection | None = None
             try:
                 conn = fp.connection(self.upstream_timeout)
-                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-                for key, value in headers:
-                    conn.putheader(key, value)
-                if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-                    conn.putheader("Content-Length", str(len(body)))
-                conn.endheaders(body or None)
-                resp = conn.getresponse()
-                data = resp.read()
-                result = UpstreamResult(resp.status, resp.getheaders(), data, time.perf_counter() - start)
-                if resp.will_close:
+                send_body = body if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS") else None
+                status, rheaders, data, will_close = conn.request(method, target, headers, send_body, host=False)
+                result = UpstreamResult(status, rheaders, data, time.perf_counter() - start)
+                if will_close:
                     conn.close()
                 else:
                     fp.release(conn)
@@ -571,17 +556,14 @@ class Provider:
 
     def start(self) -> Provider:
         """Bind and serve in background threads (tests and embedding); returns self."""
-        handler = type("BoundHandler", (_Handler,), {"provider": self})
-        server = ThreadingHTTPServer((self.host, self.port), handler, bind_and_activate=False)
-        server.daemon_threads = True
-        server.request_queue_size = 256
-        server.allow_reuse_address = True
-        server.server_bind()
-        server.server_activate()
+        # Calls nest (registry-fn -> script function -> gateway-fn all come back through here), so
+        # the number of requests in flight is not capped here: each function process caps its own.
+        server = HandlerServer(_Front(self), self.host, self.port, threads=PROXY_MAX_INFLIGHT,
+                               idle_timeout=PROXY_IDLE_TIMEOUT_S, backlog=256, max_body=MAX_BODY,
+                               name="provider", with_peer=True)
         self._server = server
-        self.port = server.server_address[1]
-        threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                    name="provider-http", daemon=True),
+        self.port = server.port
+        threads = [threading.Thread(target=server.serve_forever, name="provider-http", daemon=True),
                    threading.Thread(target=self._reap_idle, name="provider-idle", daemon=True)]
         threads += [threading.Thread(target=self._async_worker, name=f"provider-async-{i}", daemon=True)
                     for i in range(self._async_workers)]
@@ -594,8 +576,7 @@ class Provider:
     def stop(self) -> None:
         self._stopping.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
         for name in list(self.processes):
             self.stop_function(name)
         with self._lock:
@@ -620,146 +601,105 @@ def _split_name(segment: str) -> str | None:
     return name
 
 
-class _Handler(BaseHTTPRequestHandler):
-    provider: Provider
-    protocol_version = "HTTP/1.1"
-    server_version = f"{PROVIDER_NAME}/{VERSION}"
-    disable_nagle_algorithm = True
+@dataclass
+class _Call:
+    """One request to the provider, as the front end sees it."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # access logs only at debug level
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(format, *args)
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    header_list: list[tuple[str, str]]
+    body: bytes
+    peer: str
 
-    # ---- plumbing
 
-    def _read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                total += size
-                if total > MAX_BODY:
-                    raise DeployError("request body too large", 413)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise DeployError("request body too large", 413)
-        return self.rfile.read(length) if length else b""
+def _reply(status: int, body: bytes | str = b"", headers: list[tuple[str, str]] | None = None,
+           content_type: str | None = "text/plain; charset=utf-8") -> RawResponse:
+    """A response: hop-by-hop headers dropped, a Content-Type unless one is given (or 204/304)."""
+    data = body.encode() if isinstance(body, str) else body
+    out = [(k, v) for k, v in headers or [] if k.lower() not in HOP_BY_HOP]
+    if content_type and status not in (204, 304) and not any(k.lower() == "content-type" for k, _ in out):
+        out.append(("Content-Type", content_type))
+    return status, out, data
 
-    def _send(self, status: int, body: bytes | str = b"", headers: list[tuple[str, str]] | None = None,
-              content_type: str | None = "text/plain; charset=utf-8") -> None:
-        data = body.encode() if isinstance(body, str) else body
-        lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"]
-        has_ct = False
-        for key, value in headers or []:
-            if key.lower() in HOP_BY_HOP:
-                continue
-            has_ct = has_ct or key.lower() == "content-type"
-            lines.append(f"{key}: {value}\r\n")
-        if not has_ct and content_type and status not in (204, 304):
-            lines.append(f"Content-Type: {content_type}\r\n")
-        lines.append(f"Content-Length: {len(data)}\r\n")
-        if self.close_connection:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1")
-        if self.command != "HEAD":
-            payload += data
-        self.wfile.write(payload)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj), content_type="application/json")
+def _json_reply(status: int, obj: Any) -> RawResponse:
+    return _reply(status, json.dumps(obj), content_type="application/json")
 
-    def _authorised(self) -> bool:
-        given = self.headers.get("Authorization") or ""
-        if hmac.compare_digest(given.encode(), self.provider._auth.encode()):
-            return True
-        self._send(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
-        return False
 
-    # ---- dispatch
+class _Front:
+    """The provider's HTTP front end: the gateway routes, served by `HandlerServer` (a thread per
+    keep-alive connection, no per-request header parsing through the email package)."""
 
-    def _dispatch(self) -> None:
-        try:
-            body = self._read_body()
-        except (ValueError, DeployError):
-            self.close_connection = True
-            self._send(400, "invalid request body\n")
-            return
-        url = urlsplit(self.path)
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+
+    def __call__(self, method: str, target: str, header_list: list[tuple[str, str]], body: bytes,
+                 peer: str) -> RawResponse:
+        url = urlsplit(target)
+        call = _Call(method, url.path, url.query, Headers(header_list), header_list, body, peer)
         path = url.path
         try:
             if path == "/healthz":
-                if self.command in ("GET", "HEAD"):
-                    self._send(200, "OK")
-                else:
-                    self._send(405, "Method Not Allowed\n")
-            elif path.startswith("/function/"):
-                self._invoke(path[len("/function/"):], url.query, body)
-            elif path.startswith("/async-function/"):
-                self._invoke_async(path[len("/async-function/"):], url.query, body)
-            elif path.startswith("/system/"):
-                if self._authorised():
-                    self._system(path, url.query, body)
-            else:
-                self._send(404, "404 page not found\n")
+                if method in ("GET", "HEAD"):
+                    return _reply(200, "OK")
+                return _reply(405, "Method Not Allowed\n")
+            if path.startswith("/function/"):
+                return self._invoke(call, path[len("/function/"):])
+            if path.startswith("/async-function/"):
+                return self._invoke_async(call, path[len("/async-function/"):])
+            if path.startswith("/system/"):
+                denied = self._unauthorised(call)
+                return denied if denied is not None else self._system(call)
+            return _reply(404, "404 page not found\n")
         except DeployError as exc:
-            self._send(exc.status, str(exc) + "\n")
+            return _reply(exc.status, str(exc) + "\n")
         except Exception as exc:  # never let one request take the server down
-            log.exception("provider error on %s %s", self.command, path)
-            self._send(500, f"internal error: {exc}\n")
+            log.exception("provider error on %s %s", method, path)
+            return _reply(500, f"internal error: {exc}\n")
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+    def _unauthorised(self, call: _Call) -> RawResponse | None:
+        given = call.headers.get("Authorization") or ""
+        if hmac.compare_digest(given.encode(), self.provider._auth.encode()):
+            return None
+        return _reply(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
 
-    def _system(self, path: str, query: str, body: bytes) -> None:
+    def _system(self, call: _Call) -> RawResponse:
         p = self.provider
-        method = self.command
+        method, path, body = call.method, call.path, call.body
         if path == "/system/functions":
             if method == "GET":
-                self._json(200, p.list())
-                return
+                return _json_reply(200, p.list())
             if method in ("POST", "PUT", "DELETE"):
                 try:
                     payload = json.loads(body) if body.strip() else None
                 except ValueError as exc:
                     raise DeployError(f"unable to unmarshal request: {exc}") from None
                 if method == "DELETE":
-                    self._send(p.remove(payload))
-                else:
-                    self._send(p.deploy(payload, create=method == "POST"))
-                return
+                    return _reply(p.remove(payload))
+                return _reply(p.deploy(payload, create=method == "POST"))
         elif path.startswith("/system/function/") and method == "GET":
             name = _split_name(path[len("/system/function/"):])
             status = p.status(name) if name else None
             if status is None:
-                self._send(404, f"function {name} not found\n")
-            else:
-                self._json(200, status)
-            return
+                return _reply(404, f"function {name} not found\n")
+            return _json_reply(200, status)
         elif path == "/system/info" and method == "GET":
-            self._json(200, {
+            return _json_reply(200, {
                 "provider": {"provider": PROVIDER_NAME, "orchestration": "process",
                              "version": {"release": VERSION, "sha": "local", "commit_message": ""}},
                 "version": {"release": VERSION, "sha": "local", "commit_message": ""},
                 "arch": os.uname().machine,
             })
-            return
         elif path == "/system/namespaces" and method == "GET":
-            self._json(200, [NAMESPACE])
-            return
+            return _json_reply(200, [NAMESPACE])
         else:
-            self._send(404, "404 page not found\n")
-            return
-        self._send(405, "Method Not Allowed\n")
+            return _reply(404, "404 page not found\n")
+        return _reply(405, "Method Not Allowed\n")
 
-    def _route(self, rest: str, query: str) -> tuple[str | None, str]:
+    @staticmethod
+    def _route(rest: str, query: str) -> tuple[str | None, str]:
         segment, slash, sub = rest.partition("/")
         name = _split_name(segment)
         target = "/" + sub if slash else "/"
@@ -767,39 +707,36 @@ class _Handler(BaseHTTPRequestHandler):
             target += "?" + query
         return name, target
 
-    def _forward_headers(self, call_id: str, start_time: str) -> list[tuple[str, str]]:
-        headers = [(k, v) for k, v in self.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("x-call-id", "x-start-time")]
+    @staticmethod
+    def _forward_headers(call: _Call, call_id: str, start_time: str) -> list[tuple[str, str]]:
+        headers = [(k, v) for k, v in call.header_list
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("x-call-id", "x-start-time", "expect")]
         headers.append(("X-Call-Id", call_id))
         headers.append(("X-Start-Time", start_time))
-        if self.headers.get("X-Forwarded-For") is None:
-            headers.append(("X-Forwarded-For", self.client_address[0]))
-        if self.headers.get("X-Forwarded-Host") is None and self.headers.get("Host"):
-            headers.append(("X-Forwarded-Host", self.headers["Host"]))
+        if call.headers.get("X-Forwarded-For") is None:
+            headers.append(("X-Forwarded-For", call.peer))
+        if call.headers.get("X-Forwarded-Host") is None and call.headers.get("Host"):
+            headers.append(("X-Forwarded-Host", call.headers["Host"]))
         return headers
 
-    def _invoke(self, rest: str, query: str, body: bytes) -> None:
+    def _invoke(self, call: _Call, rest: str) -> RawResponse:
         p = self.provider
-        name, target = self._route(rest, query)
-        call_id = self.headers.get("X-Call-Id") or str(uuid.uuid4())
+        name, target = self._route(rest, call.query)
+        call_id = call.headers.get("X-Call-Id") or str(uuid.uuid4())
         start_time = str(time.time_ns())
         ids = [("X-Call-Id", call_id), ("X-Start-Time", start_time), ("X-OpenFaaS-Internal", "proxy")]
         if not name or name not in p.deployments:
-            self._send(404, f"error finding function {name}: not found\n", ids)
-            return
+            return _reply(404, f"error finding function {name}: not found\n", ids)
         token = logs.call_id_var.set(call_id)
         try:
-            result = p.call(name, self.command, target, self._forward_headers(call_id, start_time), body)
+            result = p.call(name, call.method, target, self._forward_headers(call, call_id, start_time), call.body)
         except KeyError:
-            self._send(404, f"error finding function {name}: not found\n", ids)
-            return
+            return _reply(404, f"error finding function {name}: not found\n", ids)
         except TimeoutError:
-            self._send(504, f"Upstream timed out for: {name}\n", ids)
-            return
+            return _reply(504, f"Upstream timed out for: {name}\n", ids)
         except Exception as exc:
             logs.event(log, "function unreachable", logging.WARNING, function=name, error=str(exc))
-            self._send(500, f"Can't reach service for: {name}.\n", ids)
-            return
+            return _reply(500, f"Can't reach service for: {name}.\n", ids)
         finally:
             logs.call_id_var.reset(token)
         p.count_invocation(name)
@@ -807,34 +744,31 @@ class _Handler(BaseHTTPRequestHandler):
         headers += [("X-Call-Id", call_id), ("X-Start-Time", start_time),
                     ("X-Duration-Seconds", f"{result.duration:.6f}"),
                     ("X-Served-By", f"{PROVIDER_NAME}/{VERSION}")]
-        fallback = self.headers.get("Content-Type") or "text/plain"
-        self._send(result.status, result.body, headers, content_type=fallback)
+        fallback = call.headers.get("Content-Type") or "text/plain"
+        return _reply(result.status, result.body, headers, content_type=fallback)
 
-    def _invoke_async(self, rest: str, query: str, body: bytes) -> None:
+    def _invoke_async(self, call: _Call, rest: str) -> RawResponse:
         p = self.provider
-        if self.command != "POST":
-            self._send(405, "Method Not Allowed\n")
-            return
-        name, target = self._route(rest, query)
-        call_id = self.headers.get("X-Call-Id") or str(uuid.uuid4())
+        if call.method != "POST":
+            return _reply(405, "Method Not Allowed\n")
+        name, target = self._route(rest, call.query)
+        call_id = call.headers.get("X-Call-Id") or str(uuid.uuid4())
         start_time = str(time.time_ns())
         ids = [("X-Call-Id", call_id), ("X-Start-Time", start_time)]
         if not name or name not in p.deployments:
-            self._send(404, f"error finding function {name}: not found\n", [*ids, ("X-OpenFaaS-Internal", "proxy")])
-            return
-        callback = self.headers.get("X-Callback-Url")
+            return _reply(404, f"error finding function {name}: not found\n", [*ids, ("X-OpenFaaS-Internal", "proxy")])
+        callback = call.headers.get("X-Callback-Url")
         if callback:
             parts = urlsplit(callback)
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                self._send(400, f"X-Callback-Url is not a valid URL: {callback}\n", ids)
-                return
-        headers = [(k, v) for k, v in self._forward_headers(call_id, start_time) if k.lower() != "x-callback-url"]
+                return _reply(400, f"X-Callback-Url is not a valid URL: {callback}\n", ids)
+        headers = [(k, v) for k, v in self._forward_headers(call, call_id, start_time)
+                   if k.lower() != "x-callback-url"]
         try:
-            p._async_q.put_nowait((name, call_id, "POST", target, headers, body, callback))
+            p._async_q.put_nowait((name, call_id, "POST", target, headers, call.body, callback))
         except queue.Full:
-            self._send(500, "async queue is full\n", ids)
-            return
-        self._send(202, b"", ids)
+            return _reply(500, "async queue is full\n", ids)
+        return _reply(202, b"", ids)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -3,7 +3,9 @@
 `python -m customscripts.faas.runner <dir>` imports `handle` from `<dir>/function/handler.py` (a
 shrinkwrapped build context, as faas-cli lays it out) or `<dir>/handler.py` (a bare handler
 folder such as `registry-fn/`), exactly as index.py does (`from function import handler`), and
-serves it with Flask + waitress on an ephemeral loopback port. The port is written to the file
+serves it on an ephemeral loopback port with `customscripts.http.HandlerServer`: the python3-http
+contract and the responses index.py's Flask + waitress give, at a fraction of their per-request
+cost (every one-time execute crosses three function processes). The port is written to the file
 descriptor named by CS_FN_READY_FD once the server listens, so the provider needs no port guessing
 and no readiness polling. The process exits when its parent (the provider) goes away.
 """
@@ -47,24 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m customscripts.faas.runner <function-folder>", file=sys.stderr)
         return 2
-    from waitress.server import create_server
-
-    from customscripts.http import flask_app
+    from customscripts.http import HandlerServer
 
     handler = load_handler(Path(args[0]))
     threads = int(os.environ.get("CS_FN_THREADS", "8"))
     # Standalone (no provider) it listens where index.py would: $port, else 5000.
     port = 0 if os.environ.get("CS_FN_READY_FD") else int(os.environ.get("port") or 5000)  # noqa: SIM112 - of-watchdog name
-    server = create_server(flask_app(handler.handle), host="127.0.0.1", port=port, threads=threads,
-                           clear_untrusted_proxy_headers=False, channel_timeout=120)
+    server = HandlerServer.for_handler(handler.handle, "127.0.0.1", port, threads=threads, idle_timeout=120,
+                                       name="fn")
     ready_fd = os.environ.get("CS_FN_READY_FD")
     if ready_fd is not None:
         fd = int(ready_fd)
-        os.write(fd, f"{server.effective_port}\n".encode())  # type: ignore[attr-defined]
+        os.write(fd, f"{server.port}\n".encode())
         os.close(fd)
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.serve_forever()
     return 0
 
 

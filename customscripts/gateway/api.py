@@ -13,6 +13,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,26 @@ MAX_LIMIT = MAX_HISTORY
 CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
 
 _SERIES_PARAMS = {"limit", "start", "end"}
+# Market windows kept per gateway process (the encoded columns of one read each); cleared when full.
+WINDOW_CACHE_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One market read, encoded, with what is needed to prove it is still exact.
+
+    Candles are insert-only (the loader inserts with ON CONFLICT DO NOTHING; nothing updates or
+    deletes them), so a window changes only if a row is inserted inside the interval it was read
+    from: [its oldest row, end] for the latest-N read, [start, its newest row] for a read from
+    `start` (up to `end` when it came back short of `limit`). `count(*)` over that interval equal to
+    the window's row count proves nothing was; one index-only count (~0.15 ms) replaces the window
+    query and its JSON encoding (~0.7 ms). If candles ever get updated in place, drop this cache.
+    """
+
+    columns_json: str
+    rows: int
+    lo: datetime | None
+    hi: datetime
 
 
 def _body(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -109,6 +130,7 @@ class GatewayApi:
         self.cfg = cfg or settings()
         self._pool = pool
         self.limiter = limiter or RateLimiter(self.cfg)
+        self._windows: dict[tuple[str, str, float | None, float, int], _Window] = {}
         self.router = Router()
         r = self.router
         r.route("GET", "/healthz")(self.healthz)
@@ -149,16 +171,51 @@ class GatewayApi:
     def _series(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
                 start: float | None, end: float, limit: int) -> dict[str, list[Any]]:
         """One round trip: the window's rows aggregated into one array per column, in time order."""
+        return self._series_bounds(table, key_sql, key_args, columns, start, end, limit)[0]
+
+    def _series_bounds(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
+                       start: float | None, end: float, limit: int
+                       ) -> tuple[dict[str, list[Any]], datetime | None, datetime | None]:
+        """`_series` plus the window's exact oldest and newest row times (None when it is empty)."""
         inner_order = "ASC" if start is not None else "DESC"
         where = f"{key_sql} AND time <= %s" + (" AND time >= %s" if start is not None else "")
         args = [*key_args, _ts(end)] + ([_ts(start)] if start is not None else []) + [limit]
         values = ", ".join(columns[1:])
         aggs = ", ".join(f"array_agg({c} ORDER BY time)" for c in columns[1:])
-        sql = (f"SELECT array_agg(extract(epoch FROM time)::float8 ORDER BY time), {aggs} "
+        sql = (f"SELECT array_agg(extract(epoch FROM time)::float8 ORDER BY time), {aggs}, min(time), max(time) "
                f"FROM (SELECT time, {values} FROM {table} WHERE {where} "
                f"ORDER BY time {inner_order} LIMIT %s) w")
         row = self._query(sql, args, binary=True)[0]  # binary float8 arrays: ~2x faster than text
-        return {name: list(col or []) for name, col in zip(columns, row, strict=True)}
+        data = {name: list(col or []) for name, col in zip(columns, row[:len(columns)], strict=True)}
+        return data, row[-2], row[-1]
+
+    def _market_columns(self, instrument: str, timeframe: str, start: float | None, end: float,
+                        limit: int) -> str:
+        """The market window's columns as JSON text, from the cache when a count proves it unchanged."""
+        key = (instrument, timeframe, start, end, limit)
+        cached = self._windows.get(key)
+        if cached is not None:
+            where = "instrument_key = %s AND timeframe = %s AND time <= %s"
+            args: list[Any] = [instrument, timeframe, cached.hi]
+            if cached.lo is not None:
+                where += " AND time >= %s"
+                args.append(cached.lo)
+            if self._query(f"SELECT count(*) FROM candles WHERE {where}", args, binary=True)[0][0] == cached.rows:
+                return cached.columns_json
+        columns, oldest, newest = self._series_bounds(
+            "candles", "instrument_key = %s AND timeframe = %s", [instrument, timeframe], CANDLE_COLUMNS,
+            start, end, limit)
+        text = json.dumps(columns, separators=(",", ":"), allow_nan=False)
+        rows = len(columns["time"])
+        full = rows == limit and oldest is not None and newest is not None
+        if start is None:  # the latest `limit` rows at or before end
+            lo, hi = (oldest if full else None), _ts(end)
+        else:  # the first `limit` rows from start
+            lo, hi = _ts(start), (newest if full else _ts(end))
+        if len(self._windows) >= WINDOW_CACHE_SIZE:
+            self._windows.clear()
+        self._windows[key] = _Window(text, rows, lo, hi)
+        return text
 
     # ------------------------------------------------------------------ routes
 
@@ -184,10 +241,12 @@ class GatewayApi:
         instrument = ids.instrument_key(_required(q, "instrument_key"))
         timeframe = ids.timeframe(_required(q, "timeframe"))
         start, end, limit = _window(q, claims)
-        columns = self._series("candles", "instrument_key = %s AND timeframe = %s", [instrument, timeframe],
-                               CANDLE_COLUMNS, start, end, limit)
-        return _body({"instrument_key": instrument, "timeframe": timeframe, "as_of": claims.as_of,
-                      "columns": columns})
+        columns = self._market_columns(instrument, timeframe, start, end, limit)
+        head = json.dumps({"instrument_key": instrument, "timeframe": timeframe, "as_of": claims.as_of},
+                          separators=(",", ":"), allow_nan=False)
+        # byte-for-byte what _body() would encode for the same dict with "columns" last
+        text = f'{head[:-1]},"columns":{columns}}}'
+        return {"statusCode": 200, "body": text, "headers": {"Content-Type": "application/json"}}
 
     def metrics(self, req: Request) -> Response:
         claims = self._authorise(req)

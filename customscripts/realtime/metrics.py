@@ -10,6 +10,11 @@ LATENCY = Histogram("cs_realtime_event_to_published_seconds", "Event entering Je
                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 INVOKE_SECONDS = Histogram("cs_realtime_invoke_seconds", "One batched function invocation",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+QUEUED = Histogram("cs_realtime_event_queued_seconds", "Event entering JetStream to its batch starting "
+                   "(the queueing part of event-to-published)",
+                   buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+PREFETCHED_READS = Counter("cs_realtime_prefetched_reads_total", "Script reads answered from data sent along with "
+                           "the batch instead of gateway-fn")
 BATCH_ITEMS = Histogram("cs_realtime_batch_items", "Items per batched invocation",
                         buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
 

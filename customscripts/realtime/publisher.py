@@ -5,9 +5,10 @@ Key scheme (the built-in indicators' shape, with the tenant first so no read pat
           a hash with `timestamp` and `payload` (`{"value","timestamp","metadata"}` as JSON)
   stream  `signals:stream:{tenant}:{instrument_key}:{timeframe}` (XADD, capped), fields
           `indicator` (`custom:{script_id}`), `params_hash`, `payload`
-Order: history first (idempotent insert), then Redis (one atomic Lua call per output that publishes
-only the first time an event is seen), and only then is the event acknowledged upstream. A retry of
-the same event therefore leaves one row, one stream message and the newest latest value.
+Order: history first (idempotent insert), then Redis (a Lua script that publishes each output only
+the first time its event is seen - one call per REDIS_CHUNK outputs, so a wave of thousands costs a few
+round trips and no per-command client overhead), and only then is the event acknowledged upstream.
+A retry of the same event therefore leaves one row, one stream message and the newest latest value.
 """
 
 from __future__ import annotations
@@ -21,18 +22,25 @@ from customscripts.outputs import OutputRow, OutputStore
 
 STREAM_MAXLEN = 10_000
 SEEN_TTL_S = 7 * 24 * 3600
+REDIS_CHUNK = 500  # outputs per Lua call: Redis stays responsive (a few ms per call)
 
+# KEYS: (seen, latest, stream) per output. ARGV: ttl, maxlen, then (payload, time, indicator,
+# params_hash) per output. Returns how many outputs were new.
 _PUBLISH_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
-  local current = redis.call('HGET', KEYS[2], 'timestamp')
-  if (not current) or tonumber(current) <= tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[2], 'timestamp', ARGV[2], 'payload', ARGV[1])
+local ttl, maxlen, new = ARGV[1], ARGV[2], 0
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = 3 * i, 2 + 4 * i
+  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ttl) then
+    local current = redis.call('HGET', KEYS[k + 2], 'timestamp')
+    if (not current) or tonumber(current) <= tonumber(ARGV[a + 2]) then
+      redis.call('HSET', KEYS[k + 2], 'timestamp', ARGV[a + 2], 'payload', ARGV[a + 1])
+    end
+    redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', maxlen, '*',
+               'indicator', ARGV[a + 3], 'params_hash', ARGV[a + 4], 'payload', ARGV[a + 1])
+    new = new + 1
   end
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*',
-             'indicator', ARGV[4], 'params_hash', ARGV[5], 'payload', ARGV[1])
-  return 1
 end
-return 0
+return new
 """
 
 
@@ -61,22 +69,27 @@ class Publisher:
 
     def publish(self, rows: Sequence[OutputRow]) -> int:
         """Publish a batch of ok outputs; returns how many were new on the stream."""
+        return self.publish_rows(rows)[0]
+
+    def publish_rows(self, rows: Sequence[OutputRow]) -> tuple[int, int]:
+        """Publish a batch of ok outputs; returns (new on the stream, new history rows). The second
+        tells the scheduler whether every row it holds is the one the gateway would now read."""
         rows = [row for row in rows if row.status == "ok"]
         if not rows:
-            return 0
-        self.outputs.write_many(rows)
+            return 0, 0
+        inserted = self.outputs.write_many(rows)
         pipe = self.redis.pipeline(transaction=False)
-        for row in rows:
-            payload = json.dumps(indicator_payload(row), allow_nan=False, separators=(",", ":"))
-            self._publish(
-                keys=[_seen_key(row),
-                      latest_key(row.tenant, row.instrument_key, row.timeframe, row.script_id, row.params_hash),
-                      stream_key(row.tenant, row.instrument_key, row.timeframe)],
-                args=[payload, float(row.time), SEEN_TTL_S, f"custom:{row.script_id}", row.params_hash,
-                      STREAM_MAXLEN],
-                client=pipe,
-            )
-        return sum(int(x) for x in pipe.execute())
+        for i in range(0, len(rows), REDIS_CHUNK):
+            keys: list[str] = []
+            args: list[str | float | int] = [SEEN_TTL_S, STREAM_MAXLEN]
+            for row in rows[i:i + REDIS_CHUNK]:
+                payload = json.dumps(indicator_payload(row), allow_nan=False, separators=(",", ":"))
+                keys += (_seen_key(row),
+                         latest_key(row.tenant, row.instrument_key, row.timeframe, row.script_id, row.params_hash),
+                         stream_key(row.tenant, row.instrument_key, row.timeframe))
+                args += (payload, float(row.time), f"custom:{row.script_id}", row.params_hash)
+            self._publish(keys=keys, args=args, client=pipe)
+        return sum(int(x) for x in pipe.execute()), inserted
 
     def latest(self, tenant: str, instrument_key: str, timeframe: str, script_id: str,
                params_hash: str) -> dict | None:

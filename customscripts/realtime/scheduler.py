@@ -9,20 +9,29 @@ name, so they share the work):
 3. build evaluations — one per (tenant, script version, params, instrument, timeframe, event time),
    shared by every subscriber of the tenant that asks for it (outputs belong to the tenant, not to a
    user) — and add each one's dependencies for the same event with params `{}`;
-4. order them in dependency waves; per wave, batch the evaluations of one function *and one tenant*
-   into one invocation (`{"items": [...]}`; an item carries its own execution token only when its
-   principal or as-of time differs from the batch's), invoke the functions of a wave in parallel,
-   validate, and publish the wave before the next starts — so a dependent reading its dependency's
-   output "as of the event" reads this event's value;
-5. a dependent of a dependency that did not produce an ok output for this event is
+4. fetch, in one query, the candle windows of every instrument a market-reading script of the batch
+   is evaluated on (customscripts.realtime.prefetch);
+5. order them in dependency waves; per wave, batch the evaluations of one function *and one tenant*
+   into one invocation (`{"items": [...]}` in event-time order; an item carries its own execution
+   token only when its principal or as-of time differs from the batch's; `prefetch`: the candle
+   windows and the outputs of the items' direct dependencies for these events, MAC-signed, answered
+   by the function's supervisor instead of gateway-fn when provably identical), invoke the functions
+   of a wave in parallel, validate, and publish the outputs a later wave reads before it starts — so
+   a dependent reading its dependency's output "as of the event" reads this event's value; the other
+   outputs are published in the background while the next waves run;
+6. a dependent of a dependency that did not produce an ok output for this event is
    `dependency_failed` and is never invoked (it would otherwise read the previous event's value);
-6. only after every wave is published are the NATS messages acknowledged. A failure of Redis,
+7. only after every output is published are the NATS messages acknowledged. A failure of Redis,
    PostgreSQL or the data gateway (transient) leaves the batch unacknowledged (nak with delay) and it is
    redelivered; publishing is idempotent, so nothing is lost or duplicated.
 
 Batches never mix tenants in one sandboxed child: items of one child share module state, and tenants
 must not. Different users of one tenant may share a batch (their outputs are the tenant's anyway;
-each item's reads are still authorised by its own token).
+each item's reads are still authorised by its own token). For the same reason items run in event-time
+order: nothing a script read for a later event can be kept for an earlier one.
+
+Latency: event -> published = queued (JetStream, the fetch, the batch before this one: `queued_s`)
++ work (plan, prefetch, the waves and their publishing). The report and RunStats keep both.
 
 Timer events: with `CS_SCHEDULER_TIMERS=1m,1h` every replica publishes a tick on
 `{nats_subject_prefix}._timer.{tf}` at each timeframe boundary, with a Nats-Msg-Id of the boundary so
@@ -41,24 +50,31 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError
 from customscripts.execution import Invoker, Scope, check_result
+from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.realtime import metrics
+from customscripts.realtime.prefetch import DEFAULT_BARS, MAX_BARS, MarketWindows, Window, encode, output_entry
 from customscripts.realtime.publisher import Publisher
 from customscripts.realtime.subscriptions import Subscription, SubscriptionStore
 from customscripts.realtime.waves import waves
+from customscripts.sandbox.invocation import sign_prefetch
 
 log = logs.get("customscripts.scheduler")
 
 TIMER_TOKEN = "_timer"
+BUDGET_RECHECK_S = 60.0
+_NO_PARAMS = params_hash({})  # dependencies are evaluated with params {}
+MAX_WINDOWS_PER_CALL = 256  # prefetched candle windows per invocation
+PREFETCH_BYTES = 4 << 20  # and at most about this much of them: bodies stay well under the function's 8 MiB
 GIVE_UP_AFTER_DELIVERIES = 50  # a transient failure that lasts this long is logged and dropped
 
 
@@ -72,9 +88,9 @@ class Event:
     received: float = field(default=0.0, compare=False)  # when it entered JetStream (latency origin)
 
 
-@dataclass(frozen=True)
-class Node:
-    """One evaluation: a script version with params, for one tenant, on one event."""
+class Node(NamedTuple):
+    """One evaluation: a script version with params, for one tenant, on one event (a tuple: planning
+    builds and hashes thousands per batch)."""
 
     tenant: str
     script_id: str
@@ -107,8 +123,34 @@ class BatchReport:
     published: int = 0
     retry: bool = False  # a transient failure: leave the events unacknowledged
     latencies_s: list[float] = field(default_factory=list)  # event received -> published, per evaluation
+    queued_s: list[float] = field(default_factory=list)  # event received -> batch started, per evaluation
     results: dict[Node, Evaluation] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)  # plan, wave<k>, publish<k>: where time goes
+    prefetched_reads: int = 0  # reads the functions answered from what the batch sent along
+
+
+@dataclass
+class BatchData:
+    """What one batch's invocations may be sent along (see customscripts.realtime.prefetch)."""
+
+    deps: dict[Node, list[Node]] = field(default_factory=dict)
+    windows: dict[tuple[str, str], Window] = field(default_factory=dict)
+    events: dict[tuple[str, str], int] = field(default_factory=dict)  # distinct event times per window
+    outputs: dict[Node, dict[str, Any]] = field(default_factory=dict)  # published in this batch, fresh
+    trimmed: dict[tuple[tuple[str, str], int], Window] = field(default_factory=dict)
+    prefetched_reads: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_outputs(self, rows: Iterable[OutputRow]) -> None:
+        for row in rows:
+            entry = output_entry(row)
+            if entry is not None:
+                self.outputs[_node_of(row)] = entry
+
+
+def _node_of(row: OutputRow) -> Node:
+    return Node(row.tenant, row.script_id, row.version, row.params_hash, row.instrument_key, row.timeframe,
+                float(row.time))
 
 
 class TransientFailure(Exception):
@@ -132,18 +174,28 @@ class Evaluator:
     """Synchronous core of the scheduler: a batch of events in, published outputs and a report out."""
 
     def __init__(self, invoker: Invoker, subscriptions: SubscriptionStore, publisher: Publisher,
-                 cfg: Settings | None = None, workers: int | None = None) -> None:
+                 cfg: Settings | None = None, workers: int | None = None, *,
+                 market: MarketWindows | None = None, prefetch: bool = True) -> None:
         self.cfg = cfg or settings()
+        self.market = market  # None: no candle windows are prefetched (reads go to the gateway)
+        self.prefetch = prefetch  # False: send nothing along, every read goes to the gateway
         self.invoker = invoker
         self.registry = invoker.registry
         self.subscriptions = subscriptions
         self.publisher = publisher
         self.pool = ThreadPoolExecutor(max_workers=workers or self.cfg.scheduler_workers,
                                        thread_name_prefix="cs-sched-invoke")
+        self._publishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-sched-publish")
         self._closures: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        self._market_readers: dict[tuple[str, int], bool] = {}
+        self._bars: dict[tuple[str, int], int] = {}  # candles a version's reads need, as its functions report
+        self._phashes: dict[int, tuple[dict[str, Any], str]] = {}
+        self._principals: dict[int, tuple[dict[str, Any], Principal]] = {}
+        self._direct: dict[tuple[str, int], list[tuple[str, int]]] = {}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._publishing.shutdown(wait=True)  # a publish under way finishes: its events are not acked
 
     # ------------------------------------------------------------------ planning
 
@@ -168,7 +220,7 @@ class Evaluator:
         evals: dict[Node, Evaluation] = {}
         deps: dict[Node, list[Node]] = {}
         for event, sub in self._due(events):
-            principal = sub.as_principal()
+            principal = self._principal(sub)
             key = (principal, sub.script_id, sub.version)
             if key not in allowed:
                 try:
@@ -183,30 +235,54 @@ class Evaluator:
                            version=sub.version, user=sub.user_id, reason=closure.message[:200])
                 continue
             root = self._add(evals, deps, sub.tenant, sub.script_id, sub.version, sub.params, event, principal,
-                             closure)
+                             closure, self._params_hash(sub))
             evals[root].subscriptions.append(sub.id)
         return evals, deps
 
     def _add(self, evals: dict[Node, Evaluation], deps: dict[Node, list[Node]], tenant: str, script_id: str,
              version: int, params: dict[str, Any], event: Event, principal: Principal,
-             closure: list[tuple[str, int]]) -> Node:
-        node = Node(tenant, script_id, version, params_hash(params), event.instrument_key, event.timeframe,
-                    event.time)
+             closure: list[tuple[str, int]], phash: str = _NO_PARAMS) -> Node:
+        node = Node(tenant, script_id, version, phash, event.instrument_key, event.timeframe, event.time)
         if node in evals:
             return node
         evals[node] = Evaluation(node, params, principal, closure)
         children = [self._add(evals, deps, tenant, dep_id, dep_ver, {}, event, principal,
                               self._closure_of(dep_id, dep_ver))
-                    for dep_id, dep_ver in self.invoker.version(script_id, version)[0].dependencies()]
+                    for dep_id, dep_ver in self._dependencies(script_id, version)]
         deps[node] = children
         return node
+
+    def _dependencies(self, script_id: str, version: int) -> list[tuple[str, int]]:
+        """A published version's direct dependencies (immutable: parsed once)."""
+        key = (script_id, version)
+        deps = self._direct.get(key)
+        if deps is None:
+            deps = self._direct[key] = list(self.invoker.version(script_id, version)[0].dependencies())
+        return deps
+
+    def _principal(self, sub: Subscription) -> Principal:
+        """The subscriber's claims snapshot as a Principal, built once per subscription and snapshot."""
+        cached = self._principals.get(sub.id)
+        if cached is None or cached[0] != sub.principal or cached[1].user_id != sub.user_id \
+                or cached[1].tenant != sub.tenant:
+            cached = (sub.principal, sub.as_principal())
+            self._principals[sub.id] = cached
+        return cached[1]
+
+    def _params_hash(self, sub: Subscription) -> str:
+        """A subscription's params hash, computed once per subscription and params (a hot loop)."""
+        cached = self._phashes.get(sub.id)
+        if cached is None or cached[0] != sub.params:
+            cached = (sub.params, params_hash(sub.params))
+            self._phashes[sub.id] = cached
+        return cached[1]
 
     def _closure_of(self, script_id: str, version: int) -> list[tuple[str, int]]:
         """A published version's dependency closure from its (immutable, cached) metas; itself last."""
         key = (script_id, version)
         if key not in self._closures:
             order: list[tuple[str, int]] = []
-            for dep in self.invoker.version(script_id, version)[0].dependencies():
+            for dep in self._dependencies(script_id, version):
                 order.extend(c for c in self._closure_of(*dep) if c not in order)
             self._closures[key] = [*order, key]
         return self._closures[key]
@@ -216,52 +292,194 @@ class Evaluator:
     def process(self, events: Sequence[Event]) -> BatchReport:
         """Evaluate and publish everything due for `events`. Raises on a transient failure (retry)."""
         report = BatchReport(events=len(events))
+        started = time.time()  # before: queueing (JetStream, fetch, the previous batch); after: work
         events = list(dict.fromkeys(events))
         received = {(e.instrument_key, e.timeframe, e.time): e.received for e in events}
         t0 = time.perf_counter()
         evals, deps = self.plan(events, report)
         report.timings_s["plan"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data = BatchData(deps=deps)
+        self._windows(evals.values(), data)
+        report.timings_s["prefetch"] = time.perf_counter() - t0
         call_id = uuid.uuid4().hex[:16]
-        for k, wave in enumerate(waves(list(evals), deps)):
-            runnable = []
-            for node in wave:
-                ev = evals[node]
-                failed = [d for d in deps.get(node, ()) if evals[d].status != "ok"]
-                if failed:
-                    ev.status = "dependency_failed"
-                    ev.error = {"type": "DependencyFailed", "dependency": failed[0].script_id,
-                                "message": f"dependency {failed[0].script_id}@{failed[0].version} has no output "
-                                           f"for this event ({evals[failed[0]].status})"}
-                else:
-                    runnable.append(ev)
-            t0 = time.perf_counter()
-            rows = self._run_wave(runnable, call_id)
-            t1 = time.perf_counter()
-            report.timings_s[f"wave{k}"] = t1 - t0
-            if rows:
-                report.published += self.publisher.publish(rows)
-                report.timings_s[f"publish{k}"] = time.perf_counter() - t1
-                done = time.time()
-                for row in rows:
-                    t0 = received.get((row.instrument_key, row.timeframe, float(row.time)))
-                    if t0:
-                        report.latencies_s.append(done - t0)
+        # outputs another evaluation of this batch reads are published before the next wave starts;
+        # the others in the background, overlapping the next waves (all before the events are acked)
+        needed = {d for ds in deps.values() for d in ds}
+        background: list[Future] = []
+        try:
+            for k, wave in enumerate(waves(list(evals), deps)):
+                runnable = []
+                for node in wave:
+                    ev = evals[node]
+                    failed = [d for d in deps.get(node, ()) if evals[d].status != "ok"]
+                    if failed:
+                        ev.status = "dependency_failed"
+                        ev.error = {"type": "DependencyFailed", "dependency": failed[0].script_id,
+                                    "message": f"dependency {failed[0].script_id}@{failed[0].version} has no "
+                                               f"output for this event ({evals[failed[0]].status})"}
+                    else:
+                        runnable.append(ev)
+                t0 = time.perf_counter()
+                rows = self._run_wave(runnable, call_id, data)
+                t1 = time.perf_counter()
+                report.timings_s[f"wave{k}"] = t1 - t0
+                first = [row for row in rows if _node_of(row) in needed]
+                if first:
+                    self._publish(first, data, report, received, started)
+                    report.timings_s[f"publish{k}"] = time.perf_counter() - t1
+                rest = [row for row in rows if _node_of(row) not in needed]
+                if rest:
+                    background.append(self._publishing.submit(self._publish_later, rest))
+        finally:
+            results = []
+            for fut in background:  # never ack (or retry) while a publish is still under way
+                try:
+                    results.append(fut.result())
+                except Exception as exc:
+                    results.append(exc)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            rows, new, done, took = result
+            report.published += new
+            report.timings_s["publish_bg"] = report.timings_s.get("publish_bg", 0.0) + took
+            self._record(rows, done, report, received, started)
         for ev in evals.values():
             report.statuses[ev.status] += 1
             metrics.EVALUATIONS.labels(ev.status).inc()
         report.evaluations = len(evals)
+        report.prefetched_reads = data.prefetched_reads
         report.results = evals
         for latency in report.latencies_s:
             metrics.LATENCY.observe(latency)
+        for queued in report.queued_s:
+            metrics.QUEUED.observe(queued)
         return report
 
-    def _run_wave(self, runnable: list[Evaluation], call_id: str) -> list[OutputRow]:
+    def _publish(self, rows: list[OutputRow], data: BatchData, report: BatchReport,
+                 received: dict[tuple[str, str, float], float], started: float) -> None:
+        """Publish outputs dependents of this batch read: they become prefetchable if all were new."""
+        new, inserted = self.publisher.publish_rows(rows)
+        report.published += new
+        if self.prefetch and inserted == len(rows):  # all fresh: exactly what the gateway now reads
+            data.add_outputs(rows)
+        self._record(rows, time.time(), report, received, started)
+
+    def _publish_later(self, rows: list[OutputRow]) -> tuple[list[OutputRow], int, float, float]:
+        t0 = time.perf_counter()
+        new, _ = self.publisher.publish_rows(rows)
+        return rows, new, time.time(), time.perf_counter() - t0
+
+    @staticmethod
+    def _record(rows: list[OutputRow], done: float, report: BatchReport,
+                received: dict[tuple[str, str, float], float], started: float) -> None:
+        for row in rows:
+            t0 = received.get((row.instrument_key, row.timeframe, float(row.time)))
+            if t0:
+                report.latencies_s.append(done - t0)
+                report.queued_s.append(max(0.0, started - t0))
+
+    # ------------------------------------------------------------------ prefetch
+
+    def _reads_market(self, script_id: str, version: int) -> bool:
+        """Whether a version's source mentions get_market_data: only then are candle windows sent
+        along. A script that reaches the API another way simply reads through the gateway."""
+        key = (script_id, version)
+        if key not in self._market_readers:
+            self._market_readers[key] = "get_market_data" in self.invoker.version(script_id, version)[1]
+        return self._market_readers[key]
+
+    def _bars_for(self, script_id: str, version: int) -> int:
+        return min(self._bars.get((script_id, version), DEFAULT_BARS), MAX_BARS)
+
+    def _windows(self, evals: Iterable[Evaluation], data: BatchData) -> None:
+        """The candle windows of every instrument a market-reading evaluation of the batch is on, as
+        long as the longest read of those versions plus the batch's events, in one query; on a
+        database error none (the scripts then read through the gateway)."""
+        if not self.prefetch or self.market is None:
+            return
+        times: dict[tuple[str, str], set[float]] = defaultdict(set)
+        bars: dict[tuple[str, str], int] = defaultdict(int)
+        for ev in evals:
+            n = ev.node
+            if self._reads_market(n.script_id, n.version):
+                key = (n.instrument_key, n.timeframe)
+                times[key].add(n.time)
+                bars[key] = max(bars[key], self._bars_for(n.script_id, n.version))
+        if not times:
+            return
+        data.events = {k: len(v) for k, v in times.items()}
+        try:
+            data.windows = self.market.fetch({k: (max(v), bars[k] + len(v)) for k, v in times.items()})
+        except Exception as exc:  # the read path still works without it
+            logs.event(log, "prefetching candle windows failed; scripts read through the gateway",
+                       error=repr(exc)[:200])
+
+    def _prefetch(self, script_id: str, version: int, tenant: str, chunk: list[Evaluation],
+                  data: BatchData) -> str | None:
+        """The prefetch `data` for one invocation: the chunk's candle windows (if the script reads
+        market data) and the outputs of its direct dependencies for these events - only what each
+        item's token may read, and only where the gateway's answer is unambiguous."""
+        windows: dict[tuple[str, str], Window] = {}
+        if data.windows and self._reads_market(script_id, version):
+            bars = self._bars_for(script_id, version)
+            for ev in chunk:
+                key = (ev.node.instrument_key, ev.node.timeframe)
+                if key in data.windows and key not in windows:
+                    m = bars + data.events.get(key, 0)
+                    with data.lock:  # one trimmed copy (and base64 text) per length, shared by functions
+                        cut = data.trimmed.get((key, m))
+                        if cut is None:
+                            cut = data.trimmed[(key, m)] = data.windows[key].last(m)
+                    windows[key] = cut
+        outputs: dict[Node, dict[str, Any]] = {}
+        if data.outputs:
+            for ev in chunk:
+                for dep in data.deps.get(ev.node, ()):
+                    entry = data.outputs.get(dep)
+                    if entry is None or dep.tenant != tenant or dep.time != ev.node.time:
+                        continue
+                    if [v for s, v in ev.closure if s == dep.script_id] != [dep.version]:
+                        continue  # several versions readable: the gateway picks one; let it
+                    outputs[dep] = entry
+        if not windows and not outputs:
+            return None
+        return encode(tenant, windows.values(), outputs.values())
+
+    def _chunks(self, key: tuple[str, int, str], group: list[Evaluation]) -> list[list[Evaluation]]:
+        """At most scheduler_max_items per invocation and, for market readers, at most
+        MAX_WINDOWS_PER_CALL instruments and PREFETCH_BYTES of candle windows. Items go in event-time
+        order: one child runs them one after another with shared module state, so an item must never
+        run after one with a later as-of (whatever it read could otherwise be kept for an earlier event:
+        lookahead)."""
+        size = self.cfg.scheduler_max_items
+        group = sorted(group, key=lambda ev: ev.node.time)  # stable: otherwise in event order
+        if not (self.prefetch and self.market is not None and self._reads_market(key[0], key[1])):
+            return [group[i:i + size] for i in range(0, len(group), size)]
+        per_window = 64 * (self._bars_for(key[0], key[1]) + 8) + 200  # base64 of 6 float64 columns
+        cap = max(1, min(MAX_WINDOWS_PER_CALL, PREFETCH_BYTES // per_window))
+        chunks: list[list[Evaluation]] = [[]]
+        seen: set[tuple[str, str]] = set()
+        for ev in group:
+            wkey = (ev.node.instrument_key, ev.node.timeframe)
+            if len(chunks[-1]) >= size or (wkey not in seen and len(seen) >= cap):
+                chunks.append([])
+                seen = set()
+            seen.add(wkey)
+            chunks[-1].append(ev)
+        return chunks
+
+    # ------------------------------------------------------------------ invoking
+
+    def _run_wave(self, runnable: list[Evaluation], call_id: str, data: BatchData | None = None
+                  ) -> list[OutputRow]:
+        data = data or BatchData()
         groups: dict[tuple[str, int, str], list[Evaluation]] = defaultdict(list)
         for ev in runnable:
             groups[(ev.node.script_id, ev.node.version, ev.node.tenant)].append(ev)
-        chunks = [(key, group[i:i + self.cfg.scheduler_max_items])
-                  for key, group in groups.items() for i in range(0, len(group), self.cfg.scheduler_max_items)]
-        futures = [self.pool.submit(self._invoke, key, chunk, call_id) for key, chunk in chunks]
+        chunks = [(key, chunk) for key, group in groups.items() for chunk in self._chunks(key, group)]
+        futures = [self.pool.submit(self._invoke, key, chunk, call_id, data) for key, chunk in chunks]
         rows: list[OutputRow] = []
         transient: list[BaseException] = []
         for fut in futures:
@@ -273,7 +491,8 @@ class Evaluator:
             raise transient[0]
         return rows
 
-    def _invoke(self, key: tuple[str, int, str], chunk: list[Evaluation], call_id: str) -> list[OutputRow]:
+    def _invoke(self, key: tuple[str, int, str], chunk: list[Evaluation], call_id: str,
+                data: BatchData | None = None) -> list[OutputRow]:
         script_id, version, tenant = key
         tokens: dict[tuple, str] = {}
         items = []
@@ -291,15 +510,31 @@ class Evaluator:
             if item["execution_token"] == common:
                 del item["execution_token"]
         first = chunk[0].principal
+        body: dict[str, Any] = {"items": items, "execution_token": common}
+        prefetch = self._prefetch(script_id, version, tenant, chunk, data) if self.prefetch and data else None
+        if prefetch is not None:
+            # bound to this function, tenant (the invocation token's) and exact items by a MAC
+            body["prefetch"] = sign_prefetch(function_name(script_id, version), tenant, items, common, prefetch)
         started = time.perf_counter()
         try:
-            answer = self.invoker.invoke(script_id, version, {"items": items, "execution_token": common},
-                                         Scope(first.user_id, tenant, first.tier), call_id)
+            answer = self.invoker.invoke(script_id, version, body, Scope(first.user_id, tenant, first.tier),
+                                         call_id)
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list) or len(results) != len(chunk):
                 raise TransientFailure(f"{script_id}@{version} answered {len(results or [])} results "
                                        f"for {len(chunk)} items")
             checked = [check_result(r) for r in results]
+            needed = answer.get("prefetch_bars")
+            if isinstance(needed, int) and needed >= 0 and prefetch is not None and data is not None \
+                    and data.windows and self._reads_market(script_id, version):
+                learnt = self._bars.get((script_id, version))  # the default until a function reports
+                self._bars[(script_id, version)] = min(MAX_BARS, needed if learnt is None else max(learnt, needed))
+            hits = answer.get("prefetched_reads")
+            if isinstance(hits, int) and hits > 0:
+                metrics.PREFETCHED_READS.inc(hits)
+                if data is not None:
+                    with data.lock:
+                        data.prefetched_reads += hits
         except ApiError as exc:
             # function unreachable / budget full / malformed answer: the events are retried later
             raise TransientFailure(f"{script_id}@{version}: {exc.message}") from None
@@ -341,6 +576,8 @@ class RunStats:
     statuses: Counter = field(default_factory=Counter)
     retries: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    queued_s: list[float] = field(default_factory=list)
+    prefetched_reads: int = 0
 
 
 class Scheduler:
@@ -474,8 +711,11 @@ class Scheduler:
         s.evaluations += report.evaluations
         s.statuses.update(report.statuses)
         s.latencies_s.extend(report.latencies_s)
+        s.queued_s.extend(report.queued_s)
+        s.prefetched_reads += report.prefetched_reads
         logs.event(log, "batch published", events=len(good), evaluations=report.evaluations,
                    published=report.published, statuses=dict(report.statuses),
+                   prefetched_reads=report.prefetched_reads,
                    timings_ms={k: round(v * 1000, 1) for k, v in report.timings_s.items()})
 
     async def _timers(self, js) -> None:
@@ -516,9 +756,15 @@ def build_evaluator(cfg: Settings | None = None) -> Evaluator:
 
     cfg = cfg or settings()
     invoker = default_executor().invoker
+    # The scheduler invokes versions with live subscriptions, which the budget never evicts; a function
+    # that vanished anyway (another replica, a provider restart) answers 404 and Invoker redeploys it.
+    # So re-checking the deployment every 2 s (the budget's default: a Redis lock plus a function list
+    # per version, serialising the invoking threads) buys nothing here.
+    invoker.budget.cache_s = max(invoker.budget.cache_s, BUDGET_RECHECK_S)
     client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=5, socket_connect_timeout=2)
     pool = db.pool()
-    return Evaluator(invoker, SubscriptionStore(pool), Publisher(client, OutputStore(pool)), cfg)
+    market = MarketWindows(db.pool(cfg.pg_reader_dsn, max_size=2))  # the gateway's read-only role
+    return Evaluator(invoker, SubscriptionStore(pool), Publisher(client, OutputStore(pool)), cfg, market=market)
 
 
 def run(cfg: Settings | None = None, **kwargs: Any) -> RunStats:

@@ -70,6 +70,12 @@ _VERSION_SELECT = (
 )
 
 
+# Published version rows kept per process. Nothing updates a script_versions row once inserted (a
+# version is immutable; scripts.owner_id/tenant, joined in, never change), so a cached row is exact.
+# A future "deprecate" must clear it (`forget_version`). Cleared wholesale when full.
+VERSION_CACHE_SIZE = 8192
+
+
 def _version(row: tuple) -> VersionRow:
     return VersionRow(*row[:9], permissions=Permissions.model_validate(row[9]), created_at=row[10])
 
@@ -78,6 +84,18 @@ class Catalog:
     def __init__(self, cfg: Settings | None = None) -> None:
         self.cfg = cfg or settings()
         self.pool = db.pool(self.cfg.pg_dsn)
+        self._versions: dict[tuple[str, int], VersionRow] = {}
+
+    def _remember(self, rows: list[VersionRow]) -> None:
+        if len(self._versions) + len(rows) > VERSION_CACHE_SIZE:
+            self._versions.clear()
+        for v in rows:
+            if v.status == "published":
+                self._versions[(v.script_id, v.version)] = v
+
+    def forget_version(self, script_id: str, version: int) -> None:
+        """Drop a cached version row (for whatever changes one in the future)."""
+        self._versions.pop((script_id, version), None)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -155,17 +173,22 @@ class Catalog:
         return _version(row) if row else None
 
     def get_versions(self, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], VersionRow]:
-        """Several (script_id, version) rows in one query (dependency validation, closures)."""
-        if not pairs:
-            return {}
+        """Several (script_id, version) rows in one query (dependency validation, closures); published
+        rows come from the cache once read."""
+        out = {p: self._versions[p] for p in pairs if p in self._versions}
+        missing = [p for p in pairs if p not in out]
+        if not missing:
+            return out
         with self._conn(None) as c:
             rows = c.execute(
                 _VERSION_SELECT
                 + "WHERE (v.script_id, v.version) IN (SELECT * FROM unnest(%s::text[], %s::int[]))",
-                ([p[0] for p in pairs], [p[1] for p in pairs]),
+                ([p[0] for p in missing], [p[1] for p in missing]),
             ).fetchall()
         found = [_version(r) for r in rows]
-        return {(v.script_id, v.version): v for v in found}
+        self._remember(found)
+        out.update({(v.script_id, v.version): v for v in found})
+        return out
 
     # ----------------------------------------------------------------- marketplace
 

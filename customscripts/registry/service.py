@@ -31,6 +31,10 @@ from customscripts.registry.store import DRAFT, ScriptStore
 Version = int | str  # a published number or "draft"
 
 
+# Closures of published versions kept per process (each a handful of pairs); cleared when full.
+CLOSURE_CACHE_SIZE = 4096
+
+
 def parse_version(value: object) -> Version:
     return DRAFT if value == DRAFT else ids.version(value)
 
@@ -45,6 +49,7 @@ class RegistryService:
         self.cfg = cfg or settings()
         self.store = store or ScriptStore(self.cfg)
         self.catalog = catalog or Catalog(self.cfg)
+        self._closures: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -53,8 +58,12 @@ class RegistryService:
         row = self.catalog.get_script(ids.script_id(script_id))
         if row is None:
             raise _not_found(script_id)
+        return self._visible(principal, row)
+
+    @staticmethod
+    def _visible(principal: Principal, row: ScriptRow) -> ScriptRow:
         if row.tenant != principal.tenant and not row.marketplace:
-            raise _not_found(script_id)
+            raise _not_found(row.script_id)
         return row
 
     def _owned(self, principal: Principal, script_id: str) -> ScriptRow:
@@ -251,8 +260,15 @@ class RegistryService:
     # ----------------------------------------------------------------- execution support
 
     def resolve_closure(self, script_id: str, version: int) -> list[tuple[str, int]]:
-        """The version and everything it depends on, dependencies first (the order to run them)."""
+        """The version and everything it depends on, dependencies first (the order to run them).
+
+        Cached per version: a published version's dependencies are pinned (`id@version`) and its
+        row never changes, so neither does its closure. Failures are not cached.
+        """
         root = (ids.script_id(script_id), ids.version(version))
+        cached = self._closures.get(root)
+        if cached is not None:
+            return list(cached)
         graph = validation.walk_versions(self.catalog, [root])
         if root not in graph:
             raise NotFound(f"version {script_id}@{version} not found", code="version_not_found")
@@ -275,22 +291,38 @@ class RegistryService:
                 pair = parse_dependency(dep)
                 if pair not in done:
                     stack.append((pair, False))
+        if len(self._closures) >= CLOSURE_CACHE_SIZE:
+            self._closures.clear()
+        self._closures[root] = tuple(order)
         return order
 
-    def check_execution(self, principal: Principal, script_id: str, version: int) -> list[tuple[str, int]]:
+    def check_execution(self, principal: Principal, script_id: str, version: int,
+                        row: ScriptRow | None = None) -> list[tuple[str, int]]:
         """Permission check for execute: the caller may use the version and its whole closure.
 
         Returns the closure in dependency order. 404 for unknown or invisible scripts, 403 when the
-        root or any dependency is not usable — always before anything runs.
+        root or any dependency is not usable — always before anything runs. `row`: the script's
+        catalog row when the caller has just read it (saves a round trip; it is re-checked for
+        visibility here). Marketplace subscriptions are read live, in one query, and only when the
+        closure holds a script the caller does not own (owners need none).
         """
         tier_of(principal, self.cfg)
-        row = self._script(principal, script_id)
+        row = self._visible(principal, row) if row is not None and row.script_id == script_id \
+            else self._script(principal, script_id)
         number = ids.version(version)
         closure = self.resolve_closure(row.script_id, number)
         rows = self.catalog.get_versions(closure)
-        self._check(principal, rows[(row.script_id, number)], number)
-        subs = self._subscribed(principal, sorted({sid for sid, _ in closure}))
-        check_dependency_closure(principal, [rows[p] for p in closure[:-1]], subscribed=subs, cfg=self.cfg)
+        members = [rows[p] for p in closure]
+        foreign = sorted({m.script_id for m in members if not is_owner(principal, m)})
+        subs = self._subscribed(principal, foreign) if foreign else set()
+        target = rows[(row.script_id, number)]
+        try:
+            check_can_use(principal, target, number, subscribed=target.script_id in subs, cfg=self.cfg)
+        except Denied as exc:
+            if exc.hidden:
+                raise _not_found(target.script_id) from None
+            raise
+        check_dependency_closure(principal, members[:-1], subscribed=subs, cfg=self.cfg)
         return closure
 
     def load_version(self, script_id: str, version: Version) -> tuple[ScriptMeta, str]:

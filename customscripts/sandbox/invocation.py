@@ -72,3 +72,46 @@ def verify_invocation_token(token: str, function_name: str, *, secret: str | Non
     if iat > now + CLOCK_SKEW_S:
         raise Unauthorized("invocation token issued in the future", code="invalid_invocation_token")
     return claims
+
+
+PREFETCH_PREFIX = b"csprefetch1."
+
+
+def batch_digest(items: Any, default_token: Any) -> str:
+    """sha256 of a batch's items and default execution token in canonical JSON (both sides Python)."""
+    canonical = json.dumps({"items": items, "execution_token": default_token}, sort_keys=True,
+                           separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _prefetch_mac(secret: str, function_name: str, tenant: str, exp: int, digest: str, data: str) -> str:
+    body = "\n".join((function_name, tenant, str(exp), digest, hashlib.sha256(data.encode()).hexdigest()))
+    return _b64e(hmac.new(secret.encode(), PREFETCH_PREFIX + body.encode(), hashlib.sha256).digest())
+
+
+def sign_prefetch(function_name: str, tenant: str, items: Any, default_token: Any, data: str, *,
+                  ttl: int | None = None, secret: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """The `prefetch` member of a batch body: data the scheduler read for these items, bound by a MAC
+    (invocation secret, own prefix) to this function, tenant, exact items and expiry - so holding an
+    invocation token is not enough to make a script read forged data."""
+    now = time.time() if now is None else now
+    exp = int(now + (settings().invocation_token_ttl_s if ttl is None else ttl))
+    mac = _prefetch_mac(secret or settings().invocation_secret, function_name, tenant, exp,
+                        batch_digest(items, default_token), data)
+    return {"data": data, "exp": exp, "mac": mac}
+
+
+def verify_prefetch(prefetch: Any, function_name: str, tenant: str, items: Any, default_token: Any, *,
+                    secret: str | None = None, now: float | None = None) -> str:
+    """The prefetch's data string, or Unauthorized (bad shape, MAC, expiry, other items or tenant)."""
+    if not isinstance(prefetch, dict) or not isinstance(prefetch.get("data"), str) or \
+            not isinstance(prefetch.get("mac"), str) or not isinstance(prefetch.get("exp"), int):
+        raise Unauthorized("malformed prefetch", code="invalid_prefetch")
+    now = time.time() if now is None else now
+    if now > prefetch["exp"]:
+        raise Unauthorized("prefetch expired", code="invalid_prefetch")
+    expected = _prefetch_mac(secret or settings().invocation_secret, function_name, tenant, prefetch["exp"],
+                             batch_digest(items, default_token), prefetch["data"])
+    if not hmac.compare_digest(expected.encode(), prefetch["mac"].encode()):
+        raise Unauthorized("invalid prefetch signature", code="invalid_prefetch")
+    return prefetch["data"]

@@ -83,6 +83,34 @@ def test_market_reads_never_pass_the_as_of_time(gateway, data):
     assert body["columns"]["time"] == [T0 + 180, T0 + 240]
 
 
+def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
+    """The gateway caches market windows; a candle backfilled inside a cached window shows up at once."""
+    instrument = data["instrument"]
+    token = _token(data, as_of=T0 + 60 * 20)
+    reads = [{"limit": 3}, {"limit": 50}, {"start": T0 + 60 * 8, "limit": 5}, {"start": T0 + 60 * 8, "limit": 1}]
+    first = [_get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **q).json()
+             for q in reads]
+    again = [_get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **q).json()
+             for q in reads]
+    assert again == first  # served from the cache, byte-identical content
+    assert first[0]["columns"]["time"] == [T0 + 60 * i for i in (7, 8, 9)]
+    # backfill: one candle inside every window above (between bars 8 and 9), one after the last bar
+    late = [CsvRow(datetime.fromtimestamp(T0 + 60 * 8 + 30, tz=UTC), "1", "2", "0.5", "1.5", "10"),
+            CsvRow(datetime.fromtimestamp(T0 + 60 * 15, tz=UTC), "1", "2", "0.5", "7.5", "10")]
+    with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
+        assert load_rows(conn, instrument, "1m", late) == 2
+    after = [_get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **q).json()
+             for q in reads]
+    assert after[0]["columns"]["time"] == [T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
+    assert after[1]["columns"]["time"][-3:] == after[0]["columns"]["time"] and len(after[1]["columns"]["time"]) == 12
+    assert after[2]["columns"]["time"] == [T0 + 60 * 8, T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
+    assert after[3] == first[3]  # [start, its only row] holds no new candle: unchanged
+    # as-of still holds for cached windows: an earlier as-of never sees the late candles
+    early = _token(data, as_of=T0 + 60 * 8 + 10)
+    body = _get(gateway, "/data/market", early, instrument_key=instrument, timeframe="1m", limit=3).json()
+    assert body["columns"]["time"] == [T0 + 60 * 6, T0 + 60 * 7, T0 + 60 * 8]
+
+
 def test_metric_reads_never_pass_the_as_of_time(gateway, data):
     token = _token(data, as_of=T0 + 60 * 2)
     body = _get(gateway, "/data/metrics", token, instrument_key=data["instrument"], name="test.m").json()

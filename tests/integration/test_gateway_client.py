@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -41,22 +40,8 @@ def token(uid):
 
 
 def stop_like_a_crash(server: LocalServer) -> None:
-    """Stop listening AND drop open keep-alive connections, as a dying process would.
-
-    LocalServer.stop() only closes the listening socket; waitress keeps serving established channels,
-    so the closing is done inside waitress's loop thread (its trigger runs thunks there).
-    """
-    waitress = server.server
-    dropped = threading.Event()
-
-    def close_channels() -> None:
-        for channel in list(waitress._map.values()):
-            if channel is not waitress and channel is not waitress.trigger:
-                channel.close()
-        dropped.set()
-
-    waitress.trigger.pull_trigger(close_channels)
-    assert dropped.wait(10)
+    """Stop listening AND drop open keep-alive connections, as a dying process would."""
+    server.server.drop_connections()
     server.stop()
 
 

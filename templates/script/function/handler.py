@@ -2,8 +2,14 @@
 
 Reads function/script.py and function/meta.json (next to this file). Accepts one execution
 {"instrument_key","timeframe","params","timestamp","execution_token"?} or {"items": [...],
-"execution_token"?}. Reads go to gateway-fn through GatewayClient, bound per request to the
-execution token; the token stays here in the trusted supervisor and never reaches the sandboxed child.
+"execution_token"?, "prefetch"?}. Reads go to gateway-fn through GatewayClient, bound per request to
+the execution token; the token stays here in the trusted supervisor and never reaches the sandboxed
+child. A batch from the realtime scheduler may carry `prefetch` (candle windows and the dependency
+outputs it has just published, see customscripts/sandbox/prefetch.py): it is accepted only under a MAC
+made with the invocation secret over this function, the invocation token's tenant and the exact items
+(so an invocation token alone cannot feed a script forged data), only with outputs of this version's
+own `depends_on`, and the supervisor answers a read from it only when it certainly equals gateway-fn's
+answer for that item - otherwise the read still goes to gateway-fn.
 
 Startup: importing this module starts the sandbox (zygote, preloaded modules, pre-forked children).
 Both ways the function is served - index.py (of-watchdog) and the local provider's runner - import
@@ -22,17 +28,16 @@ from customscripts import logs
 from customscripts.config import settings
 from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from customscripts.sandbox.datasource import DataSource
-from customscripts.sandbox.invocation import verify_invocation_token
+from customscripts.sandbox.invocation import verify_invocation_token, verify_prefetch
 from customscripts.sandbox.limits import SandboxLimits
+from customscripts.sandbox.prefetch import Prefetched, PrefetchError
 from customscripts.sandbox.supervisor import ExecutionRequest, IsolationUnavailable, Supervisor
 
 if TYPE_CHECKING:
-    from requests.adapters import HTTPAdapter
-
     from customscripts.gateway.client import GatewayClient
 
 HERE = Path(__file__).resolve().parent
-MAX_BODY = 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # a realtime batch with prefetched windows (the local runner also caps at 8 MiB)
 LIMIT_KEYS = frozenset({"timeout_ms", "memory_mb", "cpu_seconds", "max_output_bytes", "max_log_bytes"})
 log = logs.get("customscripts.script_fn")
 
@@ -76,26 +81,14 @@ def warm() -> Supervisor:
         return _supervisor
 
 
-_gateway_pool: HTTPAdapter | None = None
 
 
 def _gateway(token: str) -> GatewayClient:
-    """A GatewayClient for one execution token. Keep-alive connections to gateway-fn are shared by all
-    requests (one HTTPAdapter pool), but not the Session: GatewayClient writes the token into its
-    session's headers, so a shared Session would let concurrent requests read with each other's
-    token. A Session per request costs about 10 us."""
-    global _gateway_pool
-    import requests
-    from requests.adapters import HTTPAdapter
-
+    """A GatewayClient for one execution token. GatewayClient sends the token with each call over one
+    process-wide keep-alive pool, so clients of concurrent requests share connections, never tokens."""
     from customscripts.gateway.client import GatewayClient
 
-    if _gateway_pool is None:
-        _gateway_pool = HTTPAdapter(pool_connections=1, pool_maxsize=16, max_retries=0)
-    session = requests.Session()
-    session.mount("http://", _gateway_pool)
-    session.mount("https://", _gateway_pool)
-    return GatewayClient(settings().data_gateway_url, token, session=session)
+    return GatewayClient(settings().data_gateway_url, token)
 
 
 def _sample_source() -> DataSource:
@@ -120,7 +113,23 @@ def _data_source(token: Any, clients: dict[str, GatewayClient]) -> DataSource:
     raise BadRequest("execution_token is required", code="missing_execution_token")
 
 
-def _item(raw: Any, default_token: Any, clients: dict[str, GatewayClient]) -> ExecutionRequest:
+def _prefetch(body: dict, claims: dict) -> Prefetched | None:
+    """The batch's verified prefetch, or None when it has none (then every read goes to gateway-fn)."""
+    raw = body.get("prefetch")
+    if raw is None:
+        return None
+    tenant = claims.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise Unauthorized("prefetch needs an invocation token bound to a tenant", code="invalid_prefetch")
+    data = verify_prefetch(raw, function_name(), tenant, body.get("items"), body.get("execution_token"))
+    try:
+        return Prefetched.parse(data, tenant=tenant, dependencies=[str(d) for d in _meta.get("depends_on") or []])
+    except PrefetchError as exc:
+        raise BadRequest(f"invalid prefetch: {exc}", code="invalid_prefetch") from None
+
+
+def _item(raw: Any, default_token: Any, clients: dict[str, GatewayClient],
+          prefetch: Prefetched | None = None) -> ExecutionRequest:
     if not isinstance(raw, dict):
         raise BadRequest("each execution must be an object")
     try:
@@ -132,7 +141,7 @@ def _item(raw: Any, default_token: Any, clients: dict[str, GatewayClient]) -> Ex
     if not isinstance(key, str) or not isinstance(tf, str) or not isinstance(params, dict):
         raise BadRequest("invalid execution fields")
     token = raw.get("execution_token") or default_token
-    return ExecutionRequest(key, tf, params, ts, data=_data_source(token, clients))
+    return ExecutionRequest(key, tf, params, ts, data=_data_source(token, clients), prefetch=prefetch)
 
 
 def _json(status: int, body: Any) -> dict:
@@ -163,17 +172,23 @@ def handle(event: Any, context: Any) -> dict:
         except IsolationUnavailable as exc:
             raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
         clients: dict[str, GatewayClient] = {}
+        prefetch: Prefetched | None = None
         if isinstance(body, dict) and "items" in body:
             items = body["items"]
             max_items = settings().sandbox_max_batch
             if not isinstance(items, list) or not items or len(items) > max_items:
                 raise BadRequest(f"items must be a list of 1..{max_items} executions")
-            reqs = [_item(x, body.get("execution_token"), clients) for x in items]
+            prefetch = _prefetch(body, claims)
+            reqs = [_item(x, body.get("execution_token"), clients, prefetch) for x in items]
             results = sup.execute_batch(reqs)
             out = {"results": [r.to_dict() for r in results]}
+            if prefetch is not None:
+                out["prefetched_reads"] = prefetch.hits  # reads that did not need gateway-fn
+                out["prefetch_bars"] = prefetch.bars  # candles the reads needed: sizes the next windows
         else:
             out = sup.execute(_item(body, None, clients)).to_dict()
-        logs.event(log, "executed", user=claims.get("user"), items=len(out.get("results", [1])))
+        logs.event(log, "executed", user=claims.get("user"), items=len(out.get("results", [1])),
+                   prefetched_reads=prefetch.hits if prefetch is not None else 0)
         return _json(200, out)
     except ApiError as exc:
         return {"statusCode": exc.status, "body": json.dumps(exc.body()),

@@ -1,0 +1,227 @@
+"""Prefetched reads: data the scheduler already holds, answered in the supervisor instead of gateway-fn.
+
+Why: a realtime batch reads the same candle windows and the dependency outputs the scheduler has just
+published; asking gateway-fn for each of them (child -> supervisor -> HTTP -> provider -> gateway-fn)
+costs milliseconds per item. The scheduler sends them along with the batch, and the supervisor answers
+a read from them only when the answer is *provably* what gateway-fn would return for that item's
+execution token; anything else (not covered, other instrument, other as-of, transitive dependency...)
+still goes to gateway-fn. Nothing here can widen what a script reads:
+
+* market windows are contiguous runs of candles as of `hi`; a read is answered only for the item's
+  own instrument and timeframe (the series its evaluation was scheduled for - so a per-instrument
+  entitlement in the gateway could never be bypassed through another item's window), and only if its
+  as-of-clamped window lies inside (the supervisor clamps `end` to the item's timestamp itself, exactly
+  like the gateway clamps to the token's as-of; times are compared in microseconds like PostgreSQL);
+* dependency outputs carry the event time they belong to and are used only for an item whose
+  timestamp is that time, only for the dependency's default params, and only for scripts listed in
+  this function's own `depends_on` (checked by the handler against meta.json);
+* the handler accepts a prefetch only under a MAC made with the invocation secret over the function,
+  the batch's items and the prefetch bytes (`invocation.verify_prefetch`), and only for the tenant
+  of the invocation token.
+
+Wire (`data`, a JSON string): {"v": 1, "tenant": str, "market": [{"instrument_key", "timeframe",
+"hi", "complete", "n", "cols": base64(float64 x 6n: time, open, high, low, close, volume)}],
+"outputs": [{"script_id", "version", "instrument_key", "timeframe", "params_hash", "time", "value",
+"timestamp", "metadata"}]}. Runs in the trusted supervisor only (never inside the sandbox).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import protocol
+
+WIRE_VERSION = 1
+CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
+MAX_TIME_ABS = 1e11  # the gateway's range for time parameters
+# below 2**32 s (year 2106) distinct microseconds are distinct float64s, so comparing floats rounded to
+# microseconds is comparing PostgreSQL timestamps; beyond it the read goes to the gateway
+MAX_FAST_TIME = float(2**32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def params_hash(params: dict[str, Any] | None) -> str:
+    """customscripts.outputs.params_hash, repeated here: the function image has no database driver."""
+    canonical = json.dumps(params or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class PrefetchError(ValueError):
+    """A malformed prefetch: the handler rejects the whole request (only the platform sends one)."""
+
+
+def epoch_us(value: float) -> int:
+    """Epoch seconds -> integer microseconds, rounded exactly as the gateway's datetime conversion
+    (`datetime.fromtimestamp`) and PostgreSQL's timestamptz compare them."""
+    return (datetime.fromtimestamp(value, tz=UTC) - _EPOCH) // _US
+
+
+class _Window:
+    """One candle window, decoded on its first read (most requests read a window several times, some
+    never): the handler only checks the envelope, the read path the rows."""
+
+    __slots__ = ("complete", "hi", "hi_us", "instrument_key", "n", "raw", "timeframe", "times", "view")
+
+    def __init__(self, raw: dict) -> None:
+        try:
+            self.instrument_key = str(raw["instrument_key"])
+            self.timeframe = str(raw["timeframe"])
+            self.hi = float(raw["hi"])
+            self.complete = raw["complete"] is True
+            self.n = int(raw["n"])
+            self.raw = raw["cols"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrefetchError(f"invalid market window: {exc}") from None
+        if not isinstance(self.raw, str) or not math.isfinite(self.hi) or not 0 <= self.n <= 1_000_000 \
+                or abs(self.hi) >= MAX_FAST_TIME:
+            raise PrefetchError("invalid market window bounds")
+        self.hi_us = epoch_us(self.hi)
+        self.times: array | None = None
+        self.view: memoryview | None = None
+
+    def _decode(self) -> tuple[array, memoryview] | None:
+        if self.times is None:
+            try:
+                blob = base64.b64decode(self.raw, validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            if len(blob) != 8 * 6 * self.n:
+                return None
+            times = array("d")
+            times.frombytes(blob[: 8 * self.n])
+            prev = -math.inf
+            for t in times:  # increasing, finite, not after the window's as-of
+                if not prev < t < MAX_FAST_TIME:
+                    return None
+                prev = t
+            if self.n and epoch_us(times[-1]) > self.hi_us:
+                return None
+            self.times, self.view = times, memoryview(blob)
+        return self.times, self.view  # type: ignore[return-value]
+
+    def frame(self, lo: int, hi: int, head: dict) -> bytes:
+        """Rows [lo, hi) as the binary reply the supervisor would build from the gateway's columns."""
+        assert self.view is not None
+        n, k, view = self.n, hi - lo, self.view
+        spec = [[name, k] for name in CANDLE_COLUMNS]
+        blob = b"".join(view[8 * (c * n + lo): 8 * (c * n + hi)] for c in range(6))
+        return protocol.binary_frame({"ok": head, "f64": spec}, blob)
+
+
+class Prefetched:
+    """The prefetch of one request, indexed for the supervisor's read path."""
+
+    def __init__(self, windows: Iterable[_Window] = (), outputs: Iterable[dict] = ()) -> None:
+        self.windows = {(w.instrument_key, w.timeframe): w for w in windows}
+        self.outputs: dict[tuple[str, str, str, str, int], dict] = {}
+        for o in outputs:
+            self.outputs[(o["script_id"], o["instrument_key"], o["timeframe"], o["params_hash"],
+                          epoch_us(o["time"]))] = {"value": o["value"], "timestamp": o["timestamp"],
+                                                   "metadata": o["metadata"]}
+        self.hits = 0  # reads answered here (observability, tests)
+        self.bars = 0  # the most candles before an item's as-of one market read needed (window sizing)
+
+    @classmethod
+    def parse(cls, data: str, *, tenant: str, dependencies: Iterable[str]) -> Prefetched:
+        """Decode and check a prefetch; outputs of anything but this function's direct dependencies
+        (`script_id@version` from its meta.json) or of another tenant are refused."""
+        try:
+            body = json.loads(data)
+        except (TypeError, ValueError) as exc:
+            raise PrefetchError(f"prefetch is not JSON: {exc}") from None
+        if not isinstance(body, dict) or body.get("v") != WIRE_VERSION:
+            raise PrefetchError("unknown prefetch version")
+        if body.get("tenant") != tenant:
+            raise PrefetchError("prefetch for another tenant")
+        market, outputs = body.get("market") or [], body.get("outputs") or []
+        if not isinstance(market, list) or not isinstance(outputs, list):
+            raise PrefetchError("prefetch market/outputs must be lists")
+        windows = [_Window(w) for w in market if isinstance(w, dict)]
+        allowed = set(dependencies)
+        checked: list[dict] = []
+        seen: set[tuple] = set()
+        for o in outputs:
+            if not isinstance(o, dict):
+                raise PrefetchError("invalid prefetched output")
+            try:
+                ref = f"{o['script_id']}@{int(o['version'])}"
+                fields = (o["instrument_key"], o["timeframe"], o["params_hash"], o["script_id"])
+                t, ts = float(o["time"]), float(o["timestamp"])
+                meta = o["metadata"]
+                if "value" not in o:
+                    raise KeyError("value")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PrefetchError(f"invalid prefetched output: {exc}") from None
+            if not all(isinstance(f, str) for f in fields) or not isinstance(meta, dict) or \
+                    not all(math.isfinite(x) and abs(x) <= MAX_TIME_ABS for x in (t, ts)):
+                raise PrefetchError("invalid prefetched output fields")
+            if epoch_us(ts) != epoch_us(t):
+                raise PrefetchError("a prefetched output's timestamp must be its event time")
+            if ref not in allowed:
+                raise PrefetchError(f"prefetched output of {ref}, which is not a dependency of this script")
+            key = (o["script_id"], o["instrument_key"], o["timeframe"], o["params_hash"], epoch_us(t))
+            if key in seen:
+                raise PrefetchError("two prefetched outputs for one read")
+            seen.add(key)
+            checked.append(o)
+        if len({(w.instrument_key, w.timeframe) for w in windows}) != len(windows):
+            raise PrefetchError("two prefetched windows for one instrument and timeframe")
+        return cls(windows, checked)
+
+    # ------------------------------------------------------------------ answers
+
+    def market_frame(self, instrument_key: str, timeframe: str, *, limit: int, start: float | None,
+                     end: float, as_of: float) -> bytes | None:
+        """The reply frame to a market read with `end` already clamped to the item's as-of, or None
+        when the prefetched window does not certainly hold the gateway's answer."""
+        w = self.windows.get((instrument_key, timeframe))
+        if w is None:
+            return None
+        for x in (end, start):
+            if x is not None and not (math.isfinite(x) and abs(x) < MAX_FAST_TIME):
+                return None  # out of the fast range, or the gateway rejects it: let it answer
+        end_us = epoch_us(end)
+        if end_us > w.hi_us:
+            return None  # rows after the window's as-of may exist
+        decoded = w._decode()
+        if decoded is None:
+            return None
+        times = decoded[0]
+        idx = bisect_right(times, end_us / 1_000_000)  # the float the gateway's timestamp compare means
+        after = bisect_right(times, epoch_us(as_of) / 1_000_000) - idx  # candles between end and as-of
+        if start is None:
+            self.bars = max(self.bars, min(limit + after, 1_000_000))
+            if idx < limit and not w.complete:
+                return None
+            lo, hi = max(0, idx - limit), idx
+        else:
+            start_us = epoch_us(start)
+            if start_us > end_us:
+                return None  # the gateway answers 422
+            lo = bisect_left(times, start_us / 1_000_000)
+            if lo == 0 and not w.complete and (not w.n or start_us < epoch_us(times[0])):
+                self.bars = max(self.bars, 2 * w.n + 1)  # how many more is unknown: ask for twice as many
+                return None  # rows before the window may be in the range
+            self.bars = max(self.bars, idx + after - lo)
+            hi = max(lo, min(lo + limit, idx))
+        self.hits += 1
+        return w.frame(lo, hi, {"instrument_key": instrument_key, "timeframe": timeframe, "as_of": as_of})
+
+    def script_output(self, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
+                      as_of: float) -> dict | None:
+        """The dependency's output for this event (latest at or before as-of), or None."""
+        hit = self.outputs.get((script_id, instrument_key, timeframe, params_hash, epoch_us(as_of)))
+        if hit is not None:
+            self.hits += 1
+        return hit

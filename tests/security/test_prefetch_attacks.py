@@ -1,0 +1,205 @@
+"""Attacks on the prefetch path (data the scheduler sends along with a realtime batch, answered by the
+supervisor instead of gateway-fn). Real bubblewrap sandbox and the real script-function handler.
+
+What must hold: a script never sees prefetched data after its as-of time, another tenant's outputs,
+or outputs of a script outside its dependencies; and nobody but the platform (holder of the
+invocation secret) can make a function use a prefetch - an invocation token alone is not enough.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import shutil
+import sys
+from array import array
+from collections.abc import Iterator
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+from customscripts.config import REPO_ROOT, settings
+from customscripts.faas.runner import load_handler
+from customscripts.outputs import params_hash
+from customscripts.sandbox import ExecutionRequest, SampleDataSource
+from customscripts.sandbox.invocation import mint_invocation_token, sign_prefetch
+from customscripts.sandbox.prefetch import Prefetched
+
+from .conftest import GOOG_TS, make_supervisor
+
+DAY = 86400.0
+MARKER = 99999.0  # close of every prefetched candle after the item's as-of time
+
+
+def goog_window(hi: float, n: int, *, future: int = 0, key: str = "GOOG") -> dict:
+    """A window of n daily candles ending at hi, plus `future` candles after hi marked MARKER."""
+    times = [hi - DAY * (n - 1 - i) for i in range(n)] + [hi + DAY * (i + 1) for i in range(future)]
+    cols = array("d", times)
+    for _ in range(5):
+        cols.extend([1.0] * n + [MARKER] * future)
+    return {"instrument_key": key, "timeframe": "1d", "hi": times[-1], "complete": False, "n": len(times),
+            "cols": base64.b64encode(cols.tobytes()).decode()}
+
+
+LOOKAHEAD = """
+def run(ctx):
+    a = get_market_data(limit=500, end=ctx.timestamp + 10**9)
+    b = get_market_data(start=ctx.timestamp - 5 * 86400, end=ctx.timestamp + 10**9, limit=50)
+    c = get_market_data(limit=3)
+    times = list(a.time) + list(b.time) + list(c.time)
+    closes = list(a.close) + list(b.close) + list(c.close)
+    return {"value": float(max(times)), "metadata": {"marker": 99999.0 in closes, "n": len(times)}}
+"""
+
+
+@pytest.mark.parametrize("guards", [False, True])
+def test_prefetched_candles_after_the_as_of_time_are_never_visible(guards: bool) -> None:
+    """A window reaching past the item's as-of (as a stale or forged prefetch might): the supervisor
+    clamps every read to the item's timestamp; what the window cannot answer goes to the data source."""
+    ts = GOOG_TS - 30 * DAY
+    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "market": [goog_window(ts, 300, future=30)]}),
+                           tenant="t1", dependencies=[])
+    with make_supervisor(LOOKAHEAD, guards=guards) as sup:
+        res = sup.execute(ExecutionRequest("GOOG", "1d", {}, ts, prefetch=pre))
+    assert res.status == "ok", res.to_dict()
+    assert res.output["value"] <= ts and res.output["metadata"]["marker"] is False
+    assert pre.hits >= 2  # answered from the prefetch, not by luck from the data source
+
+
+OTHER_SERIES = """
+def run(ctx):
+    bars = get_market_data(instrument_key="MSFT", limit=3)
+    return {"value": float(bars.close[-1]), "metadata": {}}
+"""
+
+
+def test_another_items_window_is_not_served() -> None:
+    """A window sent for another item of the batch (another instrument) never answers this item's reads:
+    they go to the data source, which decides (here it has no MSFT: the read fails)."""
+    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "market": [goog_window(GOOG_TS, 10, key="MSFT")]}),
+                           tenant="t1", dependencies=[])
+    with make_supervisor(OTHER_SERIES, guards=False) as sup:
+        res = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS, prefetch=pre))
+    assert pre.hits == 0 and res.status != "ok"
+
+
+DEPENDENT = """
+def run(ctx):
+    dep = get_script_output("dep")
+    try:
+        other = get_script_output("secret")["value"]
+    except DataError as exc:
+        other = type(exc).__name__
+    return {"value": float(dep["value"]), "metadata": {"ts": dep["timestamp"], "other": other}}
+"""
+
+
+def test_a_prefetched_output_serves_only_its_own_event() -> None:
+    """The dependency's output for event T is not "latest as of" a later item (a newer row may exist):
+    that read goes to the data source (here the sample source, which has no outputs)."""
+    entry = {"script_id": "dep", "version": 1, "instrument_key": "GOOG", "timeframe": "1d",
+             "params_hash": params_hash({}), "time": GOOG_TS - DAY, "value": 7.0, "timestamp": GOOG_TS - DAY,
+             "metadata": {}}
+    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "outputs": [entry]}), tenant="t1",
+                           dependencies=["dep@1"])
+    with make_supervisor(DEPENDENT, guards=False) as sup:
+        same = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS - DAY, prefetch=pre))
+        later = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS, prefetch=pre))
+    assert same.status == "ok" and same.output["value"] == 7.0
+    assert same.output["metadata"]["other"] != 7.0  # "secret" was never prefetched: not answered from it
+    assert later.status != "ok" or later.output["value"] != 7.0
+
+
+# ---------------------------------------------------------------------- through the function's handler
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    folder = tmp_path_factory.mktemp("fn") / "cs-pf-attack-v1"
+    shutil.copytree(REPO_ROOT / "templates" / "script", folder)
+    (folder / "function" / "script.py").write_text(DEPENDENT)
+    (folder / "function" / "meta.json").write_text(json.dumps(
+        {"script_id": "pf-attack", "version": 1, "tier": "pro", "tenant": "t1", "depends_on": ["dep@1"],
+         "output_schema": {}, "limits": {}}))
+    saved_path = list(sys.path)
+    module = load_handler(folder)
+    try:
+        yield module
+    finally:
+        if module._supervisor is not None:
+            module._supervisor.close()
+        for name in ("function", "function.handler"):
+            sys.modules.pop(name, None)
+        sys.path[:] = saved_path
+
+
+@pytest.fixture
+def fn(handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> str:
+    # no gateway here: a read the prefetch does not answer fails (it never silently succeeds)
+    cfg = dataclasses.replace(settings(), gateway_url="http://127.0.0.1:9", function_sample_data=False)
+    monkeypatch.setattr(handler, "settings", lambda: cfg)
+    return handler.function_name()
+
+
+def output(script_id: str, version: int = 1, tenant_value: float = 7.0) -> dict:
+    return {"script_id": script_id, "version": version, "instrument_key": "GOOG", "timeframe": "1d",
+            "params_hash": params_hash({}), "time": GOOG_TS, "value": tenant_value, "timestamp": GOOG_TS,
+            "metadata": {}}
+
+
+def body(fn: str, *, tenant: str = "t1", data_tenant: str | None = None, outputs: list | None = None,
+         sign_secret: str | None = None, sign_fn: str | None = None) -> dict:
+    items = [{"instrument_key": "GOOG", "timeframe": "1d", "params": {}, "timestamp": GOOG_TS}]
+    data = json.dumps({"v": 1, "tenant": data_tenant or tenant, "outputs": outputs or [output("dep")]})
+    return {"items": items, "execution_token": "not-a-valid-execution-token",
+            "prefetch": sign_prefetch(sign_fn or fn, tenant, items, "not-a-valid-execution-token", data,
+                                      secret=sign_secret)}
+
+
+def call(handler: ModuleType, fn: str, payload: dict, *, tenant: str = "t1", token: str | None = None) -> dict:
+    token = token if token is not None else mint_invocation_token(fn, {"user": "u1", "tenant": tenant}, 60)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    res = handler.handle(SimpleNamespace(body=json.dumps(payload).encode(), headers=headers, method="POST",
+                                         path="/", query={}), None)
+    return {"status": res["statusCode"], **json.loads(res["body"])}
+
+
+def test_handler_uses_a_platform_signed_prefetch(handler: ModuleType, fn: str) -> None:
+    res = call(handler, fn, body(fn))
+    assert res["status"] == 200, res
+    (item,) = res["results"]
+    assert item["status"] == "ok" and item["output"]["value"] == 7.0
+    assert item["output"]["metadata"]["other"] in ("DataAccessError", "DataDenied")  # not prefetched: gateway
+
+
+def test_prefetch_cannot_be_forged_with_only_an_invocation_token(handler: ModuleType, fn: str) -> None:
+    forged = body(fn, sign_secret="attacker-guess")
+    assert call(handler, fn, forged)["error"]["code"] == "invalid_prefetch"
+    unsigned = {**body(fn), "prefetch": {"data": json.dumps({"v": 1, "tenant": "t1", "outputs": [output("dep")]}),
+                                         "exp": 2**31, "mac": ""}}
+    assert call(handler, fn, unsigned)["error"]["code"] == "invalid_prefetch"
+    replayed = body(fn)  # a genuine prefetch, re-used with other items
+    replayed["items"][0]["timestamp"] = GOOG_TS + DAY
+    assert call(handler, fn, replayed)["error"]["code"] == "invalid_prefetch"
+    other_fn = body(fn, sign_fn="cs-other-function-v1")
+    assert call(handler, fn, other_fn)["error"]["code"] == "invalid_prefetch"
+    assert call(handler, fn, body(fn), token="")["status"] == 401  # no invocation token at all
+
+
+def test_prefetch_of_another_tenant_is_refused(handler: ModuleType, fn: str) -> None:
+    # signed for tenant t2 but invoked under a t1 token, and the other way round
+    assert call(handler, fn, body(fn, tenant="t2"), tenant="t1")["error"]["code"] == "invalid_prefetch"
+    assert call(handler, fn, body(fn, tenant="t1", data_tenant="t2"))["error"]["code"] == "invalid_prefetch"
+
+
+def test_prefetched_outputs_outside_the_dependencies_are_refused(handler: ModuleType, fn: str) -> None:
+    for outs in ([output("secret")], [output("dep", version=2)], [output("dep"), output("secret")]):
+        res = call(handler, fn, body(fn, outputs=outs))
+        assert res["status"] == 400 and res["error"]["code"] == "invalid_prefetch", res
+
+
+def test_sample_source_is_not_a_prefetch_bypass() -> None:
+    """Without a prefetch nothing changes: the data source answers (sanity for the tests above)."""
+    with make_supervisor(LOOKAHEAD, guards=False, data=SampleDataSource()) as sup:
+        res = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS - 30 * DAY))
+    assert res.status == "ok" and res.output["value"] <= GOOG_TS - 30 * DAY
