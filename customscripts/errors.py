@@ -64,6 +64,13 @@ class Unprocessable(ApiError):
     status = 422
     code = "unprocessable"
 
+    @classmethod
+    def from_validation(cls, exc: Any, message: str) -> Unprocessable:
+        """A pydantic ValidationError as a 422 listing where and why (bounded, without the input)."""
+        details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300], "type": e["type"]}
+                   for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]]
+        return cls(message, code="invalid_body", details=details)
+
 
 class TooManyRequests(ApiError):
     status = 429

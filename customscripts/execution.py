@@ -186,9 +186,7 @@ class Executor:
         try:
             body = ExecuteBody.model_validate(raw_body)
         except ValidationError as exc:
-            details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300]}
-                       for e in exc.errors(include_url=False, include_input=False)[:20]]
-            raise Unprocessable("execute body is invalid", code="invalid_body", details=details) from None
+            raise Unprocessable.from_validation(exc, "execute body is invalid") from None
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         row = None
         if body.version is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from customscripts import ids
+from customscripts.errors import BadRequest, Unprocessable
 
 PARAMS_HASH_LEN = 16
 MAX_HISTORY = 5000
@@ -155,3 +156,26 @@ class OutputStore:
         args.append(limit)
         with self.pool.connection() as conn:
             return list(conn.execute(" ".join(query), args).fetchall())
+
+
+def params_hash_from_query(q: Mapping[str, str]) -> str:
+    """`params_hash` as published, or `params` (a JSON object) hashed the same way; default: no params."""
+    raw_hash, raw_params = q.get("params_hash"), q.get("params")
+    if raw_hash and raw_params:
+        raise BadRequest("give either params or params_hash, not both", code="invalid_parameter")
+    if raw_hash:
+        if len(raw_hash) > 64 or not all(c in "0123456789abcdef" for c in raw_hash):
+            raise Unprocessable(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
+        return raw_hash
+    if raw_params:
+        try:
+            params = json.loads(raw_params)
+        except ValueError as exc:
+            raise BadRequest(f"params is not valid JSON: {exc}", code="invalid_parameter") from None
+        if not isinstance(params, dict):
+            raise Unprocessable("params must be a JSON object", code="invalid_parameter")
+        try:
+            return params_hash(params)
+        except ValueError as exc:
+            raise Unprocessable(f"params cannot be hashed: {exc}", code="invalid_parameter") from None
+    return params_hash({})

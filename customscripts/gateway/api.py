@@ -27,7 +27,7 @@ from customscripts.errors import ApiError, BadRequest, Forbidden, NotFound, Serv
 from customscripts.gateway.ratelimit import RateLimiter
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
 from customscripts.http import Context, Event, Request, Response, Router
-from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash
+from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = MAX_HISTORY
@@ -271,7 +271,7 @@ class GatewayApi:
     def _output_key(self, q: Mapping[str, str]) -> tuple[str, str, str]:
         instrument = ids.instrument_key(_required(q, "instrument_key"))
         timeframe = ids.timeframe(_required(q, "timeframe"))
-        return instrument, timeframe, _params_hash_param(q)
+        return instrument, timeframe, params_hash_from_query(q)
 
     def script_latest(self, req: Request) -> Response:
         claims = self._authorise(req)
@@ -316,29 +316,6 @@ def _metric_name(value: str) -> str:
     if not ok:
         raise Unprocessable(f"invalid metric name: {value[:80]!r}", code="invalid_metric_name")
     return value
-
-
-def _params_hash_param(q: Mapping[str, str]) -> str:
-    """`params_hash` as published, or `params` (a JSON object) hashed the same way; default: no params."""
-    raw_hash, raw_params = q.get("params_hash"), q.get("params")
-    if raw_hash and raw_params:
-        raise BadRequest("give either params or params_hash, not both", code="invalid_parameter")
-    if raw_hash:
-        if len(raw_hash) > 64 or not all(c in "0123456789abcdef" for c in raw_hash):
-            raise Unprocessable(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
-        return raw_hash
-    if raw_params:
-        try:
-            params = json.loads(raw_params)
-        except ValueError as exc:
-            raise BadRequest(f"params is not valid JSON: {exc}", code="invalid_parameter") from None
-        if not isinstance(params, dict):
-            raise Unprocessable("params must be a JSON object", code="invalid_parameter")
-        try:
-            return params_hash(params)
-        except ValueError as exc:
-            raise Unprocessable(f"params cannot be hashed: {exc}", code="invalid_parameter") from None
-    return params_hash({})
 
 
 @functools.cache

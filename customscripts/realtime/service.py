@@ -29,7 +29,7 @@ from customscripts import db, ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
-from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash
+from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
 from customscripts.realtime.publisher import latest_key
 from customscripts.realtime.subscriptions import (
@@ -103,9 +103,7 @@ class RealtimeService:
         try:
             body = SubscribeBody.model_validate(raw_body)
         except ValidationError as exc:
-            details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300]}
-                       for e in exc.errors(include_url=False, include_input=False)[:20]]
-            raise Unprocessable("subscribe body is invalid", code="invalid_body", details=details) from None
+            raise Unprocessable.from_validation(exc, "subscribe body is invalid") from None
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         version = body.version or self._latest(principal, script_id)
         audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
@@ -203,7 +201,7 @@ class RealtimeService:
         if unknown:
             raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
         timeframe = ids.timeframe(query.get("timeframe") or "")
-        phash = _params_hash_param(query)
+        phash = params_hash_from_query(query)
         key = latest_key(principal.tenant, instrument, timeframe, script_id, phash)
         try:
             raw = self.redis.hget(key, "payload")
@@ -247,25 +245,6 @@ def _epoch(query: Mapping[str, str], name: str) -> float | None:
     if not 0 <= value <= 4_102_444_800:
         raise Unprocessable(f"{name} out of range", code="invalid_parameter")
     return value
-
-
-def _params_hash_param(query: Mapping[str, str]) -> str:
-    raw_hash, raw_params = query.get("params_hash"), query.get("params")
-    if raw_hash and raw_params:
-        raise BadRequest("give either params or params_hash, not both", code="invalid_parameter")
-    if raw_hash:
-        if len(raw_hash) > 64 or not all(c in "0123456789abcdef" for c in raw_hash):
-            raise Unprocessable("invalid params_hash", code="invalid_parameter")
-        return raw_hash
-    if raw_params:
-        try:
-            params = json.loads(raw_params)
-        except ValueError:
-            raise BadRequest("params is not valid JSON", code="invalid_parameter") from None
-        if not isinstance(params, dict):
-            raise Unprocessable("params must be a JSON object", code="invalid_parameter")
-        return params_hash(params)
-    return params_hash({})
 
 
 @functools.cache

@@ -95,9 +95,7 @@ def _body(req: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300], "type": e["type"]}
-                   for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]]
-        raise Unprocessable("request body is invalid", code="invalid_body", details=details) from None
+        raise Unprocessable.from_validation(exc, "request body is invalid") from None
 
 
 # ----------------------------------------------------------------- routes
