@@ -206,6 +206,7 @@ class Settings:
         default_factory=lambda: secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "local-admin-password")
     )
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
+    gateway_fn_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_FN_PORT", 8090))
 
     # Sandbox
     isolation_mode: str = field(default_factory=lambda: _env("CS_ISOLATION", "bwrap"))  # bwrap | process
@@ -273,8 +274,11 @@ class Settings:
 
     @property
     def data_gateway_url(self) -> str:
-        """Where script functions read data: gateway-fn behind the gateway unless set explicitly."""
-        return self.gateway_url or f"{self.provider_url}/function/gateway-fn"
+        """Where script functions read data: gateway-fn's Service address, not the gateway (script
+        functions may reach nothing else, deploy/k8s/networkpolicy.yml). On OpenFaaS set
+        CS_GATEWAY_URL=http://gateway-fn.openfaas-fn:8080; locally the provider serves gateway-fn on
+        gateway_fn_port as well as behind /function/gateway-fn."""
+        return self.gateway_url or f"http://{self.provider_host}:{self.gateway_fn_port}"
 
     def tier(self, name: str) -> Tier | None:
         return self.tiers.get(name)

@@ -322,10 +322,29 @@ def call_handler(handle: Callable[[Event, Context], Any], context: Context, meth
     return format_result(handle(event, context))
 
 
+def python3_http_result(response: Response) -> Any:
+    """A route's response as a python3-http handler returns it. A bytes body cannot go in the dict
+    (index.py sends it through str()), so it becomes the (body, status, headers) tuple that index.py
+    hands to Flask unchanged (docs/openfaas.md §1.2) and `format_result` answers the same way."""
+    body = response.get("body")
+    if isinstance(body, bytes | bytearray):
+        return bytes(body), int(response.get("statusCode", 200)), dict(response.get("headers") or {})
+    return response
+
+
 def format_result(result: Any) -> RawResponse:
-    """python3-http's format_response: dict bodies as JSON, anything else as text."""
+    """python3-http's format_response: dict bodies as JSON, anything else as text; a (body, status,
+    headers) tuple as Flask answers it."""
     if result is None:
         return 200, [("Content-Type", "text/html; charset=utf-8")], b""
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], bytes | str):
+        raw, status, extra = result
+        data = raw.encode() if isinstance(raw, str) else raw
+        items = list(extra.items()) if isinstance(extra, Mapping) else list(extra)
+        headers = [(str(k), str(v)) for k, v in items]
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            headers.insert(0, ("Content-Type", "text/html; charset=utf-8"))
+        return int(status), headers, data
     if not isinstance(result, dict):
         if isinstance(result, bytes | str):
             data = result.encode() if isinstance(result, str) else result

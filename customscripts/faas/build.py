@@ -264,15 +264,20 @@ def stack_deployments(path: Path | None = None, *, local: bool = True,
     """FunctionDeployment bodies for stack.yml's functions, as `faas-cli deploy` builds them.
 
     With `local=True` each body also names its handler folder (annotation
-    `com.customscripts.local.path`) so the local provider can run it without an image.
+    `com.customscripts.local.path`) so the local provider can run it without an image, and
+    gateway-fn gets its local Service port (`com.customscripts.local.service-port`): script
+    functions call it there, as they call its Service on Kubernetes.
     """
     path = path or REPO_ROOT / "stack.yml"
     stack = load_stack(path, environ)
+    service_ports = {"gateway-fn": settings().gateway_fn_port}
     bodies = []
     for name, fn in (stack.get("functions") or {}).items():
         annotations = dict(fn.get("annotations") or {})
         if local:
             annotations["com.customscripts.local.path"] = str((path.parent / fn["handler"]).resolve())
+            if name in service_ports:
+                annotations["com.customscripts.local.service-port"] = str(service_ports[name])
         lang = fn.get("lang", "")
         template = path.parent / "templates" / lang
         fprocess = fn.get("fprocess") or (template_fprocess(template) if template.is_dir() else DEFAULT_FPROCESS)

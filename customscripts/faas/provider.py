@@ -16,6 +16,12 @@ gateway-fn). The function process starts on its first call (cold start), is stop
 `function_idle_s` without calls, and is restarted on the next call if it crashed. Deployments are
 persisted in `state_dir/provider/functions.json`, so a provider restart keeps them.
 
+A deployment annotated `com.customscripts.local.service-port` is also served directly on that
+loopback port, as a Kubernetes Service serves a function inside the cluster: it starts at deploy
+(and provider start), is never idle-stopped and is restarted when it exits. gateway-fn is deployed
+this way, because script functions reach it by its Service address, never through the gateway
+(deploy/k8s/networkpolicy.yml).
+
 Differences from faas-netes, on purpose: POST of an existing name answers 500 exactly like
 faas-netes (its Deployment create fails), not 409; replicas is always 1 and availableReplicas is 1
 only while the process runs (scale to zero is the local cold-start model); the image is recorded but
@@ -61,6 +67,7 @@ PROVIDER_NAME = "customscripts-local"
 VERSION = "0.1.0"
 NAMESPACE = "openfaas-fn"
 LOCAL_PATH_ANNOTATION = "com.customscripts.local.path"
+SERVICE_PORT_ANNOTATION = "com.customscripts.local.service-port"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "content-length"})
 # Variables handed through from the provider's own environment to function processes. Secret-bearing
@@ -229,6 +236,12 @@ class Provider:
 
     # ------------------------------------------------------------------ deployments
 
+    @staticmethod
+    def service_port(spec: Mapping[str, Any]) -> int | None:
+        """The fixed loopback port a deployment is also served on (its local Service), if any."""
+        raw = (spec.get("annotations") or {}).get(SERVICE_PORT_ANNOTATION)
+        return int(raw) if raw else None
+
     def source_dir(self, spec: Mapping[str, Any]) -> Path:
         local = (spec.get("annotations") or {}).get(LOCAL_PATH_ANNOTATION)
         return Path(local) if local else self.functions_dir / spec["service"]
@@ -265,6 +278,8 @@ class Provider:
         if changed:
             self.stop_function(name)  # the next call starts the new code
         logs.event(log, "function deployed", function=name, image=spec["image"], created=create)
+        if self.service_port(spec) is not None and self._server is not None:
+            self._keep_services()
         return 202
 
     def remove(self, body: Any) -> int:
@@ -356,6 +371,7 @@ class Provider:
         env = self._env(name, spec, secrets_dir)
         rfd, wfd = os.pipe()
         env["CS_FN_READY_FD"] = str(wfd)
+        env["CS_FN_PORT"] = str(self.service_port(spec) or 0)
         logdir = self.state_dir.parent / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
         argv = [self.python, "-m", "customscripts.faas.runner", str(folder)]
@@ -439,16 +455,35 @@ class Provider:
         logs.event(log, "function stopped", function=name, pid=fp.proc.pid)
         return True
 
+    def _keep_services(self) -> None:
+        """Start every deployment with a service port that is not running (a Service has endpoints)."""
+        with self._lock:
+            wanted = [n for n, e in self.deployments.items() if self.service_port(e["spec"]) is not None]
+        for name in wanted:
+            fp = self.processes.get(name)
+            if fp is not None and fp.alive():
+                continue
+            try:
+                self.ensure_running(name)
+            except KeyError:  # removed meanwhile
+                continue
+            except Exception as exc:  # e.g. the port is taken: retried on the next tick
+                logs.event(log, "service function failed to start", logging.ERROR, function=name,
+                           error=str(exc))
+
     def _reap_idle(self) -> None:
+        """Stop idle functions (not services) and keep services running."""
         interval = max(0.05, min(1.0, self.idle_s / 4))
         while not self._stopping.wait(interval):
             now = time.monotonic()
             with self._lock:
                 idle = [n for n, fp in self.processes.items()
-                        if fp.inflight == 0 and now - fp.last_used >= self.idle_s]
+                        if fp.inflight == 0 and now - fp.last_used >= self.idle_s
+                        and self.service_port(fp.spec) is None]
             for name in idle:
                 logs.event(log, "function idle; stopping", function=name)
                 self.stop_function(name)
+            self._keep_services()
 
     # ------------------------------------------------------------------ invocation
 
@@ -567,6 +602,7 @@ class Provider:
                    threading.Thread(target=self._reap_idle, name="provider-idle", daemon=True)]
         threads += [threading.Thread(target=self._async_worker, name=f"provider-async-{i}", daemon=True)
                     for i in range(self._async_workers)]
+        self._keep_services()
         for thread in threads:
             thread.start()
         self._threads = threads

@@ -3,7 +3,8 @@
 `python -m customscripts.faas.runner <dir>` imports `handle` from `<dir>/function/handler.py` (a
 shrinkwrapped build context, as faas-cli lays it out) or `<dir>/handler.py` (a bare handler
 folder such as `registry-fn/`), exactly as index.py does (`from function import handler`), and
-serves it on an ephemeral loopback port with `customscripts.http.HandlerServer`: the python3-http
+serves it on a loopback port (CS_FN_PORT, its local Service port, else an ephemeral one) with
+`customscripts.http.HandlerServer`: the python3-http
 contract and the responses index.py's Flask + waitress give, at a fraction of their per-request
 cost (every one-time execute crosses three function processes). The port is written to the file
 descriptor named by CS_FN_READY_FD once the server listens, so the provider needs no port guessing
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = load_handler(Path(args[0]))
     threads = int(os.environ.get("CS_FN_THREADS", "8"))
     # Standalone (no provider) it listens where index.py would: $port, else 5000.
-    port = 0 if os.environ.get("CS_FN_READY_FD") else int(os.environ.get("port") or 5000)  # noqa: SIM112 - of-watchdog name
+    if os.environ.get("CS_FN_READY_FD"):
+        port = int(os.environ.get("CS_FN_PORT") or 0)
+    else:
+        port = int(os.environ.get("port") or 5000)  # noqa: SIM112 - of-watchdog name
     server = HandlerServer.for_handler(handler.handle, "127.0.0.1", port, threads=threads, idle_timeout=120,
                                        name="fn")
     ready_fd = os.environ.get("CS_FN_READY_FD")

@@ -4,7 +4,10 @@ Every data route: verify the execution token (401) → rate-limit the user and t
 validate parameters (400/422) → read with the read-only database role, never past the token's as-of
 time and, for script outputs, only in the token's tenant and dependency closure (403).
 Responses are columnar JSON (`{"columns": {"time": [...], "close": [...]}}`) so a reader turns them
-into numpy arrays with one `np.asarray` per column.
+into numpy arrays with one `np.asarray` per column. Market and metric reads sent with
+`Accept: application/vnd.customscripts.columns` get the same head with the columns as native float64
+(`customscripts.sandbox.protocol.columns_payload`): the sandbox supervisor hands them to the script's
+numpy arrays without parsing 1,200 floats from JSON (~0.2 ms per read).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from customscripts.gateway.ratelimit import RateLimiter
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
-from customscripts.http import Context, Event, Request, Response, Router
+from customscripts.http import Context, Event, Request, Response, Router, python3_http_result
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
+from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, f64_bytes
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = MAX_HISTORY
@@ -38,22 +42,52 @@ _SERIES_PARAMS = {"limit", "start", "end"}
 WINDOW_CACHE_SIZE = 2048
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Window:
-    """One market read, encoded, with what is needed to prove it is still exact.
+    """One market read, with what is needed to prove it is still exact, and its encodings (made on
+    first use: a window is answered as JSON text or as native float64 columns).
 
     Candles are insert-only (the loader inserts with ON CONFLICT DO NOTHING; nothing updates or
     deletes them), so a window changes only if a row is inserted inside the interval it was read
     from: [its oldest row, end] for the latest-N read, [start, its newest row] for a read from
     `start` (up to `end` when it came back short of `limit`). `count(*)` over that interval equal to
     the window's row count proves nothing was; one index-only count (~0.15 ms) replaces the window
-    query and its JSON encoding (~0.7 ms). If candles ever get updated in place, drop this cache.
+    query and its encoding (~0.7 ms). If candles ever get updated in place, drop this cache.
     """
 
-    columns_json: str
+    columns: dict[str, list[Any]]
     rows: int
     lo: datetime | None
     hi: datetime
+    _json: str | None = None
+    _f64: tuple[list[list[Any]], bytes] | None = None
+
+    def json_text(self) -> str:
+        if self._json is None:
+            self._json = json.dumps(self.columns, separators=(",", ":"), allow_nan=False)
+        return self._json
+
+    def f64(self) -> tuple[list[list[Any]], bytes]:
+        """The "f64" spec and the packed columns (None values become NaN)."""
+        if self._f64 is None:
+            self._f64 = _pack(self.columns)
+        return self._f64
+
+
+def _pack(columns: dict[str, list[Any]]) -> tuple[list[list[Any]], bytes]:
+    parts = [f64_bytes(col) or b"" for col in columns.values()]
+    return [[name, len(raw) // 8] for name, raw in zip(columns, parts, strict=True)], b"".join(parts)
+
+
+def _wants_columns(req: Request) -> bool:
+    """The caller asked for native float64 columns (the sandbox supervisor does)."""
+    return COLUMNS_MEDIA_TYPE in (req.header("Accept") or "")
+
+
+def _columns_response(head: dict[str, Any], spec: list[list[Any]], blob: bytes) -> Response:
+    """A columns payload (`protocol.columns_payload` layout) as a bytes body: see `python3_http_result`."""
+    return {"statusCode": 200, "body": binary_payload({**head, "f64": spec}, blob),
+            "headers": {"Content-Type": COLUMNS_MEDIA_TYPE}}
 
 
 def _body(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -145,8 +179,9 @@ class GatewayApi:
             self._pool = db.pool(self.cfg.pg_reader_dsn)
         return self._pool
 
-    def handle(self, event: Event, context: Context | None = None) -> Response:
-        return self.router.dispatch(event)
+    def handle(self, event: Event, context: Context | None = None) -> Any:
+        """python3-http `handle`: columns replies come back as the (bytes, status, headers) tuple."""
+        return python3_http_result(self.router.dispatch(event))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -189,9 +224,9 @@ class GatewayApi:
         data = {name: list(col or []) for name, col in zip(columns, row[:len(columns)], strict=True)}
         return data, row[-2], row[-1]
 
-    def _market_columns(self, instrument: str, timeframe: str, start: float | None, end: float,
-                        limit: int) -> str:
-        """The market window's columns as JSON text, from the cache when a count proves it unchanged."""
+    def _market_window(self, instrument: str, timeframe: str, start: float | None, end: float,
+                       limit: int) -> _Window:
+        """The market window, from the cache when a count proves it unchanged."""
         key = (instrument, timeframe, start, end, limit)
         cached = self._windows.get(key)
         if cached is not None:
@@ -201,11 +236,10 @@ class GatewayApi:
                 where += " AND time >= %s"
                 args.append(cached.lo)
             if self._query(f"SELECT count(*) FROM candles WHERE {where}", args, binary=True)[0][0] == cached.rows:
-                return cached.columns_json
+                return cached
         columns, oldest, newest = self._series_bounds(
             "candles", "instrument_key = %s AND timeframe = %s", [instrument, timeframe], CANDLE_COLUMNS,
             start, end, limit)
-        text = json.dumps(columns, separators=(",", ":"), allow_nan=False)
         rows = len(columns["time"])
         full = rows == limit and oldest is not None and newest is not None
         if start is None:  # the latest `limit` rows at or before end
@@ -214,8 +248,8 @@ class GatewayApi:
             lo, hi = _ts(start), (newest if full else _ts(end))
         if len(self._windows) >= WINDOW_CACHE_SIZE:
             self._windows.clear()
-        self._windows[key] = _Window(text, rows, lo, hi)
-        return text
+        window = self._windows[key] = _Window(columns, rows, lo, hi)
+        return window
 
     # ------------------------------------------------------------------ routes
 
@@ -241,11 +275,13 @@ class GatewayApi:
         instrument = ids.instrument_key(_required(q, "instrument_key"))
         timeframe = ids.timeframe(_required(q, "timeframe"))
         start, end, limit = _window(q, claims)
-        columns = self._market_columns(instrument, timeframe, start, end, limit)
-        head = json.dumps({"instrument_key": instrument, "timeframe": timeframe, "as_of": claims.as_of},
-                          separators=(",", ":"), allow_nan=False)
+        window = self._market_window(instrument, timeframe, start, end, limit)
+        head = {"instrument_key": instrument, "timeframe": timeframe, "as_of": claims.as_of}
+        if _wants_columns(req):
+            return _columns_response(head, *window.f64())
+        text = json.dumps(head, separators=(",", ":"), allow_nan=False)
         # byte-for-byte what _body() would encode for the same dict with "columns" last
-        text = f'{head[:-1]},"columns":{columns}}}'
+        text = f'{text[:-1]},"columns":{window.json_text()}}}'
         return {"statusCode": 200, "body": text, "headers": {"Content-Type": "application/json"}}
 
     def metrics(self, req: Request) -> Response:
@@ -257,7 +293,10 @@ class GatewayApi:
         start, end, limit = _window(q, claims)
         columns = self._series("metrics", "instrument_key = %s AND name = %s", [instrument, name],
                                ("time", "value"), start, end, limit)
-        return _body({"instrument_key": instrument, "name": name, "as_of": claims.as_of, "columns": columns})
+        head = {"instrument_key": instrument, "name": name, "as_of": claims.as_of}
+        if _wants_columns(req):
+            return _columns_response(head, *_pack(columns))
+        return _body({**head, "columns": columns})
 
     def _script_scope(self, req: Request, claims: ExecutionClaims) -> tuple[str, list[int] | None]:
         script_id = ids.script_id(req.params["script_id"])
@@ -323,6 +362,6 @@ def default_api() -> GatewayApi:
     return GatewayApi()
 
 
-def handle(event: Event, context: Context | None = None) -> Response:
+def handle(event: Event, context: Context | None = None) -> Any:
     """python3-http entry point (gateway-fn/handler.py delegates here)."""
     return default_api().handle(event, context)

@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import requests
 
 from customscripts.http import Headers, KeepAlivePool, RawReply
+from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, columns_payload
 
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 
@@ -95,6 +96,7 @@ class GatewayClient:
         self.requests_sent = 0  # every HTTP attempt, retries included (observability, tests)
         self.retries = 0
         self._auth = {"Authorization": f"Bearer {token}"}  # sent per call: nothing shared holds a token
+        self._auth_columns = {**self._auth, "Accept": COLUMNS_MEDIA_TYPE}
         self.session = session
         self._pool: KeepAlivePool | None = None
         self._prefix = ""
@@ -129,6 +131,18 @@ class GatewayClient:
         params = {"instrument_key": instrument_key, "name": name, **_window(limit, start, end)}
         return self._get(f"get_metric({instrument_key!r}, {name!r})", "/data/metrics", params)
 
+    def market_columns(self, instrument_key: str, timeframe: str, *, limit: int | None = None,
+                       start: float | None = None, end: float | None = None) -> bytes:
+        """get_market_data as a columns payload (`ColumnFrames`): no number is parsed on the way."""
+        params = {"instrument_key": instrument_key, "timeframe": timeframe, **_window(limit, start, end)}
+        return self._columns(f"get_market_data({instrument_key!r}, {timeframe!r})", "/data/market", params)
+
+    def metric_columns(self, instrument_key: str, name: str, *, limit: int | None = None,
+                       start: float | None = None, end: float | None = None) -> bytes:
+        """get_metric as a columns payload (`ColumnFrames`)."""
+        params = {"instrument_key": instrument_key, "name": name, **_window(limit, start, end)}
+        return self._columns(f"get_metric({instrument_key!r}, {name!r})", "/data/metrics", params)
+
     def get_script_output(self, script_id: str, instrument_key: str, timeframe: str, *,
                           params: dict | None = None, history: int | None = None) -> dict:
         """Latest output in indicator shape, or with `history=n` the last n outputs (columnar)."""
@@ -152,35 +166,56 @@ class GatewayClient:
         step = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
         return step / 2 + random.uniform(0, step / 2)
 
-    def _send(self, path: str, params: dict[str, Any]) -> RawReply:
-        """One GET; connection failures and timeouts raise OSError/HTTPException (retried by _get)."""
+    def _send(self, path: str, params: dict[str, Any], headers: dict[str, str]) -> RawReply:
+        """One GET; connection failures and timeouts raise OSError/HTTPException (retried by _fetch)."""
         if self._pool is not None:
             target = f"{self._prefix}{path}?{urlencode(params)}" if params else self._prefix + path
-            return self._pool.request("GET", target, headers=self._auth, timeout=self.timeout)
+            return self._pool.request("GET", target, headers=headers, timeout=self.timeout)
         assert self.session is not None
         try:
-            resp = self.session.get(self.base_url + path, params=params, headers=self._auth, timeout=self.timeout)
+            resp = self.session.get(self.base_url + path, params=params, headers=headers, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         return RawReply(resp.status_code, Headers(list(resp.headers.items())), resp.content)
 
     def _get(self, call: str, path: str, params: dict[str, Any], *, script_id: str | None = None) -> dict:
+        response = self._fetch(call, path, params, self._auth, script_id)
+        try:
+            return response.json()
+        except ValueError:
+            raise DataAccessError(f"data gateway at {self.base_url} returned invalid JSON for {call}") from None
+
+    def _columns(self, call: str, path: str, params: dict[str, Any]) -> bytes:
+        """A series read as a columns payload; a gateway that answers JSON is converted here."""
+        response = self._fetch(call, path, params, self._auth_columns, None)
+        if (response.headers.get("Content-Type") or "").startswith(COLUMNS_MEDIA_TYPE):
+            return response.body
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        body = None
+        if isinstance(payload, dict) and isinstance(payload.get("columns"), dict):
+            body = columns_payload({k: v for k, v in payload.items() if k != "columns"}, payload["columns"])
+        if body is None:
+            raise DataAccessError(f"data gateway at {self.base_url} returned an invalid reply for {call}")
+        return body
+
+    def _fetch(self, call: str, path: str, params: dict[str, Any], headers: dict[str, str],
+               script_id: str | None) -> RawReply:
+        """The 200 reply, after bounded retries of transient failures; other statuses raise."""
         last = "no attempt made"
         for attempt in range(self.attempts):
             wait: float | None = None
             self.requests_sent += 1
             try:
-                response = self._send(path, params)
+                response = self._send(path, params, headers)
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 status = response.status
                 if status == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise DataAccessError(
-                            f"data gateway at {self.base_url} returned invalid JSON for {call}") from None
+                    return response
                 if status not in TRANSIENT_STATUS:
                     self._raise_final(call, response, script_id)
                 last = _error_message(response)

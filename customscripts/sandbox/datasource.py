@@ -31,3 +31,15 @@ class DataSource(Protocol):
 
     def get_script_output(self, script_id: str, instrument_key: str, timeframe: str, *,
                           params: dict | None = None, history: int | None = None) -> dict: ...
+
+
+@runtime_checkable
+class ColumnFrames(Protocol):
+    """Optional: market and metric reads as columns payloads (`protocol.columns_payload`), which the
+    supervisor hands to the child without decoding a number. GatewayClient implements it."""
+
+    def market_columns(self, instrument_key: str, timeframe: str, *, limit: int | None = None,
+                       start: float | None = None, end: float | None = None) -> bytes: ...
+
+    def metric_columns(self, instrument_key: str, name: str, *, limit: int | None = None,
+                       start: float | None = None, end: float | None = None) -> bytes: ...

@@ -9,6 +9,9 @@ parses anything but size-capped JSON from the child.
 Zygote<->supervisor control uses SOCK_SEQPACKET datagrams that can carry fds.
 
 Binary frame payload (after the usual 4-byte length): b"\0" + 4-byte JSON length + JSON + raw bytes.
+The data gateway answers market and metric reads in the same layout when asked for
+COLUMNS_MEDIA_TYPE (`columns_payload`: head `{..., "f64": [[name, n], ...]}` + native float64
+columns), so the supervisor re-heads a reply for the child without parsing a single number.
 
 This module runs inside the sandbox too: stdlib only.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import socket
 import struct
 from typing import Any
@@ -28,6 +32,7 @@ MAX_CONTROL_PACKET = 64 * 1024
 SPAWN = struct.Struct("=cId")      # b"S", tag, cpu seconds          supervisor -> zygote
 SPAWNED = struct.Struct("=cIi")    # b"P", tag, pid (+ fds)           zygote -> supervisor
 BINARY_TAG = b"\0"
+COLUMNS_MEDIA_TYPE = "application/vnd.customscripts.columns"
 
 
 class ProtocolError(Exception):
@@ -61,10 +66,50 @@ def frame(obj: Any, *, allow_nan: bool = False) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+def binary_payload(obj: Any, blob: bytes) -> bytes:
+    """A binary frame's payload (no frame length): tag, JSON head (NaN allowed), raw bytes."""
+    head = dumps(obj, allow_nan=True)
+    return BINARY_TAG + HEADER.pack(len(head)) + head + blob
+
+
 def binary_frame(obj: Any, blob: bytes) -> bytes:
     """A complete binary frame: JSON head (NaN allowed) + raw bytes. Trusted side -> child only."""
-    head = dumps(obj, allow_nan=True)
-    return HEADER.pack(1 + HEADER.size + len(head) + len(blob)) + BINARY_TAG + HEADER.pack(len(head)) + head + blob
+    payload = binary_payload(obj, blob)
+    return HEADER.pack(len(payload)) + payload
+
+
+def f64_bytes(col: Any) -> bytes | None:
+    """A numeric column as native float64 bytes (None -> NaN, as numpy would); None if not numeric."""
+    if isinstance(col, list | tuple):
+        try:
+            return array.array("d", col).tobytes()
+        except (TypeError, OverflowError):
+            try:
+                return array.array("d", [math.nan if v is None else v for v in col]).tobytes()
+            except (TypeError, OverflowError):
+                return None
+    if getattr(col, "ndim", None) == 1 and hasattr(col, "astype"):  # a numpy array (trusted side)
+        try:
+            return bytes(col.astype("float64").tobytes())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def columns_payload(head: dict, columns: dict) -> bytes | None:
+    """`head` plus numeric `columns` ({name: numbers}) as a binary payload whose JSON head is `head`
+    with "f64": [[name, n], ...]; None when a column is not purely numeric (then it goes as JSON)."""
+    spec, parts = [], []
+    for name, col in columns.items():
+        raw = f64_bytes(col)
+        if raw is None or not isinstance(name, str):
+            return None
+        spec.append([name, len(raw) // 8])
+        parts.append(raw)
+    try:
+        return binary_payload({**head, "f64": spec}, b"".join(parts))
+    except (TypeError, ValueError):
+        return None
 
 
 def split_binary(data: bytearray) -> tuple[Any, memoryview] | None:

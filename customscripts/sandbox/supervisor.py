@@ -24,18 +24,18 @@ The request path, and what was moved off it:
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import queue
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ from customscripts.config import settings
 
 from . import bwrap, protocol
 from . import seccomp as seccomp_mod
-from .datasource import DataAccessError, DataDenied, DataSource, DependencyUnavailable
+from .datasource import ColumnFrames, DataAccessError, DataDenied, DataSource, DependencyUnavailable
 from .limits import SandboxLimits
 from .prefetch import Prefetched, params_hash
 from .results import ExecutionResult, InvalidOutput, OutputValidator
@@ -716,11 +716,12 @@ class Supervisor:
                     cache[key] = data
                 return data
         reply = self._answer(msg, req, failures)
-        if "ok" not in reply:
+        if isinstance(reply, bytes):  # a columns frame from the source, ready for the child
+            data = reply
+        elif "ok" not in reply:
             return protocol.frame(reply, allow_nan=True)
-        data = _binary_reply(reply["ok"]) if fn in BINARY_FNS else None
-        if data is None:
-            data = protocol.frame(reply, allow_nan=True)
+        else:
+            data = (_binary_reply(reply["ok"]) if fn in BINARY_FNS else None) or protocol.frame(reply, allow_nan=True)
         if key is not None:
             cache[key] = data
         return data
@@ -749,7 +750,9 @@ class Supervisor:
             return None
         return None
 
-    def _answer(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> dict:
+    def _answer(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> dict | bytes:
+        """The reply to one read call: {"ok": ...} or {"err": ...}, or a complete binary frame when
+        the source answers market and metric reads as columns (`ColumnFrames`, e.g. GatewayClient)."""
         source = req.data or self.data
         fn = msg.get("fn")
         args = msg.get("args")
@@ -762,11 +765,15 @@ class Supervisor:
                 key, tf = _s(args.get("instrument_key"), 64), _s(args.get("timeframe"), 16)
                 limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
                 end = req.timestamp if end is None else min(end, req.timestamp)  # as-of: never later
+                if _frames(type(source)):
+                    return _columns_frame(source.market_columns(key, tf, limit=limit, start=start, end=end))
                 return {"ok": source.get_market_data(key, tf, limit=limit, start=start, end=end)}
             if fn == "metric":
                 key, name = _s(args.get("instrument_key"), 64), _s(args.get("name"), 64)
                 limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
                 end = req.timestamp if end is None else min(end, req.timestamp)
+                if _frames(type(source)):
+                    return _columns_frame(source.metric_columns(key, name, limit=limit, start=start, end=end))
                 return {"ok": source.get_metric(key, name, limit=limit, start=start, end=end)}
             if fn == "script_output":
                 sid, key = _s(args.get("script_id"), 128), _s(args.get("instrument_key"), 64)
@@ -846,44 +853,46 @@ def _freeze(value: Any, depth: int = 0) -> Any:
     return (type(value).__name__, value)
 
 
-def _f64(col: Any) -> bytes | None:
-    """A numeric column as native float64 bytes (None -> NaN, as numpy would); None if not numeric."""
-    if isinstance(col, list | tuple):
-        try:
-            return array("d", col).tobytes()
-        except (TypeError, OverflowError):
-            try:
-                return array("d", [math.nan if v is None else v for v in col]).tobytes()
-            except (TypeError, OverflowError):
-                return None
-    if getattr(col, "ndim", None) == 1 and hasattr(col, "astype"):  # numpy array from an in-process source
-        try:
-            return bytes(col.astype("float64").tobytes())
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
 def _binary_reply(payload: Any) -> bytes | None:
-    """{"columns": {name: numbers}} -> a binary frame the child maps with numpy.frombuffer; None when
-    the payload is not purely numeric columns (then it goes as JSON)."""
-    if not isinstance(payload, dict):
+    """{"columns": {name: numbers}, ...} -> a binary frame the child maps with numpy.frombuffer; None
+    when the payload is not purely numeric columns (then it goes as JSON)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("columns"), dict):
         return None
-    cols = payload.get("columns")
-    if not isinstance(cols, dict):
-        return None
-    spec, parts = [], []
-    for name, col in cols.items():
-        raw = _f64(col)
-        if raw is None or not isinstance(name, str):
-            return None
-        spec.append([name, len(raw) // 8])
-        parts.append(raw)
     head = {k: v for k, v in payload.items() if k != "columns"}
+    body = protocol.columns_payload(head, payload["columns"])
+    return None if body is None else _child_frame(body)
+
+
+@functools.cache
+def _frames(source_type: type) -> bool:
+    """Whether a data source type answers with columns payloads (Protocol isinstance, once per type)."""
+    return issubclass(source_type, ColumnFrames)
+
+
+def _columns_frame(columns_body: bytes) -> bytes:
+    frame = _child_frame(columns_body)
+    if frame is None:
+        raise DataAccessError("the data source sent a malformed columns reply")
+    return frame
+
+
+def _child_frame(columns_body: bytes | bytearray) -> bytes | None:
+    """A columns payload (protocol.columns_payload: the data source's head + "f64" spec + columns) as
+    the child's reply frame {"ok": head, "f64": spec} + the same columns; None if it is malformed."""
     try:
-        return protocol.binary_frame({"ok": head, "f64": spec}, b"".join(parts))
+        split = protocol.split_binary(bytearray(columns_body) if isinstance(columns_body, bytes) else columns_body)
+    except (ValueError, struct.error):
+        return None
+    if split is None or not isinstance(split[0], dict):
+        return None
+    head, blob = split
+    spec = head.pop("f64", None)
+    try:
+        if not isinstance(spec, list) or sum(int(n) for _, n in spec) * 8 != len(blob):
+            return None
     except (TypeError, ValueError):
         return None
+    return protocol.binary_frame({"ok": head, "f64": spec}, bytes(blob))
 
 
 def _bounded(value: Any, limit: int) -> str:

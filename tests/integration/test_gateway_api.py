@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from array import array
 from datetime import UTC, datetime
 
 import psycopg
@@ -16,6 +17,7 @@ from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import LocalServer
 from customscripts.marketdata.loader import CsvRow, load_rows
 from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, split_binary
 
 T0 = 1_600_000_000.0  # bars at T0, T0+60, ... (1m)
 N_BARS = 10
@@ -109,6 +111,41 @@ def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
     early = _token(data, as_of=T0 + 60 * 8 + 10)
     body = _get(gateway, "/data/market", early, instrument_key=instrument, timeframe="1m", limit=3).json()
     assert body["columns"]["time"] == [T0 + 60 * 6, T0 + 60 * 7, T0 + 60 * 8]
+
+
+def _columns(gateway, path, token, **params):
+    """A read asking for native float64 columns, decoded back to {head, columns as lists}."""
+    resp = requests.get(gateway.url + path, params=params, timeout=10,
+                        headers={"Authorization": f"Bearer {token}", "Accept": COLUMNS_MEDIA_TYPE})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"] == COLUMNS_MEDIA_TYPE
+    head, blob = split_binary(bytearray(resp.content))
+    spec, columns, offset = head.pop("f64"), {}, 0
+    for name, n in spec:
+        columns[name] = array("d", bytes(blob[offset:offset + 8 * n])).tolist()
+        offset += 8 * n
+    assert offset == len(blob)
+    return {**head, "columns": columns}
+
+
+def test_columns_replies_carry_exactly_the_json_numbers(gateway, data):
+    """Market and metric reads in native float64 equal the JSON answer, cached windows and as-of
+    included; errors stay JSON."""
+    instrument = data["instrument"]
+    token = _token(data, as_of=T0 + 60 * 6 + 5)
+    for query in ({}, {"limit": 3}, {"start": T0 + 60, "limit": 2}, {"start": T0 + 60, "end": T0 + 10_000}):
+        for _ in range(2):  # the second read is served from the window cache
+            as_json = _get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **query).json()
+            as_f64 = _columns(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **query)
+            assert as_f64 == as_json and as_json["columns"]["time"][-1] <= T0 + 60 * 6 + 5
+    as_json = _get(gateway, "/data/metrics", token, instrument_key=instrument, name="test.m").json()
+    assert _columns(gateway, "/data/metrics", token, instrument_key=instrument, name="test.m") == as_json
+    empty = _columns(gateway, "/data/market", token, instrument_key=f"NONE{data['uid']}", timeframe="1m")
+    assert empty["columns"] == {name: [] for name in ("time", "open", "high", "low", "close", "volume")}
+    # errors stay JSON whatever was asked for
+    resp = requests.get(gateway.url + "/data/market", params={"instrument_key": instrument, "timeframe": "daily"},
+                        headers={"Authorization": f"Bearer {token}", "Accept": COLUMNS_MEDIA_TYPE}, timeout=10)
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_timeframe"
 
 
 def test_metric_reads_never_pass_the_as_of_time(gateway, data):

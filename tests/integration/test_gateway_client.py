@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from array import array
 
 import pytest
 
@@ -11,7 +13,14 @@ from customscripts.gateway.client import GatewayClient
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import LocalServer, json_response
 from customscripts.marketdata.loader import load_sample_data
-from customscripts.sandbox.datasource import DataAccessError, DataDenied, DataSource, DependencyUnavailable
+from customscripts.sandbox.datasource import (
+    ColumnFrames,
+    DataAccessError,
+    DataDenied,
+    DataSource,
+    DependencyUnavailable,
+)
+from customscripts.sandbox.protocol import split_binary
 
 
 class Counting:
@@ -68,6 +77,41 @@ def test_reads_market_data_metrics_and_missing_outputs(api, token, uid):
                 client.get_script_output(f"stranger-{uid}", "GOOG", "1d")
             with pytest.raises(ValueError, match="invalid_timeframe"):
                 client.get_market_data("GOOG", "daily")
+    finally:
+        server.stop()
+
+
+class IgnoringAccept(Counting):
+    """A gateway that answers JSON whatever the caller asks for."""
+
+    def __call__(self, event, context):
+        headers = {k: v for k, v in dict(event.headers).items() if k.lower() != "accept"}
+        return super().__call__(dataclasses.replace(event, headers=headers), context)
+
+
+def _decoded(payload: bytes) -> dict:
+    head, blob = split_binary(bytearray(payload))
+    columns, offset = {}, 0
+    for name, n in head.pop("f64"):
+        columns[name] = array("d", bytes(blob[offset:offset + 8 * n])).tolist()
+        offset += 8 * n
+    return {**head, "columns": columns}
+
+
+@pytest.mark.parametrize("gateway", [Counting, IgnoringAccept])
+def test_columns_reads_equal_the_json_reads(api, token, gateway):
+    """market_columns/metric_columns carry the JSON read's numbers, also from a gateway that only
+    speaks JSON; their errors are the same as the JSON reads'."""
+    server = LocalServer(gateway(api)).start()
+    try:
+        client = GatewayClient(server.url, token)
+        assert isinstance(client, ColumnFrames)
+        for args in ({"limit": 200}, {"limit": 3, "end": 1356998400.0}, {"start": 1356998400.0, "limit": 2}):
+            assert _decoded(client.market_columns("GOOG", "1d", **args)) == client.get_market_data("GOOG", "1d", **args)
+        assert (_decoded(client.metric_columns("GOOG", "derived.return_1", limit=5))
+                == client.get_metric("GOOG", "derived.return_1", limit=5))
+        with pytest.raises(ValueError, match="invalid_timeframe"):
+            client.market_columns("GOOG", "daily")
     finally:
         server.stop()
 

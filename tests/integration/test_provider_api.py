@@ -7,8 +7,10 @@ with a callback to a loopback LocalServer, cold-started, idle-stopped, crash-res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import requests
 from customscripts.config import settings
 from customscripts.faas import build
 from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
-from customscripts.faas.provider import Provider
+from customscripts.faas.provider import SERVICE_PORT_ANNOTATION, Provider
 from customscripts.http import Event, LocalServer
 
 ECHO_HANDLER = '''
@@ -245,6 +247,47 @@ def test_cold_start_idle_stop_and_crash_restart(tmp_path: Path) -> None:
         assert pid3 != pid2
         # a long call is not idle-stopped while in flight
         assert client.invoke("cs-echo-v1", path="/sleep", params={"s": "1.2"}).status == 200
+        client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_service_port_function_is_always_served_there_too(tmp_path: Path) -> None:
+    """gateway-fn's local Service: started at deploy, served on its fixed port and behind
+    /function/<name>, never idle-stopped, restarted when it dies, gone when removed."""
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    port = _free_port()
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=0.4,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        spec = version_spec(tpl, functions, "svc", 1)
+        spec["annotations"][SERVICE_PORT_ANNOTATION] = str(port)
+        client.deploy(spec)
+        assert provider.running() == ["cs-svc-v1"]  # no call needed
+        direct = f"http://127.0.0.1:{port}"
+        pid1 = requests.get(f"{direct}/x", timeout=5).json()["pid"]
+        assert client.invoke("cs-svc-v1").json()["pid"] == pid1
+        time.sleep(1.5)  # well past idle_s
+        assert requests.get(direct, timeout=5).json()["pid"] == pid1
+        with pytest.raises(requests.ConnectionError):  # it dies ...
+            requests.get(f"{direct}/crash", timeout=5)
+        deadline = time.monotonic() + 10
+        pid2 = None
+        while pid2 is None and time.monotonic() < deadline:  # ... and is back without a gateway call
+            with contextlib.suppress(requests.ConnectionError):
+                pid2 = requests.get(direct, timeout=5).json()["pid"]
+            time.sleep(0.05)
+        assert pid2 is not None and pid2 != pid1
+        client.delete("cs-svc-v1")
+        assert provider.running() == []
+        time.sleep(1.0)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(direct, timeout=5)
         client.close()
 
 

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from customscripts.config import REPO_ROOT
+from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
-from customscripts.faas.provider import validate_deployment
+from customscripts.faas.provider import SERVICE_PORT_ANNOTATION, validate_deployment
 
 SCHEMA = json.loads((Path(__file__).parent / "stack_schema.json").read_text())
 STACK = REPO_ROOT / "stack.yml"
@@ -85,3 +85,18 @@ def test_stack_deployments_are_valid_bodies() -> None:
         assert body["readOnlyRootFilesystem"] is True
         assert body["envProcess"] == "python index.py"
         assert Path(body["annotations"]["com.customscripts.local.path"]).is_dir()
+
+
+def test_script_functions_reach_gateway_fn_by_its_service_address() -> None:
+    """Locally gateway-fn is also served on its Service port, and that is the URL registry-fn bakes
+    into script functions (stack.yml's default), never the gateway's /function/ route, which the
+    NetworkPolicy does not let script functions reach."""
+    cfg = settings()
+    bodies = {b["service"]: b for b in build.stack_deployments(STACK, environ={})}
+    port = bodies["gateway-fn"]["annotations"][SERVICE_PORT_ANNOTATION]
+    assert int(port) == cfg.gateway_fn_port
+    assert SERVICE_PORT_ANNOTATION not in bodies["registry-fn"]["annotations"]
+    assert bodies["registry-fn"]["envVars"]["CS_GATEWAY_URL"] == f"http://127.0.0.1:{port}"
+    assert cfg.data_gateway_url == f"http://{cfg.provider_host}:{port}"
+    assert "/function/" not in cfg.data_gateway_url
+    assert SERVICE_PORT_ANNOTATION not in build.stack_deployments(STACK, local=False, environ={})[1]["annotations"]

@@ -8,16 +8,19 @@ import pytest
 import requests
 from waitress.server import create_server
 
-from customscripts.http import Event, KeepAlivePool, LocalServer, flask_app, json_response
+from customscripts.http import Event, KeepAlivePool, LocalServer, flask_app, json_response, python3_http_result
 
 
-def handle(event: Event, context) -> dict | str | None:
+def handle(event: Event, context) -> dict | str | tuple | None:
     if event.path == "/text":
         return {"statusCode": 201, "body": "plain", "headers": {"X-Thing": "1"}}
     if event.path == "/none":
         return None
     if event.path == "/raw":
         return "just a string"
+    if event.path == "/bytes":  # a binary body, as gateway-fn answers a columns read
+        return python3_http_result({"statusCode": 203, "body": b"\x00\xff\x10raw",
+                                    "headers": {"Content-Type": "application/vnd.test", "X-Thing": "2"}})
     if event.path == "/typed":
         return {"statusCode": 200, "body": '{"a":1}', "headers": {"Content-Type": "application/json"}}
     return json_response({"method": event.method, "path": event.path, "query": dict(event.query),
@@ -47,6 +50,7 @@ CASES = [
     ("GET", "/none", None),
     ("GET", "/raw", None),
     ("GET", "/typed", None),
+    ("GET", "/bytes", None),
     ("GET", "/line%0Abreak", None),
     ("TRACE", "/t", None),
 ]
@@ -91,3 +95,10 @@ def test_keep_alive_pool_reuses_connections_and_survives_a_server_restart(server
     server.server.drop_connections()
     assert pool.request("POST", "/d", b"{}").json()["body"] == "{}"
     server.stop()
+
+
+def test_binary_bodies_go_out_as_sent(servers):
+    for base in servers:
+        resp = requests.get(base + "/bytes", timeout=10)
+        assert (resp.status_code, resp.content) == (203, b"\x00\xff\x10raw")
+        assert resp.headers["Content-Type"] == "application/vnd.test" and resp.headers["X-Thing"] == "2"

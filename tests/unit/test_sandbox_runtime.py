@@ -12,6 +12,7 @@ from customscripts.sandbox import (
     SampleDataSource,
     SandboxLimits,
     Supervisor,
+    protocol,
 )
 from customscripts.sandbox.invocation import mint_invocation_token, verify_invocation_token
 from customscripts.sandbox.results import InvalidOutput, normalise_output
@@ -283,6 +284,57 @@ def run(ctx):
         r = s.execute(req())
     assert r.status == "ok", r.to_dict()
     assert r.output["value"] == 3.5 and r.output["metadata"]["nan"] == [False, True, False]
+
+
+class ColumnsSource(SampleDataSource):
+    """Answers market and metric reads as columns payloads (`ColumnFrames`), as GatewayClient does;
+    `mangle` corrupts them to show what a malformed payload does."""
+
+    def __init__(self, mangle: bool = False) -> None:
+        super().__init__()
+        self.mangle = mangle
+        self.frames = 0
+
+    def _payload(self, reply: dict) -> bytes:
+        self.frames += 1
+        body = protocol.columns_payload({k: v for k, v in reply.items() if k != "columns"}, reply["columns"])
+        assert body is not None
+        return body[:-8] if self.mangle else body  # one float short of what the head announces
+
+    def market_columns(self, instrument_key: str, timeframe: str, **kw: object) -> bytes:
+        return self._payload(self.get_market_data(instrument_key, timeframe, **kw))  # type: ignore[arg-type]
+
+    def metric_columns(self, instrument_key: str, name: str, **kw: object) -> bytes:
+        return self._payload(self.get_metric(instrument_key, name, **kw))  # type: ignore[arg-type]
+
+
+def test_a_columns_source_reaches_the_script_as_the_same_numpy_columns() -> None:
+    src = """
+def run(ctx):
+    bars = get_market_data(limit=200)
+    m = get_metric("return_1", limit=5)
+    return {"value": float(bars.close.sum()), "metadata": {"n": len(bars), "m": [float(x) for x in m.value],
+            "key": bars.instrument_key, "keys": bars.keys()}}
+"""
+    data = ColumnsSource()
+    want = data.get_market_data("GOOG", "1d", limit=200, end=TS)
+    metric = data.get_metric("GOOG", "return_1", limit=5, end=TS)
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=data, prefork=1) as s:
+        r = s.execute(req())
+    assert r.status == "ok", r.to_dict()
+    assert data.frames == 2
+    assert r.output["value"] == pytest.approx(sum(want["columns"]["close"]))
+    assert r.output["metadata"] == {"n": 200, "m": metric["columns"]["value"], "key": "GOOG",
+                                    "keys": list(want["columns"])}
+
+
+def test_a_malformed_columns_payload_fails_the_read_clearly() -> None:
+    src = "def run(ctx):\n    return float(get_market_data().close[-1])\n"
+    with Supervisor(src, limits=SandboxLimits.default(), isolation="bwrap", data=ColumnsSource(mangle=True),
+                    prefork=1) as s:
+        r = s.execute(req())
+    assert r.status == "error"
+    assert r.error["type"] == "DataAccessError" and "malformed columns reply" in r.error["message"]
 
 
 def test_reads_are_cached_per_request_not_across_requests() -> None:
