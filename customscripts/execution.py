@@ -4,7 +4,7 @@
 short-lived tokens; one-time executes (`execute`) and the realtime scheduler both go through it.
 Order for a one-time execute: permissions and tier (403, nothing started), dependency closure,
 params against `input_schema` (422), tokens, invoke, validate, store, audit. Every attempt —
-denied ones included — leaves an audit row.
+denied ones included — leaves an audit row, written off the request path (registry/audit.py).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class Executor:
         p_hash = params_hash(body.params)
         audit = functools.partial(self.registry.catalog.audit, action="execute", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
-                                  call_id=call_id, params_hash=p_hash)
+                                  call_id=call_id, params_hash=p_hash, wait=False)
         try:
             closure = self.registry.check_execution(principal, script_id, version, row)
         except Forbidden as exc:

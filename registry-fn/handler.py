@@ -12,6 +12,9 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from customscripts.registry.api import handle as _handle  # noqa: E402
+from customscripts.registry.audit import exit_cleanly_on_sigterm  # noqa: E402
+
+exit_cleanly_on_sigterm()  # index.py imports this module in its main thread: queued audit rows get written
 
 
 def handle(event, context):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -39,9 +40,12 @@ def load_handler(folder: Path):
 
 
 def _watch_parent(parent: int) -> None:
+    """The provider is gone: stop as it would stop us (SIGTERM, so a handler can exit cleanly)."""
     while True:
         time.sleep(0.5)
         if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
             os._exit(0)
 
 

@@ -16,6 +16,8 @@ from psycopg.types.json import Jsonb
 
 from customscripts import db
 from customscripts.config import Settings, settings
+from customscripts.registry.audit import AuditRow, AuditWriter
+from customscripts.registry.audit import insert as insert_audit
 from customscripts.registry.models import Permissions, ScriptMeta
 
 
@@ -84,6 +86,7 @@ class Catalog:
     def __init__(self, cfg: Settings | None = None) -> None:
         self.cfg = cfg or settings()
         self.pool = db.pool(self.cfg.pg_dsn)
+        self.audit_log = AuditWriter(self.pool)
         self._versions: dict[tuple[str, int], VersionRow] = {}
 
     def _remember(self, rows: list[VersionRow]) -> None:
@@ -219,12 +222,13 @@ class Catalog:
               status: str, call_id: str | None = None, detail: str | None = None,
               params_hash: str | None = None, output_hash: str | None = None,
               duration_ms: float | None = None, cpu_ms: float | None = None, memory_mb: float | None = None,
-              conn: psycopg.Connection | None = None) -> None:
+              conn: psycopg.Connection | None = None, wait: bool = True) -> None:
+        """One audit row: in the caller's transaction (`conn`), now, or with `wait=False` through the
+        process's AuditWriter, off the request path."""
+        row = AuditRow(call_id, script_id, version, user_id, tenant, action, status, detail, params_hash,
+                       output_hash, duration_ms, cpu_ms, memory_mb)
+        if conn is None and not wait:
+            self.audit_log.submit(row)
+            return
         with self._conn(conn) as c:
-            c.execute(
-                "INSERT INTO audit (call_id, script_id, version, user_id, tenant, action, status, detail,"
-                " params_hash, output_hash, duration_ms, cpu_ms, memory_mb)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (call_id, script_id, version, user_id, tenant, action, status, detail, params_hash, output_hash,
-                 duration_ms, cpu_ms, memory_mb),
-            )
+            insert_audit(c, [row])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from datetime import UTC, datetime
 
 import psycopg
@@ -62,11 +63,18 @@ def execute(caller: Caller, script_id: str, **body):
     return caller.call("POST", f"/scripts/{script_id}/execute", body)
 
 
-def audit_rows(cfg, script_id: str) -> list[tuple]:
-    with psycopg.connect(cfg.pg_dsn) as conn:
-        return conn.execute("SELECT action, status, user_id, version, params_hash, output_hash, duration_ms"
-                            " FROM audit WHERE script_id = %s AND action = 'execute' ORDER BY id",
-                            (script_id,)).fetchall()
+def audit_rows(cfg, script_id: str, expect: int = 1) -> list[tuple]:
+    """The script's execute audit rows, once `expect` are there (they are written just after the
+    reply, registry/audit.py); bounded wait."""
+    deadline = time.monotonic() + 10
+    while True:
+        with psycopg.connect(cfg.pg_dsn) as conn:
+            rows = conn.execute("SELECT action, status, user_id, version, params_hash, output_hash, duration_ms"
+                                " FROM audit WHERE script_id = %s AND action = 'execute' ORDER BY id",
+                                (script_id,)).fetchall()
+        if len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
 
 
 def test_execute_returns_the_scripts_value_in_indicator_shape(alice, uid, stack):
