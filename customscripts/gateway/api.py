@@ -2,7 +2,8 @@
 
 Every data route: verify the execution token (401) → rate-limit the user and the script (429) →
 validate parameters (400/422) → read with the read-only database role, never past the token's as-of
-time and, for script outputs, only in the token's tenant and dependency closure (403).
+time and, for script outputs, only in the token's tenant and dependency closure (403). The rate
+limiter's Redis round trip overlaps the read (`GatewayApi._metered`).
 Responses are columnar JSON (`{"columns": {"time": [...], "close": [...]}}`) so a reader turns them
 into numpy arrays with one `np.asarray` per column. Market and metric reads sent with
 `Accept: application/vnd.customscripts.columns` get the same head with the columns as native float64
@@ -15,7 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +29,9 @@ import redis
 from customscripts import db, ids
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unprocessable
-from customscripts.gateway.ratelimit import RateLimiter
+from customscripts.gateway.ratelimit import Decision, RateLimiter, raise_if_refused
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
-from customscripts.http import Context, Event, Request, Response, Router, python3_http_result
+from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, python3_http_result
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, f64_bytes
 
@@ -40,6 +42,7 @@ CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
 _SERIES_PARAMS = {"limit", "start", "end"}
 # Market windows kept per gateway process (the encoded columns of one read each); cleared when full.
 WINDOW_CACHE_SIZE = 2048
+REFUSED_CALLERS = 10_000  # callers remembered as over their limit (checked before any work); cleared when full
 
 
 @dataclass
@@ -167,11 +170,12 @@ class GatewayApi:
         self._windows: dict[tuple[str, str, float | None, float, int], _Window] = {}
         self.router = Router()
         r = self.router
+        self._refused: dict[tuple[str, str, str, bool], float] = {}  # caller -> refused until (monotonic)
         r.route("GET", "/healthz")(self.healthz)
-        r.route("GET", "/data/market")(self.market)
-        r.route("GET", "/data/metrics")(self.metrics)
-        r.route("GET", "/data/scripts/{script_id}/latest")(self.script_latest)
-        r.route("GET", "/data/scripts/{script_id}/history")(self.script_history)
+        r.route("GET", "/data/market")(self._metered(self.market))
+        r.route("GET", "/data/metrics")(self._metered(self.metrics))
+        r.route("GET", "/data/scripts/{script_id}/latest")(self._metered(self.script_latest))
+        r.route("GET", "/data/scripts/{script_id}/history")(self._metered(self.script_history))
 
     @property
     def pool(self) -> psycopg_pool.ConnectionPool:
@@ -185,14 +189,48 @@ class GatewayApi:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _authorise(self, req: Request) -> ExecutionClaims:
+    def _metered(self, route: Callable[[Request, ExecutionClaims], Response]) -> RouteHandler:
+        """A data route behind the execution token (401) and the rate limiter (429).
+
+        The limiter's Redis round trip overlaps the route's own work (its query): the check is sent
+        first and its answer read when the route is done, and a refusal is answered before anything
+        the route produced or raised, as if it had been checked first. A caller refused within its
+        Retry-After is checked before any work, so callers over their limit cost no queries."""
+
+        def handler(req: Request) -> Response:
+            claims = self._verify(req)
+            caller = (claims.tenant, claims.user, claims.script_id, claims.realtime)
+            meter = {"tenant": claims.tenant, "user": claims.user, "script_id": claims.script_id,
+                     "tier_name": claims.tier, "realtime": claims.realtime}
+            if self._refused.get(caller, 0.0) > time.monotonic():
+                self._settle(caller, self.limiter.check(**meter))  # type: ignore[arg-type]
+                return route(req, claims)
+            pending = self.limiter.begin(**meter)  # type: ignore[arg-type]
+            try:
+                response = route(req, claims)
+            except BaseException:
+                self._settle(caller, pending.decision())
+                raise
+            self._settle(caller, pending.decision())
+            return response
+
+        return handler
+
+    def _settle(self, caller: tuple[str, str, str, bool], decision: Decision) -> None:
+        if decision.allowed:
+            self._refused.pop(caller, None)
+            return
+        if len(self._refused) >= REFUSED_CALLERS:
+            self._refused.clear()
+        self._refused[caller] = time.monotonic() + max(decision.retry_after_s, 0.001)
+        raise_if_refused(decision)
+
+    def _verify(self, req: Request) -> ExecutionClaims:
         header = req.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         claims = verify_execution_token(token.strip() if scheme.lower() == "bearer" else None, self.cfg)
         if self.cfg.tier(claims.tier) is None:
             raise Forbidden(f"unknown tier {claims.tier!r}", code="unknown_tier")
-        self.limiter.enforce(tenant=claims.tenant, user=claims.user, script_id=claims.script_id,
-                             tier_name=claims.tier, realtime=claims.realtime)
         return claims
 
     def _query(self, sql: str, args: list[Any], binary: bool = False) -> list[tuple[Any, ...]]:
@@ -268,8 +306,7 @@ class GatewayApi:
         healthy = all(v == "ok" for v in checks.values())
         return _body({"status": "ok" if healthy else "degraded", "checks": checks}, 200 if healthy else 503)
 
-    def market(self, req: Request) -> Response:
-        claims = self._authorise(req)
+    def market(self, req: Request, claims: ExecutionClaims) -> Response:
         q = req.query
         _check_params(q, {"instrument_key", "timeframe"} | _SERIES_PARAMS)
         instrument = ids.instrument_key(_required(q, "instrument_key"))
@@ -284,8 +321,7 @@ class GatewayApi:
         text = f'{text[:-1]},"columns":{window.json_text()}}}'
         return {"statusCode": 200, "body": text, "headers": {"Content-Type": "application/json"}}
 
-    def metrics(self, req: Request) -> Response:
-        claims = self._authorise(req)
+    def metrics(self, req: Request, claims: ExecutionClaims) -> Response:
         q = req.query
         _check_params(q, {"instrument_key", "name"} | _SERIES_PARAMS)
         instrument = ids.instrument_key(_required(q, "instrument_key"))
@@ -312,8 +348,7 @@ class GatewayApi:
         timeframe = ids.timeframe(_required(q, "timeframe"))
         return instrument, timeframe, params_hash_from_query(q)
 
-    def script_latest(self, req: Request) -> Response:
-        claims = self._authorise(req)
+    def script_latest(self, req: Request, claims: ExecutionClaims) -> Response:
         script_id, versions = self._script_scope(req, claims)
         q = req.query
         _check_params(q, {"instrument_key", "timeframe", "params", "params_hash"})
@@ -332,8 +367,7 @@ class GatewayApi:
         return _body({"script_id": script_id, "instrument_key": instrument, "timeframe": timeframe,
                       "params_hash": phash, **latest})
 
-    def script_history(self, req: Request) -> Response:
-        claims = self._authorise(req)
+    def script_history(self, req: Request, claims: ExecutionClaims) -> Response:
         script_id, versions = self._script_scope(req, claims)
         q = req.query
         _check_params(q, {"instrument_key", "timeframe", "params", "params_hash"} | _SERIES_PARAMS)

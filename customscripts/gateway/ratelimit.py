@@ -87,8 +87,9 @@ class RateLimiter:
         self.clock = clock
         self._script = self.redis.register_script(_LUA)
 
-    def check(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int = 1,
-              realtime: bool = False) -> Decision:
+    def _request(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int,
+                 realtime: bool) -> tuple[list[str], list[object]]:
+        """The Lua call's keys and arguments for one read; 403/429 when the tier allows no reads."""
         tier: Tier | None = self.cfg.tier(tier_name)
         if tier is None:
             raise Forbidden(f"unknown tier {tier_name!r}", code="unknown_tier")
@@ -102,19 +103,80 @@ class RateLimiter:
         prefix = f"{KEY_PREFIX}:rt" if realtime else KEY_PREFIX
         keys = [f"{prefix}:user:{tenant}:{user}", f"{prefix}:script:{tenant}:{script_id}"]
         now = "" if self.clock is None else repr(float(self.clock()))
-        args = [now, cost, rate, burst, rate * SCRIPT_FACTOR, burst * SCRIPT_FACTOR]
+        return keys, [now, cost, rate, burst, rate * SCRIPT_FACTOR, burst * SCRIPT_FACTOR]
+
+    def check(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int = 1,
+              realtime: bool = False) -> Decision:
+        keys, args = self._request(tenant=tenant, user=user, script_id=script_id, tier_name=tier_name,
+                                   cost=cost, realtime=realtime)
         try:
             allowed, wait_ms = self._script(keys=keys, args=args)
         except redis.RedisError as exc:  # fail closed but retryable: no unmetered reads
-            raise ServiceUnavailable(f"rate limiter unavailable: {exc}", code="ratelimit_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise _unavailable(exc) from None
         return Decision(bool(allowed), int(wait_ms) / 1000.0)
+
+    def begin(self, *, tenant: str, user: str, script_id: str, tier_name: str, cost: int = 1,
+              realtime: bool = False) -> PendingDecision:
+        """Send the check and return at once; `PendingDecision.decision()` reads the answer. The
+        caller's own work (the gateway's query) runs during the Redis round trip."""
+        keys, args = self._request(tenant=tenant, user=user, script_id=script_id, tier_name=tier_name,
+                                   cost=cost, realtime=realtime)
+        pool = self.redis.connection_pool
+        try:
+            conn = pool.get_connection()
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+        try:
+            conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        except redis.RedisError as exc:
+            conn.disconnect()
+            pool.release(conn)
+            raise _unavailable(exc) from None
+        return PendingDecision(pool, conn, lambda: self._script(keys=keys, args=args))
 
     def enforce(self, **kwargs: object) -> None:
         """Raise 429 with Retry-After (whole seconds, at least 1) when the read is over the limit."""
-        decision = self.check(**kwargs)  # type: ignore[arg-type]
-        if not decision.allowed:
-            retry = max(1, math.ceil(decision.retry_after_s))
-            raise TooManyRequests(f"rate limit exceeded; retry after {retry}s", code="rate_limited",
-                                  details={"retry_after_s": decision.retry_after_s},
-                                  headers={"Retry-After": str(retry)})
+        raise_if_refused(self.check(**kwargs))  # type: ignore[arg-type]
+
+
+class PendingDecision:
+    """A check sent on its own pooled connection, answer not yet read. decision() must be called
+    exactly once: it reads the answer and gives the connection back."""
+
+    def __init__(self, pool: redis.ConnectionPool, conn: redis.Connection,
+                 again: Callable[[], tuple[int, int]]) -> None:
+        self._pool = pool
+        self._conn: redis.Connection | None = conn
+        self._again = again
+
+    def decision(self) -> Decision:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("decision() already read")
+        try:
+            allowed, wait_ms = conn.read_response()
+        except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load, run
+            try:
+                allowed, wait_ms = self._again()
+            except redis.RedisError as exc:
+                raise _unavailable(exc) from None
+        except redis.RedisError as exc:
+            conn.disconnect()
+            raise _unavailable(exc) from None
+        finally:
+            self._pool.release(conn)
+        return Decision(bool(allowed), int(wait_ms) / 1000.0)
+
+
+def raise_if_refused(decision: Decision) -> None:
+    if not decision.allowed:
+        retry = max(1, math.ceil(decision.retry_after_s))
+        raise TooManyRequests(f"rate limit exceeded; retry after {retry}s", code="rate_limited",
+                              details={"retry_after_s": decision.retry_after_s},
+                              headers={"Retry-After": str(retry)})
+
+
+def _unavailable(exc: Exception) -> ServiceUnavailable:
+    """Fail closed but retryable: no unmetered reads."""
+    return ServiceUnavailable(f"rate limiter unavailable: {exc}", code="ratelimit_unavailable",
+                              headers={"Retry-After": "1"})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from array import array
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
+import redis
 import requests
 
 from customscripts.gateway.api import GatewayApi
@@ -284,6 +286,69 @@ def test_burst_gets_429_with_retry_after_and_recovers_when_the_clock_moves(stack
         clock[0] += 0.5
         assert _get(server, "/data/market", token, **params).status_code == 200
         assert _get(server, "/data/market", token, **params).status_code == 429
+    finally:
+        server.stop()
+
+
+class CountingQueries(GatewayApi):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queries = 0
+
+    def _query(self, sql, args, binary=False):
+        self.queries += 1
+        return super()._query(sql, args, binary)
+
+
+def test_refusals_come_first_and_callers_over_their_limit_cost_no_query(stack, data):
+    """The limiter's round trip overlaps the read, yet a 429 answers before the route's own errors,
+    and once refused a caller is checked before any work until its Retry-After has passed."""
+    cfg = _tiny(stack, rate_per_minute=60, burst=2)
+    clock = [2_000_000.0]
+    api = CountingQueries(cfg, limiter=RateLimiter(cfg, clock=lambda: clock[0]))
+    server = LocalServer(api.handle).start()
+    try:
+        token = _token(data, tier="tiny")
+        params = {"instrument_key": data["instrument"], "timeframe": "1m", "limit": 1}
+        assert [_get(server, "/data/market", token, **params).status_code for _ in range(2)] == [200, 200]
+        bad = _get(server, "/data/market", token, **{**params, "timeframe": "daily"})
+        assert bad.status_code == 429 and bad.json()["error"]["code"] == "rate_limited"  # not the 422
+        before = api.queries
+        for _ in range(5):
+            assert _get(server, "/data/market", token, **params).status_code == 429
+        assert api.queries == before  # refused up front: no query ran
+        clock[0] += 1.0  # a token back
+        assert _get(server, "/data/market", token, **params).status_code == 200
+        assert api.queries > before
+    finally:
+        server.stop()
+
+
+def test_reads_survive_redis_forgetting_the_limiter_script(stack, data):
+    """Redis does not persist loaded scripts: after SCRIPT FLUSH (as after a restart) reads go on."""
+    api = GatewayApi(stack)
+    server = LocalServer(api.handle).start()
+    try:
+        token = _token(data)
+        params = {"instrument_key": data["instrument"], "timeframe": "1m", "limit": 2}
+        assert _get(server, "/data/market", token, **params).status_code == 200
+        api.limiter.redis.script_flush()
+        assert _get(server, "/data/market", token, **params).json()["columns"]["time"] == [T0 + 180, T0 + 240]
+        assert _get(server, "/data/market", token, **params).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_rate_limiter_fails_closed_with_503(stack, data):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    server = LocalServer(GatewayApi(stack, limiter=RateLimiter(stack, client=dead)).handle).start()
+    try:
+        resp = _get(server, "/data/market", _token(data), instrument_key=data["instrument"], timeframe="1m")
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.json()["error"]["code"] == "ratelimit_unavailable"
     finally:
         server.stop()
 
