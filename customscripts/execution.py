@@ -238,9 +238,10 @@ class Executor:
         }
 
     def _script_row(self, principal: Principal, script_id: str) -> ScriptRow:
-        """The catalog row, read once per execute: it names the latest version and check_execution
-        reuses it. Another tenant's private script is a 404 here too (not a 409 revealing it exists)."""
-        row = self.registry.catalog.get_script(script_id)
+        """The catalog row (from the ScriptCache), read once per execute: it names the latest version
+        and check_execution reuses it. Another tenant's private script is a 404 here too (not a 409
+        revealing it exists)."""
+        row = self.registry.catalog.scripts.get(script_id)
         if row is None:
             raise NotFound(f"script {script_id} not found", code="script_not_found")
         return self.registry._visible(principal, row)
