@@ -3,7 +3,7 @@
 Why a writer thread: an execution's row is known only once the function has answered, and waiting
 for its INSERT would put a database round trip (~0.3 ms on the dev machine) on every one-time
 execute. `AuditWriter.submit` queues the row and returns; a daemon thread inserts whatever has
-queued up in one batch. Nothing is dropped: while the database is unreachable the rows wait (and
+queued up (within LINGER_S) in one batch. Nothing is dropped: while the database is unreachable the rows wait (and
 are retried with backoff); past `max_pending` waiting rows the caller inserts its own row
 synchronously, so a request then fails as it did before rather than losing its row. The queue is
 flushed at interpreter exit, and `exit_cleanly_on_sigterm` makes SIGTERM (how a function replica
@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 import psycopg
 import psycopg_pool
@@ -30,12 +30,12 @@ from customscripts import logs
 log = logs.get("customscripts.audit")
 
 BATCH_ROWS = 500
+LINGER_S = 0.05  # a row waits at most this long for others to share its INSERT
 MAX_PENDING = 10_000
 RETRY_MAX_S = 2.0
 
 
-@dataclass(frozen=True)
-class AuditRow:
+class AuditRow(NamedTuple):
     call_id: str | None
     script_id: str
     version: int | None
@@ -51,24 +51,28 @@ class AuditRow:
     memory_mb: float | None = None
 
 
-_COLUMNS = ", ".join(AuditRow.__dataclass_fields__)
-INSERT_SQL = f"INSERT INTO audit ({_COLUMNS}) VALUES ({', '.join(['%s'] * len(AuditRow.__dataclass_fields__))})"
+INSERT_SQL = f"INSERT INTO audit ({', '.join(AuditRow._fields)}) VALUES ({', '.join(['%s'] * len(AuditRow._fields))})"
 
 
 def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
     """Insert rows on this connection (inside the caller's transaction, if any)."""
     with conn.cursor() as cur:
-        cur.executemany(INSERT_SQL, [astuple(r) for r in rows])
+        if len(rows) == 1:
+            cur.execute(INSERT_SQL, rows[0])
+        else:
+            cur.executemany(INSERT_SQL, rows)
 
 
 class AuditWriter:
     """Rows submitted here reach the audit table shortly after, in batches, in submission order."""
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, *, max_pending: int = MAX_PENDING,
-                 batch_rows: int = BATCH_ROWS) -> None:
+                 batch_rows: int = BATCH_ROWS, linger_s: float = LINGER_S) -> None:
         self.pool = pool
         self.max_pending = max_pending
         self.batch_rows = batch_rows
+        self.linger_s = linger_s
+        self._flushing = 0
         self._pending: deque[AuditRow] = deque()
         self._writing = 0
         self._cond = threading.Condition()
@@ -87,11 +91,16 @@ class AuditWriter:
         """Wait until every submitted row is written; False if that took longer than `timeout`."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._pending or self._writing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._flushing -= 1
         return True
 
     @property
@@ -118,6 +127,8 @@ class AuditWriter:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
+                if len(self._pending) < self.batch_rows and not self._flushing:
+                    self._cond.wait(self.linger_s)  # let a few more rows join this insert
                 rows = [self._pending.popleft() for _ in range(min(self.batch_rows, len(self._pending)))]
                 self._writing = len(rows)
             try:
