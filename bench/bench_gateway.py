@@ -1,7 +1,8 @@
 """Data gateway read latency: 200 GOOG daily bars over HTTP on loopback (token check, rate limit, SQL).
 
-Prints p50/p99 latency of sequential reads through GatewayClient (as JSON, and as the float64 columns
-the sandbox supervisor asks for) and reads/s, sequential and with a few concurrent clients. Needs the local stack (`customscripts up`); loads the sample data if missing.
+Prints p50/p99 latency of sequential reads through GatewayClient (as JSON, and as the float64
+columns the sandbox supervisor asks for) and reads/s, sequential and with a few concurrent clients.
+Needs the local stack (`customscripts up`); loads the sample data if missing.
 Usage: .venv/bin/python bench/bench_gateway.py [--reads N] [--threads T]
 """
 

@@ -7,14 +7,20 @@ under an advisory lock so several processes starting together apply them once.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from customscripts import logs
 from customscripts.config import Settings, settings
+
+log = logs.get("customscripts.db")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_202_611
@@ -95,3 +101,50 @@ def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
                        kwargs={"autocommit": True}, check=check_if_idle, reset=_mark_returned)
     p.wait(timeout=30)
     return p
+
+
+class ChangeFeed:
+    """A LISTEN on one channel, kept open by a daemon thread: in-process caches drop what changed.
+
+    `on_change(payload)` runs (on the feed's thread) for every notification, `on_reset()` whenever the
+    feed connects or loses its connection (what changed meanwhile was not seen). `live` is True only
+    while listening: a cache must not serve anything unvalidated otherwise. The triggers that notify
+    are in the migrations (005 scripts, 006 candles).
+    """
+
+    def __init__(self, dsn: str, channel: str, on_change: Callable[[str], None],
+                 on_reset: Callable[[], None]) -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self.on_change = on_change
+        self.on_reset = on_reset
+        self.live = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> ChangeFeed:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._listen, name=f"feed-{self.channel}", daemon=True)
+                self._thread.start()
+        return self
+
+    def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    self.on_reset()  # whatever changed while nobody listened
+                    self.live = True
+                    delay = 0.1
+                    for note in conn.notifies():
+                        self.on_change(note.payload)
+            except psycopg.Error as exc:
+                logs.event(log, "change feed lost; caches read through", logging.WARNING, channel=self.channel,
+                           error=str(exc))
+            finally:
+                self.live = False
+                self.on_reset()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

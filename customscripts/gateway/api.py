@@ -42,6 +42,8 @@ CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
 _SERIES_PARAMS = {"limit", "start", "end"}
 # Market windows kept per gateway process (the encoded columns of one read each); cleared when full.
 WINDOW_CACHE_SIZE = 2048
+CANDLES_CHANNEL = "cs_candles"  # migrations/006_candles_notify.sql
+SETTLED_S = 60.0  # market windows ending later than this before now are always proven by a count
 REFUSED_CALLERS = 10_000  # callers remembered as over their limit (checked before any work); cleared when full
 
 
@@ -55,13 +57,18 @@ class _Window:
     from: [its oldest row, end] for the latest-N read, [start, its newest row] for a read from
     `start` (up to `end` when it came back short of `limit`). `count(*)` over that interval equal to
     the window's row count proves nothing was; one index-only count (~0.15 ms) replaces the window
-    query and its encoding (~0.7 ms). If candles ever get updated in place, drop this cache.
+    query and its encoding (~0.7 ms). Windows that ended more than SETTLED_S ago skip even the count
+    while the candle feed (db.ChangeFeed on cs_candles, migration 006) is live and has announced no
+    change to their series since they were proven: a backfill then shows as soon as its notification
+    arrives (well under a millisecond), and reads near "now", where realtime evaluations happen,
+    always count.
     """
 
     columns: dict[str, list[Any]]
     rows: int
     lo: datetime | None
     hi: datetime
+    stamp: tuple[int, int]  # the candle feed's (epoch, series generation) when last proven exact
     _json: str | None = None
     _f64: tuple[list[list[Any]], bytes] | None = None
 
@@ -168,6 +175,10 @@ class GatewayApi:
         self._pool = pool
         self.limiter = limiter or RateLimiter(self.cfg)
         self._windows: dict[tuple[str, str, float | None, float, int], _Window] = {}
+        self._series_gen: dict[tuple[str, str], int] = {}  # candle changes announced per series
+        self._epoch = 0  # bumped whenever the candle feed (re)connects or drops
+        self.candle_feed = db.ChangeFeed(self.cfg.pg_reader_dsn, CANDLES_CHANNEL, self._candles_changed,
+                                         self._candles_reset)
         self.router = Router()
         r = self.router
         self._refused: dict[tuple[str, str, str, bool], float] = {}  # caller -> refused until (monotonic)
@@ -266,14 +277,20 @@ class GatewayApi:
                        limit: int) -> _Window:
         """The market window, from the cache when a count proves it unchanged."""
         key = (instrument, timeframe, start, end, limit)
+        self.candle_feed.start()
+        stamp = (self._epoch, self._series_gen.get((instrument, timeframe), 0))  # before any query
         cached = self._windows.get(key)
         if cached is not None:
+            if (cached.stamp == stamp and self.candle_feed.live
+                    and cached.hi.timestamp() < time.time() - SETTLED_S):
+                return cached
             where = "instrument_key = %s AND timeframe = %s AND time <= %s"
             args: list[Any] = [instrument, timeframe, cached.hi]
             if cached.lo is not None:
                 where += " AND time >= %s"
                 args.append(cached.lo)
             if self._query(f"SELECT count(*) FROM candles WHERE {where}", args, binary=True)[0][0] == cached.rows:
+                cached.stamp = stamp
                 return cached
         columns, oldest, newest = self._series_bounds(
             "candles", "instrument_key = %s AND timeframe = %s", [instrument, timeframe], CANDLE_COLUMNS,
@@ -286,8 +303,15 @@ class GatewayApi:
             lo, hi = _ts(start), (newest if full else _ts(end))
         if len(self._windows) >= WINDOW_CACHE_SIZE:
             self._windows.clear()
-        window = self._windows[key] = _Window(columns, rows, lo, hi)
+        window = self._windows[key] = _Window(columns, rows, lo, hi, stamp)
         return window
+
+    def _candles_changed(self, payload: str) -> None:
+        series = tuple(payload.split("|", 1))
+        self._series_gen[series] = self._series_gen.get(series, 0) + 1  # type: ignore[index]
+
+    def _candles_reset(self) -> None:
+        self._epoch += 1
 
     # ------------------------------------------------------------------ routes
 

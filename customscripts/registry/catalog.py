@@ -7,9 +7,7 @@ All SQL is static text with bound parameters; ids never become SQL text.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,13 +15,11 @@ from datetime import datetime
 import psycopg
 from psycopg.types.json import Jsonb
 
-from customscripts import db, logs
+from customscripts import db
 from customscripts.config import Settings, settings
 from customscripts.registry.audit import AuditRow, AuditWriter
 from customscripts.registry.audit import insert as insert_audit
 from customscripts.registry.models import Permissions, ScriptMeta
-
-log = logs.get("customscripts.catalog")
 
 
 @dataclass(frozen=True)
@@ -92,24 +88,24 @@ class ScriptCache:
 
     Why: the execute path reads its script row on every call; a round trip is ~0.25 ms. Rows are
     dropped when PostgreSQL announces a change (a trigger NOTIFYs every insert, update and delete on
-    `scripts` at commit), and at once for changes made by this process. The cache is only used while
-    its LISTEN connection is up: when it drops, every row is dropped and reads go to the database
-    until it is listening again. A row changed by another replica may still be served for the time a
-    notification takes to arrive (well under a millisecond on one host).
+    `scripts` at commit, read by a `db.ChangeFeed`), and at once for changes made by this process.
+    Nothing is served while the feed is down. A row changed by another replica may still be served
+    for the time a notification takes to arrive (well under a millisecond on one host).
     """
 
     def __init__(self, dsn: str, load: Callable[[str], ScriptRow | None]) -> None:
-        self.dsn = dsn
         self.load = load
         self.rows: dict[str, ScriptRow] = {}
         self.generation = 0  # bumped by every invalidation: a read that spans one is not kept
-        self.live = False
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self.feed = db.ChangeFeed(dsn, NOTIFY_CHANNEL, self.invalidate, self.invalidate)
+
+    @property
+    def live(self) -> bool:
+        return self.feed.live
 
     def get(self, script_id: str) -> ScriptRow | None:
-        if self._thread is None:
-            self._start()
+        self.feed.start()
         row = self.rows.get(script_id) if self.live else None
         if row is not None:
             return row
@@ -124,38 +120,13 @@ class ScriptCache:
         return row
 
     def invalidate(self, script_id: str | None = None) -> None:
-        """Drop one row (or all, with None)."""
+        """Drop one row (or all, with None or an empty payload)."""
         with self._lock:
             self.generation += 1
-            if script_id is None:
-                self.rows.clear()
-            else:
+            if script_id:
                 self.rows.pop(script_id, None)
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._listen, name="script-cache", daemon=True)
-                self._thread.start()
-
-    def _listen(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self.invalidate()  # whatever changed while nobody listened
-                    self.live = True
-                    delay = 0.1
-                    for note in conn.notifies():
-                        self.invalidate(note.payload or None)
-            except psycopg.Error as exc:
-                logs.event(log, "script cache listener lost; reading through", logging.WARNING, error=str(exc))
-            finally:
-                self.live = False
-                self.invalidate()
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            else:
+                self.rows.clear()
 
 
 def _version(row: tuple) -> VersionRow:

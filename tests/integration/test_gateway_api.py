@@ -27,9 +27,19 @@ N_BARS = 10
 
 @pytest.fixture(scope="module")
 def gateway(stack):
-    server = LocalServer(GatewayApi(stack).handle).start()
+    api = GatewayApi(stack)
+    server = LocalServer(api.handle).start()
+    server.api = api
     yield server
     server.stop()
+
+
+def _announced(api: GatewayApi, instrument: str, timeframe: str, before: int) -> None:
+    """Wait (bounded) until the gateway's candle feed has seen a change to this series."""
+    deadline = time.monotonic() + 10
+    while api._series_gen.get((instrument, timeframe), 0) == before:
+        assert time.monotonic() < deadline, "no candle notification arrived"
+        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -88,7 +98,8 @@ def test_market_reads_never_pass_the_as_of_time(gateway, data):
 
 
 def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
-    """The gateway caches market windows; a candle backfilled inside a cached window shows up at once."""
+    """The gateway caches market windows; a candle backfilled inside a cached window shows up as soon as
+    its notification has arrived."""
     instrument = data["instrument"]
     token = _token(data, as_of=T0 + 60 * 20)
     reads = [{"limit": 3}, {"limit": 50}, {"start": T0 + 60 * 8, "limit": 5}, {"start": T0 + 60 * 8, "limit": 1}]
@@ -101,8 +112,10 @@ def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
     # backfill: one candle inside every window above (between bars 8 and 9), one after the last bar
     late = [CsvRow(datetime.fromtimestamp(T0 + 60 * 8 + 30, tz=UTC), "1", "2", "0.5", "1.5", "10"),
             CsvRow(datetime.fromtimestamp(T0 + 60 * 15, tz=UTC), "1", "2", "0.5", "7.5", "10")]
+    before = gateway.api._series_gen.get((instrument, "1m"), 0)
     with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
         assert load_rows(conn, instrument, "1m", late) == 2
+    _announced(gateway.api, instrument, "1m", before)
     after = [_get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **q).json()
              for q in reads]
     assert after[0]["columns"]["time"] == [T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
@@ -148,6 +161,50 @@ def test_columns_replies_carry_exactly_the_json_numbers(gateway, data):
     resp = requests.get(gateway.url + "/data/market", params={"instrument_key": instrument, "timeframe": "daily"},
                         headers={"Authorization": f"Bearer {token}", "Accept": COLUMNS_MEDIA_TYPE}, timeout=10)
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_timeframe"
+
+
+def test_settled_windows_are_served_without_a_query_while_the_candle_feed_is_live(stack, data):
+    """A window that ended long ago is proven by the feed; one ending near now is always counted; with
+    the feed down every cached window is counted again, so a backfill shows on the very next read."""
+    api = CountingQueries(stack)
+    server = LocalServer(api.handle).start()
+    try:
+        instrument = data["instrument"]
+        token = _token(data, as_of=T0 + 60 * 20)
+        read = lambda **q: _get(server, "/data/market", token, instrument_key=instrument,  # noqa: E731
+                                timeframe="1m", **q).json()["columns"]["time"]
+        assert read(limit=3) == [T0 + 60 * i for i in (7, 8, 9)]
+        assert _wait_for(lambda: api.candle_feed.live)
+        read(limit=3)  # built before the feed was listening: proven once by a count
+        queries = api.queries
+        assert read(limit=3) == [T0 + 60 * i for i in (7, 8, 9)]
+        assert api.queries == queries  # settled and nothing announced since: no query at all
+        recent = _token(data, as_of=time.time())
+        for _ in range(2):
+            _get(server, "/data/market", recent, instrument_key=instrument, timeframe="1m", limit=3)
+        assert api.queries == queries + 2  # near now: built once, then proven by a count
+        epoch = api._epoch
+        with psycopg.connect(stack.pg_dsn, autocommit=True) as admin:  # the feed's connection dies
+            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                 " WHERE query LIKE 'LISTEN %%cs_candles%%' AND usename = %s",
+                                 (stack.pg_reader_user,)).fetchall()
+        assert _wait_for(lambda: api._epoch != epoch)  # noticed: nothing proven before counts any more
+        late = [CsvRow(datetime.fromtimestamp(T0 + 60 * 8 + 45, tz=UTC), "1", "2", "0.5", "1.5", "10")]
+        with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
+            assert load_rows(conn, instrument, "1m", late) == 1
+        assert read(limit=3) == [T0 + 60 * 8, T0 + 60 * 8 + 45, T0 + 60 * 9]  # counted, rebuilt
+        assert _wait_for(lambda: api.candle_feed.live)  # the feed reconnects by itself
+    finally:
+        server.stop()
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_metric_reads_never_pass_the_as_of_time(gateway, data):
