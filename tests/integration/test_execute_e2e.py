@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from datetime import UTC, datetime
 
 import psycopg
@@ -13,6 +12,7 @@ import pytest
 
 from customscripts.marketdata.loader import load_sample_data, read_csv, sample_csv
 from tests.integration.registry_support import Caller, error_code
+from tests.waiting import wait_until
 
 AS_OF = datetime(2013, 1, 2, tzinfo=UTC).timestamp()  # a GOOG trading day inside the sample
 
@@ -66,15 +66,17 @@ def execute(caller: Caller, script_id: str, **body):
 def audit_rows(cfg, script_id: str, expect: int = 1) -> list[tuple]:
     """The script's execute audit rows, once `expect` are there (they are written just after the
     reply, registry/audit.py); bounded wait."""
-    deadline = time.monotonic() + 10
-    while True:
+    rows: list[tuple] = []
+
+    def enough() -> bool:
         with psycopg.connect(cfg.pg_dsn) as conn:
-            rows = conn.execute("SELECT action, status, user_id, version, params_hash, output_hash, duration_ms"
-                                " FROM audit WHERE script_id = %s AND action = 'execute' ORDER BY id",
-                                (script_id,)).fetchall()
-        if len(rows) >= expect or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.02)
+            rows[:] = conn.execute("SELECT action, status, user_id, version, params_hash, output_hash, duration_ms"
+                                   " FROM audit WHERE script_id = %s AND action = 'execute' ORDER BY id",
+                                   (script_id,)).fetchall()
+        return len(rows) >= expect
+
+    wait_until(enough, interval=0.02)
+    return rows
 
 
 def test_execute_returns_the_scripts_value_in_indicator_shape(alice, uid, stack):

@@ -20,6 +20,7 @@ from customscripts.http import LocalServer
 from customscripts.marketdata.loader import CsvRow, load_rows
 from customscripts.outputs import OutputRow, OutputStore, params_hash
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, split_binary
+from tests.waiting import wait_until
 
 T0 = 1_600_000_000.0  # bars at T0, T0+60, ... (1m)
 N_BARS = 10
@@ -36,10 +37,8 @@ def gateway(stack):
 
 def _announced(api: GatewayApi, instrument: str, timeframe: str, before: int) -> None:
     """Wait (bounded) until the gateway's candle feed has seen a change to this series."""
-    deadline = time.monotonic() + 10
-    while api._series_gen.get((instrument, timeframe), 0) == before:
-        assert time.monotonic() < deadline, "no candle notification arrived"
-        time.sleep(0.005)
+    assert wait_until(lambda: api._series_gen.get((instrument, timeframe), 0) != before, interval=0.002), \
+        "no candle notification arrived"
 
 
 @pytest.fixture
@@ -174,7 +173,7 @@ def test_settled_windows_are_served_without_a_query_while_the_candle_feed_is_liv
         read = lambda **q: _get(server, "/data/market", token, instrument_key=instrument,  # noqa: E731
                                 timeframe="1m", **q).json()["columns"]["time"]
         assert read(limit=3) == [T0 + 60 * i for i in (7, 8, 9)]
-        assert _wait_for(lambda: api.candle_feed.live)
+        assert wait_until(lambda: api.candle_feed.live)
         read(limit=3)  # built before the feed was listening: proven once by a count
         queries = api.queries
         assert read(limit=3) == [T0 + 60 * i for i in (7, 8, 9)]
@@ -188,23 +187,14 @@ def test_settled_windows_are_served_without_a_query_while_the_candle_feed_is_liv
             assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                                  " WHERE query LIKE 'LISTEN %%cs_candles%%' AND usename = %s",
                                  (stack.pg_reader_user,)).fetchall()
-        assert _wait_for(lambda: api._epoch != epoch)  # noticed: nothing proven before counts any more
+        assert wait_until(lambda: api._epoch != epoch)  # noticed: nothing proven before counts any more
         late = [CsvRow(datetime.fromtimestamp(T0 + 60 * 8 + 45, tz=UTC), "1", "2", "0.5", "1.5", "10")]
         with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
             assert load_rows(conn, instrument, "1m", late) == 1
         assert read(limit=3) == [T0 + 60 * 8, T0 + 60 * 8 + 45, T0 + 60 * 9]  # counted, rebuilt
-        assert _wait_for(lambda: api.candle_feed.live)  # the feed reconnects by itself
+        assert wait_until(lambda: api.candle_feed.live)  # the feed reconnects by itself
     finally:
         server.stop()
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_metric_reads_never_pass_the_as_of_time(gateway, data):

@@ -4,8 +4,6 @@ nothing while its LISTEN connection is down."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -13,15 +11,7 @@ import pytest
 
 from customscripts.registry.catalog import Catalog, ScriptCache
 from customscripts.registry.models import ScriptMeta
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from tests.waiting import wait_until
 
 
 def _meta(script_id: str, owner: str, tenant: str, version: int | str, name: str) -> ScriptMeta:
@@ -53,7 +43,7 @@ def _counting(catalog: Catalog) -> tuple[ScriptCache, list[str]]:
 
     cache = ScriptCache(catalog.cfg.pg_dsn, load)
     cache.get("warm-up")
-    assert _wait(lambda: cache.live)
+    assert wait_until(lambda: cache.live)
     return cache, loads
 
 
@@ -63,12 +53,12 @@ def test_rows_are_served_from_memory_until_another_process_changes_them(stack, c
     assert cache.get(script).name == "cached" and loads.count(script) == 1
     with psycopg.connect(stack.pg_dsn, autocommit=True) as other:  # another replica, or psql
         other.execute("UPDATE scripts SET name = 'renamed', latest_version = 7 WHERE script_id = %s", (script,))
-    assert _wait(lambda: script not in cache.rows)
+    assert wait_until(lambda: script not in cache.rows)
     row = cache.get(script)
     assert (row.name, row.latest_version) == ("renamed", 7) and loads.count(script) == 2
     with psycopg.connect(stack.pg_dsn, autocommit=True) as other:
         other.execute("DELETE FROM scripts WHERE script_id = %s", (script,))
-    assert _wait(lambda: cache.get(script) is None)
+    assert wait_until(lambda: cache.get(script) is None)
 
 
 def test_this_process_sees_its_own_changes_at_once(stack, catalog, script):
@@ -89,10 +79,10 @@ def test_nothing_is_served_while_the_listener_is_down(stack, catalog, script):
         killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                                " WHERE query LIKE 'LISTEN %cs_scripts%' AND pid <> pg_backend_pid()").fetchall()
     assert killed
-    assert _wait(lambda: not cache.rows)  # dropped when the connection went (and again on reconnect)
+    assert wait_until(lambda: not cache.rows)  # dropped when the connection went (and again on reconnect)
     cache.get(script)  # read through while down, or re-read after the reconnect
     assert loads.count(script) == 2
-    assert _wait(lambda: cache.live)  # back, and serving from memory again
+    assert wait_until(lambda: cache.live)  # back, and serving from memory again
     cache.get(script)
     count = loads.count(script)
     cache.get(script)

@@ -11,20 +11,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import shutil
-import sys
 from array import array
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from customscripts.config import REPO_ROOT, settings
-from customscripts.faas.runner import load_handler
+from customscripts.config import settings
 from customscripts.outputs import params_hash
 from customscripts.sandbox import ExecutionRequest, SampleDataSource
 from customscripts.sandbox.invocation import mint_invocation_token, sign_prefetch
 from customscripts.sandbox.prefetch import Prefetched
+from tests.script_function import script_handler
 
 from .conftest import GOOG_TS, make_supervisor
 
@@ -115,22 +113,10 @@ def test_a_prefetched_output_serves_only_its_own_event() -> None:
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("fn") / "cs-pf-attack-v1"
-    shutil.copytree(REPO_ROOT / "templates" / "script", folder)
-    (folder / "function" / "script.py").write_text(DEPENDENT)
-    (folder / "function" / "meta.json").write_text(json.dumps(
-        {"script_id": "pf-attack", "version": 1, "tier": "pro", "tenant": "t1", "depends_on": ["dep@1"],
-         "output_schema": {}, "limits": {}}))
-    saved_path = list(sys.path)
-    module = load_handler(folder)
-    try:
+    meta = {"script_id": "pf-attack", "version": 1, "tier": "pro", "tenant": "t1", "depends_on": ["dep@1"],
+            "output_schema": {}, "limits": {}}
+    with script_handler(tmp_path_factory.mktemp("fn"), "cs-pf-attack-v1", DEPENDENT, meta) as module:
         yield module
-    finally:
-        if module._supervisor is not None:
-            module._supervisor.close()
-        for name in ("function", "function.handler"):
-            sys.modules.pop(name, None)
-        sys.path[:] = saved_path
 
 
 @pytest.fixture

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import sys
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from customscripts.config import REPO_ROOT, settings
+from customscripts.config import settings
 from customscripts.faas.naming import function_name
-from customscripts.faas.runner import load_handler
 from customscripts.gateway.client import GatewayClient
 from customscripts.sandbox.invocation import mint_invocation_token
 from customscripts.sandbox.sampledata import SampleDataSource
+from tests.script_function import script_handler
 
 TS = 1362096000.0
 SCRIPT = "import numpy as np\n\ndef run(ctx):\n    return float(np.mean(get_market_data(limit=200).close[-20:]))\n"
@@ -25,22 +23,10 @@ SCRIPT = "import numpy as np\n\ndef run(ctx):\n    return float(np.mean(get_mark
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("fn") / "cs-handler-test-v3"
-    shutil.copytree(REPO_ROOT / "templates" / "script", folder)
-    (folder / "function" / "script.py").write_text(SCRIPT)
-    (folder / "function" / "meta.json").write_text(json.dumps(
-        {"script_id": "handler-test", "version": 3, "tier": "pro", "output_schema": {"type": "number"},
-         "limits": {"timeout_ms": None, "memory_mb": None, "cpu_seconds": None}}))
-    saved_path = list(sys.path)
-    module = load_handler(folder)
-    try:
+    meta = {"script_id": "handler-test", "version": 3, "tier": "pro", "output_schema": {"type": "number"},
+            "limits": {"timeout_ms": None, "memory_mb": None, "cpu_seconds": None}}
+    with script_handler(tmp_path_factory.mktemp("fn"), "cs-handler-test-v3", SCRIPT, meta) as module:
         yield module
-    finally:
-        if module._supervisor is not None:
-            module._supervisor.close()
-        for name in ("function", "function.handler"):
-            sys.modules.pop(name, None)
-        sys.path[:] = saved_path
 
 
 def configure(monkeypatch: pytest.MonkeyPatch, handler: ModuleType, **changes: object) -> None:
