@@ -207,6 +207,10 @@ class Settings:
     )
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
     gateway_fn_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_FN_PORT", 8090))
+    # Where platform callers invoke a function directly, skipping the gateway hop, e.g.
+    # "http://{name}.openfaas-fn:8080" (its Service) on Kubernetes. Empty: the address the gateway
+    # names in the function's status (the local provider does), else always through the gateway.
+    function_url_template: str = field(default_factory=lambda: _env("CS_FUNCTION_URL_TEMPLATE", ""))
 
     # Sandbox
     isolation_mode: str = field(default_factory=lambda: _env("CS_ISOLATION", "bwrap"))  # bwrap | process

@@ -26,7 +26,7 @@ from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unprocessable
 from customscripts.faas.budget import FunctionBudget, RedisLru
 from customscripts.faas.build import deployment, render_context
-from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
+from customscripts.faas.client import FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.outputs import OutputRow, OutputStore, params_hash
 from customscripts.registry.catalog import ScriptRow
@@ -37,6 +37,7 @@ from customscripts.sandbox.invocation import mint_invocation_token
 log = logs.get("customscripts.execution")
 
 STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
+ENDPOINT_RETRY_S = 30.0
 
 
 class ExecuteBody(BaseModel):
@@ -98,6 +99,7 @@ class Invoker:
         self.registry = registry
         self.client = client
         self.budget = budget
+        self._endpoints: dict[str, tuple[str | None, float]] = {}  # function -> (own address, retry at)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - published versions are immutable; one Invoker per process
     def version(self, script_id: str, version: int) -> tuple[ScriptMeta, str]:
@@ -125,19 +127,39 @@ class Invoker:
     def function_for(self, script_id: str, version: int) -> str:
         return self.budget.ensure_deployed(script_id, version, lambda: self._deploy(script_id, version))
 
+    def endpoint(self, name: str) -> str | None:
+        """The function's own address (`OpenFaaSClient.function_url`), remembered; None: the gateway.
+        An unknown address is asked for again after ENDPOINT_RETRY_S."""
+        known = self._endpoints.get(name)
+        if known is not None and (known[0] is not None or time.monotonic() < known[1]):
+            return known[0]
+        url = self.client.function_url(name)
+        self._endpoints[name] = (url, time.monotonic() + ENDPOINT_RETRY_S)
+        return url
+
     def invoke(self, script_id: str, version: int, payload: dict[str, Any], scope: Scope,
                call_id: str) -> dict[str, Any]:
-        """POST the payload (one execution or {"items": [...]}) to the version's function."""
+        """POST the payload (one execution or {"items": [...]}) to the version's function: at its own
+        address when it is running there (one hop less), else through the gateway, which starts it."""
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
         for attempt in (1, 2):
             name = self.function_for(script_id, version)
             token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})
             headers = {"Authorization": f"Bearer {token}", "X-Call-Id": call_id,
                        "Content-Type": "application/json"}
+            result = None
+            url = self.endpoint(name)
             try:
-                result = self.client.invoke(name, body, headers=headers)
+                if url is not None:
+                    try:
+                        result = self.client.invoke_at(url, body, headers=headers)
+                    except NotListening:  # not running there (yet, or any more)
+                        self._endpoints.pop(name, None)
+                if result is None:
+                    result = self.client.invoke(name, body, headers=headers)
             except FunctionNotFound:
                 self.budget.forget(name)  # evicted by another replica: redeploy once
+                self._endpoints.pop(name, None)
                 if attempt == 2:
                     raise BadGateway(f"function {name} disappeared twice while invoking",
                                      code="function_gone") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from customscripts.config import REPO_ROOT, settings
-from customscripts.faas.naming import function_name, label_value
+from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, function_name, label_value
 
 TEMPLATE_DIR = REPO_ROOT / "templates" / "script"
 FUNCTIONS_DIR = REPO_ROOT / "functions"
@@ -277,7 +277,7 @@ def stack_deployments(path: Path | None = None, *, local: bool = True,
         if local:
             annotations["com.customscripts.local.path"] = str((path.parent / fn["handler"]).resolve())
             if name in service_ports:
-                annotations["com.customscripts.local.service-port"] = str(service_ports[name])
+                annotations[SERVICE_PORT_ANNOTATION] = str(service_ports[name])
         lang = fn.get("lang", "")
         template = path.parent / "templates" / lang
         fprocess = fn.get("fprocess") or (template_fprocess(template) if template.is_dir() else DEFAULT_FPROCESS)

@@ -10,16 +10,19 @@ pooled `http.client` connection (`KeepAlivePool`, ~0.4 ms cheaper per call) and 
 from __future__ import annotations
 
 import http.client
+import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from customscripts.config import settings
+from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
 from customscripts.http import KeepAlivePool, RawReply
 
 NAMESPACE = "openfaas-fn"
@@ -36,6 +39,10 @@ class FaasError(Exception):
 
 class FunctionNotFound(FaasError):
     """The named function is not deployed (404 from the gateway/provider, not from the function)."""
+
+
+class NotListening(FaasError):
+    """Nothing accepts connections at a function's own address; the request was not sent."""
 
 
 @dataclass
@@ -78,6 +85,8 @@ class OpenFaaSClient:
         self.session.mount("https://", adapter)
         self._pool: KeepAlivePool | None = None
         self._prefix = ""
+        self._direct: dict[str, tuple[KeepAlivePool, str]] = {}  # function URL -> its pool
+        self._direct_lock = threading.Lock()
         if self.base_url.startswith("http://"):
             self._pool, self._prefix = KeepAlivePool.for_url(self.base_url, maxsize=32)
 
@@ -85,6 +94,8 @@ class OpenFaaSClient:
         self.session.close()
         if self._pool is not None:
             self._pool.close()
+        for pool, _ in self._direct.values():
+            pool.close()
 
     def __enter__(self) -> OpenFaaSClient:
         return self
@@ -185,6 +196,38 @@ class OpenFaaSClient:
             reply = RawReply(resp.status_code, resp.headers, resp.content)  # type: ignore[arg-type]
         if _gateway_missing(reply.status, reply.headers, reply.body):
             raise FunctionNotFound(f"function {name!r} not found", 404, reply.text)
+        return InvokeResult(reply.status, reply.body, reply.headers)
+
+    def function_url(self, name: str) -> str | None:
+        """A function's own address, for invoking it without the gateway hop: CS_FUNCTION_URL_TEMPLATE
+        (its Kubernetes Service), else the loopback port the local provider names in its status,
+        else None (only the gateway knows where it runs)."""
+        template = settings().function_url_template
+        if template:
+            return template.format(name=name)
+        try:
+            port = (self.describe(name).get("annotations") or {}).get(SERVICE_PORT_ANNOTATION)
+        except FaasError:
+            return None
+        host = urlsplit(self.base_url).hostname
+        return f"http://{host}:{int(port)}" if port and str(port).isdigit() and host else None
+
+    def invoke_at(self, url: str, body: bytes | str | None, headers: Mapping[str, str] | None = None,
+                  timeout: float | None = None) -> InvokeResult:
+        """POST to a function's own address (`function_url`). NotListening when nothing listens there
+        (not started, idle-stopped or removed: the request was not sent, the gateway route starts or
+        redeploys it); FaasError when the call failed after it may have reached the function."""
+        with self._direct_lock:
+            if url not in self._direct:
+                self._direct[url] = KeepAlivePool.for_url(url, maxsize=32)
+            pool, prefix = self._direct[url]
+        data = body.encode() if isinstance(body, str) else body
+        try:
+            reply = pool.request("POST", prefix or "/", data, headers, timeout=timeout or self.invoke_timeout)
+        except (ConnectionRefusedError, socket.gaierror) as exc:  # nothing there: the request was not sent
+            raise NotListening(f"nothing answers at {url}: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise FaasError(f"invoke at {url} failed: {type(exc).__name__}: {exc}") from exc
         return InvokeResult(reply.status, reply.body, reply.headers)
 
     def invoke_async(self, name: str, body: bytes | str | None = b"", callback_url: str | None = None,

@@ -13,6 +13,10 @@ import re
 
 from customscripts import ids
 
+# A function's own loopback port in the local provider (its stand-in for a Kubernetes Service): set
+# by a deployment that must always run there (gateway-fn), reported in every FunctionStatus.
+SERVICE_PORT_ANNOTATION = "com.customscripts.local.service-port"
+
 MAX_NAME = 63
 PREFIX = "cs"
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")

@@ -16,11 +16,15 @@ gateway-fn). The function process starts on its first call (cold start), is stop
 `function_idle_s` without calls, and is restarted on the next call if it crashed. Deployments are
 persisted in `state_dir/provider/functions.json`, so a provider restart keeps them.
 
-A deployment annotated `com.customscripts.local.service-port` is also served directly on that
-loopback port, as a Kubernetes Service serves a function inside the cluster: it starts at deploy
-(and provider start), is never idle-stopped and is restarted when it exits. gateway-fn is deployed
-this way, because script functions reach it by its Service address, never through the gateway
-(deploy/k8s/networkpolicy.yml).
+Every function also has its own loopback address, as a Kubernetes Service gives every function one
+inside the cluster: the port is fixed at deploy and the FunctionStatus names it in the annotation
+`com.customscripts.local.service-port`. Platform callers (registry-fn, the scheduler) invoke a
+running function there without the gateway hop and fall back to /function/<name> when nothing
+answers (not started yet, or idle-stopped); the function's own activity file tells the idle reaper
+about those direct calls. A deployment that brings that annotation itself is a service: served on
+that port, started at deploy (and provider start), never idle-stopped, restarted when it exits.
+gateway-fn is deployed this way: script functions reach it by its Service address, never through
+the gateway (deploy/k8s/networkpolicy.yml).
 
 Differences from faas-netes, on purpose: POST of an existing name answers 500 exactly like
 faas-netes (its Deployment create fails), not 409; replicas is always 1 and availableReplicas is 1
@@ -42,6 +46,7 @@ import queue
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,7 +63,7 @@ import requests
 
 from customscripts import logs
 from customscripts.config import REPO_ROOT, settings
-from customscripts.faas.naming import is_dns1123, label_value
+from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, is_dns1123, label_value
 from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse
 
 log = logs.get("customscripts.faas.provider")
@@ -67,7 +72,6 @@ PROVIDER_NAME = "customscripts-local"
 VERSION = "0.1.0"
 NAMESPACE = "openfaas-fn"
 LOCAL_PATH_ANNOTATION = "com.customscripts.local.path"
-SERVICE_PORT_ANNOTATION = "com.customscripts.local.service-port"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "content-length"})
 # Variables handed through from the provider's own environment to function processes. Secret-bearing
@@ -238,9 +242,24 @@ class Provider:
 
     @staticmethod
     def service_port(spec: Mapping[str, Any]) -> int | None:
-        """The fixed loopback port a deployment is also served on (its local Service), if any."""
+        """The port a deployment asked to be served on (a service: always running), if any."""
         raw = (spec.get("annotations") or {}).get(SERVICE_PORT_ANNOTATION)
         return int(raw) if raw else None
+
+    def function_port(self, name: str) -> int:
+        """The function's own loopback port: the one it asked for, else one chosen at deploy."""
+        with self._lock:
+            entry = self.deployments[name]
+            fixed = self.service_port(entry["spec"])
+            if fixed is not None:
+                return fixed
+            if not entry.get("port"):
+                entry["port"] = _free_port(self.host)
+                self._save()
+            return int(entry["port"])
+
+    def _activity_file(self, name: str) -> Path:
+        return self.state_dir / "run" / name / "last-request"
 
     def source_dir(self, spec: Mapping[str, Any]) -> Path:
         local = (spec.get("annotations") or {}).get(LOCAL_PATH_ANNOTATION)
@@ -272,6 +291,7 @@ class Provider:
                 "spec": spec,
                 "createdAt": previous["createdAt"] if previous else _now_rfc3339(),
                 "invocationCount": previous.get("invocationCount", 0) if previous else 0,
+                "port": (previous.get("port") if previous else None) or _free_port(self.host),
             }
             self._save()
             changed = previous is not None and previous["spec"] != spec
@@ -313,7 +333,8 @@ class Provider:
                 "constraints": spec.get("constraints") or [],
                 "secrets": spec.get("secrets") or [],
                 "labels": spec.get("labels") or {},
-                "annotations": spec.get("annotations") or {},
+                "annotations": {**(spec.get("annotations") or {}),
+                                SERVICE_PORT_ANNOTATION: str(self.service_port(spec) or entry.get("port") or "")},
                 "limits": spec.get("limits"),
                 "requests": spec.get("requests"),
                 "readOnlyRootFilesystem": bool(spec.get("readOnlyRootFilesystem", False)),
@@ -371,7 +392,11 @@ class Provider:
         env = self._env(name, spec, secrets_dir)
         rfd, wfd = os.pipe()
         env["CS_FN_READY_FD"] = str(wfd)
-        env["CS_FN_PORT"] = str(self.service_port(spec) or 0)
+        env["CS_FN_PORT"] = str(self.function_port(name))
+        activity = self._activity_file(name)
+        activity.parent.mkdir(parents=True, exist_ok=True)
+        activity.touch()
+        env["CS_FN_ACTIVITY_FILE"] = str(activity)
         logdir = self.state_dir.parent / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
         argv = [self.python, "-m", "customscripts.faas.runner", str(folder)]
@@ -437,7 +462,15 @@ class Provider:
                 entry = self.deployments.get(name)
             if entry is None:
                 raise KeyError(name)
-            fp = self._start(name, entry["spec"])
+            try:
+                fp = self._start(name, entry["spec"])
+            except RuntimeError:
+                if self.service_port(entry["spec"]) is not None:
+                    raise
+                with self._lock:  # its port was taken meanwhile: it gets another (callers re-read it)
+                    entry["port"] = _free_port(self.host)
+                    self._save()
+                fp = self._start(name, entry["spec"])
             with self._lock:
                 if name not in self.deployments:  # removed while starting
                     self._kill(fp.proc)
@@ -471,6 +504,13 @@ class Provider:
                 logs.event(log, "service function failed to start", logging.ERROR, function=name,
                            error=str(exc))
 
+    def _called_directly_s(self, name: str) -> float:
+        """Seconds since the function last served a call that bypassed this gateway (its own record)."""
+        try:
+            return time.time() - self._activity_file(name).stat().st_mtime
+        except OSError:
+            return float("inf")
+
     def _reap_idle(self) -> None:
         """Stop idle functions (not services) and keep services running."""
         interval = max(0.05, min(1.0, self.idle_s / 4))
@@ -479,7 +519,7 @@ class Provider:
             with self._lock:
                 idle = [n for n, fp in self.processes.items()
                         if fp.inflight == 0 and now - fp.last_used >= self.idle_s
-                        and self.service_port(fp.spec) is None]
+                        and self.service_port(fp.spec) is None and self._called_directly_s(n) >= self.idle_s]
             for name in idle:
                 logs.event(log, "function idle; stopping", function=name)
                 self.stop_function(name)
@@ -627,6 +667,13 @@ class Provider:
 
 
 # --------------------------------------------------------------------------- HTTP front end
+
+
+def _free_port(host: str) -> int:
+    """A port nothing listens on now (the function binds it when it starts)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _split_name(segment: str) -> str | None:

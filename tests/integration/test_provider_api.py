@@ -19,10 +19,14 @@ import pytest
 import requests
 
 from customscripts.config import settings
+from customscripts.execution import Invoker, Scope
 from customscripts.faas import build
-from customscripts.faas.client import FaasError, FunctionNotFound, OpenFaaSClient
-from customscripts.faas.provider import SERVICE_PORT_ANNOTATION, Provider
+from customscripts.faas.budget import FunctionBudget
+from customscripts.faas.client import FaasError, FunctionNotFound, NotListening, OpenFaaSClient
+from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
+from customscripts.faas.provider import Provider
 from customscripts.http import Event, LocalServer
+from tests.waiting import wait_until
 
 ECHO_HANDLER = '''
 import json, os, time
@@ -353,3 +357,57 @@ def test_round_trip_latency(env) -> None:
     print(f"provider round trip over 2000 calls: p50 {samples[1000] * 1000:.2f} ms "
           f"p99 {samples[1980] * 1000:.2f} ms")
     assert settings() is not None
+
+
+def test_every_function_has_its_own_address_and_calls_there_count_as_activity(tmp_path: Path) -> None:
+    """The FunctionStatus names each function's loopback port (its local Service). Nothing answers
+    there before the first call starts it; afterwards calls there skip the gateway (not counted as
+    invocations) yet keep the function from being idle-stopped; once they stop, it is stopped."""
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=1.5,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        client.deploy(version_spec(tpl, functions, "echo", 1))
+        url = client.function_url("cs-echo-v1")
+        assert url == f"http://127.0.0.1:{client.describe('cs-echo-v1')['annotations'][SERVICE_PORT_ANNOTATION]}"
+        with pytest.raises(NotListening):  # not started yet: the request was not sent
+            client.invoke_at(url, b"x")
+        pid = client.invoke("cs-echo-v1", b"x").json()["pid"]  # the gateway starts it
+        for _ in range(16):  # 4 s of direct calls, well past idle_s
+            assert client.invoke_at(url, b"y").json()["pid"] == pid
+            time.sleep(0.25)
+        assert provider.running() == ["cs-echo-v1"]
+        assert client.describe("cs-echo-v1")["invocationCount"] == 1  # only the gateway's own call
+        assert wait_until(lambda: provider.running() == [], timeout=10)  # quiet: idle-stopped
+        with pytest.raises(NotListening):
+            client.invoke_at(url, b"z")
+        client.close()
+
+
+def test_the_invoker_calls_running_functions_directly_and_falls_back_to_the_gateway(tmp_path: Path) -> None:
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=60,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        client.deploy(version_spec(tpl, functions, "echo", 1))
+        invoker = Invoker(None, client, FunctionBudget(client, budget=5))  # type: ignore[arg-type]
+        invoker.function_for = lambda script_id, version: "cs-echo-v1"  # type: ignore[method-assign]
+        scope = Scope("u1", "t1", "pro")
+
+        def call() -> int:
+            return invoker.invoke("echo", 1, {"k": 1}, scope, "call-1")["pid"]
+
+        def gateway_calls() -> int:
+            return client.describe("cs-echo-v1")["invocationCount"]
+
+        first = call()  # not running: through the gateway, which starts it
+        assert gateway_calls() == 1
+        assert [call() for _ in range(5)] == [first] * 5
+        assert gateway_calls() == 1  # the rest went to its own address
+        provider.stop_function("cs-echo-v1")
+        second = call()  # nothing listens there any more: the gateway again
+        assert second != first and gateway_calls() == 2
+        assert call() == second and gateway_calls() == 2
+        client.close()

@@ -11,7 +11,8 @@ import yaml
 
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
-from customscripts.faas.provider import SERVICE_PORT_ANNOTATION, validate_deployment
+from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
+from customscripts.faas.provider import validate_deployment
 
 SCHEMA = json.loads((Path(__file__).parent / "stack_schema.json").read_text())
 STACK = REPO_ROOT / "stack.yml"
