@@ -125,7 +125,7 @@ def main() -> None:
     print(f"{'mode':58} {'n':>6} {'p50 ms':>9} {'p99 ms':>9}")
     row("POST /scripts/{id}/execute over HTTP (end to end)", samples)
     row("  of which: script run in the sandbox incl. its data read", inside)
-    row("the same with timestamp = now (the window ends at the present)", now_samples)
+    row("the same as of now (a count proves the window each time)", now_samples)
     row("fresh `python` + numpy computing the same SMA (baseline)", fresh)
     print(f"first execute after publish (cold function start): {publish_to_first:.0f} ms")
 
