@@ -248,7 +248,7 @@ class Executor:
             stored = True
         audit(status=result["status"], output_hash=canonical_hash(output) if output else None,
               duration_ms=result.get("duration_ms"), cpu_ms=result.get("cpu_ms"),
-              memory_mb=result.get("memory_mb"), detail=_detail(result))
+              memory_mb=result.get("memory_mb"), detail=error_detail(result.get("error")))
         logs.event(log, "executed", script_id=script_id, version=version, status=result["status"],
                    duration_ms=result.get("duration_ms"))
         return {
@@ -275,8 +275,8 @@ class Executor:
         return row.latest_version
 
 
-def _detail(result: dict[str, Any]) -> str | None:
-    error = result.get("error")
+def error_detail(error: dict[str, Any] | None) -> str | None:
+    """An execution error as the audit row's one-line detail."""
     if not error:
         return None
     return f"{error.get('type', '')}: {error.get('message', '')}"[:500]

@@ -58,7 +58,7 @@ from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError
-from customscripts.execution import Invoker, Scope, check_result
+from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
 from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.realtime import metrics
@@ -66,6 +66,7 @@ from customscripts.realtime.prefetch import DEFAULT_BARS, MAX_BARS, MarketWindow
 from customscripts.realtime.publisher import Publisher
 from customscripts.realtime.subscriptions import Subscription, SubscriptionStore
 from customscripts.realtime.waves import waves
+from customscripts.registry.audit import AuditRow
 from customscripts.sandbox.invocation import sign_prefetch
 
 log = logs.get("customscripts.scheduler")
@@ -113,6 +114,8 @@ class Evaluation:
     subscriptions: list[int] = field(default_factory=list)
     status: str = "pending"
     error: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # duration_ms, cpu_ms, memory_mb as the function measured
+    output_hash: str | None = None
 
 
 @dataclass
@@ -127,6 +130,8 @@ class BatchReport:
     results: dict[Node, Evaluation] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)  # plan, wave<k>, publish<k>: where time goes
     prefetched_reads: int = 0  # reads the functions answered from what the batch sent along
+    denied: list[tuple[Subscription, Principal, str]] = field(default_factory=list)  # due, not allowed to run
+    call_id: str = ""
 
 
 @dataclass
@@ -230,6 +235,7 @@ class Evaluator:
             closure = allowed[key]
             if isinstance(closure, ApiError):
                 report.statuses["denied"] += 1
+                report.denied.append((sub, principal, closure.message[:500]))
                 metrics.EVALUATIONS.labels("denied").inc()
                 logs.event(log, "realtime evaluation denied", subscription=sub.id, script_id=sub.script_id,
                            version=sub.version, user=sub.user_id, reason=closure.message[:200])
@@ -302,7 +308,7 @@ class Evaluator:
         data = BatchData(deps=deps)
         self._windows(evals.values(), data)
         report.timings_s["prefetch"] = time.perf_counter() - t0
-        call_id = uuid.uuid4().hex[:16]
+        call_id = report.call_id = uuid.uuid4().hex[:16]
         # outputs another evaluation of this batch reads are published before the next wave starts;
         # the others in the background, overlapping the next waves (all before the events are acked)
         needed = {d for ds in deps.values() for d in ds}
@@ -355,7 +361,21 @@ class Evaluator:
             metrics.LATENCY.observe(latency)
         for queued in report.queued_s:
             metrics.QUEUED.observe(queued)
+        self._audit(report)
         return report
+
+    def _audit(self, report: BatchReport) -> None:
+        """One audit row per evaluation of a batch that was published (denied ones included), written
+        off the batch's path by the registry's AuditWriter."""
+        log_rows = self.registry.catalog.audit_log.submit
+        for ev in report.results.values():
+            n = ev.node
+            log_rows(AuditRow(report.call_id, n.script_id, n.version, ev.principal.user_id, n.tenant, "realtime",
+                              ev.status, error_detail(ev.error), n.params_hash, ev.output_hash,
+                              ev.metrics.get("duration_ms"), ev.metrics.get("cpu_ms"), ev.metrics.get("memory_mb")))
+        for sub, principal, reason in report.denied:
+            log_rows(AuditRow(report.call_id, sub.script_id, sub.version, principal.user_id, sub.tenant, "realtime",
+                              "denied", reason, self._params_hash(sub)))
 
     def _publish(self, rows: list[OutputRow], data: BatchData, report: BatchReport,
                  received: dict[tuple[str, str, float], float], started: float) -> None:
@@ -543,10 +563,12 @@ class Evaluator:
         rows = []
         for ev, res in zip(chunk, checked, strict=True):
             ev.status, ev.error = res["status"], res.get("error")
+            ev.metrics = {k: res.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")}
             if _transient(res):
                 raise TransientFailure(f"{script_id}@{version}: {res['error'].get('message', '')[:200]}")
             if ev.status == "ok":
                 out = res["output"]
+                ev.output_hash = canonical_hash(out)
                 rows.append(OutputRow(time=ev.node.time, tenant=tenant, instrument_key=ev.node.instrument_key,
                                       timeframe=ev.node.timeframe, script_id=script_id, version=version,
                                       params_hash=ev.node.params_hash, value=out["value"],

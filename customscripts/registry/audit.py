@@ -1,4 +1,5 @@
-"""The audit trail: one row per execution (denied ones included) and per registry action.
+"""The audit trail: one row per execution (one-time and realtime, denied ones included) and per
+registry action.
 
 Why a writer thread: an execution's row is known only once the function has answered, and waiting
 for its INSERT would put a database round trip (~0.3 ms on the dev machine) on every one-time
@@ -52,15 +53,19 @@ class AuditRow(NamedTuple):
 
 
 INSERT_SQL = f"INSERT INTO audit ({', '.join(AuditRow._fields)}) VALUES ({', '.join(['%s'] * len(AuditRow._fields))})"
+COPY_SQL = f"COPY audit ({', '.join(AuditRow._fields)}) FROM STDIN"
 
 
 def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
-    """Insert rows on this connection (inside the caller's transaction, if any)."""
+    """Insert rows on this connection (inside the caller's transaction, if any); many by COPY, which
+    keeps thousands of realtime evaluations a second cheap for the database."""
     with conn.cursor() as cur:
         if len(rows) == 1:
             cur.execute(INSERT_SQL, rows[0])
-        else:
-            cur.executemany(INSERT_SQL, rows)
+            return
+        with cur.copy(COPY_SQL) as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 class AuditWriter:

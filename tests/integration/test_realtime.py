@@ -25,6 +25,7 @@ from tests.integration.realtime_support import (
 )
 from tests.integration.registry_support import Caller, error_code
 from tests.integration.test_execute_e2e import RSI_SCRIPT
+from tests.waiting import wait_until
 
 GOOG_START = datetime(2012, 6, 1, tzinfo=UTC).timestamp()
 EURUSD_START = datetime(2018, 1, 2, tzinfo=UTC).timestamp()
@@ -51,6 +52,20 @@ def alice(api, uid, stack):
     caller = Caller(api, f"alice-{uid}", f"tenant-{uid}")
     yield caller
     drop_subscriptions(stack, caller.tenant)
+
+
+def realtime_audit(cfg, tenant: str, script_ids: list[str], expect: int) -> list[tuple]:
+    """(script_id, status, user_id) of the tenant's realtime audit rows, once `expect` are written."""
+    found: list[tuple] = []
+
+    def enough() -> bool:
+        with psycopg.connect(cfg.pg_dsn) as conn:
+            found[:] = conn.execute("SELECT script_id, status, user_id FROM audit WHERE tenant = %s AND action ="
+                                    " 'realtime' AND script_id = ANY(%s) ORDER BY id", (tenant, script_ids)).fetchall()
+        return len(found) >= expect
+
+    wait_until(enough, interval=0.05)
+    return found
 
 
 def subscribe(caller: Caller, script_id: str, instrument: str = "GOOG", timeframe: str = "1d", **body):
@@ -229,6 +244,11 @@ def test_failed_dependency_marks_dependents_and_never_reuses_a_stale_value(alice
             assert base in by_time[t].error["message"]
     stored = {t: float(v) for t, *_rest, v in rows(stack, alice.tenant, dep)}
     assert stored == {t: t for t in times if not int(t) // 86400 % 2}
+    # every evaluation leaves an audit row, as one-time executions do
+    audit = realtime_audit(stack, alice.tenant, [base, dep], expect=2 * len(times))
+    assert sorted(audit) == sorted(
+        [(base, "error" if int(t) // 86400 % 2 else "ok", alice.user_id) for t in times]
+        + [(dep, "dependency_failed" if int(t) // 86400 % 2 else "ok", alice.user_id) for t in times])
 
 
 def test_lost_entitlement_takes_effect_on_the_next_evaluation(api, uid, stack):
@@ -251,6 +271,8 @@ def test_lost_entitlement_takes_effect_on_the_next_evaluation(api, uid, stack):
         finally:
             evaluator.close()
         assert second.statuses == {"denied": 1} and second.published == 0
+        assert realtime_audit(stack, buyer.tenant, [sid], expect=2) == [(sid, "ok", buyer.user_id),
+                                                                          (sid, "denied", buyer.user_id)]
         # outputs went to the buyer's tenant only, and only for the entitled event
         assert [r[0] for r in rows(stack, buyer.tenant, sid)] == [times[0]]
         assert rows(stack, author.tenant, sid) == []
