@@ -26,7 +26,7 @@ from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unprocessable
 from customscripts.faas.budget import FunctionBudget, RedisLru
 from customscripts.faas.build import deployment, render_context
-from customscripts.faas.client import FaasError, FunctionNotFound, NotListening, OpenFaaSClient
+from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.outputs import OutputRow, OutputStore, params_hash
 from customscripts.registry.catalog import ScriptRow
@@ -153,7 +153,9 @@ class Invoker:
                 if url is not None:
                     try:
                         result = self.client.invoke_at(url, body, headers=headers)
-                    except NotListening:  # not running there (yet, or any more)
+                    except (NotListening, AnswerLost):  # not running there (yet, or any more)
+                        # also when its answer was lost (it was being stopped just then): a function
+                        # only computes and answers, so sending the call again is safe
                         self._endpoints.pop(name, None)
                 if result is None:
                     result = self.client.invoke(name, body, headers=headers)

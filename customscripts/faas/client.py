@@ -45,6 +45,10 @@ class NotListening(FaasError):
     """Nothing accepts connections at a function's own address; the request was not sent."""
 
 
+class AnswerLost(FaasError):
+    """A direct call's connection failed after the request went out: no answer, maybe executed."""
+
+
 @dataclass
 class InvokeResult:
     status: int
@@ -216,7 +220,8 @@ class OpenFaaSClient:
                   timeout: float | None = None) -> InvokeResult:
         """POST to a function's own address (`function_url`). NotListening when nothing listens there
         (not started, idle-stopped or removed: the request was not sent, the gateway route starts or
-        redeploys it); FaasError when the call failed after it may have reached the function."""
+        redeploys it); AnswerLost when the call failed after it may have reached the function (e.g. it
+        was being stopped just then)."""
         with self._direct_lock:
             if url not in self._direct:
                 self._direct[url] = KeepAlivePool.for_url(url, maxsize=32)
@@ -226,8 +231,10 @@ class OpenFaaSClient:
             reply = pool.request("POST", prefix or "/", data, headers, timeout=timeout or self.invoke_timeout)
         except (ConnectionRefusedError, socket.gaierror) as exc:  # nothing there: the request was not sent
             raise NotListening(f"nothing answers at {url}: {exc}") from exc
+        except TimeoutError as exc:  # it is there but did not answer in time: no second try
+            raise FaasError(f"invoke at {url} timed out: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
-            raise FaasError(f"invoke at {url} failed: {type(exc).__name__}: {exc}") from exc
+            raise AnswerLost(f"invoke at {url} failed: {type(exc).__name__}: {exc}") from exc
         return InvokeResult(reply.status, reply.body, reply.headers)
 
     def invoke_async(self, name: str, body: bytes | str | None = b"", callback_url: str | None = None,

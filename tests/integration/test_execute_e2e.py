@@ -165,6 +165,23 @@ def test_denied_execution_is_403_with_an_audit_row_and_no_function(alice, uid, s
         assert not client.exists(function_name(f"private-{uid}", 1))
 
 
+def test_unlisting_a_script_stops_outsiders_at_once(uid, api):
+    """registry-fn keeps script rows in memory for execute; a publish that takes a script off the
+    marketplace must stop another tenant's subscriber on the very next call, not a cache later."""
+    author = Caller(api, f"author-{uid}", f"vendor-{uid}")
+    buyer = Caller(api, f"buyer-{uid}", f"buyer-tenant-{uid}")
+    sid = f"listed-{uid}"
+    author.create_published(sid, "def run(ctx):\n    return 2.0\n", permissions={"marketplace": True})
+    assert buyer.call("POST", f"/scripts/{sid}/marketplace/subscribe").status_code == 201
+    for _ in range(3):  # the row is cached from here on
+        assert execute(buyer, sid).json()["status"] == "ok"
+    assert author.call("PATCH", f"/scripts/{sid}", {"permissions": {"marketplace": False}}).status_code == 200
+    assert author.publish(sid).status_code == 201  # v2, unlisted, is now the latest
+    resp = execute(buyer, sid)
+    assert resp.status_code in (403, 404), resp.text
+    assert execute(author, sid).json()["version"] == 2
+
+
 def test_params_are_checked_against_the_input_schema(alice, uid):
     alice.create_published(f"typed-{uid}", "def run(ctx):\n    return float(ctx.params['period'])\n",
                            input_schema={"type": "object", "properties": {"period": {"type": "integer"}},

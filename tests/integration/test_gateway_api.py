@@ -265,6 +265,11 @@ def test_expired_tampered_or_missing_tokens_are_401(gateway, data):
     for token in (expired, tampered, "garbage"):
         resp = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m")
         assert resp.status_code == 401, token
+        for path in ("/data/market", "/data/metrics"):  # the float64 form is behind the same check
+            resp = requests.get(gateway.url + path, timeout=5, params={"instrument_key": data["instrument"],
+                                                                       "timeframe": "1m", "name": "test.m"},
+                                headers={"Authorization": f"Bearer {token}", "Accept": COLUMNS_MEDIA_TYPE})
+            assert resp.status_code == 401 and resp.headers["Content-Type"] == "application/json", (path, token)
     resp = requests.get(gateway.url + "/data/market", params={"instrument_key": "X", "timeframe": "1m"},
                         timeout=5)
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "missing_token"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import socket
 import time
@@ -380,6 +381,7 @@ def test_every_function_has_its_own_address_and_calls_there_count_as_activity(tm
         assert provider.running() == ["cs-echo-v1"]
         assert client.describe("cs-echo-v1")["invocationCount"] == 1  # only the gateway's own call
         assert wait_until(lambda: provider.running() == [], timeout=10)  # quiet: idle-stopped
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)  # and gone
         with pytest.raises(NotListening):
             client.invoke_at(url, b"z")
         client.close()
