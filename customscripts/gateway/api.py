@@ -33,7 +33,7 @@ from customscripts.gateway.ratelimit import Decision, RateLimiter, raise_if_refu
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, python3_http_result
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
-from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, f64_bytes
+from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, pack_columns
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = MAX_HISTORY
@@ -85,8 +85,11 @@ class _Window:
 
 
 def _pack(columns: dict[str, list[Any]]) -> tuple[list[list[Any]], bytes]:
-    parts = [f64_bytes(col) or b"" for col in columns.values()]
-    return [[name, len(raw) // 8] for name, raw in zip(columns, parts, strict=True)], b"".join(parts)
+    """The float8 columns the store returned (None values are NaN), packed for a columns reply."""
+    packed = pack_columns(columns)
+    if packed is None:  # the store's float8 arrays are always numeric
+        raise ApiError("market data store returned non-numeric columns")
+    return packed
 
 
 def _wants_columns(req: Request) -> bool:
@@ -179,9 +182,9 @@ class GatewayApi:
         self._epoch = 0  # bumped whenever the candle feed (re)connects or drops
         self.candle_feed = db.ChangeFeed(self.cfg.pg_reader_dsn, CANDLES_CHANNEL, self._candles_changed,
                                          self._candles_reset)
+        self._refused: dict[tuple[str, str, str, bool], float] = {}  # caller -> refused until (monotonic)
         self.router = Router()
         r = self.router
-        self._refused: dict[tuple[str, str, str, bool], float] = {}  # caller -> refused until (monotonic)
         r.route("GET", "/healthz")(self.healthz)
         r.route("GET", "/data/market")(self._metered(self.market))
         r.route("GET", "/data/metrics")(self._metered(self.metrics))

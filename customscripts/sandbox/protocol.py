@@ -96,9 +96,9 @@ def f64_bytes(col: Any) -> bytes | None:
     return None
 
 
-def columns_payload(head: dict, columns: dict) -> bytes | None:
-    """`head` plus numeric `columns` ({name: numbers}) as a binary payload whose JSON head is `head`
-    with "f64": [[name, n], ...]; None when a column is not purely numeric (then it goes as JSON)."""
+def pack_columns(columns: dict) -> tuple[list[list[Any]], bytes] | None:
+    """Numeric `columns` ({name: numbers}) as their "f64" spec [[name, n], ...] and the float64 bytes
+    of all of them in that order; None when a column is not purely numeric."""
     spec, parts = [], []
     for name, col in columns.items():
         raw = f64_bytes(col)
@@ -106,8 +106,17 @@ def columns_payload(head: dict, columns: dict) -> bytes | None:
             return None
         spec.append([name, len(raw) // 8])
         parts.append(raw)
+    return spec, b"".join(parts)
+
+
+def columns_payload(head: dict, columns: dict) -> bytes | None:
+    """`head` plus numeric `columns` as a binary payload whose JSON head is `head` with the "f64" spec;
+    None when a column is not purely numeric (then it goes as JSON)."""
+    packed = pack_columns(columns)
+    if packed is None:
+        return None
     try:
-        return binary_payload({**head, "f64": spec}, b"".join(parts))
+        return binary_payload({**head, "f64": packed[0]}, packed[1])
     except (TypeError, ValueError):
         return None
 
