@@ -387,29 +387,24 @@ def test_every_function_has_its_own_address_and_calls_there_count_as_activity(tm
         client.close()
 
 
-def test_the_invoker_calls_running_functions_directly_and_falls_back_to_the_gateway(tmp_path: Path) -> None:
-    tpl = make_template(tmp_path)
-    functions = tmp_path / "functions"
-    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=60,
-                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
-        client = OpenFaaSClient(provider.url, *AUTH)
-        client.deploy(version_spec(tpl, functions, "echo", 1))
-        invoker = Invoker(None, client, FunctionBudget(client, budget=5))  # type: ignore[arg-type]
-        invoker.function_for = lambda script_id, version: "cs-echo-v1"  # type: ignore[method-assign]
-        scope = Scope("u1", "t1", "pro")
+def test_the_invoker_calls_running_functions_directly_and_falls_back_to_the_gateway(env) -> None:
+    provider, client, tpl, functions = env
+    client.deploy(version_spec(tpl, functions, "echo", 1))
+    invoker = Invoker(None, client, FunctionBudget(client, budget=5))  # type: ignore[arg-type]
+    invoker.function_for = lambda script_id, version: "cs-echo-v1"  # type: ignore[method-assign]
+    scope = Scope("u1", "t1", "pro")
 
-        def call() -> int:
-            return invoker.invoke("echo", 1, {"k": 1}, scope, "call-1")["pid"]
+    def call() -> int:
+        return invoker.invoke("echo", 1, {"k": 1}, scope, "call-1")["pid"]
 
-        def gateway_calls() -> int:
-            return client.describe("cs-echo-v1")["invocationCount"]
+    def gateway_calls() -> int:
+        return client.describe("cs-echo-v1")["invocationCount"]
 
-        first = call()  # not running: through the gateway, which starts it
-        assert gateway_calls() == 1
-        assert [call() for _ in range(5)] == [first] * 5
-        assert gateway_calls() == 1  # the rest went to its own address
-        provider.stop_function("cs-echo-v1")
-        second = call()  # nothing listens there any more: the gateway again
-        assert second != first and gateway_calls() == 2
-        assert call() == second and gateway_calls() == 2
-        client.close()
+    first = call()  # not running: through the gateway, which starts it
+    assert gateway_calls() == 1
+    assert [call() for _ in range(5)] == [first] * 5
+    assert gateway_calls() == 1  # the rest went to its own address
+    provider.stop_function("cs-echo-v1")
+    second = call()  # nothing listens there any more: the gateway again
+    assert second != first and gateway_calls() == 2
+    assert call() == second and gateway_calls() == 2
