@@ -19,6 +19,15 @@ def stack() -> Settings:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def api(stack: Settings) -> str:
+    """The public API's URL (registry-fn behind the provider), with the sample market data loaded."""
+    from customscripts.marketdata.loader import load_sample_data
+
+    load_sample_data(stack, echo=lambda _msg: None)
+    return stack.registry_url
+
+
 @pytest.fixture
 def uid() -> str:
     """A fresh suffix so tests never see each other's scripts, users or tenants."""

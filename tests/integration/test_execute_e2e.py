@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from customscripts.marketdata.loader import load_sample_data, read_csv, sample_csv
+from customscripts.marketdata.loader import read_csv, sample_csv
 from tests.integration.registry_support import Caller, error_code
 from tests.waiting import wait_until
 
@@ -43,12 +43,6 @@ def reference_rsi(closes: list[float], period: int) -> float:
         avg_gain = (avg_gain * (period - 1) + gain) / period
         avg_loss = (avg_loss * (period - 1) + loss) / period
     return 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)
-
-
-@pytest.fixture(scope="module")
-def api(stack) -> str:
-    load_sample_data(stack, echo=lambda _msg: None)
-    return stack.registry_url
 
 
 @pytest.fixture

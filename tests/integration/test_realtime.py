@@ -32,14 +32,6 @@ EURUSD_START = datetime(2018, 1, 2, tzinfo=UTC).timestamp()
 LAST_CLOSE = "def run(ctx):\n    return float(get_market_data(limit=3).close[-1])\n"
 
 
-@pytest.fixture(scope="module")
-def api(stack) -> str:
-    from customscripts.marketdata.loader import load_sample_data
-
-    load_sample_data(stack, echo=lambda _msg: None)
-    return stack.registry_url
-
-
 @pytest.fixture
 def rt(stack, uid):
     cfg = isolated(stack, uid)

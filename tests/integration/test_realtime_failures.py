@@ -31,14 +31,6 @@ LAST_CLOSE = "def run(ctx):\n    return float(get_market_data(limit=3).close[-1]
 FIRST, SECOND = 60, 60
 
 
-@pytest.fixture(scope="module")
-def api(stack) -> str:
-    from customscripts.marketdata.loader import load_sample_data
-
-    load_sample_data(stack, echo=lambda _msg: None)
-    return stack.registry_url
-
-
 @pytest.fixture
 def rt(stack, uid):
     cfg = dataclasses.replace(isolated(stack, uid), scheduler_fetch_batch=10)
