@@ -5,8 +5,10 @@ for the same gateway (`KeepAlivePool`, ~0.05 ms per call against ~0.45 ms throug
 execution token is sent per call and never stored in shared state, so clients for different
 executions share the pool safely across threads. Transient failures (connection errors, timeouts,
 502/503/504, 429) are retried a bounded number of times with exponential backoff and jitter, a 429
-waiting for its Retry-After (capped); after that the call fails with DataAccessError naming the
-gateway URL and the call. The token stays here, in the trusted supervisor, and never reaches the child.
+waiting for its Retry-After (capped); after that the call fails naming the gateway URL and the call:
+with DataSourceUnavailable (retryable: an outage) unless the last refusal was the caller's own rate
+limit (DataAccessError: the script's quota). The token stays here, in the trusted supervisor, and
+never reaches the child.
 """
 
 from __future__ import annotations
@@ -24,27 +26,10 @@ from urllib.parse import urlencode
 import requests
 
 from customscripts.http import Headers, KeepAlivePool, RawReply
+from customscripts.sandbox.datasource import DataAccessError, DataDenied, DataSourceUnavailable, DependencyUnavailable
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, columns_payload
 
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
-
-
-try:  # the sandbox's classes are what the supervisor catches and maps to execution statuses
-    from customscripts.sandbox.datasource import DataAccessError, DataDenied, DependencyUnavailable
-except ImportError:  # pragma: no cover - sandbox package absent: compatible stand-ins
-
-    class DataAccessError(Exception):  # type: ignore[no-redef]
-        """The gateway could not answer (down after retries, or a server error)."""
-
-    class DataDenied(Exception):  # type: ignore[no-redef]
-        """The execution token does not allow this read (401/403)."""
-
-    class DependencyUnavailable(Exception):  # type: ignore[no-redef]
-        """A script this execution depends on has no output to read."""
-
-        def __init__(self, script_id: str, message: str | None = None) -> None:
-            super().__init__(message or f"dependency {script_id!r} has no output available")
-            self.script_id = script_id
 
 
 class DataRequestError(DataAccessError, ValueError):
@@ -205,8 +190,10 @@ class GatewayClient:
                script_id: str | None) -> RawReply:
         """The 200 reply, after bounded retries of transient failures; other statuses raise."""
         last = "no attempt made"
+        limited = False
         for attempt in range(self.attempts):
             wait: float | None = None
+            limited = False
             self.requests_sent += 1
             try:
                 response = self._send(path, params, headers)
@@ -219,6 +206,7 @@ class GatewayClient:
                 if status not in TRANSIENT_STATUS:
                     self._raise_final(call, response, script_id)
                 last = _error_message(response)
+                limited = status == 429
                 if status == 429 or status == 503:
                     after = _retry_after(response)
                     if after is not None:
@@ -226,9 +214,10 @@ class GatewayClient:
             if attempt + 1 < self.attempts:
                 self.retries += 1
                 self.sleep(wait if wait is not None else self._backoff(attempt))
-        raise DataAccessError(
-            f"data gateway at {self.base_url} unavailable for {call}: {last} "
-            f"(gave up after {self.attempts} attempts)")
+        # refused for the caller's own rate limit: the script's quota, not an outage (not retryable)
+        error = DataAccessError if limited else DataSourceUnavailable
+        raise error(f"data gateway at {self.base_url} unavailable for {call}: {last} "
+                    f"(gave up after {self.attempts} attempts)")
 
     def _raise_final(self, call: str, response: RawReply, script_id: str | None) -> None:
         status, message = response.status, _error_message(response)

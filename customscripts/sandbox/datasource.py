@@ -17,6 +17,11 @@ class DataAccessError(Exception):
     """The data source failed after retries; the execution fails with status error."""
 
 
+class DataSourceUnavailable(DataAccessError):
+    """The data source could not be reached, or failed on its side, after its retries: infrastructure,
+    not the script. Only the trusted side raises it; it is what makes a result `retryable`."""
+
+
 class DataDenied(Exception):
     """The data source refused the read (403); the execution fails with status denied."""
 

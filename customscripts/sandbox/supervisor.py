@@ -44,7 +44,14 @@ from customscripts.config import settings
 
 from . import bwrap, protocol
 from . import seccomp as seccomp_mod
-from .datasource import ColumnFrames, DataAccessError, DataDenied, DataSource, DependencyUnavailable
+from .datasource import (
+    ColumnFrames,
+    DataAccessError,
+    DataDenied,
+    DataSource,
+    DataSourceUnavailable,
+    DependencyUnavailable,
+)
 from .limits import SandboxLimits
 from .prefetch import Prefetched, params_hash
 from .results import ExecutionResult, InvalidOutput, OutputValidator
@@ -819,6 +826,7 @@ class Supervisor:
         exc = failures[-1]
         res.error = {"type": "DataAccessError", "message": str(exc),
                      "traceback": (res.error or {}).get("traceback", "")}
+        res.retryable = isinstance(exc, DataSourceUnavailable)  # by type, from what this side saw
 
     def _item_result(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> ExecutionResult:
         stdout = _bounded(msg.get("stdout"), self.limits.max_log_bytes)

@@ -18,6 +18,7 @@ from customscripts.sandbox.datasource import (
     DataAccessError,
     DataDenied,
     DataSource,
+    DataSourceUnavailable,
     DependencyUnavailable,
 )
 from customscripts.sandbox.protocol import split_binary
@@ -141,7 +142,7 @@ def test_gateway_stopped_mid_run_is_retried_then_reported_clearly(api, token):
     assert len(client.get_market_data("GOOG", "1d", limit=5)["columns"]["time"]) == 5  # the run starts fine
     stop_like_a_crash(server)  # ... then the gateway goes away
     before = client.requests_sent
-    with pytest.raises(DataAccessError) as err:
+    with pytest.raises(DataSourceUnavailable) as err:  # typed: the supervisor marks the result retryable
         client.get_market_data("GOOG", "1d", limit=5)
     message = str(err.value)
     assert server.url in message and "get_market_data('GOOG', '1d')" in message and "4 attempts" in message
@@ -157,9 +158,24 @@ def test_gateway_answering_503_forever_fails_after_bounded_attempts(api, token):
     sleeps: list[float] = []
     try:
         client = _client(server.url, token, sleeps, attempts=3)
-        with pytest.raises(DataAccessError, match="503 unavailable: down"):
+        with pytest.raises(DataSourceUnavailable, match="503 unavailable: down"):
             client.get_metric("GOOG", "derived.return_1")
         assert handler.calls == 3 and len(sleeps) == 2
+    finally:
+        server.stop()
+
+
+def test_own_rate_limit_exhausted_is_not_an_outage(api, token):
+    """Refused for the caller's own rate limit until the retries ran out: the script's quota, so the
+    error is not the retryable DataSourceUnavailable (a realtime batch would otherwise retry it)."""
+    limited = json_response({"error": {"code": "rate_limited", "message": "slow down"}}, 429, {"Retry-After": "1"})
+    handler = Counting(api, faults=[limited] * 10)
+    server = LocalServer(handler).start()
+    try:
+        client = _client(server.url, token, [], attempts=3, retry_after_cap_s=0.0)
+        with pytest.raises(DataAccessError, match="rate_limited") as err:
+            client.get_market_data("GOOG", "1d")
+        assert not isinstance(err.value, DataSourceUnavailable)
     finally:
         server.stop()
 
