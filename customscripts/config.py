@@ -218,6 +218,7 @@ class Settings:
     max_output_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_OUTPUT_BYTES", 64 * 1024))
     max_log_bytes: int = field(default_factory=lambda: _env_int("CS_MAX_LOG_BYTES", 16 * 1024))
     tmp_size_mb: int = field(default_factory=lambda: _env_int("CS_SANDBOX_TMP_MB", 16))
+    tmp_inodes: int = field(default_factory=lambda: _env_int("CS_SANDBOX_TMP_INODES", 1024))
     sandbox_py_guards: bool = field(default_factory=lambda: _env("CS_SANDBOX_PY_GUARDS", "1") != "0")  # tests only
     sandbox_max_batch: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_BATCH", 1000))
     sandbox_max_calls_per_item: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_CALLS_PER_ITEM", 1000))

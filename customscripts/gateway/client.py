@@ -26,7 +26,14 @@ from urllib.parse import urlencode
 import requests
 
 from customscripts.http import Headers, KeepAlivePool, RawReply
-from customscripts.sandbox.datasource import DataAccessError, DataDenied, DataSourceUnavailable, DependencyUnavailable
+from customscripts.sandbox.datasource import (
+    DataAccessError,
+    DataDenied,
+    DataSourceUnavailable,
+    DeadlineExceeded,
+    DependencyUnavailable,
+    read_deadline,
+)
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, columns_payload
 
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
@@ -151,14 +158,15 @@ class GatewayClient:
         step = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
         return step / 2 + random.uniform(0, step / 2)
 
-    def _send(self, path: str, params: dict[str, Any], headers: dict[str, str]) -> RawReply:
+    def _send(self, path: str, params: dict[str, Any], headers: dict[str, str],
+              timeout: tuple[float, float]) -> RawReply:
         """One GET; connection failures and timeouts raise OSError/HTTPException (retried by _fetch)."""
         if self._pool is not None:
             target = f"{self._prefix}{path}?{urlencode(params)}" if params else self._prefix + path
-            return self._pool.request("GET", target, headers=headers, timeout=self.timeout)
+            return self._pool.request("GET", target, headers=headers, timeout=timeout)
         assert self.session is not None
         try:
-            resp = self.session.get(self.base_url + path, params=params, headers=headers, timeout=self.timeout)
+            resp = self.session.get(self.base_url + path, params=params, headers=headers, timeout=timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         return RawReply(resp.status_code, Headers(list(resp.headers.items())), resp.content)
@@ -188,15 +196,23 @@ class GatewayClient:
 
     def _fetch(self, call: str, path: str, params: dict[str, Any], headers: dict[str, str],
                script_id: str | None) -> RawReply:
-        """The 200 reply, after bounded retries of transient failures; other statuses raise."""
+        """The 200 reply, after bounded retries of transient failures; other statuses raise. Within the
+        execution's `read_deadline`, if one is set: attempts and pauses never outlast it."""
         last = "no attempt made"
         limited = False
+        deadline = read_deadline.get()
         for attempt in range(self.attempts):
             wait: float | None = None
             limited = False
+            timeout = self.timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(f"{call} did not finish within the execution's time")
+                timeout = (min(self.timeout[0], left), min(self.timeout[1], left))
             self.requests_sent += 1
             try:
-                response = self._send(path, params, headers)
+                response = self._send(path, params, headers, timeout)
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -212,8 +228,11 @@ class GatewayClient:
                     if after is not None:
                         wait = min(after, self.retry_after_cap_s)
             if attempt + 1 < self.attempts:
+                pause = wait if wait is not None else self._backoff(attempt)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise DeadlineExceeded(f"{call} did not finish within the execution's time: {last}")
                 self.retries += 1
-                self.sleep(wait if wait is not None else self._backoff(attempt))
+                self.sleep(pause)
         # refused for the caller's own rate limit: the script's quota, not an outage (not retryable)
         error = DataAccessError if limited else DataSourceUnavailable
         raise error(f"data gateway at {self.base_url} unavailable for {call}: {last} "

@@ -9,6 +9,7 @@ algorithm, other secret) or an invocation token can never be replayed here.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ def _dep(entry: str) -> str:
     return sid
 
 
+def _finite(value: object) -> float:
+    """An as-of time every comparison can trust: NaN or an infinity would open every bar."""
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError("as-of time must be a finite number")
+    return number
+
+
 def mint_execution_token(*, user: str, tenant: str, script_id: str, version: int, deps: Iterable[str],
                          as_of: float, tier: str, ttl_s: int | None = None, call_id: str | None = None,
                          cfg: Settings | None = None, now: float | None = None, realtime: bool = False) -> str:
@@ -92,7 +101,7 @@ def mint_execution_token(*, user: str, tenant: str, script_id: str, version: int
         "sid": ids.script_id(script_id),
         "ver": ids.version(version),
         "deps": sorted({_dep(d) for d in deps}),
-        "asof": float(as_of),
+        "asof": _finite(as_of),
         "tier": str(tier),
         "iat": int(issued),
         "exp": int(issued + (cfg.execution_token_ttl_s if ttl_s is None else ttl_s)),
@@ -125,7 +134,7 @@ def verify_execution_token(token: str | None, cfg: Settings | None = None) -> Ex
             script_id=ids.script_id(claims["sid"]),
             version=ids.version(claims["ver"]),
             deps=tuple(_dep(d) for d in claims.get("deps", [])),
-            as_of=float(claims["asof"]),
+            as_of=_finite(claims["asof"]),
             tier=str(claims["tier"]),
             exp=float(claims["exp"]),
             call_id=claims.get("cid"),

@@ -57,20 +57,7 @@ def third_party_paths(modules: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def proc_is_safe() -> bool:
-    """Mount /proc only when the sandbox uid maps to an unprivileged host uid.
-
-    Why: started as root, bwrap maps the sandbox user to host uid 0 (without capabilities). Global
-    sysctls (/proc/sys/kernel/*) and /proc/sysrq-trigger check only the *host* uid, so a /proc inside
-    such a sandbox would let a child write them. As root we therefore mount no /proc at all; the
-    supervisor measures the zygote from the host side instead.
-    """
-    return os.geteuid() != 0
-
-
-def options(*, tmp_size_mb: int, extra_ro: list[tuple[str, str]] | None = None,
-            mount_proc: bool | None = None) -> list[Option]:
-    mount_proc = proc_is_safe() if mount_proc is None else mount_proc
+def options(*, tmp_size_mb: int, extra_ro: list[tuple[str, str]] | None = None) -> list[Option]:
     prefix = str(python_prefix())
     runtime_dir = str(Path(__file__).resolve().parent)
     opts = [
@@ -80,6 +67,10 @@ def options(*, tmp_size_mb: int, extra_ro: list[tuple[str, str]] | None = None,
                                     "only *tries*), so the sandbox holds no host capabilities"),
         Option(("--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)), "run as nobody inside the namespace"),
         Option(("--cap-drop", "ALL"), "empty capability bounding set"),
+        Option(("--cap-add", "CAP_SYS_ADMIN"),
+               "inside the sandbox's own user namespace only, for the zygote: each child mounts its own "
+               "private /tmp in its own mount namespace and drops every capability before user code "
+               "(privatetmp.py)"),
         Option(("--die-with-parent",), "if the supervisor dies, the whole sandbox dies (PR_SET_PDEATHSIG)"),
         Option(("--new-session",), "setsid: no controlling terminal, so no TIOCSTI injection"),
         Option(("--clearenv",), "scrubbed environment: no secrets or tokens inherited"),
@@ -95,9 +86,11 @@ def options(*, tmp_size_mb: int, extra_ro: list[tuple[str, str]] | None = None,
         Option(("--symlink", "usr/lib64", "/lib64"), "merged-/usr layout (ld-linux path)"),
         Option(("--ro-bind", runtime_dir, f"{SANDBOX_ROOT}/customscripts/sandbox"),
                "only the sandbox runtime files (namespace package 'customscripts'), not the repo"),
-    ] + ([Option(("--proc", "/proc"), "a /proc of the new pid namespace only")] if mount_proc else []) + [
+        # no /proc at all: as root its global sysctls would be writable, and /proc/self/clear_refs would
+        # let a child reset the peak RSS the supervisor measures; the supervisor reads the host's /proc
         Option(("--dev", "/dev"), "minimal /dev: null, zero, full, random, urandom, tty"),
-        Option(("--size", str(tmp_size_mb * 1024 * 1024), "--tmpfs", "/tmp"), "private size-capped /tmp"),
+        Option(("--size", str(tmp_size_mb * 1024 * 1024), "--tmpfs", "/tmp"),
+               "the zygote's /tmp; each child mounts a fresh capped tmpfs over it in its own namespace"),
         Option(("--chdir", "/tmp"), "start in the only writable place"),
         Option(("--remount-ro", "/dev"), "no files can be created in /dev (an unsized tmpfs)"),
     ]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
+
+# when the read under way must have finished (time.monotonic()): the execution's wall-time end, set
+# by the supervisor around each read so a data source never holds an execution past its timeout
+read_deadline: ContextVar[float | None] = ContextVar("read_deadline", default=None)
 
 
 class DependencyUnavailable(Exception):
@@ -20,6 +25,10 @@ class DataAccessError(Exception):
 class DataSourceUnavailable(DataAccessError):
     """The data source could not be reached, or failed on its side, after its retries: infrastructure,
     not the script. Only the trusted side raises it; it is what makes a result `retryable`."""
+
+
+class DeadlineExceeded(DataAccessError):
+    """The read could not finish before the execution's wall timeout (`read_deadline`)."""
 
 
 class DataDenied(Exception):

@@ -43,8 +43,48 @@ class PeerClosed(ProtocolError):
     """Clean EOF at a frame boundary."""
 
 
+MAX_FRAME_DEPTH = 32  # arrays/objects nested deeper than this in a child's frame are a protocol error
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf without ever naming a constant
+        raise ValueError(f"non-finite number {text[:40]} is not allowed")
+    return value
+
+
+def _depth_within(obj: Any, limit: int) -> bool:
+    """Whether no array/object in `obj` is nested deeper than `limit` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return True
+
+
+def loads_strict(data: bytes | bytearray) -> Any:
+    """Parse JSON from an untrusted peer: finite numbers only, at most MAX_FRAME_DEPTH levels deep.
+    Anything else (NaN, Infinity, 1e999, deep nesting, bad UTF-8) raises ProtocolError - never
+    RecursionError or a value that defeats a comparison later."""
+    try:
+        obj = json.loads(data, parse_constant=_no_constants, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"bad frame: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not _depth_within(obj, MAX_FRAME_DEPTH):
+        raise ProtocolError(f"bad frame: nested deeper than {MAX_FRAME_DEPTH} levels")
+    return obj
 
 
 def dumps(obj: Any, *, allow_nan: bool = False) -> bytes:
@@ -153,14 +193,15 @@ def recv_frame_bytes(sock: socket.socket, max_bytes: int) -> bytearray:
     return _recv_exact(sock, length, at_boundary=False)
 
 
-def recv_frame(sock: socket.socket, max_bytes: int, *, allow_nan: bool = False) -> Any:
-    """Receive one JSON frame. With allow_nan=False, NaN/Infinity literals raise ProtocolError."""
+def recv_frame(sock: socket.socket, max_bytes: int, *, trusted: bool = False) -> Any:
+    """Receive one JSON frame. From an untrusted peer (the default) it is parsed by loads_strict;
+    `trusted=True` is for frames the supervisor sent (NaN allowed: market data has gaps)."""
     data = recv_frame_bytes(sock, max_bytes)
+    if not trusted:
+        return loads_strict(data)
     try:
-        if allow_nan:
-            return json.loads(data)
-        return json.loads(data, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"bad frame: {exc}") from exc
 
 
@@ -186,10 +227,10 @@ def recv_packet(sock: socket.socket, max_fds: int = 4) -> tuple[Any, list[int]]:
         _, tag, pid = SPAWNED.unpack(msg)
         return {"op": "spawned", "tag": tag, "pid": pid}, list(fds)
     try:
-        return json.loads(msg), list(fds)
-    except ValueError as exc:
+        return loads_strict(msg), list(fds)
+    except ProtocolError:
         for fd in fds:
             import os
 
             os.close(fd)
-        raise ProtocolError(f"bad control packet: {exc}") from exc
+        raise

@@ -11,12 +11,8 @@ import contextlib
 import io
 import json
 import math
-import os
-import resource
 import socket
-import stat
 import sys
-import time
 import traceback
 import types
 from typing import Any
@@ -24,7 +20,6 @@ from typing import Any
 from . import protocol
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # supervisor -> child data replies
-MAX_TMP_ENTRIES = 100_000  # a /tmp left with more than this is not wiped entry by entry: the zygote restarts
 
 
 class DataError(Exception):
@@ -232,45 +227,6 @@ def format_error(exc: BaseException, filename: str) -> dict:
     return {"type": type(exc).__name__, "message": msg[:2000], "traceback": tb[-8000:]}
 
 
-def reset_tmp(path: str, mode: int) -> bool:
-    """Empty the private /tmp the previous child may have written (and restore its mode, in case that
-    child chmod-ed it). Runs in the next child, before any user code, once the supervisor has seen the
-    previous child dead. Iterative (no recursion limit), never follows symlinks. True when empty."""
-    try:
-        if stat.S_IMODE(os.stat(path).st_mode) != mode:
-            os.chmod(path, mode)
-    except OSError:
-        return False
-    stack, dirs, seen = [path], [], 0
-    while stack:
-        d = stack.pop()
-        try:
-            if d != path:
-                os.chmod(d, 0o700)
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            seen += 1
-            if seen > MAX_TMP_ENTRIES:
-                return False
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                    dirs.append(e.path)
-                else:
-                    os.unlink(e.path)
-            except OSError:
-                pass
-    for d in reversed(dirs):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)
-    try:
-        return not os.listdir(path)
-    except OSError:
-        return False
-
-
 class Runtime:
     """Prepared once in the zygote; serve() runs in each forked child.
 
@@ -322,11 +278,8 @@ class Runtime:
             close = bars.close
             value = {"mean": float(np.mean(close[-20:])), "np": np.float64(1.0), "arr": close[:2]}
             len(bars)
-        msg = {"op": "item", "kind": "ok", "value": to_jsonable(value), "cpu_ms": 0.0,
-               "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stdout": out.getvalue(),
-               "stderr": ""}
-        protocol.dumps(msg, allow_nan=True)
-        time.process_time()
+        msg = {"op": "item", "kind": "ok", "value": to_jsonable(value), "stdout": out.getvalue(), "stderr": ""}
+        protocol.dumps(msg)
 
     def _namespace(self, current: list[Context]) -> dict[str, Any]:
         import builtins as _b
@@ -347,34 +300,20 @@ class Runtime:
         return g
 
     # -- one request -------------------------------------------------------------------------------
-    def serve(self, sock: socket.socket, tmp_dir: str | None = None, tmp_mode: int = 0o755) -> None:
-        """Child protocol: <- run{items}; [-> wiping, -> fresh|dirty]; per item: (-> call, <- reply)*,
-        -> item{kind, value|error, cpu_ms, maxrss_kb, stdout, stderr}. After the last item the child
-        exits; the supervisor reads its CPU clock (valid until the zygote reaps it) and kills it
-        anyway, in case user code survived the runtime."""
+    def serve(self, sock: socket.socket) -> None:
+        """Child protocol: <- run{items}; per item: (-> call, <- reply)*, -> item{kind, value|error,
+        stdout, stderr}. After the last item the child waits on its socket: the supervisor measures it
+        from outside (CPU clock, peak RSS) while it is still alive, then kills it. Nothing the child
+        says about its own usage or state is believed."""
         self.prime()
         current: list[Context] = []
         g = self._namespace(current) if self.compile_error is None else {}
         out = BoundedWriter(self.max_log_bytes)
         err = BoundedWriter(self.max_log_bytes)
         try:
-            req = protocol.recv_frame(sock, MAX_REPLY_BYTES)
+            req = protocol.recv_frame(sock, MAX_REPLY_BYTES, trusted=True)
         except protocol.ProtocolError:
             return
-        t_cpu = time.process_time()
-        if tmp_dir is not None:
-            try:
-                dirty = bool(os.listdir(tmp_dir))
-            except OSError:
-                dirty = True
-            if dirty:
-                protocol.send_frame(sock, {"op": "wiping"})
-                clean = reset_tmp(tmp_dir, tmp_mode)
-                protocol.send_frame(sock, {"op": "fresh" if clean else "dirty"})
-                if not clean:
-                    return
-                t_cpu = time.process_time()
-            os.chdir(tmp_dir)  # here, not at fork: the previous child may have locked /tmp until now
         items = req.get("items") or []
         channel = _Channel(sock)
         sys.stdout, sys.stderr = out, err
@@ -411,23 +350,23 @@ class Runtime:
                     msg = {"op": "item", "kind": "error", "error": format_error(exc, self.filename)}
                 finally:
                     current.clear()
-            now = time.process_time()
-            msg["cpu_ms"] = round((now - t_cpu) * 1000, 3)
-            t_cpu = now
-            msg["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             msg["stdout"] = out.getvalue()
             msg["stderr"] = err.getvalue()
             try:
-                data = protocol.dumps(msg, allow_nan=True)
+                data = protocol.dumps(msg)  # the supervisor rejects NaN/Infinity frames outright
             except (TypeError, ValueError) as exc:
+                text = ("NaN and Infinity are not allowed in an output" if isinstance(exc, ValueError)
+                        else f"output not serialisable: {exc}")
                 data = protocol.dumps({"op": "item", "kind": "invalid_output", "error": {
-                    "type": "InvalidOutput", "message": f"output not serialisable: {exc}", "traceback": ""}})
+                    "type": "InvalidOutput", "message": text, "traceback": ""},
+                    "stdout": msg["stdout"], "stderr": msg["stderr"]})
             if len(data) > self.max_output_bytes + 2 * self.max_log_bytes + 4096:
                 data = protocol.dumps({"op": "item", "kind": "invalid_output", "error": {
                     "type": "InvalidOutput", "message": f"output exceeds {self.max_output_bytes} bytes",
                     "traceback": ""}, "stdout": "", "stderr": ""})
             protocol.send_raw_frame(sock, data)
-        # done: the child exits right away (the supervisor reads our CPU clock while we are a zombie)
+        with contextlib.suppress(OSError):  # done: wait to be measured and killed
+            sock.recv(1)
 
 
 def _unused() -> None:  # keep json/math imported for scripts' warm start

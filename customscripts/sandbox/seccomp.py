@@ -58,7 +58,9 @@ ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)  # ENOSYS so glibc's pthread_crea
 # child adds a small filter that denies these too, so the child's policy is exactly the full list
 # while the per-child install (a BPF load + JIT) stays small.
 ZYGOTE_NEEDS: frozenset[str] = frozenset({"socketpair", "sendmsg", "recvmsg", "fork", "vfork", "clone",
-                                          "clone3", "pidfd_open", "setrlimit", "prlimit64"})
+                                          "clone3", "pidfd_open", "setrlimit", "prlimit64",
+                                          # each child's private /tmp (privatetmp.py), before stage 2
+                                          "unshare", "mount", "capset"})
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22

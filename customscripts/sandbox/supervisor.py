@@ -10,21 +10,27 @@ The request path, and what was moved off it:
   * the pre-forked child is fully set up (rlimits, seccomp, module namespace, runtime paths primed)
     and blocked on its socket before the request arrives;
   * numeric read replies travel as raw float64 columns (protocol.binary_frame), cached per request;
-  * once the child has answered every item it exits; the supervisor reads the child's CPU time from
-    the kernel's per-process CPU clock (valid until the zygote reaps it), takes the peak RSS the
-    child reported (getrusage, capped by its address-space limit), SIGKILLs it in case user code
-    outlived the runtime and replies - it does not wait for the exit and the zygote's wait4 report
-    (about 1 ms of mm teardown and reaping). wait4 stays the authority wherever the child did not
-    finish normally (timeouts, crashes, protocol violations: classification and usage), and the
-    zygote reaps everything in the background.
+  * once the child has answered every item it waits on its socket; the supervisor measures it from
+    outside - CPU time from the kernel's per-process CPU clock, peak RSS from the host's
+    /proc/<pid>/status (VmHWM) - SIGKILLs it and replies. It does not wait for the exit and the
+    zygote's wait4 report (about 1 ms of mm teardown and reaping); wait4 is the authority wherever
+    the child did not finish normally or could not be measured alive (timeouts, crashes, protocol
+    violations), and the zygote reaps everything in the background.
   * a killed child is certainly gone before the next child gets its request: the supervisor checks
-    its pidfd or the kernel's PF_EXITING flag, and the next child empties /tmp before user code runs.
+    its pidfd or the kernel's PF_EXITING flag. Each child has its own /tmp anyway (privatetmp.py).
+
+What the child sends is hostile in every byte: frames are size-capped, parsed strictly (finite numbers
+only, bounded nesting: protocol.loads_strict), and only `call` and `item` messages exist; usage the
+child might claim is never read. Any exception of the supervisor's own while serving a child ends
+that child (killed, and gone before the next execution starts). Reads count against the wall
+timeout: the data source gets the time that is left (datasource.read_deadline).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import queue
 import select
@@ -50,7 +56,9 @@ from .datasource import (
     DataDenied,
     DataSource,
     DataSourceUnavailable,
+    DeadlineExceeded,
     DependencyUnavailable,
+    read_deadline,
 )
 from .limits import SandboxLimits
 from .prefetch import Prefetched, params_hash
@@ -61,7 +69,6 @@ log = logs.get("customscripts.sandbox")
 THIRD_PARTY = ["numpy"]          # allowlisted heavy modules bound into the sandbox and preloaded
 ZYGOTE_START_TIMEOUT_S = 20.0
 EXIT_REPORT_TIMEOUT_S = 5.0
-TMP_WIPE_TIMEOUT_S = 10.0  # a child emptying what the previous one left in /tmp (not the script's time)
 MAX_MARKET_LIMIT = 5000
 ISOLATION_MODES = ("bwrap", "process")
 PF_EXITING = 0x4  # include/linux/sched.h: set at the start of do_exit, before the task releases anything
@@ -130,14 +137,34 @@ class _Child:
         except OSError:
             return None
 
+    def peak_rss_kb(self) -> int | None:
+        """The child's peak RSS (VmHWM) from the host's /proc, read from outside while it is alive; None
+        once it has exited (a zombie has no memory map: then wait4's figure is used). The pidfd is
+        checked after the read, so a reused pid is never measured."""
+        if self.hostpid is None:
+            return None
+        try:
+            with open(f"/proc/{self.hostpid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmHWM:"):
+                        kb = int(line.split()[1])
+                        return None if self.exited() else kb
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def exited(self) -> bool:
         """True once the kernel reports the child exited (its pidfd is readable)."""
+        return self.exited_within(0.0)
+
+    def exited_within(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the child's exit; True once the kernel reports it."""
         if self.pidfd < 0:
             return False
         poller = select.poll()  # not select(): pidfds can be numbered above FD_SETSIZE
         poller.register(self.pidfd, select.POLLIN)
         with contextlib.suppress(OSError):
-            return bool(poller.poll(0))
+            return bool(poller.poll(int(timeout_s * 1000)))
         return False
 
     def gone(self) -> bool:
@@ -225,7 +252,8 @@ class _Zygote:
             env = {"PATH": "/nonexistent", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                    "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmp_dir, "HOME": tmp_dir}
         init = {"source": source, "filename": filename, "limits": limits.to_wire(), "guards": guards,
-                "bpf_zygote": bpf[0].hex(), "bpf_child": bpf[1].hex(), "tmp_dir": tmp_dir}
+                "bpf_zygote": bpf[0].hex(), "bpf_child": bpf[1].hex(), "tmp_dir": tmp_dir,
+                "own_user_namespace": isolation == "process"}
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(child_ctl.fileno(),), env=env,
@@ -259,6 +287,9 @@ class _Zygote:
             layer = "bubblewrap" if isolation == "bwrap" else "process"
             raise IsolationUnavailable(layer, f"zygote failed to start: {detail}") from exc
         self.ctl.settimeout(None)
+        if msg.get("error"):
+            self.kill()
+            raise IsolationUnavailable("private-tmp", str(msg["error"])[:500])
         self.info = msg
         if not msg.get("baseline_vm"):
             # no /proc inside (root mode): measure the zygote's address space from the host side
@@ -349,10 +380,6 @@ class _Zygote:
                 self.tmpdir.cleanup()
 
 
-class _TmpNotReset(Exception):
-    """The child could not empty the private /tmp: the zygote (and with it the tmpfs) is replaced."""
-
-
 class Supervisor:
     """Runs one script in the sandbox, many times. Thread-safe (executions are serialised)."""
 
@@ -378,7 +405,6 @@ class Supervisor:
         self._owed = 0
         self._closed = False
         self._dying: list[_Child] = []  # killed after answering; must be gone before the next child runs
-        self._rss_cap_kb = 0
         self._check_layers()
         self._bpf = compiled_seccomp()
         self._zygote: _Zygote | None = None
@@ -414,9 +440,6 @@ class Supervisor:
     def _finish_zygote(self) -> None:
         assert self._zygote is not None
         self._zygote.wait_ready()
-        # a child reports its own peak RSS (getrusage) on success; it cannot exceed its address space
-        baseline = int(self._zygote.info.get("baseline_vm") or 256 * 2**20)
-        self._rss_cap_kb = baseline // 1024 + self.limits.memory_mb * 1024
         for _ in range(self.prefork):
             self._zygote.request_spawn()
         logs.event(log, "sandbox zygote ready", isolation=self.isolation, guards=self.guards,
@@ -465,23 +488,17 @@ class Supervisor:
         each item has its own timeout. Read replies are cached for the duration of the call."""
         if not reqs:
             return []
+        for r in reqs:
+            if not math.isfinite(float(r.timestamp)):
+                raise ValueError("an execution's timestamp must be a finite number")
         with self._lock:
             results: list[ExecutionResult] = []
             cache: dict[tuple, bytes] = {}
-            resets = 0
             try:
                 while len(results) < len(reqs):
                     rest = reqs[len(results):len(results) + self.max_batch]
                     child = self._take_child(len(rest))
-                    try:
-                        results.extend(self._drive(child, rest, cache))
-                    except _TmpNotReset:
-                        resets += 1
-                        if resets > 1:
-                            raise IsolationUnavailable("tmpfs", "the private /tmp could not be reset") from None
-                        logs.event(log, "sandbox /tmp not reset; restarting the zygote")
-                        assert self._zygote is not None
-                        self._zygote.alive = False
+                    results.extend(self._drive(child, rest, cache))
             finally:
                 self._replenish()
             return results
@@ -534,7 +551,8 @@ class Supervisor:
     def _drive(self, child: _Child, reqs: list[ExecutionRequest], cache: dict[tuple, bytes]
                ) -> list[ExecutionResult]:
         """Run reqs in child until done or the child dies; returns results for the items it finished
-        (at least one: the item that timed out or crashed it)."""
+        (at least one: the item that timed out or crashed it). Whatever happens here, the child is
+        dead (or certainly dying and awaited before the next one runs) when this returns or raises."""
         if self._dying:
             self._await_dying()
         zyg = self._zygote
@@ -544,15 +562,14 @@ class Supervisor:
         sock = child.sock
         failure: ExecutionResult | None = None
         killed_by_us = False
-        item_cpu: list[float] = []
-        maxrss_kb = 0
+        item_cpu: list[float | None] = []  # per answered item, from the kernel's clock of the child
         data_failures: list[BaseException] = []
         calls = 0
-        wiping = False
         cpu_end: float | None = None
-        child.cpu0 = child.cpu_s()
+        rss_kb: int | None = None
+        child.cpu0 = cpu_mark = child.cpu_s()
         t_item = time.perf_counter()
-        deadline = t_item + timeout_s
+        deadline = t_item + timeout_s  # the item's wall time, its reads included
         try:
             sock.settimeout(timeout_s)
             protocol.send_frame(sock, {"op": "run", "items": [r.wire() for r in reqs]}, allow_nan=True)
@@ -561,27 +578,25 @@ class Supervisor:
                 if left <= 0:
                     raise TimeoutError
                 sock.settimeout(left)
-                msg = protocol.recv_frame(sock, self.max_frame, allow_nan=True)
+                msg = protocol.recv_frame(sock, self.max_frame)  # strict: the child is hostile
                 op = msg.get("op") if isinstance(msg, dict) else None
                 if op == "call":
                     calls += 1
                     if calls > self.max_calls:
                         raise protocol.ProtocolError("too many data calls")
-                    t_call = time.perf_counter()
-                    reply = self._answer_frame(msg, reqs[len(results)], data_failures, cache)
-                    sock.settimeout(max(deadline - time.perf_counter(), 0.05) + 5)
+                    reply = self._answer_frame(msg, reqs[len(results)], data_failures, cache, deadline)
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        raise TimeoutError
+                    sock.settimeout(left)  # a child that stops reading cannot hold the supervisor
                     sock.sendall(reply)
-                    deadline += time.perf_counter() - t_call  # data time is not the script's time
                 elif op == "item":
                     now = time.perf_counter()
-                    req = reqs[len(results)]
-                    res = self._item_result(msg, req, data_failures)
+                    cpu_now = child.cpu_s()
+                    res = self._item_result(msg, reqs[len(results)], data_failures)
                     res.duration_ms = round((now - t_item) * 1000, 3)
-                    cpu = msg.get("cpu_ms")
-                    item_cpu.append(float(cpu) if isinstance(cpu, int | float) and cpu >= 0 else 0.0)
-                    rss = msg.get("maxrss_kb")
-                    if isinstance(rss, int) and rss > maxrss_kb:
-                        maxrss_kb = rss
+                    item_cpu.append(None if cpu_now is None or cpu_mark is None else max(cpu_now - cpu_mark, 0.0))
+                    cpu_mark = cpu_now
                     results.append(res)
                     data_failures = []
                     calls = 0
@@ -589,32 +604,23 @@ class Supervisor:
                     deadline = now + timeout_s
                     if len(results) == len(reqs):
                         break
-                elif op == "wiping" and not wiping and not results and not calls:
-                    wiping = True  # the child empties what the previous one left in /tmp: not its time
-                    deadline = time.perf_counter() + TMP_WIPE_TIMEOUT_S
-                elif op == "fresh" and wiping:
-                    wiping = False
-                    child.cpu0 = child.cpu_s()
-                    t_item = time.perf_counter()
-                    deadline = t_item + timeout_s
-                elif op == "dirty" and wiping:
-                    child.kill()
-                    zyg.wait_exit(child.pid)
-                    child.close()
-                    raise _TmpNotReset
                 else:
-                    raise protocol.ProtocolError(f"unexpected message {op!r}")
+                    raise protocol.ProtocolError(f"unexpected message {str(op)[:40]!r}")
         except TimeoutError:
-            cpu_end = child.cpu_s()
+            cpu_end, rss_kb = child.cpu_s(), child.peak_rss_kb()
             child.kill()
             killed_by_us = True
             failure = ExecutionResult(status="timeout", error={
                 "type": "Timeout", "message": f"execution exceeded {self.limits.timeout_ms} ms and was killed",
                 "traceback": ""})
         except protocol.PeerClosed:
+            if not child.exited_within(0.1):  # it closed its end: normally it is exiting by itself
+                child.kill()
+                killed_by_us = True
             failure = ExecutionResult(status="error", error={
                 "type": "SandboxError", "message": "sandboxed process exited without a result", "traceback": ""})
         except protocol.ProtocolError as exc:
+            rss_kb = child.peak_rss_kb()
             child.kill()
             killed_by_us = True
             text = str(exc)
@@ -623,23 +629,35 @@ class Supervisor:
                 "type": "InvalidOutput" if status == "invalid_output" else "SandboxProtocolError",
                 "message": text[:500], "traceback": ""})
         except OSError as exc:
+            rss_kb = child.peak_rss_kb()
             child.kill()
             killed_by_us = True
             failure = ExecutionResult(status="error", error={
                 "type": "SandboxError", "message": f"sandbox channel failed: {exc}", "traceback": ""})
-        if failure is None:
-            # every item answered: take the child's CPU time from the kernel (it is exiting by now, or
-            # a zombie the zygote has not reaped), make sure it dies and reply - the zygote reaps it
-            # in the background and the next child only starts once this one is gone (_await_dying)
-            cpu_end = child.cpu_s()
+        except Exception as exc:  # the trusted side failed while serving this child: the child ends here
             child.kill()
-            if cpu_end is not None:
+            killed_by_us = True
+            logs.event(log, "supervisor failed serving a child; child killed", error=repr(exc)[:300])
+            failure = ExecutionResult(status="error", error={
+                "type": "SandboxError", "message": "the sandbox failed while serving this execution",
+                "traceback": ""})
+        except BaseException:  # interrupted (KeyboardInterrupt, SystemExit): no child survives it
+            child.kill()
+            self._dying.append(child)
+            raise
+        if failure is None:
+            # every item answered and the child waits on its socket: measure it from outside while it
+            # is alive, kill it and reply - the zygote reaps it in the background and the next child
+            # only starts once this one is gone (_await_dying)
+            cpu_end, rss_kb = child.cpu_s(), child.peak_rss_kb()
+            child.kill()
+            if cpu_end is not None and rss_kb is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
                 self._dying.append(child)
-                self._account(results, item_cpu, child.cpu0, cpu_end, min(maxrss_kb, self._rss_cap_kb), None)
+                self._account(results, item_cpu, child.cpu0, cpu_end, rss_kb, None)
                 return results
-            # no kernel clock (no pidfd or /proc): wait4 decides
+            # it did not wait to be measured (or no kernel clock): wait4 decides
         child.close()
         info = zyg.wait_exit(child.pid)
         if info is None:
@@ -653,32 +671,30 @@ class Supervisor:
             results.append(failure)
             logs.event(log, "sandbox execution failed", status=failure.status,
                        error=(failure.error or {}).get("message"))
-        if cpu_end is None and info is not None:
-            cpu_end = info.cpu_ms / 1000  # lifetime CPU: the baseline only applies to the kernel clock
-            child.cpu0 = None
-        self._account(results, item_cpu, child.cpu0, cpu_end,
-                      info.maxrss_kb if info is not None else maxrss_kb, failure)
+        if info is not None:  # the kernel's figures for the child's whole life
+            cpu_end, child.cpu0 = info.cpu_ms / 1000, None
+            rss_kb = info.maxrss_kb
+        self._account(results, item_cpu, child.cpu0, cpu_end, rss_kb or 0, failure)
         return results
 
-    def _account(self, results: list[ExecutionResult], item_cpu: list[float], cpu0: float | None,
+    def _account(self, results: list[ExecutionResult], item_cpu: list[float | None], cpu0: float | None,
                  cpu_end: float | None, maxrss_kb: int, failure: ExecutionResult | None) -> None:
-        """cpu_ms: the kernel's figure for the whole request (single item) or the child's per-item
-        figures capped by it (batch); memory_mb: peak RSS of the child."""
+        """cpu_ms: the kernel's figure for the whole request (single item) or per answered item (batch),
+        the rest to the item that ended the child; memory_mb: the child's peak RSS. All measured from
+        outside the child."""
         total = None
         if cpu_end is not None:
-            total = round(max(cpu_end - (cpu0 or 0.0), 0.0) * 1000, 3)
+            total = max(cpu_end - (cpu0 or 0.0), 0.0)
         finished = [r for r in results if r is not failure]
-        if total is not None:
-            if len(results) == 1:
-                results[0].cpu_ms = total
-            else:
-                for res, cpu in zip(finished, item_cpu, strict=False):
-                    res.cpu_ms = round(min(cpu, total), 3)
-                if failure is not None:
-                    failure.cpu_ms = round(max(total - sum(item_cpu), 0.0), 3)
+        if len(results) == 1:
+            results[0].cpu_ms = round((total or 0.0) * 1000, 3)
         else:
+            spent = 0.0
             for res, cpu in zip(finished, item_cpu, strict=False):
-                res.cpu_ms = round(cpu, 3)
+                res.cpu_ms = round((cpu or 0.0) * 1000, 3)
+                spent += cpu or 0.0
+            if failure is not None and total is not None:
+                failure.cpu_ms = round(max(total - spent, 0.0) * 1000, 3)
         mem = round(maxrss_kb / 1024, 2) if maxrss_kb > 0 else 0.0
         for res in results:
             res.memory_mb = mem
@@ -702,9 +718,10 @@ class Supervisor:
 
     # -- data calls ------------------------------------------------------------------------------
     def _answer_frame(self, msg: dict, req: ExecutionRequest, failures: list[BaseException],
-                      cache: dict[tuple, bytes]) -> bytes:
+                      cache: dict[tuple, bytes], deadline: float) -> bytes:
         """The encoded reply to one read call; successful replies are cached for the request (key:
-        data source, call, arguments after the as-of clamp)."""
+        data source, call, arguments after the as-of clamp). `deadline` (perf_counter) is the item's
+        wall-time end: the data source gets what is left of it (TimeoutError once it is spent)."""
         fn = msg.get("fn")
         args = msg.get("args")
         source = req.data or self.data
@@ -722,7 +739,11 @@ class Supervisor:
                 if key is not None:
                     cache[key] = data
                 return data
-        reply = self._answer(msg, req, failures)
+        token = read_deadline.set(time.monotonic() + (deadline - time.perf_counter()))
+        try:
+            reply = self._answer(msg, req, failures)
+        finally:
+            read_deadline.reset(token)
         if isinstance(reply, bytes):  # a columns frame from the source, ready for the child
             data = reply
         elif "ok" not in reply:
@@ -793,7 +814,9 @@ class Supervisor:
                     history = _limit(history)
                 return {"ok": source.get_script_output(sid, key, tf, params=params, history=history)}
             raise ValueError(f"unknown read call {fn!r}")
-        except ValueError as exc:
+        except DeadlineExceeded:
+            raise TimeoutError from None  # the read would outlast the execution's wall timeout
+        except (ValueError, OverflowError) as exc:
             return {"err": {"kind": "data_error", "message": f"invalid read call: {exc}"}}
         except DependencyUnavailable as exc:
             failures.append(exc)
@@ -916,11 +939,15 @@ def _s(value: Any, maxlen: int) -> str:
 
 
 def _num(value: Any) -> float | None:
+    """A finite float or None: NaN or an infinity would defeat every comparison and clamp after it."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("expected a number")
-    return float(value)
+    number = float(value)  # OverflowError for an int beyond float: an invalid read call too
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
 
 
 def _limit(value: Any) -> int:

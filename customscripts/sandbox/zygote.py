@@ -1,10 +1,11 @@
 """The warm zygote: preloads the runtime and allowlisted modules, compiles the script once, then forks
 one child per execution (or batch) on the supervisor's request.
 
-Runs inside bubblewrap (or as a plain process in `process` mode). Never runs user code itself: it
-only exercises the runtime's own request path with synthetic data (Runtime.prime) before it freezes
-its heap for the children. Reaping happens here, off the request path: the supervisor does not wait
-for a finished child's exit (it kills it), and each new child empties /tmp before user code runs.
+Runs inside bubblewrap (or as a plain process in `process` mode, in a user namespace of its own).
+Never runs user code itself: it only exercises the runtime's own request path with synthetic data
+(Runtime.prime) before it freezes its heap for the children. Each child takes a private /tmp of its
+own (privatetmp.py) and drops every capability before user code. Reaping happens here, off the
+request path: the supervisor does not wait for a finished child's exit (it kills it).
 Protocol on the control socket (SOCK_SEQPACKET, JSON):
   supervisor -> zygote  b"S" tag cpu_s   (protocol.SPAWN)
                         {"op":"watch","pid":p}   (send me p's exit report)
@@ -12,7 +13,7 @@ Protocol on the control socket (SOCK_SEQPACKET, JSON):
                         {"op":"exited","pid":p,"status":s,"utime":..,"stime":..,"maxrss_kb":..}
                         (only for watched children: a child that answered every item is killed by
                         the supervisor and reaped here silently)
-                        {"op":"ready","preloaded":[...], "pid":p}
+                        {"op":"ready","preloaded":[...], "pid":p} or {"op":"ready","error":why}
 The init message (script source, limits, BPF) arrives length-prefixed on stdin.
 Stdlib only until preload.
 """
@@ -26,11 +27,10 @@ import os
 import select
 import signal
 import socket
-import stat
 import struct
 import sys
 
-from . import imports, protocol, rlimits, runtime, seccomp
+from . import imports, privatetmp, protocol, rlimits, runtime, seccomp
 
 FALLBACK_BASELINE_VM = 256 * 1024 * 1024  # if neither /proc nor the supervisor could measure us
 MAX_FINISHED = 256  # unrequested exit reports kept for a late "watch"
@@ -57,6 +57,8 @@ class Zygote:
         self.devnull = -1
         self.tmp = init.get("tmp_dir") or "/tmp"
         self.limits = init["limits"]
+        self.private_tmp = privatetmp.PrivateTmp(self.tmp, int(self.limits["tmp_size_mb"]),
+                                                 int(self.limits["tmp_inodes"]))
         self.children: set[int] = set()
         self.finished: dict[int, tuple] = {}  # usage of reaped children nobody asked for (yet)
         self.watched: dict[int, int] = {}  # pid -> pidfd of children the supervisor waits for
@@ -85,10 +87,6 @@ class Zygote:
             max_log_bytes=int(self.limits["max_log_bytes"]),
             max_output_bytes=int(self.limits["max_output_bytes"]),
             prime_imports=tuple(m for m in imports.imported_roots(self.init["source"]) if m in preloaded))
-        try:
-            self.tmp_mode = stat.S_IMODE(os.stat(self.tmp).st_mode)
-        except OSError:
-            self.tmp_mode = 0o700
         self.runtime.prime()  # fill lazy caches once, so children inherit them instead of building them
         self.baseline_vm = rlimits.current_vm_bytes()
         self.devnull = os.open(os.devnull, os.O_RDWR)
@@ -130,6 +128,10 @@ class Zygote:
         if child_fd != 3:
             os.dup2(child_fd, 3)
         os.closerange(4, 65536)  # the zygote's control socket, watched pidfds, /dev/null
+        try:
+            self.private_tmp.enter()  # own mount namespace + fresh capped tmpfs; no capabilities after
+        except OSError:
+            os._exit(71)  # never run user code without it (the start-up probe makes this unexpected)
         child_end = socket.socket(fileno=3)
         lim = self.limits
         baseline = self.baseline_vm or FALLBACK_BASELINE_VM
@@ -139,7 +141,7 @@ class Zygote:
             self.filter.install()  # no_new_privs + stage 2 of the filter
         else:
             seccomp.set_no_new_privs()
-        self.runtime.serve(child_end, self.tmp, self.tmp_mode)
+        self.runtime.serve(child_end)
 
     def reap(self) -> None:
         """Collect every dead child without blocking; report the ones the supervisor watches."""
@@ -235,8 +237,18 @@ def main(argv: list[str] | None = None) -> None:
     os.set_inheritable(ctl_fd, False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     init = _read_init()
+    if init.get("own_user_namespace"):
+        try:
+            privatetmp.enter_own_user_namespace()
+        except OSError as exc:
+            protocol.send_packet(ctl, {"op": "ready", "error": f"private /tmp: {exc}"})
+            return
     z = Zygote(ctl, init)
     preloaded = z.prepare()
+    broken = privatetmp.probe(z.private_tmp)
+    if broken is not None:
+        protocol.send_packet(ctl, {"op": "ready", "error": f"private /tmp: {broken}"})
+        return
     protocol.send_packet(ctl, {"op": "ready", "preloaded": preloaded, "pid": os.getpid(),
                                "baseline_vm": z.baseline_vm,
                                "guards": bool(init.get("guards", True))})

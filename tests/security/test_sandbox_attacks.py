@@ -603,9 +603,9 @@ def run(ctx):
 """
 
 
-def test_tmp_is_reset_even_when_locked_by_the_previous_child() -> None:
+def test_tmp_lockout_does_not_reach_the_next_execution() -> None:
     """chmod 000 on /tmp and on nested directories does not keep files (or a lock-out) for the next
-    execution."""
+    execution: it gets a /tmp of its own."""
     with make_supervisor(TMP_LOCKOUT, guards=False) as sup:
         assert sup.execute(request(phase="attack")).status == "ok"
         check = sup.execute(request(phase="check"))
@@ -672,13 +672,9 @@ def run(ctx):
         assert set(meta["root"]) <= {"dev", "lib", "lib64", "opt", "proc", "root", "tmp", "usr"}
         assert CANARY not in json.dumps(meta["env"])
         assert meta["dev_writable"] is False
-        if os.geteuid() == 0:
-            # started as root the sandbox uid maps to host uid 0: no /proc (see bwrap.proc_is_safe)
-            assert meta["proc"] is False
-        else:
-            assert "CapEff:\t0000000000000000" in meta["caps"]
-            assert "NoNewPrivs:\t1" in meta["caps"]
-            assert "Seccomp:\t2" in meta["caps"]
+        # never a /proc inside (bwrap.options): no sysctls, no clear_refs to reset the measured peak RSS;
+        # capabilities and seccomp are checked from the host (test_supervisor_trust.py)
+        assert meta["proc"] is False
 
 
 def test_bwrap_is_really_used_as_root() -> None:

@@ -81,3 +81,10 @@ def test_params_hash_is_canonical_and_short():
     assert params_hash({"a": 1, "b": [1, 2]}) == params_hash({"b": [1, 2], "a": 1})
     assert params_hash(None) == params_hash({}) != params_hash({"a": 1})
     assert len(params_hash({})) == 16
+
+
+@pytest.mark.parametrize("as_of", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_as_of_is_never_signed(as_of: float) -> None:
+    """An as-of time of NaN or infinity would defeat the gateway's clamp: it is refused at minting."""
+    with pytest.raises(ValueError, match="finite"):
+        mint_execution_token(user="u", tenant="t", script_id="s", version=1, deps=[], as_of=as_of, tier="pro")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,9 +135,12 @@ def _item(raw: Any, default_token: Any, clients: dict[str, GatewayClient],
         raise BadRequest("each execution must be an object")
     try:
         key, tf = raw["instrument_key"], raw["timeframe"]
-        ts = float(raw["timestamp"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadRequest("instrument_key, timeframe and timestamp are required") from exc
+        ts = raw["timestamp"]
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+            raise ValueError("timestamp must be a finite number")
+        ts = float(ts)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest("instrument_key, timeframe and timestamp (a finite number) are required") from exc
     params = raw.get("params") or {}
     if not isinstance(key, str) or not isinstance(tf, str) or not isinstance(params, dict):
         raise BadRequest("invalid execution fields")
