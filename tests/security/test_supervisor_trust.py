@@ -51,8 +51,8 @@ def run(ctx):
 """
 
 HOSTILE_FRAMES = {
-    "deep_array": b"[" * 200_000 + b"]" * 200_000,
-    "deep_object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    "deep_array": b"[" * 20_000 + b"]" * 20_000,  # within the frame size cap: RecursionError territory
+    "deep_object": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
     "deep_inside_item": b'{"op":"item","kind":"ok","value":{"metadata":' + b"[" * 500 + b"]" * 500 + b"}}",
     "nan_in_item": b'{"op":"item","kind":"ok","value":NaN}',
     "infinity_in_call": b'{"op":"call","fn":"market","args":{"instrument_key":"GOOG","timeframe":"1d","end":Infinity}}',
