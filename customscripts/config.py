@@ -150,9 +150,13 @@ def _load_tiers() -> dict[str, Tier]:
     }
 
 
+def _state_dir() -> Path:
+    return Path(_env("CS_STATE_DIR", str(REPO_ROOT / ".state")))
+
+
 @dataclass(frozen=True)
 class Settings:
-    state_dir: Path = field(default_factory=lambda: Path(_env("CS_STATE_DIR", str(REPO_ROOT / ".state"))))
+    state_dir: Path = field(default_factory=_state_dir)
 
     # PostgreSQL / TimescaleDB
     pg_host: str = field(default_factory=lambda: _env("CS_PG_HOST", "127.0.0.1"))
@@ -202,9 +206,6 @@ class Settings:
     provider_port: int = field(default_factory=lambda: _env_int("CS_PROVIDER_PORT", 8080))
     openfaas_url: str = field(default_factory=lambda: _env("OPENFAAS_URL", ""))
     openfaas_user: str = field(default_factory=lambda: _env("CS_OPENFAAS_USER", "admin"))
-    openfaas_password: str = field(
-        default_factory=lambda: secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "local-admin-password")
-    )
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
     gateway_fn_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_FN_PORT", 8090))
     # Where platform callers invoke a function directly, skipping the gateway hop, e.g.
@@ -244,6 +245,14 @@ class Settings:
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
 
     tiers: dict[str, Tier] = field(default_factory=_load_tiers)
+
+    @property
+    def openfaas_password(self) -> str:
+        """The gateway's basic-auth password (secret `basic-auth-password`): the OpenFaaS secret in
+        production, locally the stack's own random one that `customscripts up` generates. Read when
+        asked, so a process that loaded its settings before the first `up` still finds it. No default:
+        without a password nothing opens `/system`."""
+        return secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "", state_dir=self.state_dir)
 
     @property
     def pg_dsn(self) -> str:
@@ -288,16 +297,35 @@ class Settings:
         return self.tiers.get(name)
 
 
-SECRETS_DIR = Path(os.environ.get("CS_SECRETS_DIR", "/var/openfaas/secrets"))
+OPENFAAS_SECRETS_DIR = Path("/var/openfaas/secrets")
+STACK_SECRETS_DIR = "secrets"  # under the state folder: the local stack's own secrets (localstack.py)
 
 
-def secret(name: str, env_name: str, default: str) -> str:
-    """An OpenFaaS secret file wins over the environment, which wins over the local default."""
-    path = SECRETS_DIR / name
+def secret(name: str, env_name: str, default: str, *, state_dir: Path | None = None) -> str:
+    """A secret, from the first of: the function's secrets folder (OpenFaaS mounts
+    /var/openfaas/secrets/<name>; the local provider names its per-function copy in CS_SECRETS_DIR),
+    the environment, the local stack's own `<state_dir>/secrets/<name>`, the default.
+
+    The stack's file is for the stack's own processes (CLI, provider, scheduler, tests); a process
+    given a secrets folder (any function) gets only the secrets it lists, as on OpenFaaS."""
+    functions_dir = os.environ.get("CS_SECRETS_DIR")
+    value = _read_secret(Path(functions_dir) if functions_dir else OPENFAAS_SECRETS_DIR, name)
+    if value is not None:
+        return value
+    if env_name in os.environ:
+        return os.environ[env_name]
+    if not functions_dir:
+        value = _read_secret((state_dir or _state_dir()) / STACK_SECRETS_DIR, name)
+        if value is not None:
+            return value
+    return default
+
+
+def _read_secret(folder: Path, name: str) -> str | None:
     try:
-        return path.read_text().strip()
+        return (folder / name).read_text().strip()
     except OSError:
-        return os.environ.get(env_name, default)
+        return None
 
 
 @functools.cache
