@@ -227,8 +227,11 @@ class Settings:
     function_name: str = field(default_factory=lambda: _env("CS_FUNCTION_NAME", ""))
     function_sample_data: bool = field(default_factory=lambda: _env("CS_FUNCTION_SAMPLE_DATA", "0") == "1")
 
-    # Functions
+    # Functions. At most `function_budget` script functions are deployed (OpenFaaS CE allows 15 in all).
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
+    # How many of them one tenant may pin (live subscriptions, dependencies included) and hold
+    # (recently executed) at once; 0: a third of the budget. See customscripts/faas/budget.py.
+    function_tenant_share_setting: int = field(default_factory=lambda: _env_int("CS_FUNCTION_TENANT_SHARE", 0))
     function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
     image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
 
@@ -253,6 +256,19 @@ class Settings:
         asked, so a process that loaded its settings before the first `up` still finds it. No default:
         without a password nothing opens `/system`."""
         return secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "", state_dir=self.state_dir)
+
+    @property
+    def function_tenant_share(self) -> int:
+        """Function slots one tenant may pin or hold: CS_FUNCTION_TENANT_SHARE, else a third of the
+        budget (at least 1, at most the budget), so no single tenant can take every slot."""
+        share = self.function_tenant_share_setting or self.function_budget // 3
+        return max(1, min(share, self.function_budget))
+
+    @property
+    def function_pin_limit(self) -> int:
+        """Function slots all tenants together may pin: the budget less one tenant's share (unless the
+        share is most of the budget), so one-time executes always find unpinned slots."""
+        return max(self.function_tenant_share, self.function_budget - self.function_tenant_share)
 
     @property
     def pg_dsn(self) -> str:

@@ -82,6 +82,7 @@ class Service:
     prepare: Callable[[Settings, Path], None] | None = None
     run_as: str | None = None  # system user the process must run as (PostgreSQL refuses root)
     optional: bool = False  # started only when named in `up(only=...)` (e.g. the realtime scheduler)
+    env: Callable[[Settings], dict[str, str]] | None = None  # added to the inherited environment
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -256,6 +257,14 @@ def _scheduler_start(cfg: Settings, data: Path) -> list[str]:
     return [sys.executable, "-m", "customscripts.realtime.scheduler", "--metrics-port", str(_scheduler_port(cfg))]
 
 
+def _scheduler_env(cfg: Settings) -> dict[str, str]:
+    """The scheduler shares the function slots with registry-fn: the same budget and tenant share."""
+    from customscripts.faas.build import stack_deployments
+
+    registry = next(b for b in stack_deployments() if b["service"] == "registry-fn")["envVars"]
+    return {k: registry[k] for k in ("CS_FUNCTION_BUDGET", "CS_FUNCTION_TENANT_SHARE") if k in registry}
+
+
 def _scheduler_ready(cfg: Settings) -> bool:
     import urllib.request
 
@@ -277,7 +286,8 @@ def services(cfg: Settings) -> list[Service]:
         Service("s3", int(cfg.s3_endpoint.rsplit(":", 1)[1]), _s3_start, _s3_ready),
         Service("provider", cfg.provider_port, _provider_start, _provider_ready),
         # the realtime scheduler: `customscripts up --only scheduler` (not part of a plain `up`)
-        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True),
+        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True,
+                env=_scheduler_env),
     ]
 
 
@@ -331,8 +341,9 @@ def start_service(cfg: Settings, svc: Service, timeout: float = 60.0) -> None:
     (cfg.state_dir / "run").mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "logs").mkdir(parents=True, exist_ok=True)
     logfile = open(cfg.state_dir / "logs" / f"{svc.name}.log", "ab")  # noqa: SIM115 - handed to the child
+    env = {**os.environ, **svc.env(cfg)} if svc.env else None
     proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=str(cfg.state_dir))
+                            start_new_session=True, cwd=str(cfg.state_dir), env=env)
     logfile.close()
     _pidfile(cfg, svc.name).write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
