@@ -189,3 +189,21 @@ def test_password_sources(tmp_path):
     assert read_password({"CS_STATE_DIR": str(state)}) == "from-the-stack"
     assert read_password({"CS_STATE_DIR": str(state), "CS_SECRETS_DIR": str(empty)}) == ""
     assert read_password({"CS_STATE_DIR": str(tmp_path / "nothing")}) == ""
+
+
+def test_production_wiring_takes_the_openfaas_secret():
+    """On OpenFaaS the password is the basic-auth-password secret, mounted where config.secret() looks
+    first, for registry-fn (stack.yml) and the scheduler (deploy/k8s/scheduler.yml)."""
+    import yaml
+
+    from customscripts.config import OPENFAAS_SECRETS_DIR, REPO_ROOT
+    from customscripts.faas.build import stack_deployments
+
+    assert str(OPENFAAS_SECRETS_DIR) == "/var/openfaas/secrets"
+    registry = next(b for b in stack_deployments(local=False) if b["service"] == "registry-fn")
+    assert "basic-auth-password" in registry["secrets"]
+    assert "CS_OPENFAAS_PASSWORD" not in registry["envVars"]
+    scheduler = yaml.safe_load((REPO_ROOT / "deploy/k8s/scheduler.yml").read_text())["spec"]["template"]["spec"]
+    assert any(m["mountPath"] == str(OPENFAAS_SECRETS_DIR) for m in scheduler["containers"][0]["volumeMounts"])
+    sources = scheduler["volumes"][0]["projected"]["sources"]
+    assert {"secret": {"name": "basic-auth-password"}} in sources
