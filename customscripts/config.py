@@ -150,9 +150,13 @@ def _load_tiers() -> dict[str, Tier]:
     }
 
 
+def _state_dir() -> Path:
+    return Path(_env("CS_STATE_DIR", str(REPO_ROOT / ".state")))
+
+
 @dataclass(frozen=True)
 class Settings:
-    state_dir: Path = field(default_factory=lambda: Path(_env("CS_STATE_DIR", str(REPO_ROOT / ".state"))))
+    state_dir: Path = field(default_factory=_state_dir)
 
     # PostgreSQL / TimescaleDB
     pg_host: str = field(default_factory=lambda: _env("CS_PG_HOST", "127.0.0.1"))
@@ -202,9 +206,6 @@ class Settings:
     provider_port: int = field(default_factory=lambda: _env_int("CS_PROVIDER_PORT", 8080))
     openfaas_url: str = field(default_factory=lambda: _env("OPENFAAS_URL", ""))
     openfaas_user: str = field(default_factory=lambda: _env("CS_OPENFAAS_USER", "admin"))
-    openfaas_password: str = field(
-        default_factory=lambda: secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "local-admin-password")
-    )
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
     gateway_fn_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_FN_PORT", 8090))
     # Where platform callers invoke a function directly, skipping the gateway hop, e.g.
@@ -227,8 +228,11 @@ class Settings:
     function_name: str = field(default_factory=lambda: _env("CS_FUNCTION_NAME", ""))
     function_sample_data: bool = field(default_factory=lambda: _env("CS_FUNCTION_SAMPLE_DATA", "0") == "1")
 
-    # Functions
+    # Functions. At most `function_budget` script functions are deployed (OpenFaaS CE allows 15 in all).
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
+    # How many of them one tenant may pin (live subscriptions, dependencies included) and hold
+    # (recently executed) at once; 0: a third of the budget. See customscripts/faas/budget.py.
+    function_tenant_share_setting: int = field(default_factory=lambda: _env_int("CS_FUNCTION_TENANT_SHARE", 0))
     function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
     image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
 
@@ -245,6 +249,27 @@ class Settings:
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
 
     tiers: dict[str, Tier] = field(default_factory=_load_tiers)
+
+    @property
+    def openfaas_password(self) -> str:
+        """The gateway's basic-auth password (secret `basic-auth-password`): the OpenFaaS secret in
+        production, locally the stack's own random one that `customscripts up` generates. Read when
+        asked, so a process that loaded its settings before the first `up` still finds it. No default:
+        without a password nothing opens `/system`."""
+        return secret("basic-auth-password", "CS_OPENFAAS_PASSWORD", "", state_dir=self.state_dir)
+
+    @property
+    def function_tenant_share(self) -> int:
+        """Function slots one tenant may pin or hold: CS_FUNCTION_TENANT_SHARE, else a third of the
+        budget (at least 1, at most the budget), so no single tenant can take every slot."""
+        share = self.function_tenant_share_setting or self.function_budget // 3
+        return max(1, min(share, self.function_budget))
+
+    @property
+    def function_pin_limit(self) -> int:
+        """Function slots all tenants together may pin: the budget less one tenant's share (unless the
+        share is most of the budget), so one-time executes always find unpinned slots."""
+        return max(self.function_tenant_share, self.function_budget - self.function_tenant_share)
 
     @property
     def pg_dsn(self) -> str:
@@ -289,16 +314,35 @@ class Settings:
         return self.tiers.get(name)
 
 
-SECRETS_DIR = Path(os.environ.get("CS_SECRETS_DIR", "/var/openfaas/secrets"))
+OPENFAAS_SECRETS_DIR = Path("/var/openfaas/secrets")
+STACK_SECRETS_DIR = "secrets"  # under the state folder: the local stack's own secrets (localstack.py)
 
 
-def secret(name: str, env_name: str, default: str) -> str:
-    """An OpenFaaS secret file wins over the environment, which wins over the local default."""
-    path = SECRETS_DIR / name
+def secret(name: str, env_name: str, default: str, *, state_dir: Path | None = None) -> str:
+    """A secret, from the first of: the function's secrets folder (OpenFaaS mounts
+    /var/openfaas/secrets/<name>; the local provider names its per-function copy in CS_SECRETS_DIR),
+    the environment, the local stack's own `<state_dir>/secrets/<name>`, the default.
+
+    The stack's file is for the stack's own processes (CLI, provider, scheduler, tests); a process
+    given a secrets folder (any function) gets only the secrets it lists, as on OpenFaaS."""
+    functions_dir = os.environ.get("CS_SECRETS_DIR")
+    value = _read_secret(Path(functions_dir) if functions_dir else OPENFAAS_SECRETS_DIR, name)
+    if value is not None:
+        return value
+    if env_name in os.environ:
+        return os.environ[env_name]
+    if not functions_dir:
+        value = _read_secret((state_dir or _state_dir()) / STACK_SECRETS_DIR, name)
+        if value is not None:
+            return value
+    return default
+
+
+def _read_secret(folder: Path, name: str) -> str | None:
     try:
-        return path.read_text().strip()
+        return (folder / name).read_text().strip()
     except OSError:
-        return os.environ.get(env_name, default)
+        return None
 
 
 @functools.cache

@@ -124,8 +124,9 @@ class Invoker:
                                       code_hash=built.code_sha256, tier=meta.tier or "pro",
                                       context_hash=built.context_sha256))
 
-    def function_for(self, script_id: str, version: int) -> str:
-        return self.budget.ensure_deployed(script_id, version, lambda: self._deploy(script_id, version))
+    def function_for(self, script_id: str, version: int, tenant: str) -> str:
+        """The version's function, deployed and charged to `tenant`'s share of the function budget."""
+        return self.budget.ensure_deployed(tenant, script_id, version, lambda: self._deploy(script_id, version))
 
     def endpoint(self, name: str) -> str | None:
         """The function's own address (`OpenFaaSClient.function_url`), remembered; None: the gateway.
@@ -143,7 +144,7 @@ class Invoker:
         address when it is running there (one hop less), else through the gateway, which starts it."""
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
         for attempt in (1, 2):
-            name = self.function_for(script_id, version)
+            name = self.function_for(script_id, version, scope.tenant)
             token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})
             headers = {"Authorization": f"Bearer {token}", "X-Call-Id": call_id,
                        "Content-Type": "application/json"}
@@ -299,13 +300,9 @@ def default_executor() -> Executor:
     return Executor(Invoker(service(), client, budget, cfg), OutputStore(db.pool()))
 
 
-def _pinned_functions() -> set[str]:
-    """Functions of versions with live subscriptions: never evicted by the budget."""
+def _pinned_functions() -> dict[str, set[str]]:
+    """Per tenant, the functions its live subscriptions pin: never evicted by the budget."""
     from customscripts import db
-    from customscripts.faas.naming import function_name
+    from customscripts.realtime.subscriptions import SubscriptionStore
 
-    with db.pool().connection() as conn:
-        if conn.execute("SELECT to_regclass('subscriptions')").fetchone()[0] is None:
-            return set()
-        rows = conn.execute("SELECT DISTINCT script_id, version FROM subscriptions").fetchall()
-    return {function_name(sid, ver) for sid, ver in rows}
+    return SubscriptionStore(db.pool()).pinned_functions()

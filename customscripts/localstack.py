@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from customscripts import logs
-from customscripts.config import REPO_ROOT, Settings, settings
+from customscripts.config import REPO_ROOT, STACK_SECRETS_DIR, Settings, settings
 
 log = logs.get("customscripts.localstack")
 
@@ -80,6 +82,7 @@ class Service:
     prepare: Callable[[Settings, Path], None] | None = None
     run_as: str | None = None  # system user the process must run as (PostgreSQL refuses root)
     optional: bool = False  # started only when named in `up(only=...)` (e.g. the realtime scheduler)
+    env: Callable[[Settings], dict[str, str]] | None = None  # added to the inherited environment
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -254,6 +257,14 @@ def _scheduler_start(cfg: Settings, data: Path) -> list[str]:
     return [sys.executable, "-m", "customscripts.realtime.scheduler", "--metrics-port", str(_scheduler_port(cfg))]
 
 
+def _scheduler_env(cfg: Settings) -> dict[str, str]:
+    """The scheduler shares the function slots with registry-fn: the same budget and tenant share."""
+    from customscripts.faas.build import stack_deployments
+
+    registry = next(b for b in stack_deployments() if b["service"] == "registry-fn")["envVars"]
+    return {k: registry[k] for k in ("CS_FUNCTION_BUDGET", "CS_FUNCTION_TENANT_SHARE") if k in registry}
+
+
 def _scheduler_ready(cfg: Settings) -> bool:
     import urllib.request
 
@@ -275,7 +286,8 @@ def services(cfg: Settings) -> list[Service]:
         Service("s3", int(cfg.s3_endpoint.rsplit(":", 1)[1]), _s3_start, _s3_ready),
         Service("provider", cfg.provider_port, _provider_start, _provider_ready),
         # the realtime scheduler: `customscripts up --only scheduler` (not part of a plain `up`)
-        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True),
+        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True,
+                env=_scheduler_env),
     ]
 
 
@@ -329,8 +341,9 @@ def start_service(cfg: Settings, svc: Service, timeout: float = 60.0) -> None:
     (cfg.state_dir / "run").mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "logs").mkdir(parents=True, exist_ok=True)
     logfile = open(cfg.state_dir / "logs" / f"{svc.name}.log", "ab")  # noqa: SIM115 - handed to the child
+    env = {**os.environ, **svc.env(cfg)} if svc.env else None
     proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=str(cfg.state_dir))
+                            start_new_session=True, cwd=str(cfg.state_dir), env=env)
     logfile.close()
     _pidfile(cfg, svc.name).write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
@@ -378,6 +391,35 @@ def bootstrap_database(cfg: Settings) -> None:
         say(f"migration applied: {name}")
 
 
+# Secrets each local stack makes for itself at its first `up` (config.secret() reads them).
+STACK_SECRETS = ("basic-auth-password",)  # the provider's /system API (OpenFaaS's basic-auth secret)
+
+
+def ensure_stack_secrets(cfg: Settings) -> None:
+    """Generate the stack's own random secrets once, kept across down/up: `<state>/secrets/<name>`,
+    mode 0600 in a 0700 folder, written without following links. A file that is not a regular file of
+    this user is refused rather than trusted."""
+    folder = cfg.state_dir / STACK_SECRETS_DIR
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    for name in STACK_SECRETS:
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise SystemExit(f"{path} is not a regular file owned by this user; remove it") from None
+            if stat.S_IMODE(info.st_mode) != 0o600:
+                os.chmod(path, 0o600)
+            if path.read_text().strip():
+                continue  # kept across down/up
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+        say(f"secret {name} generated in {path} (mode 0600)")
+
+
 def deploy_platform(cfg: Settings) -> None:
     """Deploy stack.yml's platform functions to the provider, exactly as `faas-cli deploy` would."""
     from customscripts.faas.build import stack_deployments
@@ -394,6 +436,7 @@ def up(cfg: Settings | None = None, only: set[str] | None = None) -> None:
     cfg = cfg or settings()
     ensure_packages()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_stack_secrets(cfg)
     for svc in services(cfg):
         if (only is None and not svc.optional) or (only is not None and svc.name in only):
             start_service(cfg, svc)

@@ -10,6 +10,10 @@ It answers the same routes, bodies and status codes as the CE gateway + faas-net
   /async-function/{name}   POST -> 202, run in the background, result POSTed to X-Callback-Url
   /healthz
 
+Basic auth is the stack's own random password (secret `basic-auth-password`: `customscripts up`
+writes it to `.state/secrets/basic-auth-password`, mode 0600); with no password configured every
+/system call is refused.
+
 A deployment is a `FunctionDeployment` body. Its code is the build context `functions/<name>/`
 (or the folder named by the `com.customscripts.local.path` annotation, used for registry-fn and
 gateway-fn). The function process starts on its first call (cold start), is stopped after
@@ -193,8 +197,8 @@ class Provider:
         self.functions_dir = functions_dir or REPO_ROOT / "functions"
         self.idle_s = float(cfg.function_idle_s if idle_s is None else idle_s)
         self.user = cfg.openfaas_user if user is None else user
+        # the stack's own random password (customscripts up); empty: /system stays closed to everyone
         self.password = cfg.openfaas_password if password is None else password
-        self._auth = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         self.secrets = dict(secrets) if secrets is not None else {
             "invocation-secret": cfg.invocation_secret,
             "jwt-secret": cfg.jwt_secret,
@@ -217,6 +221,21 @@ class Provider:
         self._threads: list[threading.Thread] = []
         self._callbacks = requests.Session()
         self._load()
+
+    def authorised(self, header: str | None) -> bool:
+        """Basic auth for /system, as the OpenFaaS gateway checks it: this user and password exactly
+        (compared in constant time). Without a configured password nothing is authorised."""
+        if not self.password or not header:
+            return False
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except ValueError:  # binascii.Error
+            return False
+        user_ok = hmac.compare_digest(user, self.user.encode())
+        return bool(sep) and hmac.compare_digest(password, self.password.encode()) and user_ok
 
     # ------------------------------------------------------------------ persistence
 
@@ -743,8 +762,7 @@ class _Front:
             return _reply(500, f"internal error: {exc}\n")
 
     def _unauthorised(self, call: _Call) -> RawResponse | None:
-        given = call.headers.get("Authorization") or ""
-        if hmac.compare_digest(given.encode(), self.provider._auth.encode()):
+        if self.provider.authorised(call.headers.get("Authorization")):
             return None
         return _reply(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
 
@@ -868,6 +886,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-functions", type=int, default=None, help="hard cap, like CE's 15")
     args = parser.parse_args(argv)
     logs.setup()
+    if not cfg.openfaas_password:  # run on its own, outside `customscripts up`: same per-stack secret
+        from customscripts.localstack import ensure_stack_secrets
+
+        ensure_stack_secrets(cfg)
     provider = Provider(args.host, args.port, functions_dir=args.functions_dir, idle_s=args.idle,
                         max_functions=args.max_functions)
     done = threading.Event()

@@ -2,7 +2,11 @@
 
 Subscribe runs the same checks as a one-time execute, in the same order — tier gate, visibility
 (404), permission on the version and on its whole dependency closure (403), params against the
-input_schema (422) — plus the tier's `max_subscriptions` cap (403) and the function budget (409).
+input_schema (422) — plus the tier's `max_subscriptions` cap (403) and the function budget (409):
+a subscription pins the functions of its version and of every dependency, all charged to the
+subscriber's tenant (marketplace scripts included), which may pin at most its share of the budget
+(`tenant_function_share_full`); all tenants together pin at most `function_pin_limit`
+(`function_budget_full`), so one-time executes always find a slot (customscripts/faas/budget.py).
 The scheduler checks permissions again on every evaluation, with the subscriber's claims as of
 subscribing, so entitlement changes take effect on the next event.
 
@@ -29,13 +33,16 @@ from customscripts import db, ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from customscripts.faas.naming import function_name
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
 from customscripts.realtime.publisher import latest_key
 from customscripts.realtime.subscriptions import (
+    PinLimitReached,
     QuotaExceeded,
     Subscription,
     SubscriptionStore,
+    TenantShareExceeded,
     principal_snapshot,
 )
 from customscripts.registry.service import RegistryService
@@ -115,17 +122,33 @@ class RealtimeService:
             audit(status="denied", detail=exc.message[:500])
             raise
         self._check_params(script_id, version, body.params, closure)
-        self._check_budget(closure)
+        functions = sorted({function_name(sid, ver) for sid, ver in closure})
         try:
             sub, created = self.store.add(
                 tenant=principal.tenant, user_id=principal.user_id, script_id=script_id, version=version,
                 instrument_key=instrument, timeframe=timeframe, params=body.params,
-                principal=principal_snapshot(principal), max_for_user=tier.max_subscriptions)
+                principal=principal_snapshot(principal), max_for_user=tier.max_subscriptions,
+                functions=functions, tenant_share=self.cfg.function_tenant_share,
+                pin_limit=self.cfg.function_pin_limit)
         except QuotaExceeded as exc:
             audit(status="denied", detail="subscription quota exceeded")
             raise Forbidden(f"tier {tier.name!r} allows at most {tier.max_subscriptions} subscriptions",
                             code="subscription_quota_exceeded",
                             details={"max_subscriptions": tier.max_subscriptions, "current": exc.count}) from None
+        except TenantShareExceeded as exc:
+            audit(status="denied", detail="tenant function share full")
+            raise Conflict(f"tenant {principal.tenant!r} may pin at most {exc.share} script functions "
+                           f"(its share of the function budget) and already pins {exc.pinned}; this "
+                           f"subscription needs {exc.new} more (its version and dependencies). "
+                           "Unsubscribe from some first", code="tenant_function_share_full",
+                           details={"tenant_function_share": exc.share, "pinned": exc.pinned,
+                                    "needed": exc.new}) from None
+        except PinLimitReached as exc:
+            audit(status="denied", detail="function budget full")
+            raise Conflict(f"the function budget ({self.cfg.function_budget}) has no more room for versions "
+                           "with live subscriptions", code="function_budget_full",
+                           details={"function_budget": self.cfg.function_budget, "pin_limit": exc.limit,
+                                    "pinned": exc.pinned}) from None
         if created:
             audit(status="ok")
         deps = [f"{sid}@{ver}" for sid, ver in closure[:-1]]
@@ -179,15 +202,6 @@ class RealtimeService:
                 raise Unprocessable(f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, which its "
                                     f"input_schema rejects: {exc.message}", code="invalid_dependency_params",
                                     details={"dependency": f"{sid}@{ver}"}) from None
-
-    def _check_budget(self, closure: list[tuple[str, int]]) -> None:
-        """Live subscriptions pin their functions: refuse one that could never be deployed."""
-        live = self.store.live_versions()
-        wanted = live | set(closure)
-        if len(wanted) > self.cfg.function_budget and len(wanted) > len(live):
-            raise Conflict(f"the function budget ({self.cfg.function_budget}) is full of versions with live "
-                           "subscriptions", code="function_budget_full",
-                           details={"function_budget": self.cfg.function_budget, "pinned": len(live)})
 
     # ----------------------------------------------------------------- signals
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ from psycopg_pool import ConnectionPool
 
 from customscripts import ids
 from customscripts.auth import Principal
+from customscripts.faas.naming import function_name
 from customscripts.outputs import params_hash
 
 
@@ -56,15 +57,20 @@ class SubscriptionStore:
 
     def add(self, *, tenant: str, user_id: str, script_id: str, version: int, instrument_key: str,
             timeframe: str, params: dict[str, Any], principal: dict[str, Any] | None = None,
-            max_for_user: int | None = None) -> tuple[Subscription, bool]:
+            max_for_user: int | None = None, functions: Sequence[str] = (), tenant_share: int | None = None,
+            pin_limit: int | None = None) -> tuple[Subscription, bool]:
         """Create a subscription; subscribing twice returns the existing one (created=False) and refreshes
-        its principal snapshot. With `max_for_user`, a new one beyond the cap raises QuotaExceeded."""
+        its principal snapshot. With `max_for_user`, a new one beyond the cap raises QuotaExceeded.
+
+        `functions` are the script functions the subscription pins (its dependency closure). With
+        `tenant_share`, pinning more distinct functions than that for the tenant raises
+        TenantShareExceeded; with `pin_limit`, more for all tenants together raises PinLimitReached."""
         row = (ids.tenant_id(tenant), ids.owner_id(user_id), ids.script_id(script_id), ids.version(version),
                ids.instrument_key(instrument_key), ids.timeframe(timeframe), json.dumps(params),
-               params_hash(params), json.dumps(principal or {}))
+               params_hash(params), json.dumps(principal or {}), list(functions) or None)
         with self.pool.connection() as conn, conn.transaction():
-            # one subscriber at a time per user: the cap check and the insert see the same count
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"subs:{tenant}:{user_id}",))
+            # one subscriber at a time per tenant: the caps and the insert see the same rows
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"subs:{tenant}",))
             existing = conn.execute(
                 f"UPDATE subscriptions SET principal = %s::jsonb WHERE tenant = %s AND user_id = %s"
                 f" AND script_id = %s AND version = %s AND instrument_key = %s AND timeframe = %s"
@@ -77,12 +83,36 @@ class SubscriptionStore:
                                         row[:2]).fetchone()
                 if count >= max_for_user:
                     raise QuotaExceeded(count)
+            self._check_pins(conn, tenant, set(functions), tenant_share, pin_limit)
             inserted = conn.execute(
                 f"INSERT INTO subscriptions (tenant, user_id, script_id, version, instrument_key, timeframe,"
-                f" params, params_hash, principal) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::jsonb)"
-                f" RETURNING {_COLUMNS}", row,
+                f" params, params_hash, principal, functions) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s,"
+                f" %s::jsonb, %s) RETURNING {_COLUMNS}", row,
             ).fetchone()
         return Subscription(*inserted), True
+
+    @staticmethod
+    def _check_pins(conn: Any, tenant: str, wanted: set[str], tenant_share: int | None,
+                    pin_limit: int | None) -> None:
+        """Within add()'s transaction, holding the tenant's lock (and, when the subscription pins a
+        function nobody pins yet, the lock for all tenants' pins)."""
+        if not wanted or (tenant_share is None and pin_limit is None):
+            return
+        mine = _pins(conn, tenant).get(tenant, set())
+        if tenant_share is not None and len(mine | wanted) > tenant_share:
+            raise TenantShareExceeded(len(mine), len(wanted - mine), tenant_share)
+        if pin_limit is None or wanted <= mine:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('subs:pins'))")
+        everyone = set().union(*_pins(conn).values())
+        if not wanted <= everyone and len(everyone | wanted) > pin_limit:
+            raise PinLimitReached(len(everyone), pin_limit)
+
+    def pinned_functions(self) -> dict[str, set[str]]:
+        """Per tenant, the script functions its live subscriptions pin, dependencies included: the
+        function budget never evicts these, and charges each to every tenant that pins it."""
+        with self.pool.connection() as conn:
+            return _pins(conn)
 
     def get(self, subscription_id: int) -> Subscription | None:
         with self.pool.connection() as conn:
@@ -134,13 +164,35 @@ class SubscriptionStore:
                                 (timeframe,))
             return [Subscription(*r) for r in rows]
 
-    def live_versions(self) -> set[tuple[str, int]]:
-        """Versions with live subscriptions: the function budget never evicts these."""
-        with self.pool.connection() as conn:
-            return {(s, v) for s, v in conn.execute("SELECT DISTINCT script_id, version FROM subscriptions")}
+
+
+def _pins(conn: Any, tenant: str | None = None) -> dict[str, set[str]]:
+    """tenant -> pinned function names; rows from before the `functions` column pin their own version."""
+    query = "SELECT DISTINCT tenant, script_id, version, functions FROM subscriptions"
+    rows = conn.execute(query + " WHERE tenant = %s", (tenant,)) if tenant else conn.execute(query)
+    pins: dict[str, set[str]] = {}
+    for row_tenant, script_id, version, functions in rows:
+        pins.setdefault(row_tenant, set()).update(functions or (function_name(script_id, version),))
+    return pins
 
 
 class QuotaExceeded(Exception):
     def __init__(self, count: int) -> None:
         super().__init__(f"{count} subscriptions already")
         self.count = count
+
+
+class TenantShareExceeded(Exception):
+    """The subscription would pin more script functions than the tenant's share of the budget."""
+
+    def __init__(self, pinned: int, new: int, share: int) -> None:
+        super().__init__(f"{pinned} functions pinned, {new} more wanted, share {share}")
+        self.pinned, self.new, self.share = pinned, new, share
+
+
+class PinLimitReached(Exception):
+    """All tenants together already pin as many script functions as the budget lets them."""
+
+    def __init__(self, pinned: int, limit: int) -> None:
+        super().__init__(f"{pinned} functions pinned, limit {limit}")
+        self.pinned, self.limit = pinned, limit

@@ -391,7 +391,7 @@ def test_the_invoker_calls_running_functions_directly_and_falls_back_to_the_gate
     provider, client, tpl, functions = env
     client.deploy(version_spec(tpl, functions, "echo", 1))
     invoker = Invoker(None, client, FunctionBudget(client, budget=5))  # type: ignore[arg-type]
-    invoker.function_for = lambda script_id, version: "cs-echo-v1"  # type: ignore[method-assign]
+    invoker.function_for = lambda script_id, version, tenant: "cs-echo-v1"  # type: ignore[method-assign]
     scope = Scope("u1", "t1", "pro")
 
     def call() -> int:

@@ -97,7 +97,10 @@ def test_script_functions_reach_gateway_fn_by_its_service_address() -> None:
     port = bodies["gateway-fn"]["annotations"][SERVICE_PORT_ANNOTATION]
     assert int(port) == cfg.gateway_fn_port
     assert SERVICE_PORT_ANNOTATION not in bodies["registry-fn"]["annotations"]
-    assert bodies["registry-fn"]["envVars"]["CS_GATEWAY_URL"] == f"http://127.0.0.1:{port}"
+    # empty locally: registry-fn (like every process of the stack) derives it from CS_GATEWAY_FN_PORT,
+    # so two stacks on one machine never share a gateway-fn
+    assert bodies["registry-fn"]["envVars"]["CS_GATEWAY_URL"] == ""
+    assert bodies["registry-fn"]["envVars"]["OPENFAAS_URL"] == ""
     assert cfg.data_gateway_url == f"http://{cfg.provider_host}:{port}"
     assert "/function/" not in cfg.data_gateway_url
     assert SERVICE_PORT_ANNOTATION not in build.stack_deployments(STACK, local=False, environ={})[1]["annotations"]
