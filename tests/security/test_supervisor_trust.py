@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 def test_hostile_frame_ends_the_child_and_nothing_else(name: str) -> None:
     """Whatever frame the child sends, it is killed and gone before the next execution starts, the
     zygote keeps serving (no forced restart), and nothing it wrote is visible afterwards."""
-    with make_supervisor(RAW_FRAME, guards=False, timeout_ms=2000) as sup, \
+    with make_supervisor(RAW_FRAME, guards=False, timeout_ms=10_000) as sup, \
             make_supervisor(CHECK_TMP, guards=False) as check:
         zpid = _zygote_pid(sup)
         assert wait_until(lambda: len(_children_of(zpid)) == 1)
@@ -124,7 +124,7 @@ def test_hostile_frame_ends_the_child_and_nothing_else(name: str) -> None:
 def test_any_supervisor_failure_kills_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception of the trusted side itself while serving a child (not only the ones it expects)
     ends that child before anything else runs; the function keeps serving."""
-    with make_supervisor(RAW_FRAME, guards=False, timeout_ms=2000) as sup:
+    with make_supervisor(RAW_FRAME, guards=False, timeout_ms=10_000) as sup:
         zpid = _zygote_pid(sup)
         assert wait_until(lambda: len(_children_of(zpid)) == 1)
         (attacker,) = _children_of(zpid)
@@ -178,7 +178,7 @@ def test_non_finite_numbers_never_defeat_as_of(literal: str, arg: str) -> None:
     """A hand-written read with a non-finite (or overflowing) bound gets no bar after the as-of time:
     the frame is rejected, or the read is refused."""
     as_of = GOOG_TS - 86400 * 365
-    with make_supervisor(LOOKAHEAD_RAW, guards=False, timeout_ms=2000) as sup:
+    with make_supervisor(LOOKAHEAD_RAW, guards=False, timeout_ms=10_000) as sup:
         for fn in ("market", "metric"):
             req = ExecutionRequest("GOOG", "1d", {"fn": fn, "arg": arg, "literal": literal}, as_of)
             res = sup.execute(req)
@@ -222,9 +222,9 @@ FORGED_USAGE = """
 import json, socket, struct, time
 import numpy as np
 def run(ctx):
-    block = np.ones(300 * 2**20 // 8)  # touch 300 MB
+    block = np.ones(200 * 2**20 // 8)  # touch 200 MB
     t = time.process_time()
-    while time.process_time() - t < 0.3:
+    while time.process_time() - t < 0.2:
         pass
     if not ctx.params.get("forge"):
         return float(block[-1])
@@ -239,12 +239,12 @@ def run(ctx):
 @pytest.mark.parametrize("forge", [False, True], ids=["honest", "forged"])
 def test_usage_is_measured_from_outside(forge: bool) -> None:
     """Memory and CPU come from the kernel (host /proc, CPU clock, wait4): a child that reports 0 MB
-    and 0 ms after touching 300 MB and spinning 0.3 s of CPU is measured as it is."""
-    with make_supervisor(FORGED_USAGE, guards=False, memory_mb=600, timeout_ms=3000, cpu_seconds=3) as sup:
+    and 0 ms after touching 200 MB and spinning 0.2 s of CPU is measured as it is."""
+    with make_supervisor(FORGED_USAGE, guards=False, memory_mb=600, timeout_ms=20_000, cpu_seconds=20) as sup:
         res = sup.execute(request(forge=forge))
         assert res.status == "ok", res.to_dict()
-        assert res.memory_mb >= 280, res.to_dict()
-        assert res.cpu_ms >= 250, res.to_dict()
+        assert res.memory_mb >= 190, res.to_dict()
+        assert res.cpu_ms >= 190, res.to_dict()
 
 
 def test_batch_usage_is_measured_per_item_from_outside() -> None:
@@ -256,10 +256,10 @@ def run(ctx):
         pass
     return 1
 """
-    with make_supervisor(src, guards=False, timeout_ms=3000, cpu_seconds=3) as sup:
+    with make_supervisor(src, guards=False, timeout_ms=20_000, cpu_seconds=20) as sup:
         results = sup.execute_batch([request(cpu=0.0), request(cpu=0.3), request(cpu=0.0)])
         assert [r.status for r in results] == ["ok"] * 3
-        assert results[1].cpu_ms >= 250 and results[1].cpu_ms > results[0].cpu_ms + results[2].cpu_ms
+        assert results[1].cpu_ms >= 290 and results[1].cpu_ms > results[0].cpu_ms + results[2].cpu_ms
 
 
 def test_each_execution_has_its_own_tmp() -> None:
