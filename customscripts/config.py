@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,9 +164,11 @@ class Settings:
     pg_port: int = field(default_factory=lambda: _env_int("CS_PG_PORT", 54329))
     pg_db: str = field(default_factory=lambda: _env("CS_PG_DB", "customscripts"))
     pg_user: str = field(default_factory=lambda: _env("CS_PG_USER", "customscripts"))
-    pg_password: str = field(default_factory=lambda: _env("CS_PG_PASSWORD", "customscripts-local"))
+    pg_password: str = field(default_factory=lambda: secret("pg-password", "CS_PG_PASSWORD", "customscripts-local"))
     pg_reader_user: str = field(default_factory=lambda: _env("CS_PG_READER_USER", "customscripts_reader"))
-    pg_reader_password: str = field(default_factory=lambda: _env("CS_PG_READER_PASSWORD", "reader-local"))
+    pg_reader_password: str = field(
+        default_factory=lambda: secret("pg-reader-password", "CS_PG_READER_PASSWORD", "reader-local")
+    )
 
     # Redis
     redis_host: str = field(default_factory=lambda: _env("CS_REDIS_HOST", "127.0.0.1"))
@@ -180,8 +183,10 @@ class Settings:
 
     # S3 / MinIO
     s3_endpoint: str = field(default_factory=lambda: _env("CS_S3_ENDPOINT", "127.0.0.1:18333"))
-    s3_access_key: str = field(default_factory=lambda: _env("CS_S3_ACCESS_KEY", "customscripts"))
-    s3_secret_key: str = field(default_factory=lambda: _env("CS_S3_SECRET_KEY", "customscripts-local-secret"))
+    s3_access_key: str = field(default_factory=lambda: secret("s3-access-key", "CS_S3_ACCESS_KEY", "customscripts"))
+    s3_secret_key: str = field(
+        default_factory=lambda: secret("s3-secret-key", "CS_S3_SECRET_KEY", "customscripts-local-secret")
+    )
     s3_bucket: str = field(default_factory=lambda: _env("CS_S3_BUCKET", "customscripts"))
     s3_secure: bool = field(default_factory=lambda: _env("CS_S3_SECURE", "0") == "1")
 
@@ -245,6 +250,8 @@ class Settings:
     scheduler_workers: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_WORKERS", 8))
     scheduler_max_items: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_MAX_ITEMS", 1000))
     scheduler_metrics_port: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_METRICS_PORT", 0))
+    # where scheduler/main.py serves them: loopback locally, all interfaces in a pod (Prometheus scrapes it)
+    scheduler_metrics_addr: str = field(default_factory=lambda: _env("CS_SCHEDULER_METRICS_ADDR", "127.0.0.1"))
     scheduler_timer_subject: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMER_SUBJECT", "cs.timer"))
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
 
@@ -305,7 +312,7 @@ class Settings:
     @property
     def data_gateway_url(self) -> str:
         """Where script functions read data: gateway-fn's Service address, not the gateway (script
-        functions may reach nothing else, deploy/k8s/networkpolicy.yml). On OpenFaaS set
+        functions may reach nothing else, deploy/k8s/base/networkpolicies/). On OpenFaaS set
         CS_GATEWAY_URL=http://gateway-fn.openfaas-fn:8080; locally the provider serves gateway-fn on
         gateway_fn_port as well as behind /function/gateway-fn."""
         return self.gateway_url or f"http://{self.provider_host}:{self.gateway_fn_port}"
@@ -313,9 +320,29 @@ class Settings:
     def tier(self, name: str) -> Tier | None:
         return self.tiers.get(name)
 
+    def require(self, *names: str) -> None:
+        """Fail now, naming each of these settings that production left unset (a service's start check)."""
+        unset = self.__dict__.get("_unset_secrets") or {}
+        missing = [unset[name] for name in names if name in unset]
+        if missing:
+            raise ProductionSettingsError("; ".join(missing))
+
+    def __getattr__(self, name: str) -> Any:
+        """Reached only for an absent attribute: a secret that production left unset (check_production)."""
+        unset = self.__dict__.get("_unset_secrets") or {}
+        if name in unset:
+            raise ProductionSettingsError(unset[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 OPENFAAS_SECRETS_DIR = Path("/var/openfaas/secrets")
 STACK_SECRETS_DIR = "secrets"  # under the state folder: the local stack's own secrets (localstack.py)
+
+
+def _secrets_folder() -> Path:
+    """This process's secrets folder: CS_SECRETS_DIR (the local provider's per-function copy), else OpenFaaS'."""
+    functions_dir = os.environ.get("CS_SECRETS_DIR")
+    return Path(functions_dir) if functions_dir else OPENFAAS_SECRETS_DIR
 
 
 def secret(name: str, env_name: str, default: str, *, state_dir: Path | None = None) -> str:
@@ -325,8 +352,9 @@ def secret(name: str, env_name: str, default: str, *, state_dir: Path | None = N
 
     The stack's file is for the stack's own processes (CLI, provider, scheduler, tests); a process
     given a secrets folder (any function) gets only the secrets it lists, as on OpenFaaS."""
+    _LOCAL_SECRET_DEFAULTS[env_name] = default  # what check_production() recognises as a local default
     functions_dir = os.environ.get("CS_SECRETS_DIR")
-    value = _read_secret(Path(functions_dir) if functions_dir else OPENFAAS_SECRETS_DIR, name)
+    value = _read_secret(_secrets_folder(), name)
     if value is not None:
         return value
     if env_name in os.environ:
@@ -345,6 +373,86 @@ def _read_secret(folder: Path, name: str) -> str | None:
         return None
 
 
+# --------------------------------------------------------------------------- production
+
+
+class ProductionSettingsError(RuntimeError):
+    """A production process would run with a local-stack secret or password."""
+
+
+# Every setting that holds a secret or a password: its secret file (/var/openfaas/secrets/<file>: what
+# OpenFaaS and the Kubernetes manifests mount) and its environment variable. None may keep its local default in
+# production; deploy/k8s/secrets/secrets.env.example documents each one.
+SECRET_SETTINGS: dict[str, tuple[str, str]] = {
+    "jwt_secret": ("jwt-secret", "CS_JWT_SECRET"),
+    "invocation_secret": ("invocation-secret", "CS_INVOCATION_SECRET"),
+    "execution_token_secret": ("execution-token-secret", "CS_EXECUTION_TOKEN_SECRET"),
+    "openfaas_password": ("basic-auth-password", "CS_OPENFAAS_PASSWORD"),
+    "pg_password": ("pg-password", "CS_PG_PASSWORD"),
+    "pg_reader_password": ("pg-reader-password", "CS_PG_READER_PASSWORD"),
+    "s3_access_key": ("s3-access-key", "CS_S3_ACCESS_KEY"),
+    "s3_secret_key": ("s3-secret-key", "CS_S3_SECRET_KEY"),
+}
+_LOCAL_SECRET_DEFAULTS: dict[str, str] = {}  # env var -> the local stack's default, recorded by secret()
+
+
+def production() -> bool:
+    """Whether this process runs in production: `CS_ENV=production` or `CS_ENV=local` decides; unset,
+    a process inside a Kubernetes pod is production (the kubelet sets KUBERNETES_SERVICE_HOST in every
+    container, OpenFaaS functions included, so no manifest or function spec has to remember a flag)."""
+    mode = os.environ.get("CS_ENV", "").strip().lower()
+    if mode not in ("", "production", "local"):
+        raise ProductionSettingsError(f"CS_ENV must be 'production' or 'local', not {mode!r}")
+    return mode == "production" or (not mode and bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+
+
+def _secret_source(name: str, env_name: str, state_dir: Path) -> str | None:
+    """Where secret() found a setting (in its order), or None when it fell back to its default."""
+    if (_secrets_folder() / name).is_file():
+        return str(_secrets_folder() / name)
+    if env_name in os.environ:
+        return env_name
+    stack_file = state_dir / STACK_SECRETS_DIR / name
+    if not os.environ.get("CS_SECRETS_DIR") and stack_file.is_file():
+        return str(stack_file)
+    return None
+
+
+def check_production(cfg: Settings) -> Settings:
+    """Production refuses the local stack's secrets instead of falling back to them silently.
+
+    A secret or password given to this process (secret file or environment) that is empty or still the
+    local default stops it here, naming the setting. One not given at all is removed from `cfg`, so its
+    first use raises ProductionSettingsError naming it: each process gets only the secrets it needs (a
+    script function holds the invocation secret alone), and a service checks its own at start with
+    `cfg.require(...)`.
+    """
+    refused: list[str] = []
+    unset: dict[str, str] = {}
+    for field_name, (file_name, env_name) in SECRET_SETTINGS.items():
+        source = _secret_source(file_name, env_name, cfg.state_dir)
+        value = getattr(cfg, field_name)
+        if source is None:
+            unset[field_name] = (f"{field_name} is not configured (secret file {_secrets_folder() / file_name} or "
+                                 f"{env_name}); production never uses the local stack's default")
+        elif not value:
+            refused.append(f"{field_name} is empty (from {source})")
+        elif value == _LOCAL_SECRET_DEFAULTS.get(env_name):
+            refused.append(f"{field_name} is the local stack's default (from {source})")
+    if refused:
+        raise ProductionSettingsError("refusing to run in production with local secrets: " + "; ".join(refused))
+    for field_name in unset:
+        if not isinstance(getattr(Settings, field_name, None), property):  # a property reads when asked
+            object.__delattr__(cfg, field_name)
+    object.__setattr__(cfg, "_unset_secrets", unset)
+    return cfg
+
+
 @functools.cache
 def settings() -> Settings:
-    return Settings()
+    cfg = Settings()
+    return check_production(cfg) if production() else cfg
+
+
+if production():  # every service imports this module first: a wrong secret stops it before it serves anything
+    settings()

@@ -193,7 +193,7 @@ def test_password_sources(tmp_path):
 
 def test_production_wiring_takes_the_openfaas_secret():
     """On OpenFaaS the password is the basic-auth-password secret, mounted where config.secret() looks
-    first, for registry-fn (stack.yml) and the scheduler (deploy/k8s/scheduler.yml)."""
+    first, for registry-fn (stack.yml) and the scheduler (deploy/k8s/base/platform/scheduler.yaml)."""
     import yaml
 
     from customscripts.config import OPENFAAS_SECRETS_DIR, REPO_ROOT
@@ -203,7 +203,8 @@ def test_production_wiring_takes_the_openfaas_secret():
     registry = next(b for b in stack_deployments(local=False) if b["service"] == "registry-fn")
     assert "basic-auth-password" in registry["secrets"]
     assert "CS_OPENFAAS_PASSWORD" not in registry["envVars"]
-    scheduler = yaml.safe_load((REPO_ROOT / "deploy/k8s/scheduler.yml").read_text())["spec"]["template"]["spec"]
+    manifests = yaml.safe_load_all((REPO_ROOT / "deploy/k8s/base/platform/scheduler.yaml").read_text())
+    scheduler = next(d for d in manifests if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert any(m["mountPath"] == str(OPENFAAS_SECRETS_DIR) for m in scheduler["containers"][0]["volumeMounts"])
     sources = scheduler["volumes"][0]["projected"]["sources"]
     assert {"secret": {"name": "basic-auth-password"}} in sources
