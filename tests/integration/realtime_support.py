@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -111,3 +113,52 @@ def publish_candles(cfg: Settings, candles: list[dict]) -> None:
             await nc.drain()
 
     asyncio.run(go())
+
+
+class FunctionKiller:
+    """While active, SIGKILLs every process of one script function (and its sandbox, its own process
+    group) that this checkout's provider runs: the function fails outright on every call. Only the
+    processes started from this repository's functions/<name> folder are touched."""
+
+    def __init__(self, name: str, interval_s: float = 0.01) -> None:
+        from customscripts.config import REPO_ROOT
+
+        self.folder = str(REPO_ROOT / "functions" / name)
+        self.interval_s = interval_s
+        self.kills = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _pids(self) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    args = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if b"customscripts.faas.runner" in args and self.folder.encode() in args:
+                found.append(int(entry))
+        return found
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for pid in self._pids():
+                try:
+                    if os.getpgid(pid) == pid:  # the provider starts each function in its own session
+                        os.killpg(pid, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self) -> FunctionKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
