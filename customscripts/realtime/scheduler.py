@@ -43,13 +43,16 @@ events are acknowledged. Only a failure of the platform's own publishing (Postgr
 the batch unacknowledged (nak with delay); publishing is idempotent, so nothing is lost or doubled.
 
 Bounding a hostile function (`Breakers`, per function and tenant). A function new to this replica,
-or one that timed out or failed since its last success, gets one single-item invocation at a time
-(a probe) until an item succeeds; `scheduler_breaker_strikes` consecutive timeouts or failed
-invocations — or one invocation past its deadline — open the breaker: for the cool-down (doubled on
-each re-open) its items of that tenant are dead-lettered at once (`circuit_open`), without invoking
-it, then one probe decides. Healthy functions get chunks sized to take about half the invocation
-deadline from the per-item time they last took. So a function that holds its timeout on every event
-costs a batch at most `strikes` item timeouts, then nothing until its cool-down ends; and since
+or one whose last invocation timed out or failed, gets one single-item invocation at a time (a probe)
+until one is clean (answered, no timeout). Timeouts and failed invocations are strikes; a clean
+invocation forgives one, so mixing ok items into timeouts does not escape it.
+`scheduler_breaker_strikes` strikes — or one invocation past its deadline — open the breaker: for the
+cool-down (doubled on each opening, until the function stays clean for the longest cool-down) its
+items of that tenant are dead-lettered at once (`circuit_open`) without invoking it, then one probe
+decides. Healthy functions get chunks sized to take about half the invocation deadline at the
+per-item time they last took. So a function that holds its timeout on every event costs a batch at
+most `strikes` item timeouts, then nothing until its cool-down ends; one that mixes timeouts into
+ok answers is opened as soon as its timeouts outnumber its clean invocations by `strikes`; and since
 evaluations run by their own dependencies, not in global waves, its slowness delays only its own
 dependents and the batch's acknowledgement.
 
@@ -210,11 +213,12 @@ class Answer(NamedTuple):
 
 @dataclass
 class _Breaker:
-    strikes: int = 0  # consecutive timeouts / failed invocations
-    proven: bool = False  # it answered last time without timing out: full chunks, no probe
+    strikes: int = 0  # timeouts and failed invocations, less one per clean invocation since
+    proven: bool = False  # its last invocation was clean: full chunks, no probe
     open_until: float = 0.0
-    opens: int = 0  # consecutive openings: the cool-down doubles with each
-    per_item_s: float | None = None  # what an item took in its last successful invocation
+    opened_at: float = float("-inf")
+    opens: int = 0  # openings not yet forgiven: the cool-down doubles with each
+    per_item_s: float | None = None  # what an item took in its last clean invocation
 
 
 class Breakers:
@@ -248,8 +252,13 @@ class Breakers:
         return max(1, min(self.cfg.scheduler_max_items, int(deadline_s / 2 / per_item)))
 
     def success(self, key: tuple[str, int, str], per_item_s: float) -> None:
+        """A clean invocation (answered, no item timed out): one strike forgiven, so a function that
+        mixes timeouts into its answers still adds up to an opening; its openings are forgiven once
+        it stayed clean for the longest cool-down."""
         b = self._get(key)
-        b.strikes = b.opens = 0
+        b.strikes = max(0, b.strikes - 1)
+        if self.clock() - b.opened_at >= self.cfg.scheduler_breaker_cooldown_max_s:
+            b.opens = 0
         b.proven = True
         b.per_item_s = per_item_s
 
@@ -260,7 +269,8 @@ class Breakers:
         b.proven = False
         if hard or b.strikes >= self.cfg.scheduler_breaker_strikes:
             cool = min(self.cfg.scheduler_breaker_cooldown_max_s, self.cfg.scheduler_breaker_cooldown_s * 2 ** b.opens)
-            b.open_until = self.clock() + cool
+            b.opened_at = self.clock()
+            b.open_until = b.opened_at + cool
             b.opens += 1
             metrics.BREAKER_OPENED.inc()
             logs.event(log, "realtime circuit breaker opened", script_id=key[0], version=key[1], tenant=key[2],
@@ -793,18 +803,16 @@ class _BatchRun:
                        items=len(chunk), error=str(exc)[:300])
             return [ev for ev in chunk if self._retry(ev, "invocation_failed", str(exc))]
         finals = []
+        timeouts = 0
         for ev, res in zip(chunk, answer.results, strict=True):
             ev.metrics = {k: res.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")}
             if res["status"] != "ok" and res.get("retryable") is True:
-                # set by the supervisor only, from a data gateway outage it saw itself; the function
-                # did answer, so it counts for the breaker as healthy
-                self.breakers.success(bkey, answer.seconds / len(chunk))
+                # set by the supervisor only, from a data gateway outage it saw itself
                 if self._retry(ev, "data_source_unavailable", str((res.get("error") or {}).get("message", ""))):
                     finals.append(ev)
                 continue
             ev.status, ev.error = res["status"], res.get("error")
             if ev.status == "ok":
-                self.breakers.success(bkey, answer.seconds / len(chunk))
                 out = res["output"]
                 ev.output_hash = canonical_hash(out)
                 n = ev.node
@@ -813,13 +821,16 @@ class _BatchRun:
                                    params_hash=n.params_hash, value=out["value"], metadata=out.get("metadata") or {},
                                    call_id=self.report.call_id)
             else:
-                if ev.status == "timeout":
-                    self.breakers.strike(bkey)
+                timeouts += ev.status == "timeout"
                 if ev.status != "dependency_failed":
                     logs.event(log, "realtime evaluation failed", script_id=bkey[0], version=bkey[1],
                                instrument_key=ev.node.instrument_key, time=ev.node.time, status=ev.status,
                                error=(ev.error or {}).get("message", "")[:300])
             finals.append(ev)
+        for _ in range(timeouts):
+            self.breakers.strike(bkey)
+        if not timeouts:  # it answered every item in time (an outage it reported counts as an answer)
+            self.breakers.success(bkey, answer.seconds / len(chunk))
         return finals
 
     def _retry(self, ev: Evaluation, reason: str, message: str) -> bool:

@@ -249,6 +249,36 @@ def test_open_breaker_skips_the_function_until_its_cool_down_then_probes_once(te
     assert len(rows(stack, good.tenant, plain)) == 16
 
 
+def test_function_mixing_timeouts_into_ok_answers_is_cut_off_too(tenants, stack, uid):
+    """Timeouts on about every other event, ok answers between them: the clean answers do not wipe
+    the timeouts out, so the breaker still opens and later batches do not pay for it again."""
+    hostile, good = tenants("hostile"), tenants("bystander")
+    slow, plain = f"flaky-{uid}", f"fine-{uid}"
+    hostile.create_published(slow, "def run(ctx):\n    if int(ctx.timestamp) // 86400 % 2:\n        while True:\n"
+                                   "            pass\n    return 1.0\n", limits={"timeout_ms": 300})
+    good.create_published(plain, LAST_CLOSE)
+    subscribe(hostile, slow)
+    subscribe(good, plain)
+    times = sorted(closes(stack, 24))
+    strikes = stack.scheduler_breaker_strikes
+    evaluator = build_evaluator(stack)
+    statuses: list[list[str]] = []
+    try:
+        for k in range(3):
+            report = evaluator.process([Event("GOOG", "1d", t) for t in times[8 * k:8 * k + 8]])
+            assert [e.status for n, e in report.results.items() if n.script_id == plain] == ["ok"] * 8
+            statuses.append([e.status if e.status != "error" else e.error["dead_letter"]
+                             for n, e in sorted(report.results.items(), key=lambda kv: kv[0].time)
+                             if n.script_id == slow])
+    finally:
+        evaluator.close()
+    flat = [s for batch in statuses for s in batch]
+    # it costs at most one chunk's timeouts past the strikes, then is skipped (cool-down: 10 s)
+    assert flat.count("timeout") <= strikes + 8, statuses
+    assert statuses[-1] == ["circuit_open"] * 8, statuses
+    assert len(rows(stack, good.tenant, plain)) == 24
+
+
 def test_genuine_gateway_outage_is_retried_and_published_once_when_it_is_back(rt, tenants, stack, uid):
     """gateway-fn removed from the provider (connections refused): the supervisor marks the results
     retryable; the scheduler retries them and, once gateway-fn is deployed again, publishes once."""

@@ -282,7 +282,7 @@ def test_breaker_opens_after_strikes_cools_down_probes_and_doubles():
     key = ("s", 1, "t")
     assert not breakers.proven(key) and not breakers.is_open(key)  # new: probed first
     breakers.strike(key)
-    assert not breakers.is_open(key)
+    assert not breakers.is_open(key) and not breakers.proven(key)
     breakers.strike(key)
     assert breakers.is_open(key)
     now[0] += 10.5
@@ -292,11 +292,14 @@ def test_breaker_opens_after_strikes_cools_down_probes_and_doubles():
     now[0] += 10.5
     assert breakers.is_open(key)  # the second opening lasts twice as long
     now[0] += 10
-    breakers.strike(key)
+    breakers.success(key, per_item_s=0.01)  # a clean probe: proven, one strike forgiven...
+    assert breakers.proven(key) and not breakers.is_open(key)
+    breakers.strike(key)  # ...so one more timeout opens it again, for longer
     now[0] += 24.5
     assert breakers.is_open(key)  # capped at the max (25), not 40
     now[0] += 1
-    breakers.success(key, per_item_s=0.01)
+    for _ in range(3):
+        breakers.success(key, per_item_s=0.01)
     assert breakers.proven(key) and not breakers.is_open(key)
     assert breakers.chunk_cap(key, deadline_s=15) == 750  # half the deadline at 10 ms per item
     breakers.success(key, per_item_s=0.00001)
@@ -304,6 +307,29 @@ def test_breaker_opens_after_strikes_cools_down_probes_and_doubles():
     breakers.strike(key, hard=True)  # an invocation past its deadline opens it at once
     assert breakers.is_open(key)
     assert not breakers.is_open(("s", 1, "other-tenant"))  # per function *and tenant*
+
+
+def test_breaker_forgives_openings_once_the_function_stays_clean():
+    import dataclasses
+
+    from customscripts.config import settings
+    from customscripts.realtime.scheduler import Breakers
+
+    cfg = dataclasses.replace(settings(), scheduler_breaker_strikes=1, scheduler_breaker_cooldown_s=10,
+                              scheduler_breaker_cooldown_max_s=100)
+    now = [0.0]
+    breakers = Breakers(cfg, clock=lambda: now[0])
+    key = ("s", 1, "t")
+    breakers.strike(key)  # open 10 s
+    now[0] += 11
+    breakers.strike(key)  # open 20 s
+    now[0] += 21
+    breakers.success(key, per_item_s=0.01)
+    now[0] += 100  # clean for the longest cool-down
+    breakers.success(key, per_item_s=0.01)
+    breakers.strike(key)
+    now[0] += 10.5
+    assert not breakers.is_open(key)  # back to the first cool-down
 
 
 def test_batches_are_grouped_per_principal_and_audience():
