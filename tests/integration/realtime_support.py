@@ -20,6 +20,7 @@ import redis
 from customscripts.config import Settings
 from customscripts.realtime.publisher import latest_key, stream_key
 from customscripts.realtime.scheduler import RunStats, Scheduler, build_evaluator
+from tests.waiting import wait_until
 
 
 def isolated(cfg: Settings, uid: str) -> Settings:
@@ -87,6 +88,28 @@ def latest(cfg: Settings, tenant: str, instrument: str, timeframe: str, script_i
     r = redis.Redis(host=cfg.redis_host, port=cfg.redis_port)
     raw = r.hget(latest_key(tenant, instrument, timeframe, script_id, phash), "payload")
     return json.loads(raw) if raw else None
+
+
+def subscribe(caller: Any, script_id: str, instrument: str = "GOOG", timeframe: str = "1d", **body: Any):
+    """POST /scripts/{id}/subscribe as `caller` (registry_support.Caller); the response."""
+    return caller.call("POST", f"/scripts/{script_id}/subscribe",
+                       {"instrument_key": instrument, "timeframe": timeframe, **body})
+
+
+def realtime_audit(cfg: Settings, tenant: str, script_ids: list[str], expect: int,
+                   columns: str = "script_id, status, user_id") -> list[tuple]:
+    """`columns` (a fixed list from the test) of the tenant's realtime audit rows of these scripts, in
+    order, once `expect` are written (the audit writer is asynchronous; a bounded wait)."""
+    found: list[tuple] = []
+
+    def enough() -> bool:
+        with psycopg.connect(cfg.pg_dsn) as conn:
+            found[:] = conn.execute(f"SELECT {columns} FROM audit WHERE tenant = %s AND action = 'realtime' "
+                                    "AND script_id = ANY(%s) ORDER BY id", (tenant, script_ids)).fetchall()
+        return len(found) >= expect
+
+    wait_until(enough, interval=0.05)
+    return found
 
 
 def drop_subscriptions(cfg: Settings, tenant: str) -> None:

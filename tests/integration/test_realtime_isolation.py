@@ -33,9 +33,11 @@ from tests.integration.realtime_support import (
     drop_subscriptions,
     isolated,
     latest,
+    realtime_audit,
     rows,
     run_scheduler,
     stream_counts,
+    subscribe,
 )
 from tests.integration.registry_support import Caller
 from tests.waiting import wait_until
@@ -79,9 +81,8 @@ def tenants(api, uid, stack):
         drop_subscriptions(stack, caller.tenant)
 
 
-def subscribe(caller: Caller, script_id: str, **body) -> None:
-    resp = caller.call("POST", f"/scripts/{script_id}/subscribe",
-                       {"instrument_key": "GOOG", "timeframe": "1d", **body})
+def subscribed(caller: Caller, script_id: str, **body) -> None:
+    resp = subscribe(caller, script_id, **body)
     assert resp.status_code == 201, resp.text
 
 
@@ -100,18 +101,8 @@ def assert_published_once(cfg, tenant: str, sid: str, expected: dict[float, floa
 
 
 def audit_rows(cfg, tenant: str, sid: str, expect: int) -> list[tuple[str, str | None]]:
-    """(status, detail) of the script's realtime audit rows, once `expect` are written (the audit
-    writer is asynchronous)."""
-    found: list[tuple[str, str | None]] = []
-
-    def enough() -> bool:
-        with psycopg.connect(cfg.pg_dsn) as conn:
-            found[:] = conn.execute("SELECT status, detail FROM audit WHERE tenant = %s AND script_id = %s AND "
-                                    "action = 'realtime' ORDER BY id", (tenant, sid)).fetchall()
-        return len(found) >= expect
-
-    wait_until(enough, interval=0.05)
-    return found
+    """(status, detail) of the script's realtime audit rows, once `expect` are written."""
+    return realtime_audit(cfg, tenant, [sid], expect, columns="status, detail")
 
 
 def dead_letters(cfg, tenant: str) -> list[dict]:
@@ -135,7 +126,7 @@ def test_forged_transient_errors_and_a_failing_function_cost_no_other_tenant_its
     forged = {kind: f"forged-{kind}-{uid}" for kind in FORGERIES}
     for kind, sid in forged.items():
         forger.create_published(sid, FORGERIES[kind])
-        subscribe(forger, sid)
+        subscribed(forger, sid)
     crashing, crash_top = f"crash-{uid}", f"crash-top-{uid}"
     crasher.create_published(crashing, LAST_CLOSE)
     crasher.create_published(crash_top, f"def run(ctx):\n    return get_script_output('{crashing}')['value']\n",
@@ -146,7 +137,7 @@ def test_forged_transient_errors_and_a_failing_function_cost_no_other_tenant_its
     chain.create_published(top, f"def run(ctx):\n    return get_script_output('{base}')['value'] * 2\n",
                            depends_on=[f"{base}@1"])
     for caller, sid in ((crasher, crash_top), (good, plain), (chain, top)):
-        subscribe(caller, sid)
+        subscribed(caller, sid)
     expected = closes(stack)
     replay("GOOG", "1d", start=START, limit=EVENTS, cfg=rt)
     attempts = 3
@@ -194,8 +185,8 @@ def test_function_holding_its_timeout_is_cut_off_by_its_breaker(rt, tenants, sta
     slow, plain = f"hang-{uid}", f"fine-{uid}"
     hostile.create_published(slow, "def run(ctx):\n    while True:\n        pass\n", limits={"timeout_ms": 300})
     good.create_published(plain, LAST_CLOSE)
-    subscribe(hostile, slow)
-    subscribe(good, plain)
+    subscribed(hostile, slow)
+    subscribed(good, plain)
     n = 8
     expected = closes(stack, n)
     replay("GOOG", "1d", start=START, limit=n, cfg=rt)
@@ -211,6 +202,15 @@ def test_function_holding_its_timeout_is_cut_off_by_its_breaker(rt, tenants, sta
     assert [d["time"] for d in letters] == sorted(expected)[strikes:]
 
 
+def breaker_batch(evaluator, times: list[float], hostile: str, bystander: str) -> list[str]:
+    """Process one batch directly; the bystander's evaluations all ok; the hostile script's statuses in
+    event order, a dead letter as its reason."""
+    report = evaluator.process([Event("GOOG", "1d", t) for t in times])
+    assert sorted(e.status for n, e in report.results.items() if n.script_id == bystander) == ["ok"] * len(times)
+    return [e.status if e.status != "error" else e.error["dead_letter"]
+            for n, e in sorted(report.results.items(), key=lambda kv: kv[0].time) if n.script_id == hostile]
+
+
 def test_open_breaker_skips_the_function_until_its_cool_down_then_probes_once(tenants, stack, uid):
     """The breaker's life over the real functions: open -> dead letters without invoking it; after the
     cool-down one probe; failing again re-opens it for twice as long; a success closes it."""
@@ -220,18 +220,15 @@ def test_open_breaker_skips_the_function_until_its_cool_down_then_probes_once(te
     hostile.create_published(slow, f"def run(ctx):\n    if ctx.timestamp < {times[12]}:\n        while True:\n"
                                    "            pass\n    return 1.0\n", limits={"timeout_ms": 300})
     good.create_published(plain, LAST_CLOSE)
-    subscribe(hostile, slow)
-    subscribe(good, plain)
+    subscribed(hostile, slow)
+    subscribed(good, plain)
     evaluator = build_evaluator(dataclasses.replace(stack, scheduler_breaker_strikes=2,
                                                     scheduler_breaker_cooldown_s=60))
     now = [time.monotonic()]
     evaluator.breakers.clock = lambda: now[0]
 
     def batch(ts: list[float]) -> list[str]:
-        report = evaluator.process([Event("GOOG", "1d", t) for t in ts])
-        assert sorted(e.status for n, e in report.results.items() if n.script_id == plain) == ["ok"] * len(ts)
-        return [e.status if e.status != "error" else e.error["dead_letter"]
-                for n, e in sorted(report.results.items(), key=lambda kv: kv[0].time) if n.script_id == slow]
+        return breaker_batch(evaluator, ts, slow, plain)
 
     try:
         assert batch(times[0:4]) == ["timeout", "timeout", "circuit_open", "circuit_open"]
@@ -257,19 +254,15 @@ def test_function_mixing_timeouts_into_ok_answers_is_cut_off_too(tenants, stack,
     hostile.create_published(slow, "def run(ctx):\n    if int(ctx.timestamp) // 86400 % 2:\n        while True:\n"
                                    "            pass\n    return 1.0\n", limits={"timeout_ms": 300})
     good.create_published(plain, LAST_CLOSE)
-    subscribe(hostile, slow)
-    subscribe(good, plain)
+    subscribed(hostile, slow)
+    subscribed(good, plain)
     times = sorted(closes(stack, 24))
     strikes = stack.scheduler_breaker_strikes
     evaluator = build_evaluator(stack)
     statuses: list[list[str]] = []
     try:
         for k in range(3):
-            report = evaluator.process([Event("GOOG", "1d", t) for t in times[8 * k:8 * k + 8]])
-            assert [e.status for n, e in report.results.items() if n.script_id == plain] == ["ok"] * 8
-            statuses.append([e.status if e.status != "error" else e.error["dead_letter"]
-                             for n, e in sorted(report.results.items(), key=lambda kv: kv[0].time)
-                             if n.script_id == slow])
+            statuses.append(breaker_batch(evaluator, times[8 * k:8 * k + 8], slow, plain))
     finally:
         evaluator.close()
     flat = [s for batch in statuses for s in batch]
@@ -287,7 +280,7 @@ def test_genuine_gateway_outage_is_retried_and_published_once_when_it_is_back(rt
     # EURUSD 1h is not sent along with a GOOG 1d batch: this read always goes to gateway-fn
     reader.create_published(sid, "def run(ctx):\n    get_market_data(instrument_key='EURUSD', timeframe='1h', "
                                  "limit=1)\n    return float(ctx.timestamp)\n")
-    subscribe(reader, sid)
+    subscribed(reader, sid)
     expected = {t: t for t in closes(stack)}
     replay("GOOG", "1d", start=START, limit=EVENTS, cfg=rt)
     cfg = dataclasses.replace(rt, scheduler_retry_attempts=200, scheduler_retry_backoff_s=0.05,
@@ -333,10 +326,10 @@ def test_one_users_params_never_reach_another_users_output(rt, tenants, stack, u
     alice.create_published(sid, LEAKY, permissions={"allowed_users": [bob.user_id, carol.user_id]},
                            input_schema={"type": "object", "properties": {"k": {"type": "integer"}},
                                          "required": ["k"]})
-    subscribe(alice, sid, params={"k": 1})
-    subscribe(bob, sid, params={"k": 1000})
-    subscribe(bob, sid, params={"k": 7})  # one evaluation shared by bob and carol
-    subscribe(carol, sid, params={"k": 7})
+    subscribed(alice, sid, params={"k": 1})
+    subscribed(bob, sid, params={"k": 1000})
+    subscribed(bob, sid, params={"k": 7})  # one evaluation shared by bob and carol
+    subscribed(carol, sid, params={"k": 7})
     n = 4
     replay("GOOG", "1d", start=START, limit=n, cfg=rt)
     stats = run_scheduler(dataclasses.replace(rt, scheduler_fetch_batch=n), n)
