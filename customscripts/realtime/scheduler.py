@@ -648,7 +648,7 @@ class Evaluator:
             if prefetch is not None:
                 # bound to this function, tenant (the invocation token's) and exact items by a MAC
                 body["prefetch"] = sign_prefetch(function_name(script_id, version), tenant, items, common, prefetch)
-            self.invoker.function_for(script_id, version)  # deployed (or redeployed) before the clock runs
+            self.invoker.function_for(script_id, version, tenant)  # deployed before the clock runs
             started = time.perf_counter()
             answer = self.invoker.invoke(script_id, version, body, Scope(first.user_id, tenant, first.tier),
                                          call_id, timeout=deadline)
