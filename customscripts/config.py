@@ -254,6 +254,31 @@ class Settings:
     scheduler_metrics_addr: str = field(default_factory=lambda: _env("CS_SCHEDULER_METRICS_ADDR", "127.0.0.1"))
     scheduler_timer_subject: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMER_SUBJECT", "cs.timer"))
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
+    # Failures stay inside their function and tenant (customscripts/realtime/scheduler.py, "Failures"):
+    # an evaluation whose invocation failed, or whose result the supervisor marked retryable, is tried
+    # at most this many times in its batch, waiting backoff_s, doubled each time, up to backoff_max_s;
+    # then it is dead-lettered and its events are acknowledged.
+    scheduler_retry_attempts: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_RETRY_ATTEMPTS", 3))
+    scheduler_retry_backoff_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_RETRY_BACKOFF_S", 0.2))
+    scheduler_retry_backoff_max_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_RETRY_BACKOFF_MAX_S", 2.0))
+    # One invocation's deadline: this, or items x the version's item timeout + 5 s when that is less
+    # (never less than one item's timeout + 5 s); chunks are sized to take about half of it from the
+    # per-item time the function last took.
+    scheduler_invoke_timeout_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_INVOKE_TIMEOUT_S", 15.0))
+    # Invocations of one script function in flight at once. Its supervisor runs one at a time, so more
+    # only queue there (and spend their deadline queueing); raise it where functions run replicas.
+    scheduler_function_inflight: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_FUNCTION_INFLIGHT", 1))
+    # Circuit breaker per function and tenant: after this many consecutive timeouts or failed
+    # invocations (or one invocation past its deadline) the function's items of that tenant are
+    # dead-lettered without invoking it for the cool-down, doubled on each re-open up to the max.
+    scheduler_breaker_strikes: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_BREAKER_STRIKES", 3))
+    scheduler_breaker_cooldown_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_BREAKER_COOLDOWN_S", 10.0))
+    scheduler_breaker_cooldown_max_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_BREAKER_COOLDOWN_MAX_S", 300.0))
 
     tiers: dict[str, Tier] = field(default_factory=_load_tiers)
 

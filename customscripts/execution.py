@@ -139,9 +139,10 @@ class Invoker:
         return url
 
     def invoke(self, script_id: str, version: int, payload: dict[str, Any], scope: Scope,
-               call_id: str) -> dict[str, Any]:
+               call_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         """POST the payload (one execution or {"items": [...]}) to the version's function: at its own
-        address when it is running there (one hop less), else through the gateway, which starts it."""
+        address when it is running there (one hop less), else through the gateway, which starts it.
+        `timeout`: seconds to wait for the answer (default: the client's invoke timeout)."""
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
         for attempt in (1, 2):
             name = self.function_for(script_id, version, scope.tenant)
@@ -153,13 +154,13 @@ class Invoker:
             try:
                 if url is not None:
                     try:
-                        result = self.client.invoke_at(url, body, headers=headers)
+                        result = self.client.invoke_at(url, body, headers=headers, timeout=timeout)
                     except (NotListening, AnswerLost):  # not running there (yet, or any more)
                         # also when its answer was lost (it was being stopped just then): a function
                         # only computes and answers, so sending the call again is safe
                         self._endpoints.pop(name, None)
                 if result is None:
-                    result = self.client.invoke(name, body, headers=headers)
+                    result = self.client.invoke(name, body, headers=headers, timeout=timeout)
             except FunctionNotFound:
                 self.budget.forget(name)  # evicted by another replica: redeploy once
                 self._endpoints.pop(name, None)

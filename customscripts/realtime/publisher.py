@@ -9,16 +9,21 @@ Order: history first (idempotent insert), then Redis (a Lua script that publishe
 the first time its event is seen - one call per REDIS_CHUNK outputs, so a wave of thousands costs a few
 round trips and no per-command client overhead), and only then is the event acknowledged upstream.
 A retry of the same event therefore leaves one row, one stream message and the newest latest value.
+
+Dead letters: an evaluation the platform could not complete after its bounded retries is recorded in
+`realtime_dead_letters` (migration 008) instead of being published, before its events are
+acknowledged; one row per evaluation, so a redelivered event leaves no second row.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import redis
 
-from customscripts.outputs import OutputRow, OutputStore
+from customscripts.outputs import OutputRow, OutputStore, to_datetime
 
 STREAM_MAXLEN = 10_000
 SEEN_TTL_S = 7 * 24 * 3600
@@ -42,6 +47,33 @@ for i = 0, #KEYS / 3 - 1 do
 end
 return new
 """
+
+
+_DEAD_LETTER_SQL = """
+INSERT INTO realtime_dead_letters (tenant, user_id, script_id, version, params_hash, instrument_key, timeframe,
+                                   event_time, reason, error, attempts, call_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT ON CONSTRAINT realtime_dead_letters_evaluation DO UPDATE
+SET at = now(), user_id = EXCLUDED.user_id, reason = EXCLUDED.reason, error = EXCLUDED.error,
+    attempts = realtime_dead_letters.attempts + EXCLUDED.attempts, call_id = EXCLUDED.call_id
+"""
+
+
+class DeadLetter(NamedTuple):
+    """One realtime evaluation given up on: what it was, for whom, why, after how many attempts."""
+
+    tenant: str
+    user_id: str
+    script_id: str
+    version: int
+    params_hash: str
+    instrument_key: str
+    timeframe: str
+    time: float
+    reason: str
+    error: str
+    attempts: int
+    call_id: str
 
 
 def latest_key(tenant: str, instrument_key: str, timeframe: str, script_id: str, params_hash: str) -> str:
@@ -90,6 +122,14 @@ class Publisher:
                 args += (payload, float(row.time), f"custom:{row.script_id}", row.params_hash)
             self._publish(keys=keys, args=args, client=pipe)
         return sum(int(x) for x in pipe.execute()), inserted
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Record evaluations given up on (idempotent per evaluation); raises if PostgreSQL fails, so
+        their events stay unacknowledged rather than vanish unrecorded."""
+        if not letters:
+            return
+        with self.outputs.pool.connection() as conn, conn.cursor() as cur:
+            cur.executemany(_DEAD_LETTER_SQL, [(*d[:7], to_datetime(d.time), *d[8:]) for d in letters])
 
     def latest(self, tenant: str, instrument_key: str, timeframe: str, script_id: str,
                params_hash: str) -> dict | None:

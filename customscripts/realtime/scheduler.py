@@ -8,30 +8,56 @@ name, so they share the work):
    claims snapshot taken at subscribe time): a lost entitlement makes the evaluation `denied`;
 3. build evaluations — one per (tenant, script version, params, instrument, timeframe, event time),
    shared by every subscriber of the tenant that asks for it (outputs belong to the tenant, not to a
-   user) — and add each one's dependencies for the same event with params `{}`;
+   user; it runs once, for one of them) — and add each one's dependencies for the same event with
+   params `{}`; each evaluation's *audience* is the set of users whose subscriptions read its output;
 4. fetch, in one query, the candle windows of every instrument a market-reading script of the batch
    is evaluated on (customscripts.realtime.prefetch);
-5. order them in dependency waves; per wave, batch the evaluations of one function *and one tenant*
-   into one invocation (`{"items": [...]}` in event-time order; an item carries its own execution
-   token only when its principal or as-of time differs from the batch's; `prefetch`: the candle
-   windows and the outputs of the items' direct dependencies for these events, MAC-signed, answered
-   by the function's supervisor instead of gateway-fn when provably identical), invoke the functions
-   of a wave in parallel, validate, and publish the outputs a later wave reads before it starts — so
-   a dependent reading its dependency's output "as of the event" reads this event's value; the other
-   outputs are published in the background while the next waves run;
+5. run the evaluations in dependency order (`waves.Frontier`): an evaluation is invoked as soon as its
+   own dependencies are published, batched with the ready evaluations of the same function, tenant,
+   principal and audience into one invocation (`{"items": [...]}` in event-time order; an item carries
+   its own execution token only when its as-of time differs from the batch's; `prefetch`: the candle
+   windows and the outputs of the items' direct dependencies for these events, MAC-signed, answered by
+   the function's supervisor instead of gateway-fn when provably identical). Invocations run in
+   parallel; each answer is validated as it arrives, outputs a later evaluation reads are published
+   before it is invoked — so a dependent reading its dependency's output "as of the event" reads this
+   event's value — and the others in the background;
 6. a dependent of a dependency that did not produce an ok output for this event is
    `dependency_failed` and is never invoked (it would otherwise read the previous event's value);
-7. only after every output is published are the NATS messages acknowledged. A failure of Redis,
-   PostgreSQL or the data gateway (transient) leaves the batch unacknowledged (nak with delay) and it is
-   redelivered; publishing is idempotent, so nothing is lost or duplicated.
+7. only after every output and dead letter is recorded are the NATS messages acknowledged.
 
-Batches never mix tenants in one sandboxed child: items of one child share module state, and tenants
-must not. Different users of one tenant may share a batch (their outputs are the tenant's anyway;
-each item's reads are still authorised by its own token). For the same reason items run in event-time
+Batching. Items of one invocation run in one sandboxed child, one after another, and share its module
+state. So a child holds the items of one principal (user and tier: the group key), and of one
+audience: a private evaluation never shares a child with one whose output other users read, nor with
+another user's, so no user's params can reach an output another user reads. Items run in event-time
 order: nothing a script read for a later event can be kept for an earlier one.
 
+Failures stay inside their function and tenant. Whether a failure is transient is decided on the
+trusted side only: the supervisor's `retryable` flag (a data gateway outage it saw itself, by type)
+or the invocation itself failing (function unreachable, non-200, malformed answer, wrong result
+count, past its deadline). What a script raises or prints never counts: it is that evaluation's
+`error`. Every answer publishes what succeeded; only the failed items are tried again, up to
+`scheduler_retry_attempts` with exponential backoff, then dead-lettered: status `error` naming the
+dead letter, a row in `realtime_dead_letters` (Publisher.dead_letter), the audit row every
+evaluation gets, `cs_realtime_dead_letters_total`; their dependents are `dependency_failed`; the
+events are acknowledged. Only a failure of the platform's own publishing (PostgreSQL, Redis) leaves
+the batch unacknowledged (nak with delay); publishing is idempotent, so nothing is lost or doubled.
+
+Bounding a hostile function (`Breakers`, per function and tenant). A function new to this replica,
+or one whose last invocation timed out or failed, gets one single-item invocation at a time (a probe)
+until one is clean (answered, no timeout). Timeouts and failed invocations are strikes; a clean
+invocation forgives one, so mixing ok items into timeouts does not escape it.
+`scheduler_breaker_strikes` strikes — or one invocation past its deadline — open the breaker: for the
+cool-down (doubled on each opening, until the function stays clean for the longest cool-down) its
+items of that tenant are dead-lettered at once (`circuit_open`) without invoking it, then one probe
+decides. Healthy functions get chunks sized to take about half the invocation deadline at the
+per-item time they last took. So a function that holds its timeout on every event costs a batch at
+most `strikes` item timeouts, then nothing until its cool-down ends; one that mixes timeouts into
+ok answers is opened as soon as its timeouts outnumber its clean invocations by `strikes`; and since
+evaluations run by their own dependencies, not in global waves, its slowness delays only its own
+dependents and the batch's acknowledgement.
+
 Latency: event -> published = queued (JetStream, the fetch, the batch before this one: `queued_s`)
-+ work (plan, prefetch, the waves and their publishing). The report and RunStats keep both.
++ work (plan, prefetch, invocations and their publishing). The report and RunStats keep both.
 
 Timer events: with `CS_SCHEDULER_TIMERS=1m,1h` every replica publishes a tick on
 `{nats_subject_prefix}._timer.{tf}` at each timeframe boundary, with a Nats-Msg-Id of the boundary so
@@ -50,7 +76,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -63,9 +89,9 @@ from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.realtime import metrics
 from customscripts.realtime.prefetch import DEFAULT_BARS, MAX_BARS, MarketWindows, Window, encode, output_entry
-from customscripts.realtime.publisher import Publisher
+from customscripts.realtime.publisher import DeadLetter, Publisher
 from customscripts.realtime.subscriptions import Subscription, SubscriptionStore
-from customscripts.realtime.waves import waves
+from customscripts.realtime.waves import Frontier
 from customscripts.registry.audit import AuditRow
 from customscripts.sandbox.invocation import sign_prefetch
 
@@ -76,7 +102,11 @@ BUDGET_RECHECK_S = 60.0
 _NO_PARAMS = params_hash({})  # dependencies are evaluated with params {}
 MAX_WINDOWS_PER_CALL = 256  # prefetched candle windows per invocation
 PREFETCH_BYTES = 4 << 20  # and at most about this much of them: bodies stay well under the function's 8 MiB
-GIVE_UP_AFTER_DELIVERIES = 50  # a transient failure that lasts this long is logged and dropped
+GIVE_UP_AFTER_DELIVERIES = 50  # a publishing failure that lasts this long is logged and dropped
+DEADLINE_MARGIN_S = 5.0  # on top of its items' timeouts, for an invocation's cold start
+# why an evaluation was dead-lettered -> its error type
+DEAD_LETTER_TYPES = {"invocation_failed": "InvocationFailed", "data_source_unavailable": "DataSourceUnavailable",
+                     "circuit_open": "CircuitOpen"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +146,11 @@ class Evaluation:
     error: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # duration_ms, cpu_ms, memory_mb as the function measured
     output_hash: str | None = None
+    audience: set[str] = field(default_factory=set)  # users whose subscriptions read this output
+    group: tuple = ()  # what may share a sandboxed child with it: see Evaluator._group
+    attempts: int = 0  # failed attempts in this batch (invocation failed, or retryable)
+    not_before: float = 0.0  # monotonic time of the next attempt
+    row: OutputRow | None = None  # the output, once ok
 
 
 @dataclass
@@ -124,11 +159,12 @@ class BatchReport:
     evaluations: int = 0
     statuses: Counter = field(default_factory=Counter)
     published: int = 0
-    retry: bool = False  # a transient failure: leave the events unacknowledged
+    item_retries: int = 0  # evaluations tried again in this batch
+    dead_letters: list[Evaluation] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)  # event received -> published, per evaluation
     queued_s: list[float] = field(default_factory=list)  # event received -> batch started, per evaluation
     results: dict[Node, Evaluation] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)  # plan, wave<k>, publish<k>: where time goes
+    timings_s: dict[str, float] = field(default_factory=dict)  # plan, prefetch, run, publish...: where time goes
     prefetched_reads: int = 0  # reads the functions answered from what the batch sent along
     denied: list[tuple[Subscription, Principal, str]] = field(default_factory=list)  # due, not allowed to run
     call_id: str = ""
@@ -158,8 +194,87 @@ def _node_of(row: OutputRow) -> Node:
                 float(row.time))
 
 
-class TransientFailure(Exception):
-    """Infrastructure failed under an evaluation (gateway, function unreachable): retry the batch."""
+class InvocationFailed(Exception):
+    """The invocation itself failed (unreachable, non-200, malformed answer, wrong result count, past
+    its deadline): the trusted side saw it, so its items are retried. `deadline`: it held its caller
+    for the whole deadline."""
+
+    def __init__(self, message: str, *, deadline: bool = False) -> None:
+        super().__init__(message)
+        self.deadline = deadline
+
+
+class Answer(NamedTuple):
+    """A function's checked results for one invocation's items, in order, and how long it took."""
+
+    results: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
+class _Breaker:
+    strikes: int = 0  # timeouts and failed invocations, less one per clean invocation since
+    proven: bool = False  # its last invocation was clean: full chunks, no probe
+    open_until: float = 0.0
+    opened_at: float = float("-inf")
+    opens: int = 0  # openings not yet forgiven: the cool-down doubles with each
+    per_item_s: float | None = None  # what an item took in its last clean invocation
+
+
+class Breakers:
+    """Circuit breakers per function and tenant (`(script_id, version, tenant)`), in this replica's
+    memory (a new replica probes every function once). See the module docstring."""
+
+    def __init__(self, cfg: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._state: dict[tuple[str, int, str], _Breaker] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, key: tuple[str, int, str]) -> _Breaker:
+        with self._lock:
+            b = self._state.get(key)
+            if b is None:
+                b = self._state[key] = _Breaker()
+            return b
+
+    def is_open(self, key: tuple[str, int, str]) -> bool:
+        return self.clock() < self._get(key).open_until
+
+    def proven(self, key: tuple[str, int, str]) -> bool:
+        return self._get(key).proven
+
+    def chunk_cap(self, key: tuple[str, int, str], deadline_s: float) -> int:
+        """Items per invocation so that one takes about half its deadline at the last per-item time."""
+        per_item = self._get(key).per_item_s
+        if not per_item:
+            return self.cfg.scheduler_max_items
+        return max(1, min(self.cfg.scheduler_max_items, int(deadline_s / 2 / per_item)))
+
+    def success(self, key: tuple[str, int, str], per_item_s: float) -> None:
+        """A clean invocation (answered, no item timed out): one strike forgiven, so a function that
+        mixes timeouts into its answers still adds up to an opening; its openings are forgiven once
+        it stayed clean for the longest cool-down."""
+        b = self._get(key)
+        b.strikes = max(0, b.strikes - 1)
+        if self.clock() - b.opened_at >= self.cfg.scheduler_breaker_cooldown_max_s:
+            b.opens = 0
+        b.proven = True
+        b.per_item_s = per_item_s
+
+    def strike(self, key: tuple[str, int, str], *, hard: bool = False) -> None:
+        """A timeout or a failed invocation; `hard` (past the deadline) opens the breaker at once."""
+        b = self._get(key)
+        b.strikes += 1
+        b.proven = False
+        if hard or b.strikes >= self.cfg.scheduler_breaker_strikes:
+            cool = min(self.cfg.scheduler_breaker_cooldown_max_s, self.cfg.scheduler_breaker_cooldown_s * 2 ** b.opens)
+            b.opened_at = self.clock()
+            b.open_until = b.opened_at + cool
+            b.opens += 1
+            metrics.BREAKER_OPENED.inc()
+            logs.event(log, "realtime circuit breaker opened", script_id=key[0], version=key[1], tenant=key[2],
+                       strikes=b.strikes, cooldown_s=cool)
 
 
 def parse_event(subject: str, data: bytes, received: float = 0.0) -> list[Event]:
@@ -197,6 +312,8 @@ class Evaluator:
         self._phashes: dict[int, tuple[dict[str, Any], str]] = {}
         self._principals: dict[int, tuple[dict[str, Any], Principal]] = {}
         self._direct: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        self._item_timeouts: dict[tuple[str, int], float] = {}
+        self.breakers = Breakers(self.cfg)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -243,7 +360,27 @@ class Evaluator:
             root = self._add(evals, deps, sub.tenant, sub.script_id, sub.version, sub.params, event, principal,
                              closure, self._params_hash(sub))
             evals[root].subscriptions.append(sub.id)
+            evals[root].audience.add(sub.user_id)
+        self._group(evals, deps)
         return evals, deps
+
+    @staticmethod
+    def _group(evals: dict[Node, Evaluation], deps: dict[Node, list[Node]]) -> None:
+        """Each evaluation's audience (the users whose subscriptions read its output, through
+        dependents too) and its group: function, tenant, the principal it runs for and its audience.
+        Only evaluations of one group share a sandboxed child (module state): one user's params never
+        reach an output another user reads, and an output several users read is never computed next
+        to one user's private evaluations."""
+        for root in [ev for ev in evals.values() if ev.audience]:
+            stack = list(deps.get(root.node, ()))
+            while stack:
+                dep = evals[stack.pop()]
+                if not root.audience <= dep.audience:
+                    dep.audience |= root.audience
+                    stack.extend(deps.get(dep.node, ()))
+        for ev in evals.values():
+            n, p = ev.node, ev.principal
+            ev.group = (n.script_id, n.version, n.tenant, p.user_id, p.tier, frozenset(ev.audience))
 
     def _add(self, evals: dict[Node, Evaluation], deps: dict[Node, list[Node]], tenant: str, script_id: str,
              version: int, params: dict[str, Any], event: Event, principal: Principal,
@@ -296,7 +433,8 @@ class Evaluator:
     # ------------------------------------------------------------------ running
 
     def process(self, events: Sequence[Event]) -> BatchReport:
-        """Evaluate and publish everything due for `events`. Raises on a transient failure (retry)."""
+        """Evaluate and publish everything due for `events`; record what had to be given up. Raises
+        only when publishing (PostgreSQL, Redis) failed: then the events must be redelivered."""
         report = BatchReport(events=len(events))
         started = time.time()  # before: queueing (JetStream, fetch, the previous batch); after: work
         events = list(dict.fromkeys(events))
@@ -308,49 +446,11 @@ class Evaluator:
         data = BatchData(deps=deps)
         self._windows(evals.values(), data)
         report.timings_s["prefetch"] = time.perf_counter() - t0
-        call_id = report.call_id = uuid.uuid4().hex[:16]
-        # outputs another evaluation of this batch reads are published before the next wave starts;
-        # the others in the background, overlapping the next waves (all before the events are acked)
-        needed = {d for ds in deps.values() for d in ds}
-        background: list[Future] = []
-        try:
-            for k, wave in enumerate(waves(list(evals), deps)):
-                runnable = []
-                for node in wave:
-                    ev = evals[node]
-                    failed = [d for d in deps.get(node, ()) if evals[d].status != "ok"]
-                    if failed:
-                        ev.status = "dependency_failed"
-                        ev.error = {"type": "DependencyFailed", "dependency": failed[0].script_id,
-                                    "message": f"dependency {failed[0].script_id}@{failed[0].version} has no "
-                                               f"output for this event ({evals[failed[0]].status})"}
-                    else:
-                        runnable.append(ev)
-                t0 = time.perf_counter()
-                rows = self._run_wave(runnable, call_id, data)
-                t1 = time.perf_counter()
-                report.timings_s[f"wave{k}"] = t1 - t0
-                first = [row for row in rows if _node_of(row) in needed]
-                if first:
-                    self._publish(first, data, report, received, started)
-                    report.timings_s[f"publish{k}"] = time.perf_counter() - t1
-                rest = [row for row in rows if _node_of(row) not in needed]
-                if rest:
-                    background.append(self._publishing.submit(self._publish_later, rest))
-        finally:
-            results = []
-            for fut in background:  # never ack (or retry) while a publish is still under way
-                try:
-                    results.append(fut.result())
-                except Exception as exc:
-                    results.append(exc)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            rows, new, done, took = result
-            report.published += new
-            report.timings_s["publish_bg"] = report.timings_s.get("publish_bg", 0.0) + took
-            self._record(rows, done, report, received, started)
+        report.call_id = uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        _BatchRun(self, evals, deps, data, report, received, started).run()
+        report.timings_s["run"] = time.perf_counter() - t0
+        self._dead_letter(report)
         for ev in evals.values():
             report.statuses[ev.status] += 1
             metrics.EVALUATIONS.labels(ev.status).inc()
@@ -363,6 +463,19 @@ class Evaluator:
             metrics.QUEUED.observe(queued)
         self._audit(report)
         return report
+
+    def _dead_letter(self, report: BatchReport) -> None:
+        """Record the evaluations given up on (before the events are acknowledged)."""
+        letters = [DeadLetter(ev.node.tenant, ev.principal.user_id, ev.node.script_id, ev.node.version,
+                              ev.node.params_hash, ev.node.instrument_key, ev.node.timeframe, ev.node.time,
+                              ev.error["dead_letter"], error_detail(ev.error) or "", ev.attempts, report.call_id)
+                   for ev in report.dead_letters if ev.error]
+        self.publisher.dead_letter(letters)
+        for letter in letters:
+            metrics.DEAD_LETTERS.labels(letter.reason).inc()
+            logs.event(log, "realtime evaluation dead-lettered", tenant=letter.tenant, script_id=letter.script_id,
+                       version=letter.version, instrument_key=letter.instrument_key, time=letter.time,
+                       reason=letter.reason, attempts=letter.attempts, error=letter.error[:300])
 
     def _audit(self, report: BatchReport) -> None:
         """One audit row per evaluation of a batch that was published (denied ones included), written
@@ -467,13 +580,13 @@ class Evaluator:
             return None
         return encode(tenant, windows.values(), outputs.values())
 
-    def _chunks(self, key: tuple[str, int, str], group: list[Evaluation]) -> list[list[Evaluation]]:
-        """At most scheduler_max_items per invocation and, for market readers, at most
+    def _chunks(self, key: tuple, group: list[Evaluation], cap: int | None = None) -> list[list[Evaluation]]:
+        """At most `cap` (default scheduler_max_items) items per invocation and, for market readers, at most
         MAX_WINDOWS_PER_CALL instruments and PREFETCH_BYTES of candle windows. Items go in event-time
         order: one child runs them one after another with shared module state, so an item must never
         run after one with a later as-of (whatever it read could otherwise be kept for an earlier event:
         lookahead)."""
-        size = self.cfg.scheduler_max_items
+        size = cap or self.cfg.scheduler_max_items
         group = sorted(group, key=lambda ev: ev.node.time)  # stable: otherwise in event order
         if not (self.prefetch and self.market is not None and self._reads_market(key[0], key[1])):
             return [group[i:i + size] for i in range(0, len(group), size)]
@@ -492,99 +605,285 @@ class Evaluator:
 
     # ------------------------------------------------------------------ invoking
 
-    def _run_wave(self, runnable: list[Evaluation], call_id: str, data: BatchData | None = None
-                  ) -> list[OutputRow]:
-        data = data or BatchData()
-        groups: dict[tuple[str, int, str], list[Evaluation]] = defaultdict(list)
-        for ev in runnable:
-            groups[(ev.node.script_id, ev.node.version, ev.node.tenant)].append(ev)
-        chunks = [(key, chunk) for key, group in groups.items() for chunk in self._chunks(key, group)]
-        futures = [self.pool.submit(self._invoke, key, chunk, call_id, data) for key, chunk in chunks]
-        rows: list[OutputRow] = []
-        transient: list[BaseException] = []
-        for fut in futures:
-            try:
-                rows.extend(fut.result())
-            except TransientFailure as exc:
-                transient.append(exc)
-        if transient:
-            raise transient[0]
-        return rows
+    def deadline_s(self, script_id: str, version: int, items: int | None = None) -> float:
+        """How long an invocation of `items` items (None: as many as allowed) may take: no longer than
+        its items could (their timeout: the version's own limit, else its tier's) plus a cold start,
+        and than the configured deadline; never less than one item's timeout plus a cold start."""
+        key = (script_id, version)
+        if key not in self._item_timeouts:
+            meta = self.invoker.version(script_id, version)[0]
+            timeout_ms = meta.limits.timeout_ms if meta.limits and meta.limits.timeout_ms else None
+            tier = self.cfg.tier(meta.tier or "pro")
+            self._item_timeouts[key] = (timeout_ms or (tier.timeout_ms if tier else 0)) / 1000
+        item = self._item_timeouts[key]
+        longest = self.cfg.scheduler_invoke_timeout_s if items is None else \
+            min(self.cfg.scheduler_invoke_timeout_s, items * item + DEADLINE_MARGIN_S)
+        return max(item + DEADLINE_MARGIN_S, longest)
 
-    def _invoke(self, key: tuple[str, int, str], chunk: list[Evaluation], call_id: str,
-                data: BatchData | None = None) -> list[OutputRow]:
-        script_id, version, tenant = key
-        tokens: dict[tuple, str] = {}
-        items = []
-        for ev in chunk:
-            p = ev.principal
-            tkey = (p.user_id, p.tier, ev.node.time)
-            if tkey not in tokens:
-                tokens[tkey] = self.invoker.execution_token(script_id, version, Scope(p.user_id, tenant, p.tier),
-                                                            ev.node.time, ev.closure, call_id, realtime=True)
-            items.append({"instrument_key": ev.node.instrument_key, "timeframe": ev.node.timeframe,
-                          "params": ev.params, "timestamp": ev.node.time, "execution_token": tokens[tkey]})
-        # the most common token becomes the batch default: items repeat it only when they differ
-        common = Counter(i["execution_token"] for i in items).most_common(1)[0][0]
-        for item in items:
-            if item["execution_token"] == common:
-                del item["execution_token"]
-        first = chunk[0].principal
-        body: dict[str, Any] = {"items": items, "execution_token": common}
-        prefetch = self._prefetch(script_id, version, tenant, chunk, data) if self.prefetch and data else None
-        if prefetch is not None:
-            # bound to this function, tenant (the invocation token's) and exact items by a MAC
-            body["prefetch"] = sign_prefetch(function_name(script_id, version), tenant, items, common, prefetch)
+    def _invoke(self, key: tuple, chunk: list[Evaluation], call_id: str, data: BatchData | None = None) -> Answer:
+        """One invocation of the chunk's function (`key`: its group). Touches no evaluation: the
+        batch applies the answer. Raises InvocationFailed when the invocation itself failed."""
+        script_id, version, tenant = key[:3]
         started = time.perf_counter()
+        deadline = self.deadline_s(script_id, version, len(chunk))
         try:
+            tokens: dict[tuple, str] = {}
+            items = []
+            for ev in chunk:
+                p = ev.principal
+                tkey = (p.user_id, p.tier, ev.node.time)
+                if tkey not in tokens:
+                    tokens[tkey] = self.invoker.execution_token(script_id, version, Scope(p.user_id, tenant, p.tier),
+                                                                ev.node.time, ev.closure, call_id, realtime=True)
+                items.append({"instrument_key": ev.node.instrument_key, "timeframe": ev.node.timeframe,
+                              "params": ev.params, "timestamp": ev.node.time, "execution_token": tokens[tkey]})
+            # the most common token becomes the batch default: items repeat it only when they differ
+            common = Counter(i["execution_token"] for i in items).most_common(1)[0][0]
+            for item in items:
+                if item["execution_token"] == common:
+                    del item["execution_token"]
+            first = chunk[0].principal
+            body: dict[str, Any] = {"items": items, "execution_token": common}
+            prefetch = self._prefetch(script_id, version, tenant, chunk, data) if self.prefetch and data else None
+            if prefetch is not None:
+                # bound to this function, tenant (the invocation token's) and exact items by a MAC
+                body["prefetch"] = sign_prefetch(function_name(script_id, version), tenant, items, common, prefetch)
+            self.invoker.function_for(script_id, version, tenant)  # deployed before the clock runs
+            started = time.perf_counter()
             answer = self.invoker.invoke(script_id, version, body, Scope(first.user_id, tenant, first.tier),
-                                         call_id)
+                                         call_id, timeout=deadline)
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list) or len(results) != len(chunk):
-                raise TransientFailure(f"{script_id}@{version} answered {len(results or [])} results "
-                                       f"for {len(chunk)} items")
+                raise InvocationFailed(f"function {function_name(script_id, version)} answered "
+                                       f"{len(results) if isinstance(results, list) else 'no'} results for "
+                                       f"{len(chunk)} items")
             checked = [check_result(r) for r in results]
-            needed = answer.get("prefetch_bars")
-            if isinstance(needed, int) and needed >= 0 and prefetch is not None and data is not None \
-                    and data.windows and self._reads_market(script_id, version):
-                learnt = self._bars.get((script_id, version))  # the default until a function reports
-                self._bars[(script_id, version)] = min(MAX_BARS, needed if learnt is None else max(learnt, needed))
-            hits = answer.get("prefetched_reads")
-            if isinstance(hits, int) and hits > 0:
-                metrics.PREFETCHED_READS.inc(hits)
-                if data is not None:
-                    with data.lock:
-                        data.prefetched_reads += hits
         except ApiError as exc:
-            # function unreachable / budget full / malformed answer: the events are retried later
-            raise TransientFailure(f"{script_id}@{version}: {exc.message}") from None
-        metrics.INVOKE_SECONDS.observe(time.perf_counter() - started)
+            # function unreachable / budget full / non-200 / malformed answer or result
+            took = time.perf_counter() - started
+            raise InvocationFailed(exc.message, deadline=took >= deadline * 0.95) from None
+        took = time.perf_counter() - started
+        needed = answer.get("prefetch_bars")
+        if isinstance(needed, int) and needed >= 0 and prefetch is not None and data is not None \
+                and data.windows and self._reads_market(script_id, version):
+            learnt = self._bars.get((script_id, version))  # the default until a function reports
+            self._bars[(script_id, version)] = min(MAX_BARS, needed if learnt is None else max(learnt, needed))
+        hits = answer.get("prefetched_reads")
+        if isinstance(hits, int) and hits > 0:
+            metrics.PREFETCHED_READS.inc(hits)
+            if data is not None:
+                with data.lock:
+                    data.prefetched_reads += hits
+        metrics.INVOKE_SECONDS.observe(took)
         metrics.BATCH_ITEMS.observe(len(chunk))
-        rows = []
-        for ev, res in zip(chunk, checked, strict=True):
-            ev.status, ev.error = res["status"], res.get("error")
+        return Answer(checked, took)
+
+
+class _BatchRun:
+    """One batch's evaluations driven to their final status (see the module docstring): dispatch what
+    is ready, apply each answer as it arrives, retry or dead-letter what failed, publish, and go on
+    with what that made ready. Evaluations are only touched here, on the batch's thread."""
+
+    def __init__(self, evaluator: Evaluator, evals: dict[Node, Evaluation], deps: dict[Node, list[Node]],
+                 data: BatchData, report: BatchReport, received: dict[tuple[str, str, float], float],
+                 started: float) -> None:
+        self.ev = evaluator
+        self.cfg = evaluator.cfg
+        self.breakers = evaluator.breakers
+        self.evals, self.deps, self.data, self.report = evals, deps, data, report
+        self.received, self.started = received, started
+        self.frontier = Frontier(list(evals), deps)
+        self.needed = {d for ds in deps.values() for d in ds}  # outputs another evaluation reads
+        self.pending: list[Evaluation] = []  # ready, waiting to be invoked (maybe for a retry's backoff)
+        self.inflight: dict[Future, tuple[tuple, list[Evaluation]]] = {}
+        self.busy: Counter = Counter()  # invocations in flight per function, and per breaker key
+        self.rest: list[OutputRow] = []  # outputs nothing in the batch reads, published in the background
+        self.background: list[Future] = []
+
+    def run(self) -> None:
+        try:
+            self._finish([], self.frontier.ready())
+            while True:
+                self._dispatch()
+                if not self.inflight and not self.pending:
+                    break
+                now = time.monotonic()
+                later = [ev.not_before - now for ev in self.pending if ev.not_before > now]
+                if not self.inflight:
+                    if later:
+                        time.sleep(min(later))  # only retries waiting for their backoff
+                    continue
+                done, _ = wait(list(self.inflight), timeout=min(later) if later else None,
+                               return_when=FIRST_COMPLETED)
+                finals: list[Evaluation] = []
+                for fut in done:
+                    group, chunk = self.inflight.pop(fut)
+                    finals += self._apply(group, chunk, fut)
+                self._finish(finals)
+            for node in self.frontier.unfinished():  # only a dependency cycle leaves any
+                ev = self.evals[node]
+                ev.status, ev.error = "error", {"type": "DependencyCycle", "message": "dependency cycle"}
+        finally:
+            # never ack (or nak) while an invocation or a publish is under way
+            wait(list(self.inflight))
+            if self.rest:
+                self.background.append(self.ev._publishing.submit(self.ev._publish_later, self.rest))
+            self._collect(self.background)
+
+    def _collect(self, futures: list[Future]) -> None:
+        results = []
+        for fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception as exc:
+                results.append(exc)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            rows, new, done, took = result
+            self.report.published += new
+            self.report.timings_s["publish_bg"] = self.report.timings_s.get("publish_bg", 0.0) + took
+            self.ev._record(rows, done, self.report, self.received, self.started)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self) -> None:
+        """Invoke every ready evaluation its breaker and its function's free slots let through: open ->
+        dead-lettered now; not proven -> one single-item probe at a time; proven -> chunks of the
+        breaker's size, at most scheduler_function_inflight invocations of a function at once."""
+        while self.pending:
+            now = time.monotonic()
+            groups: dict[tuple, list[Evaluation]] = defaultdict(list)
+            keep = []
+            for ev in self.pending:
+                (groups[ev.group] if ev.not_before <= now else keep).append(ev)
+            finals: list[Evaluation] = []
+            for group, evs in groups.items():
+                fkey, bkey = group[:2], group[:3]
+                if self.breakers.is_open(bkey):
+                    for ev in evs:
+                        self._give_up(ev, "circuit_open", f"function {function_name(*fkey)} is failing for "
+                                                          f"tenant {bkey[2]}; its circuit breaker is open")
+                    finals += evs
+                    continue
+                slots = self.cfg.scheduler_function_inflight - self.busy[fkey]
+                if slots <= 0 or (self.busy[bkey] and not self.breakers.proven(bkey)):
+                    keep += evs
+                    continue
+                if self.breakers.proven(bkey):
+                    chunks = self.ev._chunks(group, evs, self.breakers.chunk_cap(bkey, self.ev.deadline_s(*fkey)))
+                else:  # a probe: one item decides whether the rest go in full chunks
+                    chunks = [sorted(evs, key=lambda e: e.node.time)]
+                    chunks = [chunks[0][:1], chunks[0][1:]]
+                    slots = 1
+                for chunk in chunks[slots:]:
+                    keep += chunk
+                for chunk in chunks[:slots]:
+                    fut = self.ev.pool.submit(self.ev._invoke, group, chunk, self.report.call_id, self.data)
+                    self.inflight[fut] = (group, chunk)
+                    self.busy[fkey] += 1
+                    self.busy[bkey] += 1
+            self.pending = keep
+            if not finals:
+                return
+            self._finish(finals)  # may make more evaluations ready: dispatch again
+
+    # ------------------------------------------------------------------ answers
+
+    def _apply(self, group: tuple, chunk: list[Evaluation], fut: Future) -> list[Evaluation]:
+        """An invocation's outcome: final evaluations returned, failed ones queued for a retry."""
+        bkey = group[:3]
+        self.busy[group[:2]] -= 1
+        self.busy[bkey] -= 1
+        try:
+            answer: Answer = fut.result()
+        except InvocationFailed as exc:
+            self.breakers.strike(bkey, hard=exc.deadline)
+            logs.event(log, "realtime invocation failed", script_id=bkey[0], version=bkey[1], tenant=bkey[2],
+                       items=len(chunk), error=str(exc)[:300])
+            return [ev for ev in chunk if self._retry(ev, "invocation_failed", str(exc))]
+        finals = []
+        timeouts = 0
+        for ev, res in zip(chunk, answer.results, strict=True):
             ev.metrics = {k: res.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")}
-            if _transient(res):
-                raise TransientFailure(f"{script_id}@{version}: {res['error'].get('message', '')[:200]}")
+            if res["status"] != "ok" and res.get("retryable") is True:
+                # set by the supervisor only, from a data gateway outage it saw itself
+                if self._retry(ev, "data_source_unavailable", str((res.get("error") or {}).get("message", ""))):
+                    finals.append(ev)
+                continue
+            ev.status, ev.error = res["status"], res.get("error")
             if ev.status == "ok":
                 out = res["output"]
                 ev.output_hash = canonical_hash(out)
-                rows.append(OutputRow(time=ev.node.time, tenant=tenant, instrument_key=ev.node.instrument_key,
-                                      timeframe=ev.node.timeframe, script_id=script_id, version=version,
-                                      params_hash=ev.node.params_hash, value=out["value"],
-                                      metadata=out.get("metadata") or {}, call_id=call_id))
-            elif ev.status != "dependency_failed":
-                logs.event(log, "realtime evaluation failed", script_id=script_id, version=version,
-                           instrument_key=ev.node.instrument_key, time=ev.node.time, status=ev.status,
-                           error=(ev.error or {}).get("message", "")[:300])
-        return rows
+                n = ev.node
+                ev.row = OutputRow(time=n.time, tenant=n.tenant, instrument_key=n.instrument_key,
+                                   timeframe=n.timeframe, script_id=n.script_id, version=n.version,
+                                   params_hash=n.params_hash, value=out["value"], metadata=out.get("metadata") or {},
+                                   call_id=self.report.call_id)
+            else:
+                timeouts += ev.status == "timeout"
+                if ev.status != "dependency_failed":
+                    logs.event(log, "realtime evaluation failed", script_id=bkey[0], version=bkey[1],
+                               instrument_key=ev.node.instrument_key, time=ev.node.time, status=ev.status,
+                               error=(ev.error or {}).get("message", "")[:300])
+            finals.append(ev)
+        for _ in range(timeouts):
+            self.breakers.strike(bkey)
+        if not timeouts:  # it answered every item in time (an outage it reported counts as an answer)
+            self.breakers.success(bkey, answer.seconds / len(chunk))
+        return finals
 
+    def _retry(self, ev: Evaluation, reason: str, message: str) -> bool:
+        """Queue a failed evaluation for another attempt after its backoff; True when its attempts
+        are spent and it was dead-lettered instead."""
+        ev.attempts += 1
+        if ev.attempts >= self.cfg.scheduler_retry_attempts:
+            self._give_up(ev, reason, message)
+            return True
+        backoff = self.cfg.scheduler_retry_backoff_s * 2 ** (ev.attempts - 1)
+        ev.not_before = time.monotonic() + min(backoff, self.cfg.scheduler_retry_backoff_max_s)
+        self.pending.append(ev)
+        self.report.item_retries += 1
+        metrics.ITEM_RETRIES.labels(reason).inc()
+        return False
 
-def _transient(result: dict[str, Any]) -> bool:
-    """The data gateway was unreachable after its retries: infrastructure, not the script's fault."""
-    error = result.get("error") or {}
-    return (result.get("status") == "error" and error.get("type") == "DataAccessError"
-            and "unavailable" in str(error.get("message", "")))
+    def _give_up(self, ev: Evaluation, reason: str, message: str) -> None:
+        ev.status = "error"
+        ev.error = {"type": DEAD_LETTER_TYPES[reason], "dead_letter": reason, "attempts": ev.attempts,
+                    "message": f"{message[:1000]} (dead-lettered after {ev.attempts} attempt(s))"}
+        self.report.dead_letters.append(ev)
+
+    # ------------------------------------------------------------------ publishing and what it unblocks
+
+    def _finish(self, finals: list[Evaluation], ready: list[Node] | None = None) -> None:
+        """Publish the outputs of evaluations that reached their final status (what another evaluation
+        reads first, so it reads this event's value), then release their dependents: invoked when all
+        their dependencies are ok, `dependency_failed` otherwise."""
+        rows = [ev.row for ev in finals if ev.status == "ok" and ev.row is not None]
+        first = [row for row in rows if _node_of(row) in self.needed]
+        if first:
+            t0 = time.perf_counter()
+            self.ev._publish(first, self.data, self.report, self.received, self.started)
+            self.report.timings_s["publish"] = self.report.timings_s.get("publish", 0.0) + time.perf_counter() - t0
+        self.rest += [row for row in rows if _node_of(row) not in self.needed]
+        if self.rest and all(f.done() for f in self.background):  # one background publish at a time
+            self.background.append(self.ev._publishing.submit(self.ev._publish_later, self.rest))
+            self.rest = []
+        queue = list(ready or [])
+        for ev in finals:
+            queue += self.frontier.done(ev.node)
+        while queue:
+            node = queue.pop()
+            ev = self.evals[node]
+            failed = [d for d in self.deps.get(node, ()) if self.evals[d].status != "ok"]
+            if not failed:
+                self.pending.append(ev)
+                continue
+            ev.status = "dependency_failed"
+            ev.error = {"type": "DependencyFailed", "dependency": failed[0].script_id,
+                        "message": f"dependency {failed[0].script_id}@{failed[0].version} has no "
+                                   f"output for this event ({self.evals[failed[0]].status})"}
+            queue += self.frontier.done(node)
 
 
 # ---------------------------------------------------------------------- the NATS loop
@@ -596,7 +895,9 @@ class RunStats:
     events: int = 0
     evaluations: int = 0
     statuses: Counter = field(default_factory=Counter)
-    retries: int = 0
+    retries: int = 0  # batches left unacknowledged (publishing failed)
+    item_retries: int = 0  # evaluations tried again within their batch
+    dead_letters: Counter = field(default_factory=Counter)  # by reason
     latencies_s: list[float] = field(default_factory=list)
     queued_s: list[float] = field(default_factory=list)
     prefetched_reads: int = 0
@@ -711,10 +1012,10 @@ class Scheduler:
             self.stats.retries += 1
             metrics.RETRIES.inc()
             deliveries = max(m.metadata.num_delivered for m in good)
-            logs.event(log, "batch not published; events will be redelivered", events=len(events),
+            logs.event(log, "batch failed on the platform side; events will be redelivered", events=len(events),
                        deliveries=deliveries, error=repr(exc)[:300])
             if deliveries >= GIVE_UP_AFTER_DELIVERIES:
-                logs.event(log, "giving up on events after repeated transient failures", events=len(events))
+                logs.event(log, "giving up on events after repeated platform failures", events=len(events))
                 for m in good:
                     with contextlib.suppress(Exception):
                         await m.term()
@@ -732,11 +1033,14 @@ class Scheduler:
         s.events += len(good)
         s.evaluations += report.evaluations
         s.statuses.update(report.statuses)
+        s.item_retries += report.item_retries
+        s.dead_letters.update(ev.error["dead_letter"] for ev in report.dead_letters if ev.error)
         s.latencies_s.extend(report.latencies_s)
         s.queued_s.extend(report.queued_s)
         s.prefetched_reads += report.prefetched_reads
         logs.event(log, "batch published", events=len(good), evaluations=report.evaluations,
-                   published=report.published, statuses=dict(report.statuses),
+                   published=report.published, statuses=dict(report.statuses), item_retries=report.item_retries,
+                   dead_letters=len(report.dead_letters),
                    prefetched_reads=report.prefetched_reads,
                    timings_ms={k: round(v * 1000, 1) for k, v in report.timings_s.items()})
 

@@ -1,8 +1,10 @@
-"""Dependency waves: order evaluations so a dependency's output for an event is published first.
+"""Dependency order: a dependency's output for an event is published before its dependents run.
 
 An evaluation is one (script version, params) for one event; its dependencies are evaluated for the
-same event. Wave k holds every evaluation whose dependencies all sit in waves < k, so a wave can run
-as one batch per function and the scheduler publishes a whole wave before starting the next.
+same event. `waves` orders a graph in levels: wave k holds every evaluation whose dependencies all sit
+in waves < k. The scheduler runs by `Frontier` instead: an evaluation becomes ready the moment its own
+dependencies are done, so a slow or retried function delays its own dependents only, never another
+tenant's next level.
 """
 
 from __future__ import annotations
@@ -21,14 +23,7 @@ class CycleError(ValueError):
 
 def waves(nodes: Iterable[Node], deps: Mapping[Node, Iterable[Node]]) -> list[list[Node]]:
     """Kahn's algorithm by levels over `nodes` plus everything they depend on, transitively."""
-    graph: dict[Node, set[Node]] = {}
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in graph:
-            continue
-        graph[node] = set(deps.get(node, ()))
-        stack.extend(graph[node])
+    graph = _closure(nodes, deps)
     remaining = {node: set(d) for node, d in graph.items()}
     order: list[list[Node]] = []
     while remaining:
@@ -43,3 +38,47 @@ def waves(nodes: Iterable[Node], deps: Mapping[Node, Iterable[Node]]) -> list[li
         for d in remaining.values():
             d -= done
     return order
+
+
+def _closure(nodes: Iterable[Node], deps: Mapping[Node, Iterable[Node]]) -> dict[Node, set[Node]]:
+    graph: dict[Node, set[Node]] = {}
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in graph:
+            continue
+        graph[node] = set(deps.get(node, ()))
+        stack.extend(graph[node])
+    return graph
+
+
+class Frontier:
+    """Kahn's algorithm one completion at a time: `ready()` gives the nodes without dependencies,
+    `done(node)` the nodes whose last unfinished dependency it was. Nodes on a cycle never become
+    ready (`unfinished` names what is left)."""
+
+    def __init__(self, nodes: Iterable[Node], deps: Mapping[Node, Iterable[Node]]) -> None:
+        graph = _closure(nodes, deps)
+        self._waiting = {node: len(d) for node, d in graph.items()}
+        self._dependents: dict[Node, list[Node]] = {node: [] for node in graph}
+        for node, d in graph.items():
+            for dep in d:
+                self._dependents[dep].append(node)
+        self._finished: set[Node] = set()
+
+    def ready(self) -> list[Node]:
+        return [node for node, n in self._waiting.items() if n == 0]
+
+    def done(self, node: Node) -> list[Node]:
+        if node in self._finished:
+            return []
+        self._finished.add(node)
+        now_ready = []
+        for dependent in self._dependents.get(node, ()):
+            self._waiting[dependent] -= 1
+            if self._waiting[dependent] == 0:
+                now_ready.append(dependent)
+        return now_ready
+
+    def unfinished(self) -> list[Node]:
+        return [node for node in self._waiting if node not in self._finished]

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -18,6 +20,7 @@ import redis
 from customscripts.config import Settings
 from customscripts.realtime.publisher import latest_key, stream_key
 from customscripts.realtime.scheduler import RunStats, Scheduler, build_evaluator
+from tests.waiting import wait_until
 
 
 def isolated(cfg: Settings, uid: str) -> Settings:
@@ -87,6 +90,28 @@ def latest(cfg: Settings, tenant: str, instrument: str, timeframe: str, script_i
     return json.loads(raw) if raw else None
 
 
+def subscribe(caller: Any, script_id: str, instrument: str = "GOOG", timeframe: str = "1d", **body: Any):
+    """POST /scripts/{id}/subscribe as `caller` (registry_support.Caller); the response."""
+    return caller.call("POST", f"/scripts/{script_id}/subscribe",
+                       {"instrument_key": instrument, "timeframe": timeframe, **body})
+
+
+def realtime_audit(cfg: Settings, tenant: str, script_ids: list[str], expect: int,
+                   columns: str = "script_id, status, user_id") -> list[tuple]:
+    """`columns` (a fixed list from the test) of the tenant's realtime audit rows of these scripts, in
+    order, once `expect` are written (the audit writer is asynchronous; a bounded wait)."""
+    found: list[tuple] = []
+
+    def enough() -> bool:
+        with psycopg.connect(cfg.pg_dsn) as conn:
+            found[:] = conn.execute(f"SELECT {columns} FROM audit WHERE tenant = %s AND action = 'realtime' "
+                                    "AND script_id = ANY(%s) ORDER BY id", (tenant, script_ids)).fetchall()
+        return len(found) >= expect
+
+    wait_until(enough, interval=0.05)
+    return found
+
+
 def drop_subscriptions(cfg: Settings, tenant: str) -> None:
     with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (tenant,))
@@ -111,3 +136,52 @@ def publish_candles(cfg: Settings, candles: list[dict]) -> None:
             await nc.drain()
 
     asyncio.run(go())
+
+
+class FunctionKiller:
+    """While active, SIGKILLs every process of one script function (and its sandbox, its own process
+    group) that this checkout's provider runs: the function fails outright on every call. Only the
+    processes started from this repository's functions/<name> folder are touched."""
+
+    def __init__(self, name: str, interval_s: float = 0.01) -> None:
+        from customscripts.config import REPO_ROOT
+
+        self.folder = str(REPO_ROOT / "functions" / name)
+        self.interval_s = interval_s
+        self.kills = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _pids(self) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    args = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if b"customscripts.faas.runner" in args and self.folder.encode() in args:
+                found.append(int(entry))
+        return found
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for pid in self._pids():
+                try:
+                    if os.getpgid(pid) == pid:  # the provider starts each function in its own session
+                        os.killpg(pid, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+    def __enter__(self) -> FunctionKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

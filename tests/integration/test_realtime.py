@@ -19,13 +19,14 @@ from tests.integration.realtime_support import (
     drop_subscriptions,
     isolated,
     latest,
+    realtime_audit,
     rows,
     run_scheduler,
     stream_counts,
+    subscribe,
 )
 from tests.integration.registry_support import Caller, error_code
 from tests.integration.test_execute_e2e import RSI_SCRIPT
-from tests.waiting import wait_until
 
 GOOG_START = datetime(2012, 6, 1, tzinfo=UTC).timestamp()
 EURUSD_START = datetime(2018, 1, 2, tzinfo=UTC).timestamp()
@@ -44,25 +45,6 @@ def alice(api, uid, stack):
     caller = Caller(api, f"alice-{uid}", f"tenant-{uid}")
     yield caller
     drop_subscriptions(stack, caller.tenant)
-
-
-def realtime_audit(cfg, tenant: str, script_ids: list[str], expect: int) -> list[tuple]:
-    """(script_id, status, user_id) of the tenant's realtime audit rows, once `expect` are written."""
-    found: list[tuple] = []
-
-    def enough() -> bool:
-        with psycopg.connect(cfg.pg_dsn) as conn:
-            found[:] = conn.execute("SELECT script_id, status, user_id FROM audit WHERE tenant = %s AND action ="
-                                    " 'realtime' AND script_id = ANY(%s) ORDER BY id", (tenant, script_ids)).fetchall()
-        return len(found) >= expect
-
-    wait_until(enough, interval=0.05)
-    return found
-
-
-def subscribe(caller: Caller, script_id: str, instrument: str = "GOOG", timeframe: str = "1d", **body):
-    return caller.call("POST", f"/scripts/{script_id}/subscribe",
-                       {"instrument_key": instrument, "timeframe": timeframe, **body})
 
 
 def closes(cfg, instrument: str, timeframe: str, start: float, limit: int) -> dict[float, float]:

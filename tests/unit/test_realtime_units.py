@@ -264,3 +264,87 @@ def test_window_wire_round_trip_uses_gateway_timestamps():
     with pytest.raises(sp.PrefetchError):
         sp._Window({**window([hi], hi, True).wire(), "hi": math.nan})
     assert sp._Window(window([hi + DAY], hi, True).wire())._decode() is None  # a row after the as-of
+
+
+# ---------------------------------------------------------------------- failures stay inside their function
+
+
+def test_breaker_opens_after_strikes_cools_down_probes_and_doubles():
+    import dataclasses
+
+    from customscripts.config import settings
+    from customscripts.realtime.scheduler import Breakers
+
+    cfg = dataclasses.replace(settings(), scheduler_breaker_strikes=2, scheduler_breaker_cooldown_s=10,
+                              scheduler_breaker_cooldown_max_s=25, scheduler_max_items=1000)
+    now = [100.0]
+    breakers = Breakers(cfg, clock=lambda: now[0])
+    key = ("s", 1, "t")
+    assert not breakers.proven(key) and not breakers.is_open(key)  # new: probed first
+    breakers.strike(key)
+    assert not breakers.is_open(key) and not breakers.proven(key)
+    breakers.strike(key)
+    assert breakers.is_open(key)
+    now[0] += 10.5
+    assert not breakers.is_open(key) and not breakers.proven(key)  # half-open: one probe
+    breakers.strike(key)
+    assert breakers.is_open(key)
+    now[0] += 10.5
+    assert breakers.is_open(key)  # the second opening lasts twice as long
+    now[0] += 10
+    breakers.success(key, per_item_s=0.01)  # a clean probe: proven, one strike forgiven...
+    assert breakers.proven(key) and not breakers.is_open(key)
+    breakers.strike(key)  # ...so one more timeout opens it again, for longer
+    now[0] += 24.5
+    assert breakers.is_open(key)  # capped at the max (25), not 40
+    now[0] += 1
+    for _ in range(3):
+        breakers.success(key, per_item_s=0.01)
+    assert breakers.proven(key) and not breakers.is_open(key)
+    assert breakers.chunk_cap(key, deadline_s=15) == 750  # half the deadline at 10 ms per item
+    breakers.success(key, per_item_s=0.00001)
+    assert breakers.chunk_cap(key, deadline_s=15) == 1000  # never above scheduler_max_items
+    breakers.strike(key, hard=True)  # an invocation past its deadline opens it at once
+    assert breakers.is_open(key)
+    assert not breakers.is_open(("s", 1, "other-tenant"))  # per function *and tenant*
+
+
+def test_breaker_forgives_openings_once_the_function_stays_clean():
+    import dataclasses
+
+    from customscripts.config import settings
+    from customscripts.realtime.scheduler import Breakers
+
+    cfg = dataclasses.replace(settings(), scheduler_breaker_strikes=1, scheduler_breaker_cooldown_s=10,
+                              scheduler_breaker_cooldown_max_s=100)
+    now = [0.0]
+    breakers = Breakers(cfg, clock=lambda: now[0])
+    key = ("s", 1, "t")
+    breakers.strike(key)  # open 10 s
+    now[0] += 11
+    breakers.strike(key)  # open 20 s
+    now[0] += 21
+    breakers.success(key, per_item_s=0.01)
+    now[0] += 100  # clean for the longest cool-down
+    breakers.success(key, per_item_s=0.01)
+    breakers.strike(key)
+    now[0] += 10.5
+    assert not breakers.is_open(key)  # back to the first cool-down
+
+
+def test_batches_are_grouped_per_principal_and_audience():
+    evaluator = _evaluator({("s", 1): ([], ""), ("dep", 1): ([], "")})
+    alice, bob = Principal("alice", "t", "pro", ()), Principal("bob", "t", "pro", ())
+
+    def ev(user: Principal, phash: str, sid: str = "s") -> Evaluation:
+        return Evaluation(Node("t", sid, 1, phash, "GOOG", "1d", T0), {}, user, [])
+
+    mine, theirs, shared, dep = ev(alice, "p1"), ev(bob, "p2"), ev(bob, "p3"), ev(bob, params_hash({}), "dep")
+    mine.audience, theirs.audience, shared.audience = {"alice"}, {"bob"}, {"bob", "carol"}
+    evals = {e.node: e for e in (mine, theirs, shared, dep)}
+    deps = {theirs.node: [dep.node], shared.node: [dep.node]}
+    evaluator._group(evals, deps)
+    assert dep.audience == {"bob", "carol"}  # read by both of its dependents' audiences
+    groups = {mine.group, theirs.group, shared.group}
+    assert len(groups) == 3  # no two of them share a child
+    assert mine.group[:5] == ("s", 1, "t", "alice", "pro") and theirs.group[:5] == ("s", 1, "t", "bob", "pro")
