@@ -276,20 +276,29 @@ def test_each_execution_has_its_own_tmp() -> None:
 
 @pytest.mark.parametrize("isolation", ["bwrap", "process"])
 def test_children_hold_no_capabilities_and_own_mount_namespaces(isolation: str) -> None:
-    """Seen from the host: every pre-forked child (set up, waiting for its request) has no capability
-    left and a mount namespace of its own."""
+    """Seen from the host: every pre-forked child, once set up (it is handed over right after the fork
+    and reads its request only after its setup), has no capability left and a mount namespace of its
+    own."""
     limits = SandboxLimits.default(timeout_ms=1000)
     with Supervisor("def run(ctx):\n    return 1\n", limits=limits, isolation=isolation,
                     data=SampleDataSource(), prefork=2) as sup:
         assert sup.execute(request()).status == "ok"
         zpid = _zygote_pid(sup)
-        assert wait_until(lambda: len(_children_of(zpid)) == 2)
-        namespaces = {os.readlink(f"/proc/{zpid}/ns/mnt")}
+        zygote_ns = os.readlink(f"/proc/{zpid}/ns/mnt")
+
+        def set_up(pid: int) -> bool:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                return "NoNewPrivs:\t1" in status and os.readlink(f"/proc/{pid}/ns/mnt") != zygote_ns
+            except OSError:
+                return False
+
+        assert wait_until(lambda: len(_children_of(zpid)) == 2 and all(map(set_up, _children_of(zpid))))
+        namespaces = {zygote_ns}
         for pid in _children_of(zpid):
             status = Path(f"/proc/{pid}/status").read_text()
             for field in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
                 assert f"{field}:\t0000000000000000" in status, (field, status)
-            assert "NoNewPrivs:\t1" in status
             namespaces.add(os.readlink(f"/proc/{pid}/ns/mnt"))
         assert len(namespaces) == 3
 
