@@ -259,6 +259,15 @@ def load_stack(path: Path | None = None, environ: Mapping[str, str] | None = Non
     return yaml.safe_load(envsubst(path.read_text(), environ))
 
 
+def local_stack_environ() -> dict[str, str]:
+    """stack.yml's address variables as this stack's configuration gives them. Their defaults in
+    stack.yml are the default ports; a stack on other ports (CS_PROVIDER_PORT, CS_GATEWAY_FN_PORT)
+    must hand registry-fn its own provider and gateway-fn, never another stack's."""
+    cfg = settings()
+    return {"CS_FUNCTIONS_GATEWAY": cfg.provider_url, "OPENFAAS_URL": cfg.provider_url,
+            "CS_GATEWAY_URL": cfg.data_gateway_url}
+
+
 def stack_deployments(path: Path | None = None, *, local: bool = True,
                       environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """FunctionDeployment bodies for stack.yml's functions, as `faas-cli deploy` builds them.
@@ -269,6 +278,8 @@ def stack_deployments(path: Path | None = None, *, local: bool = True,
     functions call it there, as they call its Service on Kubernetes.
     """
     path = path or REPO_ROOT / "stack.yml"
+    if local:
+        environ = {**local_stack_environ(), **(os.environ if environ is None else environ)}
     stack = load_stack(path, environ)
     service_ports = {"gateway-fn": settings().gateway_fn_port}
     bodies = []

@@ -98,6 +98,7 @@ def test_script_functions_reach_gateway_fn_by_its_service_address() -> None:
     assert int(port) == cfg.gateway_fn_port
     assert SERVICE_PORT_ANNOTATION not in bodies["registry-fn"]["annotations"]
     assert bodies["registry-fn"]["envVars"]["CS_GATEWAY_URL"] == f"http://127.0.0.1:{port}"
+    assert bodies["registry-fn"]["envVars"]["OPENFAAS_URL"] == cfg.provider_url  # this stack's provider
     assert cfg.data_gateway_url == f"http://{cfg.provider_host}:{port}"
     assert "/function/" not in cfg.data_gateway_url
     assert SERVICE_PORT_ANNOTATION not in build.stack_deployments(STACK, local=False, environ={})[1]["annotations"]
