@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from customscripts import ids
 from customscripts.errors import BadRequest, Unprocessable
+from customscripts.http import parse_json
 
 PARAMS_HASH_LEN = 16
 MAX_HISTORY = 5000
@@ -168,10 +169,7 @@ def params_hash_from_query(q: Mapping[str, str]) -> str:
             raise Unprocessable(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
         return raw_hash
     if raw_params:
-        try:
-            params = json.loads(raw_params)
-        except ValueError as exc:
-            raise BadRequest(f"params is not valid JSON: {exc}", code="invalid_parameter") from None
+        params = parse_json(raw_params, "params")
         if not isinstance(params, dict):
             raise Unprocessable("params must be a JSON object", code="invalid_parameter")
         try:
