@@ -143,3 +143,31 @@ def test_a_stored_result_is_read_only_inside_its_tenant_by_entitled_users(api, a
             unknown.json()["error"]["message"].replace(f"no-such-call-{uid}", "X")
     for bad in ("..", "a/b", "x" * 200, "%00"):
         assert alice.call("GET", f"/executions/{bad}").status_code in (404, 422)
+
+
+def test_migration_moves_history_written_by_one_time_executes_out_of_the_way(stack, uid):
+    """Rows poisoned before the fix (a one-time execute's call id, or a time after now) leave
+    script_outputs when migration 007 runs: the realtime publish then writes the value of record.
+    Run inside a transaction that is rolled back, so nothing else in the database changes."""
+    from pathlib import Path
+
+    import customscripts
+
+    sql = (Path(customscripts.__file__).parent / "migrations" / "007_onetime_results.sql").read_text()
+    cleanup = sql[sql.index("-- History written by one-time executes"):]
+    tenant, sid = f"t-{uid}", f"s-{uid}"
+    row = ("INSERT INTO script_outputs (time, tenant, instrument_key, timeframe, script_id, version, params_hash,"
+           " value, call_id) VALUES (to_timestamp(%s), %s, 'GOOG', '1d', %s, 1, 'h', %s, %s)")
+    with psycopg.connect(stack.pg_dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(row, (AS_OF, tenant, sid, 666.0, f"onetime-{uid}"))
+        conn.execute(row, (AS_OF - 86400, tenant, sid, 1.0, f"realtime-{uid}"))
+        conn.execute(row, (time.time() + 86400 * 365, tenant, sid, 777.0, f"realtime-{uid}"))
+        conn.execute("INSERT INTO audit (call_id, script_id, version, user_id, tenant, action, status) VALUES"
+                     " (%s, %s, 1, 'mallory', %s, 'execute', 'ok')", (f"onetime-{uid}", sid, tenant))
+        conn.execute(cleanup)
+        left = conn.execute("SELECT value FROM script_outputs WHERE tenant = %s AND script_id = %s",
+                            (tenant, sid)).fetchall()
+        kept = conn.execute("SELECT user_id, value FROM onetime_results WHERE tenant = %s AND call_id = %s",
+                            (tenant, f"onetime-{uid}")).fetchall()
+    assert left == [(1.0,)]
+    assert kept == [("mallory", 666.0)]
