@@ -55,6 +55,17 @@ def assert_refused(resp: requests.Response, code: str) -> None:
     assert int(resp.headers["Retry-After"]) >= 1
 
 
+def registry_inflight_cap(stack) -> int:
+    """How many executes one registry-fn process runs at once, from its deployed configuration."""
+    from customscripts.faas.client import OpenFaaSClient
+
+    with OpenFaaSClient(stack.provider_url, stack.openfaas_user, stack.openfaas_password) as client:
+        env = client.describe("registry-fn").get("envVars") or {}
+    threads = int(env.get("CS_FN_THREADS") or 8)
+    assert int(env.get("CS_EXECUTE_MAX_INFLIGHT") or threads * 3 // 4) < threads
+    return max(1, min(int(env.get("CS_EXECUTE_MAX_INFLIGHT") or threads * 3 // 4), threads - 1))
+
+
 def in_flight(r: redis.Redis, tenants: list[str]) -> int:
     return sum(r.zcard(tenant_key(t)) for t in tenants)
 
@@ -107,7 +118,7 @@ def test_executes_never_take_every_registry_worker(api, stack, uid, r):
     excess is a 503 with Retry-After, and the rest of the API keeps answering meanwhile."""
     per_tenant = stack.tiers["pro"].max_concurrent_executes_per_tenant
     per_user = stack.tiers["pro"].max_concurrent_executes_per_user
-    inflight_cap = 24  # stack.yml: CS_EXECUTE_MAX_INFLIGHT for registry-fn (of CS_FN_THREADS=32)
+    inflight_cap = registry_inflight_cap(stack)
     tenants = [f"crowd{n}-{uid}" for n in range(inflight_cap // per_tenant + 1)]
     calls = []
     for tenant in tenants:
