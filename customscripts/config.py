@@ -16,6 +16,11 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CUSTOM_SCRIPTS_FEATURE = "custom_scripts"
+MARKETPLACE_PUBLISH_FEATURE = "marketplace_publish"  # needed to list a script on the marketplace
+
+
+DEFAULT_EXECUTES_PER_USER = 4
+DEFAULT_EXECUTES_PER_TENANT = 8
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class Tier:
     # carry `rt`): their volume is bounded by max_subscriptions x events, not by a person clicking.
     realtime_rate_per_minute: int = 0
     realtime_burst: int = 0
+    # One-time executes in flight at once, per user and per tenant (the caller's tier sizes both),
+    # across all registry-fn replicas (customscripts/registry/concurrency.py). The tenant's cap
+    # stays below a replica's CS_EXECUTE_MAX_INFLIGHT so no single tenant can fill a replica.
+    max_concurrent_executes_per_user: int = DEFAULT_EXECUTES_PER_USER
+    max_concurrent_executes_per_tenant: int = DEFAULT_EXECUTES_PER_TENANT
 
 
 BASE_MODULES = frozenset(
@@ -79,6 +89,8 @@ DEFAULT_TIERS: dict[str, dict] = {
         "function_cpu": "100m",
         "realtime_rate_per_minute": 0,
         "realtime_burst": 0,
+        "max_concurrent_executes_per_user": 0,
+        "max_concurrent_executes_per_tenant": 0,
     },
     "pro": {
         "features": [CUSTOM_SCRIPTS_FEATURE],
@@ -94,9 +106,11 @@ DEFAULT_TIERS: dict[str, dict] = {
         "function_cpu": "500m",
         "realtime_rate_per_minute": 1_200_000,
         "realtime_burst": 60_000,
+        "max_concurrent_executes_per_user": 4,
+        "max_concurrent_executes_per_tenant": 8,
     },
     "enterprise": {
-        "features": [CUSTOM_SCRIPTS_FEATURE, "marketplace_publish"],
+        "features": [CUSTOM_SCRIPTS_FEATURE, MARKETPLACE_PUBLISH_FEATURE],
         "max_scripts": 1000,
         "timeout_ms": 5000,
         "memory_mb": 1024,
@@ -109,6 +123,8 @@ DEFAULT_TIERS: dict[str, dict] = {
         "function_cpu": "1000m",
         "realtime_rate_per_minute": 6_000_000,
         "realtime_burst": 300_000,
+        "max_concurrent_executes_per_user": 8,
+        "max_concurrent_executes_per_tenant": 16,
     },
 }
 
@@ -146,6 +162,10 @@ def _load_tiers() -> dict[str, Tier]:
             function_cpu=str(spec.get("function_cpu", "500m")),
             realtime_rate_per_minute=int(spec.get("realtime_rate_per_minute", 0)),
             realtime_burst=int(spec.get("realtime_burst", 0)),
+            max_concurrent_executes_per_user=int(spec.get("max_concurrent_executes_per_user",
+                                                          DEFAULT_EXECUTES_PER_USER)),
+            max_concurrent_executes_per_tenant=int(spec.get("max_concurrent_executes_per_tenant",
+                                                            DEFAULT_EXECUTES_PER_TENANT)),
         )
         for name, spec in table.items()
     }
@@ -232,6 +252,18 @@ class Settings:
     # Script function identity (set by the provider / deployment for each function)
     function_name: str = field(default_factory=lambda: _env("CS_FUNCTION_NAME", ""))
     function_sample_data: bool = field(default_factory=lambda: _env("CS_FUNCTION_SAMPLE_DATA", "0") == "1")
+
+    # registry-fn: one-time executes (customscripts/registry/concurrency.py). A function process
+    # serves CS_FN_THREADS requests at once (the local runner; stack.yml sets registry-fn's); at
+    # most CS_EXECUTE_MAX_INFLIGHT of them may be executes waiting on a script function, so the
+    # rest of the API always keeps the others. Default: three quarters of the threads.
+    fn_threads: int = field(default_factory=lambda: _env_int("CS_FN_THREADS", 8))
+    execute_max_inflight: int = field(default_factory=lambda: _env_int(
+        "CS_EXECUTE_MAX_INFLIGHT", max(1, _env_int("CS_FN_THREADS", 8) * 3 // 4)))
+    # An execute's concurrency lease lasts the version's wall timeout plus this: long enough for a
+    # cold start and a short queue at the function, short enough that a crashed replica's leases
+    # are back soon.
+    execute_lease_slack_s: float = field(default_factory=lambda: _env_float("CS_EXECUTE_LEASE_SLACK_S", 30.0))
 
     # Functions. At most `function_budget` script functions are deployed (OpenFaaS CE allows 15 in all).
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))

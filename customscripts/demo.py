@@ -49,8 +49,9 @@ class DemoClient:
         return self.http.request(method, self.base + path, json=body, timeout=60)
 
     def publish_example(self, script_id: str, filename: str, extra: dict[str, Any],
-                        versions: dict[str, int]) -> int:
-        """Create or update the draft, then publish; an unchanged draft keeps its version."""
+                        versions: dict[str, int]) -> tuple[str, int]:
+        """Create or update the draft, then publish; an unchanged draft keeps its version. Returns the
+        script's platform-wide id (the chosen id plus the tenant's tag) and the version."""
         fields = json.loads(json.dumps(extra).replace("{demo-rsi}", str(versions.get("demo-rsi", 1))))
         source = (EXAMPLES / filename).read_text()
         body = {"name": script_id.replace("-", " "), "source": source, **fields}
@@ -65,14 +66,31 @@ class DemoClient:
             raise SystemExit(f"publishing {script_id} failed: {published.status_code} {published.text}")
         info = published.json()
         say(f"{script_id:16} v{info['version']} {'(unchanged)' if info.get('unchanged') else 'published'}"
-            f"  sha256 {info['code_sha256'][:12]}")
-        return int(info["version"])
+            f"  sha256 {info['code_sha256'][:12]}  id {info['script_id']}")
+        return str(info["script_id"]), int(info["version"])
 
     def execute(self, script_id: str, **body: Any) -> dict[str, Any]:
         resp = self.call("POST", f"/scripts/{script_id}/execute", body)
         if resp.status_code != 200:
             raise SystemExit(f"execute {script_id} failed: {resp.status_code} {resp.text}")
         return resp.json()
+
+
+def _publish_realtime(cfg: Settings, client: DemoClient, script_id: str, times: list[float]) -> None:
+    """Evaluate `script_id` for GOOG 1d closes at `times` the way the scheduler does on a candle close
+    (subscription, evaluation, publish), then drop the subscription. A one-time execute never writes
+    a script's history: the realtime publish is the value of record for its event."""
+    from customscripts.realtime.scheduler import Event, build_evaluator
+
+    sub = client.call("POST", f"/scripts/{script_id}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d"})
+    if sub.status_code not in (200, 201):
+        raise SystemExit(f"subscribing {script_id} failed: {sub.status_code} {sub.text}")
+    evaluator = build_evaluator(cfg)
+    try:
+        evaluator.process([Event("GOOG", "1d", t) for t in times])
+    finally:
+        evaluator.close()
+        client.call("DELETE", f"/scripts/{script_id}/subscriptions/{sub.json()['id']}")
 
 
 def _epoch(day: str) -> float:
@@ -100,16 +118,20 @@ def run_demo(cfg: Settings | None = None) -> int:
     client = DemoClient(cfg)
     say(f"publishing example scripts as {DEMO_USER} of tenant {DEMO_TENANT}")
     versions: dict[str, int] = {}
+    ids: dict[str, str] = {}
     for script_id, filename, extra in DEMO_SCRIPTS:
-        versions[script_id] = client.publish_example(script_id, filename, extra, versions)
+        ids[script_id], versions[script_id] = client.publish_example(script_id, filename, extra, versions)
 
+    say("realtime evaluates demo-rsi at the demo's closes: its published outputs are what demo-rsi-regime reads")
+    _publish_realtime(cfg, client, ids["demo-rsi"], [_epoch(day) for day in DEMO_TIMES])
     say("one-time executions through registry-fn -> script functions -> gateway-fn (real GOOG daily bars)")
     for day in DEMO_TIMES:
         ts = _epoch(day)
         _show(client.execute("demo-sma", instrument_key="GOOG", timeframe="1d", params={"period": 20},
                              timestamp=ts), day)
         _show(client.execute("demo-rsi", instrument_key="GOOG", timeframe="1d", timestamp=ts, store=True), day)
-        _show(client.execute("demo-rsi-regime", instrument_key="GOOG", timeframe="1d", timestamp=ts), day)
+        _show(client.execute("demo-rsi-regime", instrument_key="GOOG", timeframe="1d", timestamp=ts,
+                             params={"rsi_script": ids["demo-rsi"]}), day)
     day = "2017-06-01"
     _show(client.execute("demo-rsi", instrument_key="EURUSD", timeframe="1h", timestamp=_epoch(day)), day)
 

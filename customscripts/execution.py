@@ -2,9 +2,17 @@
 
 `Invoker` deploys a version's function within the function budget and calls it with fresh, signed,
 short-lived tokens; one-time executes (`execute`) and the realtime scheduler both go through it.
-Order for a one-time execute: permissions and tier (403, nothing started), dependency closure,
-params against `input_schema` (422), tokens, invoke, validate, store, audit. Every attempt —
-denied ones included — leaves an audit row, written off the request path (registry/audit.py).
+Order for a one-time execute: body and as-of time (422; no time after the server's now),
+permissions and tier (403, nothing started), dependency closure, params against `input_schema`
+(422), a concurrency slot (429/503, registry/concurrency.py), tokens, invoke, validate, store,
+audit. Every attempt — denied and throttled ones included — leaves an audit row, written off the
+request path (registry/audit.py).
+
+History: a one-time execute never writes `script_outputs`, the Redis latest value or the signal
+stream. Those belong to the realtime publisher, the value of record for its event; a one-time
+caller picks its own as-of time and must not be able to write an event's value before it happens.
+`store: true` keeps the ok result in `onetime_results` under the tenant and call id, readable by
+the tenant with GET /executions/{call_id}.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from referencing.exceptions import Unresolvable
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
@@ -28,8 +37,11 @@ from customscripts.faas.budget import FunctionBudget, RedisLru
 from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.gateway.tokens import mint_execution_token
-from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.http import MAX_JSON_DEPTH, json_depth
+from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
+from customscripts.permissions import tier_of
 from customscripts.registry.catalog import ScriptRow
+from customscripts.registry.concurrency import ExecuteSlots
 from customscripts.registry.models import ScriptMeta
 from customscripts.registry.service import RegistryService
 from customscripts.sandbox.invocation import mint_invocation_token
@@ -49,9 +61,12 @@ class ExecuteBody(BaseModel):
     timeframe: str = Field(max_length=8)
     params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=999_999_999)
-    timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800,
-                                    description="As-of epoch seconds; default now. No data after it is visible.")
-    store: bool = Field(default=False, description="Also write the output to the script's history.")
+    timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800, allow_inf_nan=False,
+                                    description="As-of epoch seconds, not after the server's now (422 "
+                                                "`timestamp_in_future`); default now. No data after it is "
+                                                "visible.")
+    store: bool = Field(default=False, description="Also keep an ok output as this call's stored result "
+                                                   "(GET /executions/{call_id}); never the script's history.")
 
 
 class IndicatorOutput(BaseModel):
@@ -65,16 +80,30 @@ class ExecutionResponse(BaseModel):
 
     script_id: str
     version: int
+    call_id: str = Field(description="This call's id (X-Call-Id); a stored result is read back under it.")
     status: str = Field(description="ok | error | timeout | invalid_output | dependency_failed")
     instrument_key: str
     timeframe: str
     params_hash: str
     output: IndicatorOutput | None
     error: dict[str, Any] | None
-    stored: bool
+    stored: bool = Field(description="The ok output was kept as this call's stored result.")
     metrics: dict[str, float | None]
     stdout: str
     stderr: str
+
+
+class StoredExecution(BaseModel):
+    """GET /executions/{call_id}: a one-time execute's stored result, inside the caller's tenant."""
+
+    call_id: str
+    script_id: str
+    version: int
+    user_id: str
+    instrument_key: str
+    timeframe: str
+    params_hash: str
+    output: IndicatorOutput
 
 
 @dataclass(frozen=True)
@@ -87,7 +116,13 @@ class Scope:
 
 
 def canonical_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    """sha256 of canonical JSON, shortened (audit rows). Values come bounded in depth (parse_json,
+    check_result); anything unencodable still hashes, by its repr, rather than failing the request."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(value)) + ":unencodable"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Invoker:
@@ -189,8 +224,8 @@ class Invoker:
 
 
 def check_result(raw: Any) -> dict[str, Any]:
-    """The function's result for one item, checked for shape; a malformed one is a 502."""
-    if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
+    """The function's result for one item, checked for shape and depth; a malformed one is a 502."""
+    if not isinstance(raw, dict) or raw.get("status") not in STATUSES or json_depth(raw) > MAX_JSON_DEPTH:
         raise BadGateway("script function returned a malformed result", code="function_error")
     if raw["status"] == "ok":
         output = raw.get("output")
@@ -200,19 +235,27 @@ def check_result(raw: Any) -> dict[str, Any]:
 
 
 class Executor:
-    """One-time executions (`POST /scripts/{id}/execute`)."""
+    """One-time executions (`POST /scripts/{id}/execute`) and their stored results."""
 
-    def __init__(self, invoker: Invoker, outputs: OutputStore) -> None:
+    def __init__(self, invoker: Invoker, results: OnetimeResults, slots: ExecuteSlots) -> None:
         self.invoker = invoker
         self.registry = invoker.registry
-        self.outputs = outputs
+        self.cfg = invoker.cfg
+        self.results = results
+        self.slots = slots
 
     def execute(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
+        received = time.time()  # the server's now: no as-of time after it
         ids.script_id(script_id)
         try:
             body = ExecuteBody.model_validate(raw_body)
         except ValidationError as exc:
             raise Unprocessable.from_validation(exc, "execute body is invalid") from None
+        if body.timestamp is not None and body.timestamp > received:
+            raise Unprocessable("timestamp is in the future: a one-time execute runs as of now or earlier",
+                                code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})
+        if body.store:
+            ids.call_id(call_id)  # the stored result's key
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         row = None
         if body.version is None:
@@ -227,41 +270,70 @@ class Executor:
         except Forbidden as exc:
             audit(status="denied", detail=exc.message[:500])
             raise
-        error = jsonschema.exceptions.best_match(self.invoker.params_validator(script_id, version)
-                                                 .iter_errors(body.params))
-        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
-            raise Unprocessable(f"params do not match the script's input_schema: {error.message}",
-                                code="invalid_params", details={"path": list(error.absolute_path)})
+        self._check_params(script_id, version, body.params)
         scope = Scope(principal.user_id, principal.tenant, principal.tier)
-        as_of = body.timestamp if body.timestamp is not None else time.time()
-        token = self.invoker.execution_token(script_id, version, scope, as_of, closure, call_id)
-        payload = {"instrument_key": instrument, "timeframe": timeframe, "params": body.params,
-                   "timestamp": as_of, "execution_token": token}
+        as_of = body.timestamp if body.timestamp is not None else received
+        lease_s = wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
         try:
-            result = check_result(self.invoker.invoke(script_id, version, payload, scope, call_id))
+            with self.slots.hold(principal, tier_of(principal, self.cfg), lease_s, call_id):
+                token = self.invoker.execution_token(script_id, version, scope, as_of, closure, call_id)
+                payload = {"instrument_key": instrument, "timeframe": timeframe, "params": body.params,
+                           "timestamp": as_of, "execution_token": token}
+                result = check_result(self.invoker.invoke(script_id, version, payload, scope, call_id))
         except ApiError as exc:
-            audit(status="error", detail=exc.message[:500])
+            audit(status="throttled" if exc.code in THROTTLED else "error", detail=exc.message[:500])
             raise
         output = result.get("output")
         stored = False
         if result["status"] == "ok" and body.store:
-            self.outputs.write_many([OutputRow(
-                time=output["timestamp"], tenant=principal.tenant, instrument_key=instrument, timeframe=timeframe,
-                script_id=script_id, version=version, params_hash=p_hash, value=output["value"],
-                metadata=output.get("metadata") or {}, call_id=call_id)])
-            stored = True
+            stored = self.results.write(OnetimeResult(
+                tenant=principal.tenant, call_id=call_id, user_id=principal.user_id, script_id=script_id,
+                version=version, instrument_key=instrument, timeframe=timeframe, params_hash=p_hash, as_of=as_of,
+                value=output["value"], metadata=output.get("metadata") or {}))
         audit(status=result["status"], output_hash=canonical_hash(output) if output else None,
               duration_ms=result.get("duration_ms"), cpu_ms=result.get("cpu_ms"),
               memory_mb=result.get("memory_mb"), detail=error_detail(result.get("error")))
         logs.event(log, "executed", script_id=script_id, version=version, status=result["status"],
                    duration_ms=result.get("duration_ms"))
         return {
-            "script_id": script_id, "version": version, "status": result["status"],
+            "script_id": script_id, "version": version, "call_id": call_id, "status": result["status"],
             "instrument_key": instrument, "timeframe": timeframe, "params_hash": p_hash,
             "output": output, "error": result.get("error"), "stored": stored,
             "metrics": {k: result.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")},
             "stdout": result.get("stdout", ""), "stderr": result.get("stderr", ""),
         }
+
+    def stored(self, principal: Principal, call_id: str) -> dict[str, Any]:
+        """A stored one-time result, for callers of its tenant who may still use its script version;
+        404 for anyone else, exactly as for an unknown call id."""
+        found = self.results.get(principal.tenant, ids.call_id(call_id))
+        missing = NotFound(f"no stored execution {call_id}", code="execution_not_found")
+        if found is None:
+            raise missing
+        try:
+            self.registry.check_execution(principal, found.script_id, found.version)
+        except (Forbidden, NotFound):
+            raise missing from None
+        return {"call_id": found.call_id, "script_id": found.script_id, "version": found.version,
+                "user_id": found.user_id, "instrument_key": found.instrument_key, "timeframe": found.timeframe,
+                "params_hash": found.params_hash,
+                "output": {"value": found.value, "timestamp": found.as_of, "metadata": found.metadata}}
+
+    def _check_params(self, script_id: str, version: int, params: dict[str, Any]) -> None:
+        """params against the version's input_schema (422). A schema that recurses without bound on
+        these params is the caller's 422 too, never a 500."""
+        try:
+            error = jsonschema.exceptions.best_match(self.invoker.params_validator(script_id, version)
+                                                     .iter_errors(params))
+        except RecursionError:
+            raise Unprocessable("params cannot be checked: the script's input_schema recurses without end on them",
+                                code="invalid_params") from None
+        except Unresolvable as exc:
+            raise Unprocessable(f"params cannot be checked: the script's input_schema has an unresolvable $ref: "
+                                f"{str(exc)[:200]}", code="invalid_params") from None
+        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
+            raise Unprocessable(f"params do not match the script's input_schema: {error.message}",
+                                code="invalid_params", details={"path": list(error.absolute_path)})
 
     def _script_row(self, principal: Principal, script_id: str) -> ScriptRow:
         """The catalog row (from the ScriptCache), read once per execute: it names the latest version
@@ -277,6 +349,18 @@ class Executor:
         if not row.latest_version:
             raise Conflict(f"script {row.script_id} has no published version", code="not_published")
         return row.latest_version
+
+
+# Refusals of the concurrency limits (registry/concurrency.py): audited as `throttled`.
+THROTTLED = frozenset({"too_many_concurrent_executes", "execute_capacity", "concurrency_unavailable"})
+
+
+def wall_timeout_s(meta: ScriptMeta, cfg: Settings) -> float:
+    """A version's wall timeout: its own limit, else its owner's tier's (what its function enforces)."""
+    if meta.limits is not None and meta.limits.timeout_ms:
+        return meta.limits.timeout_ms / 1000
+    tier = cfg.tier(meta.tier or "pro")
+    return (tier.timeout_ms if tier is not None else max(t.timeout_ms for t in cfg.tiers.values())) / 1000
 
 
 def error_detail(error: dict[str, Any] | None) -> str | None:
@@ -298,7 +382,7 @@ def default_executor() -> Executor:
     client = OpenFaaSClient(cfg.provider_url, cfg.openfaas_user, cfg.openfaas_password)
     lru = RedisLru(redis.Redis(host=cfg.redis_host, port=cfg.redis_port))
     budget = FunctionBudget(client, lru=lru, pinned=_pinned_functions)
-    return Executor(Invoker(service(), client, budget, cfg), OutputStore(db.pool()))
+    return Executor(Invoker(service(), client, budget, cfg), OnetimeResults(db.pool()), ExecuteSlots(cfg))
 
 
 def _pinned_functions() -> dict[str, set[str]]:

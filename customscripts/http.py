@@ -22,6 +22,7 @@ import datetime
 import decimal
 import http.client
 import json
+import math
 import queue
 import re
 import select
@@ -37,6 +38,9 @@ from customscripts import logs
 from customscripts.errors import ApiError, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 
 MAX_BODY_BYTES = 1 << 20
+# Arrays and objects nested deeper than this are refused at parse time (400 json_too_deep), so no
+# recursive code downstream (pydantic, jsonschema, json.dumps for hashes and storage) ever sees more.
+MAX_JSON_DEPTH = 64
 
 log = logs.get("customscripts.http")
 
@@ -89,16 +93,79 @@ class Request:
             raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
         if not body.strip():
             raise BadRequest("request body must be a JSON object", code="invalid_json")
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        return parse_json(body)
 
     def json_object(self) -> dict[str, Any]:
         data = self.json()
         if not isinstance(data, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
         return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+# A number that may overflow to inf (exponent of 100 or more, or 309+ digits): only then does the
+# parser check every float in Python; anything else parses at the C decoder's speed.
+_MAYBE_HUGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{309}")
+_MAYBE_HUGE_BYTES = re.compile(_MAYBE_HUGE.pattern.encode())
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar is 0), counted without recursion and
+    given up as soon as it passes `limit` (then limit + 1)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return limit + 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list | tuple))
+    return deepest
+
+
+def parse_json(data: bytes | str, what: str = "request body", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON sent by an untrusted peer, the one parser for every HTTP body and JSON query parameter.
+
+    400 `invalid_json` for anything but strict JSON (NaN, Infinity and numbers that overflow to
+    infinity are not JSON values), 400
+    `json_too_deep` for arrays/objects nested more than `max_depth` levels, however deep: the
+    decoder's own RecursionError is caught, and a shallower excess is found by a walk that runs
+    only when the text holds more brackets than `max_depth` (never for ordinary small bodies).
+    """
+    raw = isinstance(data, bytes | bytearray)
+    opens = data.count(b"[") + data.count(b"{") if raw else data.count("[") + data.count("{")
+    huge = (_MAYBE_HUGE_BYTES if raw else _MAYBE_HUGE).search(data) is not None  # type: ignore[arg-type]
+    try:
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float if huge else None)
+    except RecursionError:
+        raise _too_deep(what, max_depth) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    if opens > max_depth and json_depth(value, max_depth) > max_depth:
+        raise _too_deep(what, max_depth)
+    return value
+
+
+def _too_deep(what: str, max_depth: int) -> BadRequest:
+    return BadRequest(f"{what} nests arrays/objects more than {max_depth} levels deep", code="json_too_deep",
+                      details={"max_depth": max_depth})
 
 
 Response = dict[str, Any]
@@ -155,6 +222,11 @@ class Router:
                 return func(Request(event, match.groupdict(), call_id))
             except ApiError as exc:
                 return error_response(exc)
+            except RecursionError:
+                # Input nested past what some recursive code can take: the caller's to fix, not a 500.
+                log.warning("recursion limit hit on %s %s", event.method, path)
+                return error_response(BadRequest("request is nested too deeply to process",
+                                                 code="json_too_deep", details={"max_depth": MAX_JSON_DEPTH}))
             except Exception:
                 log.exception("unhandled error on %s %s", event.method, path)
                 return error_response(ApiError("internal error"))

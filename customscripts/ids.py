@@ -12,6 +12,7 @@ _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}\Z")
 _INSTRUMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:|/-]{0,63}\Z")
 _TIMEFRAME = re.compile(r"[0-9]{1,4}(s|m|h|d|w|mo)\Z")
+_CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
 
 def _check(pattern: re.Pattern[str], value: object, kind: str) -> str:
@@ -40,6 +41,11 @@ def instrument_key(value: object) -> str:
 
 def timeframe(value: object) -> str:
     return _check(_TIMEFRAME, value, "timeframe")
+
+
+def call_id(value: object) -> str:
+    """Call ids (X-Call-Id): what a stored one-time result is keyed by."""
+    return _check(_CALL_ID, value, "call_id")
 
 
 def version(value: object) -> int:

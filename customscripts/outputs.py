@@ -1,8 +1,10 @@
-"""Script output history: the one place that writes and reads `script_outputs`.
+"""Script output history (`script_outputs`) and stored one-time results (`onetime_results`).
 
-The realtime publisher and `store=true` executions write through `OutputStore.write_many`; the data
-gateway reads through `latest`/`history` with its read-only pool. Every read is scoped to one tenant
-and bounded by an as-of time, so a replay sees what realtime saw.
+Only the realtime publisher writes `script_outputs`, through `OutputStore.write_many`: the realtime
+publish is the value of record for its event. The data gateway reads it through `latest`/`history`
+with its read-only pool; every read is scoped to one tenant and bounded by an as-of time, so a replay
+sees what realtime saw. One-time executes with `store: true` keep their result in `onetime_results`
+(`OnetimeResults`), keyed by tenant and call id, which no script ever reads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from customscripts import ids
 from customscripts.errors import BadRequest, Unprocessable
+from customscripts.http import parse_json
 
 PARAMS_HASH_LEN = 16
 MAX_HISTORY = 5000
@@ -168,10 +171,7 @@ def params_hash_from_query(q: Mapping[str, str]) -> str:
             raise Unprocessable(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
         return raw_hash
     if raw_params:
-        try:
-            params = json.loads(raw_params)
-        except ValueError as exc:
-            raise BadRequest(f"params is not valid JSON: {exc}", code="invalid_parameter") from None
+        params = parse_json(raw_params, "params")
         if not isinstance(params, dict):
             raise Unprocessable("params must be a JSON object", code="invalid_parameter")
         try:
@@ -179,3 +179,53 @@ def params_hash_from_query(q: Mapping[str, str]) -> str:
         except ValueError as exc:
             raise Unprocessable(f"params cannot be hashed: {exc}", code="invalid_parameter") from None
     return params_hash({})
+
+
+@dataclass(frozen=True)
+class OnetimeResult:
+    """A one-time execute's ok output, stored because the caller asked (`store: true`)."""
+
+    tenant: str
+    call_id: str
+    user_id: str
+    script_id: str
+    version: int
+    instrument_key: str
+    timeframe: str
+    params_hash: str
+    as_of: float
+    value: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class OnetimeResults:
+    """`onetime_results`: written once per (tenant, call id), read only inside the tenant."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def write(self, row: OnetimeResult) -> bool:
+        """Insert; False when the tenant already stored a result under this call id (the first stays)."""
+        value, value_json = _split_value(row.value)
+        with self.pool.connection() as conn:
+            cur = conn.execute(
+                "INSERT INTO onetime_results (tenant, call_id, user_id, script_id, version, instrument_key,"
+                " timeframe, params_hash, as_of, value, value_json, metadata)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+                " ON CONFLICT (tenant, call_id) DO NOTHING",
+                (ids.tenant_id(row.tenant), ids.call_id(row.call_id), ids.owner_id(row.user_id),
+                 ids.script_id(row.script_id), ids.version(row.version), ids.instrument_key(row.instrument_key),
+                 ids.timeframe(row.timeframe), row.params_hash, to_datetime(row.as_of), value, value_json,
+                 json.dumps(row.metadata or {}, allow_nan=False)))
+            return cur.rowcount == 1
+
+    def get(self, tenant: str, call_id: str) -> OnetimeResult | None:
+        with self.pool.connection() as conn:
+            found = conn.execute(
+                "SELECT tenant, call_id, user_id, script_id, version, instrument_key, timeframe, params_hash,"
+                " extract(epoch FROM as_of)::float8, value, value_json, metadata FROM onetime_results"
+                " WHERE tenant = %s AND call_id = %s", (tenant, call_id)).fetchone()
+        if found is None:
+            return None
+        *head, value, value_json, metadata = found
+        return OnetimeResult(*head, value=value if value is not None else value_json, metadata=metadata or {})

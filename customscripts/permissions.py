@@ -10,7 +10,15 @@ Rules, in order:
    whose `permissions.marketplace` is true (the subscriber runs it in their own tenant and never
    sees the source);
 6. for everyone but the owner, non-empty `permissions.tiers` / `permissions.features` further
-   restrict (the caller's features are the tier's plus the token's `features` claim).
+   restrict (the caller's features are the tier's plus the token's `features` claim);
+7. the script's current access policy governs every one of its versions: for everyone but the
+   owner a version is usable only if its own permissions AND those of the script's latest
+   published version allow it (`check_can_use_now`). Publishing a version without a user, or
+   unlisted, therefore revokes every older version for them at once, and, through the closure
+   check, every script that depends on it.
+
+Listing a script on the marketplace (`permissions.marketplace: true`) needs the
+`marketplace_publish` feature (`check_can_list`), wherever listing is set: create, edit, publish.
 
 Denials raise Forbidden with a machine-readable code; `hidden=True` on the error marks a script
 the caller must not even learn exists (another tenant's private script), which the API answers
@@ -19,11 +27,11 @@ with 404.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from customscripts.auth import Principal
-from customscripts.config import CUSTOM_SCRIPTS_FEATURE, Settings, Tier, settings
+from customscripts.config import CUSTOM_SCRIPTS_FEATURE, MARKETPLACE_PUBLISH_FEATURE, Settings, Tier, settings
 from customscripts.errors import Forbidden
 
 
@@ -103,20 +111,41 @@ def check_can_use(principal: Principal, script: ScriptLike, version: int | str |
         raise Denied(f"script {script.script_id} requires features {missing}", code="feature_restricted")
 
 
+def check_can_use_now(principal: Principal, script: ScriptLike, current: ScriptLike | None, *,
+                      subscribed: bool = False, cfg: Settings | None = None) -> None:
+    """check_can_use for a published version under the script's current policy (rule 7): `current`
+    is the script's latest published version (None: it has none, the version's own rules apply)."""
+    version = getattr(script, "version", None)
+    check_can_use(principal, script, version, subscribed=subscribed, cfg=cfg)
+    if current is not None and getattr(current, "version", None) != version:
+        check_can_use(principal, current, getattr(current, "version", None), subscribed=subscribed, cfg=cfg)
+
+
+def check_can_list(principal: Principal, cfg: Settings | None = None) -> None:
+    """Listing on the marketplace needs `marketplace_publish` (the tier's features or the token's)."""
+    tier = tier_of(principal, cfg)
+    if MARKETPLACE_PUBLISH_FEATURE not in tier.features | principal.features:
+        raise Denied(f"listing a script on the marketplace needs the {MARKETPLACE_PUBLISH_FEATURE} feature",
+                     code="marketplace_publish_required")
+
+
 def check_dependency_closure(principal: Principal, closure: Iterable[ScriptLike], *,
                              subscribed: Callable[[str], bool] | Iterable[str] = (),
+                             current: Mapping[str, ScriptLike] | None = None,
                              cfg: Settings | None = None) -> None:
     """Every member of a dependency closure must be usable by the same caller, else 403 naming it.
 
     `subscribed` is the set of script ids the caller holds marketplace subscriptions for (or a
-    predicate). Hidden denials of dependencies still become a plain 403: the caller asked for the
-    root, which they may see, and learns only that a dependency is not available to them.
+    predicate); `current` maps script ids to their latest published version (rule 7). Hidden
+    denials of dependencies still become a plain 403: the caller asked for the root, which they may
+    see, and learns only that a dependency is not available to them.
     """
     is_subscribed = subscribed if callable(subscribed) else set(subscribed).__contains__
     for member in closure:
         version = getattr(member, "version", None)
         try:
-            check_can_use(principal, member, version, subscribed=is_subscribed(member.script_id), cfg=cfg)
+            check_can_use_now(principal, member, (current or {}).get(member.script_id),
+                              subscribed=is_subscribed(member.script_id), cfg=cfg)
         except Denied as exc:
             raise Denied(f"dependency {member.script_id}@{version} is not usable: {exc.message}",
                          code="dependency_forbidden") from None

@@ -67,8 +67,9 @@ import requests
 
 from customscripts import logs
 from customscripts.config import REPO_ROOT, settings
+from customscripts.errors import ApiError
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, is_dns1123, label_value
-from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse
+from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse, parse_json
 
 log = logs.get("customscripts.faas.provider")
 
@@ -774,9 +775,9 @@ class _Front:
                 return _json_reply(200, p.list())
             if method in ("POST", "PUT", "DELETE"):
                 try:
-                    payload = json.loads(body) if body.strip() else None
-                except ValueError as exc:
-                    raise DeployError(f"unable to unmarshal request: {exc}") from None
+                    payload = parse_json(body) if body.strip() else None
+                except ApiError as exc:
+                    raise DeployError(f"unable to unmarshal request: {exc.message}") from None
                 if method == "DELETE":
                     return _reply(p.remove(payload))
                 return _reply(p.deploy(payload, create=method == "POST"))

@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from customscripts import ids, logs
+from customscripts import logs
 from customscripts.auth import Principal, principal_from_request
 from customscripts.errors import BadRequest, ServiceUnavailable, Unprocessable
-from customscripts.execution import ExecuteBody, ExecutionResponse
+from customscripts.execution import ExecuteBody, ExecutionResponse, StoredExecution
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
 from customscripts.permissions import tier_of
 from customscripts.registry.models import (
@@ -90,6 +90,11 @@ def _caller(req: Request) -> Principal:
     return principal
 
 
+def _script_id(req: Request, principal: Principal) -> str:
+    """The path's script id as the platform-wide id (a bare chosen id resolves in the caller's tenant)."""
+    return service().resolve(principal, req.params["script_id"])
+
+
 def _body(req: Request, model: type[M]) -> M:
     data = req.json_object()
     try:
@@ -116,8 +121,9 @@ def create_script(req: Request) -> Response:
 
 def _update(req: Request) -> Response:
     principal = _caller(req)
+    script_id = _script_id(req, principal)
     body = _body(req, DraftUpdate)
-    meta = service().update_draft(principal, req.params["script_id"], body, req.call_id)
+    meta = service().update_draft(principal, script_id, body, req.call_id)
     return json_response(meta.model_dump(mode="json"))
 
 
@@ -128,34 +134,36 @@ route("PATCH", "/scripts/{script_id}")(_update)
 @route("GET", "/scripts/{script_id}")
 def get_script(req: Request) -> Response:
     principal = _caller(req)
-    return json_response(service().get(principal, req.params["script_id"]))
+    return json_response(service().get(principal, _script_id(req, principal)))
 
 
 @route("POST", "/scripts/{script_id}/publish")
 def publish_script(req: Request) -> Response:
     principal = _caller(req)
-    meta, unchanged = service().publish(principal, req.params["script_id"], req.call_id)
+    meta, unchanged = service().publish(principal, _script_id(req, principal), req.call_id)
     return json_response({**meta.model_dump(mode="json"), "unchanged": unchanged}, 200 if unchanged else 201)
 
 
 @route("GET", "/scripts/{script_id}/versions")
 def list_versions(req: Request) -> Response:
     principal = _caller(req)
-    rows = service().list_versions(principal, req.params["script_id"])
-    return json_response({"script_id": req.params["script_id"], "versions": [r.as_json() for r in rows]})
+    script_id = _script_id(req, principal)
+    rows = service().list_versions(principal, script_id)
+    return json_response({"script_id": script_id, "versions": [r.as_json() for r in rows]})
 
 
 @route("GET", "/scripts/{script_id}/versions/{version}")
 def get_version(req: Request) -> Response:
     principal = _caller(req)
-    return json_response(service().get_version(principal, req.params["script_id"], req.params["version"]))
+    return json_response(service().get_version(principal, _script_id(req, principal), req.params["version"]))
 
 
 @route("POST", "/scripts/{script_id}/marketplace/subscribe")
 def subscribe(req: Request) -> Response:
     principal = _caller(req)
-    created = service().subscribe(principal, req.params["script_id"], req.call_id)
-    body = {"script_id": req.params["script_id"], "user_id": principal.user_id, "tenant": principal.tenant,
+    script_id = _script_id(req, principal)
+    created = service().subscribe(principal, script_id, req.call_id)
+    body = {"script_id": script_id, "user_id": principal.user_id, "tenant": principal.tenant,
             "created": created}
     return json_response(body, 201 if created else 200)
 
@@ -165,8 +173,16 @@ def execute(req: Request) -> Response:
     from customscripts.execution import default_executor
 
     principal = _caller(req)
-    result = default_executor().execute(principal, req.params["script_id"], req.json_object(), req.call_id)
+    result = default_executor().execute(principal, _script_id(req, principal), req.json_object(), req.call_id)
     return json_response(result)
+
+
+@route("GET", "/executions/{call_id}")
+def stored_execution(req: Request) -> Response:
+    from customscripts.execution import default_executor
+
+    principal = _caller(req)
+    return json_response(default_executor().stored(principal, req.params["call_id"]))
 
 
 @route("POST", "/scripts/{script_id}/subscribe")
@@ -174,7 +190,7 @@ def subscribe_realtime(req: Request) -> Response:
     from customscripts.realtime.service import default_service
 
     principal = _caller(req)
-    body = default_service().subscribe(principal, req.params["script_id"], req.json_object(), req.call_id)
+    body = default_service().subscribe(principal, _script_id(req, principal), req.json_object(), req.call_id)
     return json_response(body, 201 if body["created"] else 200)
 
 
@@ -183,7 +199,8 @@ def unsubscribe_realtime(req: Request) -> Response:
     from customscripts.realtime.service import default_service
 
     principal = _caller(req)
-    default_service().unsubscribe(principal, req.params["script_id"], req.params["subscription_id"], req.call_id)
+    default_service().unsubscribe(principal, _script_id(req, principal), req.params["subscription_id"],
+                                  req.call_id)
     return {"statusCode": 204, "body": "", "headers": {}}
 
 
@@ -197,7 +214,7 @@ def list_subscriptions(req: Request) -> Response:
         raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
     script_filter = req.query.get("script_id")
     if script_filter is not None:  # present means a filter: an empty or malformed one is a 422
-        ids.script_id(script_filter)
+        script_filter = service().resolve(principal, script_filter)
     return json_response({"subscriptions": default_service().list(principal, script_filter)})
 
 
@@ -207,7 +224,7 @@ def custom_signal(req: Request) -> Response:
 
     principal = _caller(req)
     return json_response(default_service().signal(principal, req.params["instrument_key"],
-                                                  req.params["script_id"], req.query))
+                                                  _script_id(req, principal), req.query))
 
 
 # ----------------------------------------------------------------- OpenAPI
@@ -215,7 +232,13 @@ def custom_signal(req: Request) -> Response:
 _SCRIPT_ID_PARAM = {
     "name": "script_id", "in": "path", "required": True,
     "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "maxLength": 63},
-    "description": "Script id: lowercase slug, globally unique.",
+    "description": "Script id: the platform-wide id (`<chosen>-<tenant tag>`, as every answer gives it), or, "
+                   "for the caller's own tenant's scripts, the bare id chosen at creation.",
+}
+_CALL_ID_PARAM = {
+    "name": "call_id", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+    "description": "The execute's call id (its X-Call-Id; `call_id` in its answer).",
 }
 _VERSION_PARAM = {
     "name": "version", "in": "path", "required": True,
@@ -223,15 +246,19 @@ _VERSION_PARAM = {
     "description": "A published version number, or `draft` (owner only).",
 }
 _ERRORS = {
-    "400": "Body is not a JSON object.",
+    "400": "Body is not a JSON object, not strict JSON, or nested more than 64 levels (`json_too_deep`).",
     "401": "Missing, malformed, expired or badly signed bearer token.",
-    "403": "Tier without `custom_scripts`, not the owner, not entitled, or over the tier's script cap.",
+    "403": "Tier without `custom_scripts`, not the owner, not entitled (under the script's current policy), "
+           "over the tier's script cap, or listing without `marketplace_publish`.",
     "404": "Unknown script, or another tenant's private script (existence is not revealed).",
-    "409": "Script id taken, a published version would be overwritten, or nothing published yet.",
+    "409": "Script id taken in the caller's own tenant, or nothing published yet.",
+    "429": "Too many concurrent executes for the caller or their tenant (`too_many_concurrent_executes`); "
+           "retry after `Retry-After` seconds. Nothing was started.",
     "502": "The script's function could not be reached or answered malformed data.",
     "413": f"Body over 1 MiB or source over {MAX_SOURCE_BYTES} bytes.",
     "422": "Invalid ids, schemas, syntax (line/column given), missing run(ctx), bad depends_on, cycles.",
-    "503": "Storage (PostgreSQL or S3) temporarily unavailable; retry after `Retry-After` seconds.",
+    "503": "Storage (PostgreSQL, S3, Redis) temporarily unavailable, or this replica already runs its "
+           "maximum of executes (`execute_capacity`); retry after `Retry-After` seconds.",
 }
 
 
@@ -263,13 +290,14 @@ def openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody) else "serialization")
          for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, PublishResult, VersionList, Subscription,
-                   ErrorBody, ExecuteBody, ExecutionResponse, SubscribeBody, SubscriptionView, SubscriptionList,
-                   SignalView)],
+                   ErrorBody, ExecuteBody, ExecutionResponse, StoredExecution, SubscribeBody, SubscriptionView,
+                   SubscriptionList, SignalView)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
     sid = [_SCRIPT_ID_PARAM]
-    update = _operation("updateDraft", "Update the draft (owner only); given fields replace the draft's.",
+    update = _operation("updateDraft", "Update the draft (owner only); given fields replace the draft's. A draft "
+                        "that is (or stays) listed on the marketplace needs `marketplace_publish` (403).",
                         {"200": _json("ScriptMeta", "The updated draft.")}, params=sid, body="DraftUpdate",
                         errors=("400", "401", "403", "404", "413", "422"))
     paths = {
@@ -278,7 +306,10 @@ def openapi() -> dict[str, Any]:
                                                         "content": {"application/json": {"schema": {
                                                             "type": "object"}}}}}}},
         "/scripts": {"post": _operation(
-            "createDraft", "Create a script with its first draft.",
+            "createDraft", "Create a script with its first draft. A chosen `script_id` names the script in "
+            "the caller's tenant only: its platform-wide id, in the answer, is the chosen id plus the tenant's "
+            "tag, so the answer never depends on other tenants' ids. Listing it "
+            "(`permissions.marketplace: true`) needs the `marketplace_publish` feature (403).",
             {"201": _json("ScriptMeta", "The draft's meta.json.")}, body="DraftCreate",
             errors=("400", "401", "403", "409", "413", "422"))},
         "/scripts/{script_id}": {
@@ -292,7 +323,9 @@ def openapi() -> dict[str, Any]:
             "publish",
             "Freeze the draft into the next immutable numbered version. Publishing a draft whose code "
             "sha256 and metadata equal the latest version's creates nothing and answers 200 with that "
-            "version and `unchanged: true`.",
+            "version and `unchanged: true`. Publishing a listed draft needs `marketplace_publish` (403). The "
+            "latest version's permissions govern every version: publishing one without a user, or unlisted, "
+            "revokes all older versions for them and for scripts depending on them.",
             {"201": _json("PublishResult", "A new version was published."),
              "200": _json("PublishResult", "Nothing changed since the latest version (`unchanged: true`).")},
             params=sid, errors=("401", "403", "404", "409", "413", "422"))},
@@ -305,12 +338,21 @@ def openapi() -> dict[str, Any]:
         "/scripts/{script_id}/execute": {"post": _operation(
             "execute",
             "Run a published version once (the latest unless `version` is given) and answer in the "
-            "indicator shape. Permissions and tier are checked first (403, nothing runs), then the "
-            "dependency closure, then `params` against the version's input_schema (422). The answer is "
+            "indicator shape, as of `timestamp` (default now; a time after the server's now is 422 "
+            "`timestamp_in_future`). Permissions and tier are checked first (403, nothing runs), then the "
+            "dependency closure, then `params` against the version's input_schema (422), then the "
+            "caller's and tenant's concurrent executes (429 with Retry-After; nothing runs). The answer is "
             "200 whenever the script ran; its `status` is ok, error, timeout, invalid_output or "
-            "dependency_failed. `store: true` also writes an ok output to the script's history.",
+            "dependency_failed. A one-time execute never writes the script's history, latest value or "
+            "signal stream (the realtime publish is the value of record); `store: true` keeps an ok output "
+            "as this call's stored result, read back with GET /executions/{call_id}.",
             {"200": _json("ExecutionResponse", "The execution's status, output and metrics.")},
-            params=sid, body="ExecuteBody", errors=("400", "401", "403", "404", "409", "422", "502"))},
+            params=sid, body="ExecuteBody", errors=("400", "401", "403", "404", "409", "422", "429", "502"))},
+        "/executions/{call_id}": {"get": _operation(
+            "storedExecution",
+            "The result a one-time execute kept with `store: true`, to callers of the same tenant who may "
+            "still use that script version; 404 for everyone else and for unknown call ids.",
+            {"200": _json("StoredExecution", "The stored result.")}, params=[_CALL_ID_PARAM])},
         "/scripts/{script_id}/marketplace/subscribe": {"post": _operation(
             "subscribe", "Subscribe (from any tenant) to a marketplace-listed script; it then runs in the "
             "subscriber's tenant, without its source being visible.",

@@ -80,6 +80,7 @@ VERSION_CACHE_SIZE = 8192
 
 
 SCRIPT_CACHE_SIZE = 8192
+_UNKNOWN = object()  # not in the cache (None there: known not to exist)
 NOTIFY_CHANNEL = "cs_scripts"  # migrations/005_scripts_notify.sql
 
 
@@ -90,12 +91,14 @@ class ScriptCache:
     dropped when PostgreSQL announces a change (a trigger NOTIFYs every insert, update and delete on
     `scripts` at commit, read by a `db.ChangeFeed`), and at once for changes made by this process.
     Nothing is served while the feed is down. A row changed by another replica may still be served
-    for the time a notification takes to arrive (well under a millisecond on one host).
+    for the time a notification takes to arrive (well under a millisecond on one host). Absent ids
+    are remembered as absent the same way (an insert is announced like any change), so resolving a
+    bare id in the caller's namespace (registry/namespace.py) costs no round trip either.
     """
 
     def __init__(self, dsn: str, load: Callable[[str], ScriptRow | None]) -> None:
         self.load = load
-        self.rows: dict[str, ScriptRow] = {}
+        self.rows: dict[str, ScriptRow | None] = {}
         self.generation = 0  # bumped by every invalidation: a read that spans one is not kept
         self._lock = threading.Lock()
         self.feed = db.ChangeFeed(dsn, NOTIFY_CHANNEL, self.invalidate, self.invalidate)
@@ -106,12 +109,12 @@ class ScriptCache:
 
     def get(self, script_id: str) -> ScriptRow | None:
         self.feed.start()
-        row = self.rows.get(script_id) if self.live else None
-        if row is not None:
-            return row
+        cached = self.rows.get(script_id, _UNKNOWN)
+        if cached is not _UNKNOWN and self.live:
+            return cached  # type: ignore[return-value]
         generation = self.generation
         row = self.load(script_id)
-        if row is not None and self.live:
+        if self.live:
             with self._lock:
                 if self.generation == generation:
                     if len(self.rows) >= SCRIPT_CACHE_SIZE:

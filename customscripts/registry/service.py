@@ -3,7 +3,9 @@
 Order inside every operation: tier gate (403) → ids (422) → existence/visibility (404) →
 entitlement (403) → validation (413/422) → writes. Nothing is written before all checks pass.
 Another tenant's private script answers 404 exactly like a missing one; a same-tenant caller
-without entitlement gets 403.
+without entitlement gets 403. Script ids are per tenant (registry/namespace.py): `resolve` turns
+the id a caller gives into the platform-wide id, looking only in the caller's own namespace. A
+version is usable only under its script's current policy (permissions.py, rule 7).
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import Conflict, Forbidden, NotFound, Unprocessable
-from customscripts.permissions import Denied, check_can_use, check_dependency_closure, is_owner, tier_of
-from customscripts.registry import validation
+from customscripts.permissions import (
+    Denied,
+    check_can_list,
+    check_can_use,
+    check_can_use_now,
+    check_dependency_closure,
+    is_owner,
+    tier_of,
+)
+from customscripts.registry import namespace, validation
 from customscripts.registry.catalog import Catalog, ScriptRow, VersionRow
 from customscripts.registry.models import (
     DraftCreate,
@@ -53,6 +63,36 @@ class RegistryService:
 
     # ----------------------------------------------------------------- helpers
 
+    def resolve(self, principal: Principal, script_id: object) -> str:
+        """The platform-wide id a caller means: their own tenant's script `X-<tag>` when they give
+        its bare chosen id `X`, else the id as given. Only the caller's namespace is looked in, so
+        the answer never depends on what other tenants have."""
+        sid = ids.script_id(script_id)
+        if namespace.is_own(sid, principal.tenant) or len(sid) > namespace.MAX_CHOSEN_ID:
+            return sid
+        own = sid + namespace.tenant_suffix(principal.tenant)
+        row = self.catalog.scripts.get(own)
+        return own if row is not None and row.tenant == principal.tenant else sid
+
+    def _resolve_dependencies(self, principal: Principal, depends_on: list[str]) -> list[str]:
+        """`depends_on` entries with each script id resolved as `resolve` does (stored that way)."""
+        out = []
+        for dep in depends_on:
+            sid, version = parse_dependency(dep)
+            out.append(f"{self.resolve(principal, sid)}@{version}")
+        return out
+
+    def _current(self, script_ids: set[str], known: ScriptRow | None = None) -> dict[str, VersionRow]:
+        """Each script's latest published version: its current access policy (permissions rule 7).
+        Script rows come from the ScriptCache, version rows from the version cache."""
+        pairs = []
+        for sid in sorted(script_ids):
+            row = known if known is not None and known.script_id == sid else self.catalog.scripts.get(sid)
+            if row is not None and row.latest_version:
+                pairs.append((sid, row.latest_version))
+        rows = self.catalog.get_versions(pairs)
+        return {sid: rows[(sid, ver)] for sid, ver in pairs if (sid, ver) in rows}
+
     def _script(self, principal: Principal, script_id: str) -> ScriptRow:
         """The catalog row, or 404 if it does not exist or is another tenant's private script."""
         row = self.catalog.get_script(ids.script_id(script_id))
@@ -77,11 +117,12 @@ class RegistryService:
     def _subscribed(self, principal: Principal, script_ids: list[str]) -> set[str]:
         return self.catalog.subscribed_scripts(principal.user_id, principal.tenant, script_ids)
 
-    def _check(self, principal: Principal, target: Any, version: Version) -> None:
-        """check_can_use with the caller's live subscription; hidden denials become 404."""
+    def _check(self, principal: Principal, target: VersionRow) -> None:
+        """check_can_use_now with the caller's live subscription; hidden denials become 404."""
         subscribed = bool(self._subscribed(principal, [target.script_id]))
+        current = self._current({target.script_id}).get(target.script_id)
         try:
-            check_can_use(principal, target, version, subscribed=subscribed, cfg=self.cfg)
+            check_can_use_now(principal, target, current, subscribed=subscribed, cfg=self.cfg)
         except Denied as exc:
             if exc.hidden:
                 raise _not_found(target.script_id) from None
@@ -93,6 +134,8 @@ class RegistryService:
                            tenant=principal.tenant, status="ok", call_id=call_id, conn=conn)
 
     def _validate(self, principal: Principal, script_id: str, source: str, meta: ScriptMeta) -> None:
+        if meta.permissions.marketplace:
+            check_can_list(principal, self.cfg)  # 403 before any validation work
         validation.check_source(source)
         validation.check_schema(meta.input_schema, "input_schema")
         validation.check_schema(meta.output_schema, "output_schema")
@@ -106,13 +149,15 @@ class RegistryService:
 
     def create_draft(self, principal: Principal, body: DraftCreate, call_id: str | None = None) -> ScriptMeta:
         tier = tier_of(principal, self.cfg)
-        script_id = body.script_id or ids.new_script_id()
+        script_id = (namespace.qualify(body.script_id, principal.tenant) if body.script_id
+                     else namespace.new_script_id(principal.tenant))
         stamp = now()
         meta = ScriptMeta(
             script_id=script_id, version=DRAFT, owner_id=principal.user_id, tenant=principal.tenant,
             name=body.name, description=body.description, runtime_mode=body.runtime_mode,
             permissions=body.permissions, input_schema=body.input_schema, output_schema=body.output_schema,
-            depends_on=body.depends_on, created_at=stamp, updated_at=stamp, status="draft",
+            depends_on=self._resolve_dependencies(principal, body.depends_on), created_at=stamp, updated_at=stamp,
+            status="draft",
             code_sha256=_code_sha(body.source), limits=body.limits, tier=principal.tier,
         )
         self._validate(principal, script_id, body.source, meta)
@@ -120,8 +165,8 @@ class RegistryService:
             if self.catalog.count_owned(conn, principal.tenant, principal.user_id) >= tier.max_scripts:
                 raise Forbidden(f"tier {tier.name!r} allows at most {tier.max_scripts} scripts",
                                 code="script_quota_exceeded", details={"max_scripts": tier.max_scripts})
-            if not self.catalog.insert_script(conn, meta):
-                raise Conflict(f"script id {script_id} is already taken", code="script_id_taken")
+            if not self.catalog.insert_script(conn, meta):  # only ever by the caller's own tenant
+                raise Conflict(f"script id {script_id} is already taken in your tenant", code="script_id_taken")
             self.store.put_draft(meta, body.source)
             self._audit(principal, "create_draft", script_id, None, call_id, conn)
         return meta
@@ -138,6 +183,8 @@ class RegistryService:
             if "source" in body.model_fields_set and body.source is not None:
                 source = body.source
             changes = {k: v for k, v in changes.items() if v is not None or k == "limits"}
+            if "depends_on" in changes:
+                changes["depends_on"] = self._resolve_dependencies(principal, changes["depends_on"])
             merged = current.model_dump() | changes
             merged.update(updated_at=now(), code_sha256=_code_sha(source))
             meta = ScriptMeta.model_validate(merged)
@@ -184,10 +231,11 @@ class RegistryService:
         if is_owner(principal, row):
             return versions
         subscribed = bool(self._subscribed(principal, [row.script_id]))
+        current = self._current({row.script_id}, row).get(row.script_id)
         usable, denial = [], None
         for v in versions:
             try:
-                check_can_use(principal, v, v.version, subscribed=subscribed, cfg=self.cfg)
+                check_can_use_now(principal, v, current, subscribed=subscribed, cfg=self.cfg)
                 usable.append(v)
             except Denied as exc:
                 denial = exc
@@ -212,7 +260,7 @@ class RegistryService:
         version = self.catalog.get_version(row.script_id, row.latest_version)
         if version is None:
             raise _not_found(script_id)
-        self._check(principal, version, version.version)
+        self._check(principal, version)
         meta = self.store.get_meta(row.owner_id, row.script_id, row.latest_version)
         return {**meta.model_dump(mode="json"), "latest_version": row.latest_version}
 
@@ -232,7 +280,7 @@ class RegistryService:
                 if not owner and row.tenant != principal.tenant:
                     raise _not_found(script_id)
                 raise NotFound(f"version {script_id}@{number} not found", code="version_not_found")
-            self._check(principal, vrow, vrow.version)
+            self._check(principal, vrow)
         meta = self.store.get_meta(row.owner_id, row.script_id, number)
         out = {**meta.model_dump(mode="json"), "latest_version": row.latest_version}
         if owner:
@@ -315,14 +363,17 @@ class RegistryService:
         members = [rows[p] for p in closure]
         foreign = sorted({m.script_id for m in members if not is_owner(principal, m)})
         subs = self._subscribed(principal, foreign) if foreign else set()
+        # the current policy of every script in the closure (owners need none: they may use all)
+        current = self._current(set(foreign), row) if foreign else {}
         target = rows[(row.script_id, number)]
         try:
-            check_can_use(principal, target, number, subscribed=target.script_id in subs, cfg=self.cfg)
+            check_can_use_now(principal, target, current.get(target.script_id),
+                              subscribed=target.script_id in subs, cfg=self.cfg)
         except Denied as exc:
             if exc.hidden:
                 raise _not_found(target.script_id) from None
             raise
-        check_dependency_closure(principal, members[:-1], subscribed=subs, cfg=self.cfg)
+        check_dependency_closure(principal, members[:-1], subscribed=subs, current=current, cfg=self.cfg)
         return closure
 
     def load_version(self, script_id: str, version: Version) -> tuple[ScriptMeta, str]:

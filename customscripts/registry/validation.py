@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing.exceptions import Unresolvable
 
 from customscripts.auth import Principal
 from customscripts.config import Settings, Tier
@@ -51,6 +52,14 @@ def check_schema(schema: object, field: str) -> None:
     except (RecursionError, ValueError, TypeError) as exc:
         raise Unprocessable(f"{field} is not a valid JSON Schema: {type(exc).__name__}",
                             code="invalid_schema", details={"field": field}) from None
+    try:  # one trial run: a schema that recurses without end, or names a $ref nowhere, is caught here
+        Draft202012Validator(schema).is_valid({})
+    except RecursionError:
+        raise Unprocessable(f"{field} recurses without end ($ref cycle)", code="invalid_schema",
+                            details={"field": field}) from None
+    except Unresolvable as exc:
+        raise Unprocessable(f"{field} has an unresolvable $ref: {str(exc)[:200]}", code="invalid_schema",
+                            details={"field": field}) from None
 
 
 def check_source(source: str) -> None:

@@ -8,8 +8,10 @@ from typing import Any
 import requests
 
 from customscripts.auth import issue_user_token
+from customscripts.registry.namespace import qualify
 
 RUN_OK = "def run(ctx):\n    return 1.0\n"
+LISTS = ("marketplace_publish",)  # the feature a caller needs to list scripts on the marketplace
 
 
 @dataclass
@@ -42,6 +44,10 @@ class Caller:
         elif body is not None:
             kwargs["json"] = body
         return requests.request(method, self.base + path, **kwargs)
+
+    def sid(self, chosen: str) -> str:
+        """The platform-wide id of a script id this caller chooses (registry/namespace.py)."""
+        return qualify(chosen, self.tenant)
 
     def create(self, script_id: str, source: str = RUN_OK, **fields: Any) -> requests.Response:
         return self.call("POST", "/scripts", {"name": f"script {script_id}", "script_id": script_id,

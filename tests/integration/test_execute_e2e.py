@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from customscripts.marketdata.loader import read_csv, sample_csv
-from tests.integration.registry_support import Caller, error_code
+from tests.integration.registry_support import LISTS, Caller, error_code
 from tests.waiting import wait_until
 
 AS_OF = datetime(2013, 1, 2, tzinfo=UTC).timestamp()  # a GOOG trading day inside the sample
@@ -74,14 +74,16 @@ def audit_rows(cfg, script_id: str, expect: int = 1) -> list[tuple]:
 
 
 def test_execute_returns_the_scripts_value_in_indicator_shape(alice, uid, stack):
-    alice.create_published(f"const-{uid}", "def run(ctx):\n    return {'value': 41.5, 'metadata': {'k': 1}}\n")
-    resp = execute(alice, f"const-{uid}")
+    sid = alice.sid(f"const-{uid}")
+    alice.create_published(sid, "def run(ctx):\n    return {'value': 41.5, 'metadata': {'k': 1}}\n")
+    resp = execute(alice, f"const-{uid}")  # the id as chosen: it names the script in alice's tenant
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "ok"
     assert body["output"] == {"value": 41.5, "timestamp": AS_OF, "metadata": {"k": 1}}
     assert body["version"] == 1 and body["metrics"]["memory_mb"] > 0
-    (row,) = audit_rows(stack, f"const-{uid}")
+    assert body["script_id"] == sid and body["call_id"] == resp.headers["X-Call-Id"]
+    (row,) = audit_rows(stack, sid)
     assert row[:4] == ("execute", "ok", f"alice-{uid}", 1) and row[4] and row[5]
 
 
@@ -97,14 +99,23 @@ def test_rsi_on_goog_equals_an_independent_implementation(alice, uid):
     assert math.isclose(body["output"]["value"], expected, rel_tol=1e-9)
 
 
-def test_script_reads_its_dependencys_output(alice, uid):
-    alice.create_published(f"base-{uid}", "def run(ctx):\n    return 7.25\n")
-    stored = execute(alice, f"base-{uid}", store=True)
-    assert stored.json()["stored"] is True
+def test_script_reads_its_dependencys_output(alice, uid, stack):
+    """A dependency's output is what realtime published for the event (the value of record)."""
+    import redis
+
+    from customscripts import db
+    from customscripts.outputs import OutputRow, OutputStore, params_hash
+    from customscripts.realtime.publisher import Publisher
+
+    base = alice.sid(f"base-{uid}")
+    alice.create_published(base, "def run(ctx):\n    return 7.25\n")
+    publisher = Publisher(redis.Redis(host=stack.redis_host, port=stack.redis_port), OutputStore(db.pool()))
+    publisher.publish([OutputRow(time=AS_OF, tenant=alice.tenant, instrument_key="GOOG", timeframe="1d",
+                                 script_id=base, version=1, params_hash=params_hash({}), value=7.25)])
     alice.create_published(
         f"dependent-{uid}",
-        f"def run(ctx):\n    return get_script_output('base-{uid}')['value'] * 2\n",
-        depends_on=[f"base-{uid}@1"],
+        f"def run(ctx):\n    return get_script_output('{base}')['value'] * 2\n",
+        depends_on=[f"base-{uid}@1"],  # the bare chosen id resolves in alice's tenant
     )
     body = execute(alice, f"dependent-{uid}").json()
     assert body["status"] == "ok", body
@@ -112,15 +123,16 @@ def test_script_reads_its_dependencys_output(alice, uid):
 
 
 def test_dependency_without_output_fails_naming_it(alice, uid, stack):
-    alice.create_published(f"empty-{uid}", "def run(ctx):\n    return 1.0\n")
+    empty, needs = alice.sid(f"empty-{uid}"), alice.sid(f"needs-{uid}")
+    alice.create_published(empty, "def run(ctx):\n    return 1.0\n")
     alice.create_published(
-        f"needs-{uid}", f"def run(ctx):\n    return get_script_output('empty-{uid}')['value']\n",
-        depends_on=[f"empty-{uid}@1"],
+        needs, f"def run(ctx):\n    return get_script_output('{empty}')['value']\n",
+        depends_on=[f"{empty}@1"],
     )
-    body = execute(alice, f"needs-{uid}").json()
+    body = execute(alice, needs).json()
     assert body["status"] == "dependency_failed"
-    assert f"empty-{uid}" in body["error"]["message"]
-    assert audit_rows(stack, f"needs-{uid}")[-1][1] == "dependency_failed"
+    assert empty in body["error"]["message"]
+    assert audit_rows(stack, needs)[-1][1] == "dependency_failed"
 
 
 def test_timeout_gives_timeout_status_and_audit_row(alice, uid, stack):
@@ -129,7 +141,7 @@ def test_timeout_gives_timeout_status_and_audit_row(alice, uid, stack):
     body = execute(alice, f"slow-{uid}").json()
     assert body["status"] == "timeout"
     assert body["output"] is None
-    assert audit_rows(stack, f"slow-{uid}")[-1][1] == "timeout"
+    assert audit_rows(stack, alice.sid(f"slow-{uid}"))[-1][1] == "timeout"
     # the function keeps serving after the kill
     alice.create_published(f"after-{uid}", "def run(ctx):\n    return 3.0\n")
     assert execute(alice, f"after-{uid}").json()["status"] == "ok"
@@ -140,10 +152,11 @@ def test_invalid_output_is_rejected_and_never_stored(alice, uid, stack):
                            output_schema={"type": "object", "properties": {"value": {"type": "number"}}})
     body = execute(alice, f"bad-{uid}", store=True).json()
     assert body["status"] == "invalid_output" and body["stored"] is False
-    assert audit_rows(stack, f"bad-{uid}")[-1][1] == "invalid_output"
+    assert audit_rows(stack, alice.sid(f"bad-{uid}"))[-1][1] == "invalid_output"
     with psycopg.connect(stack.pg_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM script_outputs WHERE script_id = %s",
-                            (f"bad-{uid}",)).fetchone() == (0,)
+        for table in ("script_outputs", "onetime_results"):
+            assert conn.execute(f"SELECT count(*) FROM {table} WHERE script_id = %s",
+                                (alice.sid(f"bad-{uid}"),)).fetchone() == (0,)
 
 
 def test_denied_execution_is_403_with_an_audit_row_and_no_function(alice, uid, stack, api):
@@ -151,20 +164,20 @@ def test_denied_execution_is_403_with_an_audit_row_and_no_function(alice, uid, s
     mallory = Caller(api, f"mallory-{uid}", f"tenant-{uid}")  # same tenant, not entitled
     resp = execute(mallory, f"private-{uid}")
     assert resp.status_code == 403 and error_code(resp) == "not_entitled"
-    assert audit_rows(stack, f"private-{uid}")[-1][:3] == ("execute", "denied", f"mallory-{uid}")
+    assert audit_rows(stack, alice.sid(f"private-{uid}"))[-1][:3] == ("execute", "denied", f"mallory-{uid}")
     from customscripts.faas.client import OpenFaaSClient
     from customscripts.faas.naming import function_name
 
     with OpenFaaSClient(stack.provider_url, stack.openfaas_user, stack.openfaas_password) as client:
-        assert not client.exists(function_name(f"private-{uid}", 1))
+        assert not client.exists(function_name(alice.sid(f"private-{uid}"), 1))
 
 
 def test_unlisting_a_script_stops_outsiders_at_once(uid, api):
     """registry-fn keeps script rows in memory for execute; a publish that takes a script off the
     marketplace must stop another tenant's subscriber on the very next call, not a cache later."""
-    author = Caller(api, f"author-{uid}", f"vendor-{uid}")
+    author = Caller(api, f"author-{uid}", f"vendor-{uid}", features=LISTS)
     buyer = Caller(api, f"buyer-{uid}", f"buyer-tenant-{uid}")
-    sid = f"listed-{uid}"
+    sid = author.sid(f"listed-{uid}")
     author.create_published(sid, "def run(ctx):\n    return 2.0\n", permissions={"marketplace": True})
     assert buyer.call("POST", f"/scripts/{sid}/marketplace/subscribe").status_code == 201
     for _ in range(3):  # the row is cached from here on
@@ -203,11 +216,12 @@ def test_function_budget_of_three_runs_five_versions_in_turn(stack, uid, api):
     from customscripts.execution import Executor, Invoker
     from customscripts.faas.budget import FunctionBudget, RedisLru
     from customscripts.faas.client import OpenFaaSClient
-    from customscripts.outputs import OutputStore
+    from customscripts.outputs import OnetimeResults
     from customscripts.registry.api import service
+    from customscripts.registry.concurrency import ExecuteSlots
 
     owner = Caller(api, f"budget-{uid}", f"tenant-{uid}")
-    script_ids = [f"b{i}-{uid}" for i in range(5)]
+    script_ids = [owner.sid(f"b{i}-{uid}") for i in range(5)]
     for i, sid in enumerate(script_ids):
         owner.create_published(sid, f"def run(ctx):\n    return {i}.0\n")
     client = OpenFaaSClient(stack.provider_url, stack.openfaas_user, stack.openfaas_password)
@@ -217,7 +231,7 @@ def test_function_budget_of_three_runs_five_versions_in_turn(stack, uid, api):
     lru = RedisLru(redis.Redis(host=stack.redis_host, port=stack.redis_port), key=f"test:lru:{uid}",
                    lock_key=f"test:lru-lock:{uid}")
     budget = FunctionBudget(client, budget=3, lru=lru, cache_s=0)
-    executor = Executor(Invoker(service(), client, budget), OutputStore(db.pool()))
+    executor = Executor(Invoker(service(), client, budget), OnetimeResults(db.pool()), ExecuteSlots(stack))
     principal = decode_token(issue_user_token(owner.user_id, owner.tenant))
     most = 0
     for round_ in range(2):

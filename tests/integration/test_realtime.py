@@ -25,7 +25,7 @@ from tests.integration.realtime_support import (
     stream_counts,
     subscribe,
 )
-from tests.integration.registry_support import Caller, error_code
+from tests.integration.registry_support import LISTS, Caller, error_code
 from tests.integration.test_execute_e2e import RSI_SCRIPT
 
 GOOG_START = datetime(2012, 6, 1, tzinfo=UTC).timestamp()
@@ -87,7 +87,8 @@ def test_subscription_cap_of_the_tier(alice, uid, stack):
     from customscripts.auth import decode_token
     from customscripts.realtime.service import default_service
 
-    alice.create_published(f"cap-{uid}", LAST_CLOSE)
+    sid = alice.sid(f"cap-{uid}")
+    alice.create_published(sid, LAST_CLOSE)
     svc = default_service()
     tiers = {**stack.tiers, "pro": dataclasses.replace(stack.tiers["pro"], max_subscriptions=2)}
     capped = dataclasses.replace(svc, cfg=dataclasses.replace(stack, tiers=tiers)) \
@@ -95,20 +96,21 @@ def test_subscription_cap_of_the_tier(alice, uid, stack):
                                                         dataclasses.replace(stack, tiers=tiers))
     principal = decode_token(alice.token)
     for tf in ("1d", "1h"):
-        assert capped.subscribe(principal, f"cap-{uid}", {"instrument_key": "GOOG", "timeframe": tf})["created"]
+        assert capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": tf})["created"]
     from customscripts.errors import Forbidden
 
     with pytest.raises(Forbidden) as err:
-        capped.subscribe(principal, f"cap-{uid}", {"instrument_key": "GOOG", "timeframe": "1w"})
+        capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": "1w"})
     assert err.value.code == "subscription_quota_exceeded"
     # re-subscribing to an existing one is not a new subscription
-    assert capped.subscribe(principal, f"cap-{uid}", {"instrument_key": "GOOG", "timeframe": "1d"})["created"] is False
+    assert capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": "1d"})["created"] is False
 
 
 def test_dependency_that_needs_params_cannot_be_subscribed_through(alice, uid):
     alice.create_published(f"needy-{uid}", "def run(ctx):\n    return float(ctx.params['n'])\n",
                            input_schema={"type": "object", "required": ["n"]})
-    alice.create_published(f"top-{uid}", f"def run(ctx):\n    return get_script_output('needy-{uid}')['value']\n",
+    needy = alice.sid(f"needy-{uid}")
+    alice.create_published(f"top-{uid}", f"def run(ctx):\n    return get_script_output('{needy}')['value']\n",
                            depends_on=[f"needy-{uid}@1"])
     assert error_code(subscribe(alice, f"top-{uid}")) == "invalid_dependency_params"
 
@@ -117,7 +119,7 @@ def test_dependency_that_needs_params_cannot_be_subscribed_through(alice, uid):
 
 
 def test_replayed_goog_and_eurusd_publish_every_event(alice, uid, rt, stack):
-    sid = f"last-{uid}"
+    sid = alice.sid(f"last-{uid}")
     alice.create_published(sid, LAST_CLOSE)
     assert subscribe(alice, sid).status_code == 201
     assert subscribe(alice, sid, instrument="EURUSD", timeframe="1h").status_code == 201
@@ -144,7 +146,7 @@ def test_replayed_goog_and_eurusd_publish_every_event(alice, uid, rt, stack):
 
 
 def test_signal_endpoint_is_tenant_scoped_and_entitled_only(alice, uid, api, rt, stack):
-    sid = f"sig-{uid}"
+    sid = alice.sid(f"sig-{uid}")
     alice.create_published(sid, LAST_CLOSE, permissions={"allowed_users": [f"carol-{uid}"]})
     assert subscribe(alice, sid).status_code == 201
     replay("GOOG", "1d", start=GOOG_START, limit=3, cfg=rt)
@@ -160,7 +162,7 @@ def test_signal_endpoint_is_tenant_scoped_and_entitled_only(alice, uid, api, rt,
 
 
 def test_three_level_chain_is_evaluated_in_order_for_each_event(alice, uid, rt, stack):
-    base, mid, top = f"base-{uid}", f"mid-{uid}", f"top-{uid}"
+    base, mid, top = (alice.sid(f"{n}-{uid}") for n in ("base", "mid", "top"))
     alice.create_published(base, LAST_CLOSE)
     alice.create_published(mid, f"def run(ctx):\n    return get_script_output('{base}')['value'] * 2\n",
                            depends_on=[f"{base}@1"])
@@ -181,7 +183,7 @@ def test_three_level_chain_is_evaluated_in_order_for_each_event(alice, uid, rt, 
 
 
 def test_realtime_equals_one_time_executions_no_repaint(alice, uid, rt, stack):
-    sid = f"rsi-{uid}"
+    sid = alice.sid(f"rsi-{uid}")
     alice.create_published(sid, RSI_SCRIPT)
     assert subscribe(alice, sid, params={"period": 14}).status_code == 201
     result = replay("GOOG", "1d", start=GOOG_START, limit=15, cfg=rt)
@@ -198,7 +200,7 @@ def test_realtime_equals_one_time_executions_no_repaint(alice, uid, rt, stack):
 def test_failed_dependency_marks_dependents_and_never_reuses_a_stale_value(alice, uid, stack):
     """The dependency fails on every other event; its dependent is dependency_failed there (never
     invoked, never reading the previous event's output) and ok elsewhere."""
-    base, dep = f"flaky-{uid}", f"user-{uid}"
+    base, dep = alice.sid(f"flaky-{uid}"), alice.sid(f"user-{uid}")
     alice.create_published(base, "def run(ctx):\n    if int(ctx.timestamp) // 86400 % 2:\n"
                                  "        raise ValueError('odd day')\n    return float(ctx.timestamp)\n")
     alice.create_published(dep, f"def run(ctx):\n    return get_script_output('{base}')['value']\n",
@@ -226,9 +228,9 @@ def test_failed_dependency_marks_dependents_and_never_reuses_a_stale_value(alice
 
 
 def test_lost_entitlement_takes_effect_on_the_next_evaluation(api, uid, stack):
-    author = Caller(api, f"author-{uid}", f"vendor-{uid}")
+    author = Caller(api, f"author-{uid}", f"vendor-{uid}", features=LISTS)
     buyer = Caller(api, f"buyer-{uid}", f"buyer-tenant-{uid}")
-    sid = f"listed-{uid}"
+    sid = author.sid(f"listed-{uid}")
     author.create_published(sid, LAST_CLOSE, permissions={"marketplace": True})
     assert buyer.call("POST", f"/scripts/{sid}/marketplace/subscribe").status_code == 201
     try:
@@ -255,7 +257,7 @@ def test_lost_entitlement_takes_effect_on_the_next_evaluation(api, uid, stack):
 
 
 def test_timeout_is_confined_to_its_own_evaluations(alice, uid, stack):
-    slow, fast = f"slow-{uid}", f"fast-{uid}"
+    slow, fast = alice.sid(f"slow-{uid}"), alice.sid(f"fast-{uid}")
     alice.create_published(slow, "def run(ctx):\n    while True:\n        pass\n", limits={"timeout_ms": 200})
     alice.create_published(fast, LAST_CLOSE)
     assert subscribe(alice, slow).status_code == 201
@@ -271,7 +273,7 @@ def test_timeout_is_confined_to_its_own_evaluations(alice, uid, stack):
 
 
 def test_redelivered_events_publish_once(alice, uid, stack):
-    sid = f"idem-{uid}"
+    sid = alice.sid(f"idem-{uid}")
     alice.create_published(sid, LAST_CLOSE)
     assert subscribe(alice, sid).status_code == 201
     events = [Event("GOOG", "1d", t) for t in sorted(closes(stack, "GOOG", "1d", GOOG_START, 5))]

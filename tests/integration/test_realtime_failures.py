@@ -41,7 +41,7 @@ def rt(stack, uid):
 @pytest.fixture
 def owner(api, uid, stack):
     caller = Caller(api, f"rt-{uid}", f"rt-tenant-{uid}")
-    sid = f"close-{uid}"
+    sid = caller.sid(f"close-{uid}")
     caller.create_published(sid, LAST_CLOSE)
     resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d"})
     assert resp.status_code == 201, resp.text

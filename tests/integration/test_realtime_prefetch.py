@@ -107,7 +107,7 @@ def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
     results = []
     times = [t for t, in _last_closes(stack, 4)]
     for caller, prefetch in api_callers:
-        base, dep = f"pfb-{caller.user_id}", f"pfd-{caller.user_id}"
+        base, dep = caller.sid(f"pfb-{caller.user_id}"), caller.sid(f"pfd-{caller.user_id}")
         caller.create_published(base, BASE)
         caller.create_published(dep, DEPENDENT.format(base=base), depends_on=[f"{base}@1"])
         for sid in (base, dep):

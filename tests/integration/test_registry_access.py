@@ -11,7 +11,7 @@ from customscripts.auth import decode_token
 from customscripts.errors import Forbidden, NotFound
 from customscripts.http import LocalServer
 from customscripts.registry.api import handle, service
-from tests.integration.registry_support import Caller, error_code
+from tests.integration.registry_support import LISTS, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
 
@@ -30,9 +30,9 @@ class World:
 def world(stack) -> World:
     server = LocalServer(handle).start()
     u = uuid.uuid4().hex[:8]
-    owner = Caller(server.url, f"owner-{u}", f"acme-{u}")
+    owner = Caller(server.url, f"owner-{u}", f"acme-{u}", features=LISTS)
     grants = {"teams": [f"quants-{u}"], "orgs": [f"desk-{u}"], "allowed_users": [f"allowed-{u}"]}
-    listed, private, gated, chain = (f"{n}-{u}" for n in ("listed", "private", "gated", "chain"))
+    listed, private, gated, chain = (owner.sid(f"{n}-{u}") for n in ("listed", "private", "gated", "chain"))
     owner.create_published(listed, permissions={**grants, "marketplace": True})
     owner.create_published(private, permissions=grants)
     owner.create_published(gated, permissions={"teams": [f"quants-{u}"]})
@@ -112,9 +112,10 @@ def test_every_dependency_must_be_usable(world):
     assert allowed.user_id == f"allowed-{world.u}"
     with pytest.raises(Forbidden) as err:
         service().check_execution(allowed, world.chain, 1)
-    assert err.value.code == "dependency_forbidden" and f"gated-{world.u}@1" in err.value.message
+    gated = world.owner.sid(f"gated-{world.u}")
+    assert err.value.code == "dependency_forbidden" and f"{gated}@1" in err.value.message
     team = decode_token(persona(world, "team_member").token)
-    assert service().check_execution(team, world.chain, 1) == [(f"gated-{world.u}", 1), (world.chain, 1)]
+    assert service().check_execution(team, world.chain, 1) == [(gated, 1), (world.chain, 1)]
 
 
 def test_subscriber_lists_only_listed_versions_and_never_sees_source(world):

@@ -13,9 +13,10 @@ from customscripts.errors import Conflict, Forbidden
 from customscripts.http import LocalServer
 from customscripts.registry.api import handle, service
 from customscripts.registry.models import DraftCreate
+from customscripts.registry.namespace import qualify
 from customscripts.registry.service import RegistryService
 from customscripts.registry.store import ScriptStore
-from tests.integration.registry_support import RUN_OK, Caller, error_code
+from tests.integration.registry_support import LISTS, RUN_OK, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
 
@@ -29,7 +30,7 @@ def base(stack) -> str:
 
 @pytest.fixture
 def alice(base, uid) -> Caller:
-    return Caller(base, f"alice-{uid}", f"acme-{uid}")
+    return Caller(base, f"alice-{uid}", f"acme-{uid}", features=LISTS)
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def store(stack) -> ScriptStore:
 
 
 def test_bucket_keys_follow_the_exact_layout(alice, store, uid):
-    sid = f"layout-{uid}"
+    sid = alice.sid(f"layout-{uid}")
     alice.create_published(sid)
     assert alice.call("PATCH", f"/scripts/{sid}", {"source": "def run(ctx):\n    return 2.0\n"}).status_code == 200
     assert alice.publish(sid).status_code == 201
@@ -56,7 +57,7 @@ def test_bucket_keys_follow_the_exact_layout(alice, store, uid):
 
 
 def test_published_bytes_never_change(alice, store, uid):
-    sid = f"immut-{uid}"
+    sid = alice.sid(f"immut-{uid}")
     v1 = alice.create_published(sid)
     assert v1["version"] == 1 and v1["unchanged"] is False
     k_code = f"scripts/{alice.user_id}/{sid}/1/script.py"
@@ -72,7 +73,7 @@ def test_published_bytes_never_change(alice, store, uid):
 
 
 def test_store_refuses_to_overwrite_a_published_version(alice, store, uid):
-    sid = f"overwrite-{uid}"
+    sid = alice.sid(f"overwrite-{uid}")
     alice.create_published(sid)
     meta = store.get_meta(alice.user_id, sid, 1)
     etag = store.stat(f"scripts/{alice.user_id}/{sid}/1/script.py").etag
@@ -101,7 +102,7 @@ def test_same_code_same_sha256(alice, uid):
 
 
 def test_catalog_mirrors_versions(stack, alice, uid):
-    sid = f"catalog-{uid}"
+    sid = alice.sid(f"catalog-{uid}")
     alice.create_published(sid, permissions={"marketplace": True})
     with psycopg.connect(stack.pg_dsn) as conn:
         row = conn.execute("SELECT owner_id, tenant, latest_version, marketplace FROM scripts WHERE script_id = %s",
@@ -116,7 +117,7 @@ def test_catalog_mirrors_versions(stack, alice, uid):
 
 
 def test_dependencies_resolve_in_order(alice, uid):
-    a, b, c = (f"dep-{n}-{uid}" for n in "abc")
+    a, b, c = (alice.sid(f"dep-{n}-{uid}") for n in "abc")
     alice.create_published(a)
     alice.create_published(b, depends_on=[f"{a}@1"])
     alice.create_published(c, depends_on=[f"{b}@1", f"{a}@1"])
@@ -125,7 +126,7 @@ def test_dependencies_resolve_in_order(alice, uid):
 
 
 def test_self_cycle_is_rejected(alice, uid):
-    sid = f"selfcyc-{uid}"
+    sid = alice.sid(f"selfcyc-{uid}")
     alice.create_published(sid)
     resp = alice.call("PATCH", f"/scripts/{sid}", {"depends_on": [f"{sid}@1"]})
     assert resp.status_code == 422 and error_code(resp) == "dependency_cycle"
@@ -133,7 +134,7 @@ def test_self_cycle_is_rejected(alice, uid):
 
 
 def test_three_cycle_is_rejected_naming_members(alice, uid):
-    a, b, c = (f"cyc-{n}-{uid}" for n in "abc")
+    a, b, c = (alice.sid(f"cyc-{n}-{uid}") for n in "abc")
     alice.create_published(a)
     alice.create_published(b, depends_on=[f"{a}@1"])
     alice.create_published(c, depends_on=[f"{b}@1"])
@@ -147,13 +148,13 @@ def test_three_cycle_is_rejected_naming_members(alice, uid):
 
 
 def test_dependency_of_another_tenant_is_rejected(base, alice, uid):
-    mallory = Caller(base, f"mallory-{uid}", f"other-{uid}")
-    private, listed = f"foreign-{uid}", f"foreign-mk-{uid}"
+    mallory = Caller(base, f"mallory-{uid}", f"other-{uid}", features=LISTS)
+    private, listed = mallory.sid(f"foreign-{uid}"), mallory.sid(f"foreign-mk-{uid}")
     mallory.create_published(private)
     mallory.create_published(listed, permissions={"marketplace": True})
     assert alice.call("POST", f"/scripts/{listed}/marketplace/subscribe").status_code == 201
-    for dep in (private, listed):
-        resp = alice.create(f"uses-{dep}", depends_on=[f"{dep}@1"])
+    for n, dep in enumerate((private, listed)):
+        resp = alice.create(f"uses-{n}-{uid}", depends_on=[f"{dep}@1"])
         assert resp.status_code == 422 and error_code(resp) == "invalid_dependency", resp.text
     # Another tenant's private script reads exactly like a missing one.
     missing = alice.create(f"uses-missing-{uid}", depends_on=[f"nosuch-{uid}@1"])
@@ -229,7 +230,7 @@ def test_tier_script_cap(stack, uid):
     with pytest.raises(Forbidden) as err:
         svc.create_draft(who, DraftCreate(name="n", script_id=f"cap2-{uid}", source=RUN_OK))
     assert err.value.code == "script_quota_exceeded"
-    assert svc.catalog.get_script(f"cap2-{uid}") is None
+    assert svc.catalog.get_script(qualify(f"cap2-{uid}", who.tenant)) is None
     assert isinstance(tiny, Tier)
 
 
@@ -276,7 +277,7 @@ def test_403_for_a_tier_without_the_feature_writes_nothing(base, alice, store, u
     resp = free.call(method, template.format(sid=target), _body_for(method, template, target))
     assert resp.status_code == 403 and error_code(resp) == "tier_not_allowed"
     assert store.keys(f"scripts/{free.user_id}/") == []
-    assert service().catalog.get_script(new_sid) is None
+    assert service().catalog.get_script(alice.sid(new_sid)) is None
 
 
 @pytest.mark.parametrize("method, template", ROUTES[:-1])
@@ -312,13 +313,17 @@ def test_422_for_invalid_ids(alice, method, template):
     assert resp.status_code == 422 and error_code(resp) in ("invalid_script_id", "invalid_body"), resp.text
 
 
-def test_409_on_taken_id(base, alice, uid):
+def test_409_on_an_id_taken_in_the_same_tenant_only(base, alice, uid):
+    """Chosen ids are per tenant: taken in the caller's own tenant is a 409; another tenant's use of
+    the same id is invisible (tests/security/test_registry_attacks.py has the attack)."""
     sid = f"taken-{uid}"
     assert alice.create(sid).status_code == 201
+    bob = Caller(base, f"bob-{uid}", alice.tenant)
+    resp = bob.create(sid)
+    assert resp.status_code == 409 and error_code(resp) == "script_id_taken"
     other = Caller(base, f"zed-{uid}", f"zt-{uid}")
-    for who in (alice, other):
-        resp = who.create(sid)
-        assert resp.status_code == 409 and error_code(resp) == "script_id_taken"
+    created = other.create(sid)
+    assert created.status_code == 201 and created.json()["script_id"] == other.sid(sid) != alice.sid(sid)
 
 
 def test_422_on_bad_version_and_404_on_missing_version(alice, uid):
@@ -346,7 +351,7 @@ def test_subscribe_needs_a_listing(base, alice, uid):
     alice.create_published(sid)
     bob = Caller(base, f"bob-{uid}", alice.tenant)
     assert error_code(bob.call("POST", f"/scripts/{sid}/marketplace/subscribe")) == "not_listed"
-    listed = f"listed-{uid}"
+    listed = alice.sid(f"listed-{uid}")
     alice.create_published(listed, permissions={"marketplace": True})
     carol = Caller(base, f"carol-{uid}", f"ct-{uid}")
     assert carol.call("POST", f"/scripts/{listed}/marketplace/subscribe").status_code == 201
@@ -362,7 +367,8 @@ def test_openapi_lists_exactly_the_routes(base, alice):
                                            "/scripts/{script_id}/marketplace/subscribe",
                                            "/scripts/{script_id}/execute", "/scripts/{script_id}/subscribe",
                                            "/scripts/{script_id}/subscriptions/{subscription_id}",
-                                           "/subscriptions", "/signals/{instrument_key}/custom/{script_id}"})
+                                           "/subscriptions", "/signals/{instrument_key}/custom/{script_id}",
+                                           "/executions/{call_id}"})
     assert "unchanged" in doc["paths"]["/scripts/{script_id}/publish"]["post"]["summary"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 

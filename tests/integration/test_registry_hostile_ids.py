@@ -11,7 +11,7 @@ from customscripts.auth import issue_user_token
 from customscripts.http import LocalServer
 from customscripts.registry.api import handle
 from customscripts.registry.store import ScriptStore
-from tests.integration.registry_support import Caller, error_code
+from tests.integration.registry_support import LISTS, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
 
@@ -50,7 +50,7 @@ def _path(value: str) -> str:
 
 def test_hostile_ids_never_reach_keys_or_rows(stack, base, uid):
     marker = f"h{uid}"
-    owner = Caller(base, f"owner-{uid}", f"tenant-{uid}")
+    owner = Caller(base, f"owner-{uid}", f"tenant-{uid}", features=LISTS)
     legit = f"legit-{uid}"
     owner.create_published(legit, permissions={"marketplace": True})
     statuses: set[int] = set()

@@ -102,3 +102,32 @@ def test_binary_bodies_go_out_as_sent(servers):
         resp = requests.get(base + "/bytes", timeout=10)
         assert (resp.status_code, resp.content) == (203, b"\x00\xff\x10raw")
         assert resp.headers["Content-Type"] == "application/vnd.test" and resp.headers["X-Thing"] == "2"
+
+
+@pytest.mark.parametrize("text, code", [
+    ("[" * 65 + "]" * 65, "json_too_deep"),
+    ('{"a":' * 65 + "1" + "}" * 65, "json_too_deep"),
+    ("[" * 200_000 + "]" * 200_000, "json_too_deep"),  # past the decoder's own recursion limit
+    ('{"x": NaN}', "invalid_json"),
+    ("[Infinity]", "invalid_json"),
+    ('{"t": 1e999}', "invalid_json"),  # overflows to inf
+    ("[1", "invalid_json"),
+    (b"\xff\xfe{", "invalid_json"),
+])
+def test_parse_json_refuses_what_is_not_strict_bounded_json(text, code):
+    from customscripts.errors import BadRequest
+    from customscripts.http import parse_json
+
+    with pytest.raises(BadRequest) as err:
+        parse_json(text if isinstance(text, bytes) else text.encode())
+    assert err.value.code == code and err.value.status == 400
+
+
+def test_parse_json_takes_json_up_to_the_depth_limit():
+    from customscripts.http import MAX_JSON_DEPTH, json_depth, parse_json
+
+    text = "[" * MAX_JSON_DEPTH + "1e300" + "]" * MAX_JSON_DEPTH
+    value = parse_json(text)
+    assert json_depth(value) == MAX_JSON_DEPTH
+    assert parse_json(b'{"a": [1, 2.5e-5, "e400", {"b": null}]}') == {"a": [1, 2.5e-5, "e400", {"b": None}]}
+    assert json_depth(1) == 0 and json_depth({"a": [{}]}) == 3

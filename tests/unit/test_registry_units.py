@@ -223,3 +223,45 @@ def test_registry_fn_handler_is_thin_and_answers():
     assert doc["statusCode"] == 200 and doc["body"]["openapi"] == "3.1.0"
     denied = module.handle(Event(method="POST", path="/scripts", body=b"{}"), None)
     assert denied["statusCode"] == 401 and denied["body"]["error"]["code"] == "unauthorized"
+
+
+def test_chosen_script_ids_are_per_tenant():
+    from customscripts.registry.namespace import MAX_CHOSEN_ID, is_own, new_script_id, qualify
+
+    a, b = qualify("sma", "tenant-a"), qualify("sma", "tenant-b")
+    assert a != b and a.startswith("sma-") and b.startswith("sma-")
+    assert qualify(a, "tenant-a") == a  # already this tenant's: unchanged
+    assert qualify(a, "tenant-b") != a and is_own(qualify(a, "tenant-b"), "tenant-b")
+    assert is_own(new_script_id("tenant-a"), "tenant-a") and not is_own(a, "tenant-b")
+    assert len(qualify("x" * MAX_CHOSEN_ID, "t")) == 63
+    with pytest.raises(Unprocessable):
+        qualify("x" * (MAX_CHOSEN_ID + 1), "t")
+    with pytest.raises(Unprocessable):
+        qualify("../x", "t")
+
+
+def test_the_latest_version_governs_every_version():
+    from customscripts.permissions import check_can_use_now
+
+    user = P["allowed"]
+    v1 = _meta(allowed_users=["al"])
+    v2 = _meta().model_copy(update={"version": 2})
+    check_can_use_now(user, v1, None)
+    check_can_use_now(user, v1, v1)
+    check_can_use_now(P["owner"], v1, v2)
+    with pytest.raises(Denied):
+        check_can_use_now(user, v1, v2)  # v2 left the user out: v1 is revoked too
+    with pytest.raises(Denied):
+        check_can_use_now(user, v2, v1)  # both must allow: an older grant does not open a newer version
+    with pytest.raises(Denied):  # dependencies the same way
+        check_dependency_closure(user, [v1], current={"s1": v2})
+
+
+def test_listing_needs_the_marketplace_publish_feature():
+    from customscripts.permissions import check_can_list
+
+    with pytest.raises(Denied) as err:
+        check_can_list(P["owner"])
+    assert err.value.code == "marketplace_publish_required"
+    check_can_list(Principal("owner", "acme", "pro", features=frozenset({"marketplace_publish"})))
+    check_can_list(Principal("owner", "acme", "enterprise"))

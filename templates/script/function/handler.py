@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from customscripts import logs
 from customscripts.config import settings
 from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from customscripts.http import parse_json
 from customscripts.sandbox.datasource import DataSource
 from customscripts.sandbox.invocation import verify_invocation_token, verify_prefetch
 from customscripts.sandbox.limits import SandboxLimits
@@ -167,10 +168,7 @@ def handle(event: Any, context: Any) -> dict:
             raise BadRequest("POST an execution or a batch")
         if len(event.body or b"") > MAX_BODY:
             raise PayloadTooLarge("request body too large")
-        try:
-            body = json.loads(event.body or b"{}")
-        except ValueError as exc:
-            raise BadRequest("body is not JSON") from exc
+        body = parse_json(event.body or b"{}", "body")
         try:
             sup = warm()
         except IsolationUnavailable as exc:
