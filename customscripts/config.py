@@ -265,6 +265,11 @@ class Settings:
     # are back soon.
     execute_lease_slack_s: float = field(default_factory=lambda: _env_float("CS_EXECUTE_LEASE_SLACK_S", 30.0))
 
+    # CPU weight of one tenant's script functions together, locally (faas/cpugroups.py); 1024 is one
+    # busy process's weight. Default: a whole machine's worth, so an idle machine is all a tenant's.
+    tenant_cpu_shares: int = field(
+        default_factory=lambda: _env_int("CS_TENANT_CPU_SHARES", 1024 * (os.cpu_count() or 1)))
+
     # Functions. At most `function_budget` script functions are deployed (OpenFaaS CE allows 15 in all).
     function_budget: int = field(default_factory=lambda: _env_int("CS_FUNCTION_BUDGET", 15))
     # How many of them one tenant may pin (live subscriptions, dependencies included) and hold

@@ -38,6 +38,7 @@ COPY_PATHS = ("customscripts",)
 DEFAULT_FPROCESS = "python index.py"
 INVOCATION_SECRET = "invocation-secret"
 LABEL = "com.customscripts"
+TENANT_ANNOTATION = f"{LABEL}.tenant"  # the tenant a script function belongs to (its owner's)
 BUILD_STAMP = ".build.json"
 _SKIP = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "build", "template"}
 
@@ -203,7 +204,7 @@ def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code
     timeout_s = max(1, math.ceil(tier_cfg.timeout_ms / 1000))
     annotations = {
         f"{LABEL}.code-sha256": code_hash,
-        f"{LABEL}.tenant": tenant,
+        TENANT_ANNOTATION: tenant,
         f"{LABEL}.owner-id": owner_id,
         f"{LABEL}.tier": tier,
     }

@@ -68,6 +68,8 @@ import requests
 from customscripts import logs
 from customscripts.config import REPO_ROOT, settings
 from customscripts.errors import ApiError
+from customscripts.faas import cpugroups
+from customscripts.faas.build import TENANT_ANNOTATION
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, is_dns1123, label_value
 from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse, parse_json
 
@@ -211,6 +213,8 @@ class Provider:
         self.upstream_timeout = upstream_timeout
         self.start_timeout = start_timeout
         self.python = python or sys.executable
+        self._cpu_groups: dict[str, Path | None] = {}
+        self._cpu_groups_warned = False
         self._lock = threading.RLock()
         self._start_locks: dict[str, threading.Lock] = {}
         self.deployments: dict[str, dict[str, Any]] = {}
@@ -419,6 +423,11 @@ class Provider:
         env["CS_FN_ACTIVITY_FILE"] = str(activity)
         logdir = self.state_dir.parent / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
+        tenant = (spec.get("annotations") or {}).get(TENANT_ANNOTATION)
+        if tenant:  # a script function: it shares its tenant's CPU weight with the tenant's others
+            group = self._cpu_group(str(tenant))
+            if group is not None:
+                env["CS_CPU_GROUP"] = str(group)
         argv = [self.python, "-m", "customscripts.faas.runner", str(folder)]
         started = time.monotonic()
         with open(logdir / f"fn-{name}.log", "ab") as logfile:
@@ -432,6 +441,17 @@ class Provider:
         logs.event(log, "function started", function=name, pid=proc.pid, port=port,
                    cold_start_ms=round((time.monotonic() - started) * 1000, 1))
         return FunctionProcess(name=name, proc=proc, port=port, spec=spec)
+
+    def _cpu_group(self, tenant: str) -> Path | None:
+        """The tenant's CPU group (faas/cpugroups.py); None, said once, where it cannot be made."""
+        if tenant not in self._cpu_groups:
+            group = cpugroups.tenant_group(tenant, settings().tenant_cpu_shares)
+            if group is None and not self._cpu_groups_warned:
+                self._cpu_groups_warned = True
+                logs.event(log, "per-tenant CPU groups unavailable (no writable cgroup cpu controller): script "
+                                "functions share the CPU without a per-tenant bound", logging.WARNING)
+            self._cpu_groups[tenant] = group
+        return self._cpu_groups[tenant]
 
     def _await_port(self, proc: subprocess.Popen, rfd: int, name: str) -> int:
         deadline = time.monotonic() + self.start_timeout

@@ -8,8 +8,8 @@ serves it on its loopback port (CS_FN_PORT, chosen by the provider) with
 waitress give, at a fraction of their per-request cost (every one-time execute crosses three
 function processes). The port is written to the file descriptor named by CS_FN_READY_FD once the
 server listens, so the provider needs no readiness polling; calls that reach the function directly
-mark CS_FN_ACTIVITY_FILE for the provider's idle reaper. The process exits when its parent (the
-provider) goes away.
+mark CS_FN_ACTIVITY_FILE for the provider's idle reaper. A script function first joins its tenant's
+CPU group (CS_CPU_GROUP, faas/cpugroups.py). The process exits when its parent (the provider) goes away.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from customscripts.http import HandlerServer
 
+    group = os.environ.get("CS_CPU_GROUP")
+    if group:  # before the handler starts its sandbox: the whole process tree shares the tenant's CPU
+        from customscripts.faas.cpugroups import join
+
+        join(group)
     handler = load_handler(Path(args[0]))
     handle = handler.handle
     activity = os.environ.get("CS_FN_ACTIVITY_FILE")

@@ -408,3 +408,35 @@ def test_the_invoker_calls_running_functions_directly_and_falls_back_to_the_gate
     second = call()  # nothing listens there any more: the gateway again
     assert second != first and gateway_calls() == 2
     assert call() == second and gateway_calls() == 2
+
+
+def test_each_tenants_functions_share_one_cpu_group(tmp_path: Path) -> None:
+    """Script functions run in their tenant's CPU group (faas/cpugroups.py): two of one tenant share
+    one, another tenant's is another, and platform functions (no tenant) stay outside all of them."""
+    from customscripts.faas import cpugroups
+
+    if cpugroups.tenant_group("probe-tenant", 1024) is None:
+        pytest.skip("no writable cgroup cpu controller on this machine (not root, or no delegation)")
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=60,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        specs = [version_spec(tpl, functions, "echo", 1), version_spec(tpl, functions, "echo", 2),
+                 version_spec(tpl, functions, "other", 1)]
+        specs[2]["annotations"][build.TENANT_ANNOTATION] = "t2"
+        platform = dict(version_spec(tpl, functions, "plat", 1), service="cs-plat-v1")
+        platform["annotations"] = {k: v for k, v in platform["annotations"].items()
+                                   if k != build.TENANT_ANNOTATION}
+        groups = {}
+        for spec in [*specs, platform]:
+            client.deploy(spec)
+            pid = client.invoke(spec["service"]).json()["pid"]
+            cpu_line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                            if line.split(":")[1] in ("cpu", "cpu,cpuacct", ""))
+            groups[spec["service"]] = cpu_line.rsplit(":", 1)[1]
+        client.close()
+    a1, a2, b, plat = (groups[s["service"]] for s in [*specs, platform])
+    assert a1 == a2 and cpugroups.PREFIX in a1
+    assert b != a1 and cpugroups.PREFIX in b
+    assert cpugroups.PREFIX not in plat

@@ -123,15 +123,15 @@ def counter(name: str, **labels: str) -> float:
 
 def test_forged_transient_errors_and_a_failing_function_cost_no_other_tenant_its_outputs(rt, tenants, stack, uid):
     forger, crasher, good, chain = (tenants(n) for n in ("forger", "crasher", "good", "chain"))
-    forged = {kind: f"forged-{kind}-{uid}" for kind in FORGERIES}
+    forged = {kind: forger.sid(f"forged-{kind}-{uid}") for kind in FORGERIES}
     for kind, sid in forged.items():
         forger.create_published(sid, FORGERIES[kind])
         subscribed(forger, sid)
-    crashing, crash_top = f"crash-{uid}", f"crash-top-{uid}"
+    crashing, crash_top = crasher.sid(f"crash-{uid}"), crasher.sid(f"crash-top-{uid}")
     crasher.create_published(crashing, LAST_CLOSE)
     crasher.create_published(crash_top, f"def run(ctx):\n    return get_script_output('{crashing}')['value']\n",
                              depends_on=[f"{crashing}@1"])
-    plain, base, top = f"plain-{uid}", f"base-{uid}", f"top-{uid}"
+    plain, base, top = good.sid(f"plain-{uid}"), chain.sid(f"base-{uid}"), chain.sid(f"top-{uid}")
     good.create_published(plain, LAST_CLOSE)
     chain.create_published(base, LAST_CLOSE)
     chain.create_published(top, f"def run(ctx):\n    return get_script_output('{base}')['value'] * 2\n",
@@ -182,7 +182,7 @@ def test_forged_transient_errors_and_a_failing_function_cost_no_other_tenant_its
 
 def test_function_holding_its_timeout_is_cut_off_by_its_breaker(rt, tenants, stack, uid):
     hostile, good = tenants("hostile"), tenants("bystander")
-    slow, plain = f"hang-{uid}", f"fine-{uid}"
+    slow, plain = hostile.sid(f"hang-{uid}"), good.sid(f"fine-{uid}")
     hostile.create_published(slow, "def run(ctx):\n    while True:\n        pass\n", limits={"timeout_ms": 300})
     good.create_published(plain, LAST_CLOSE)
     subscribed(hostile, slow)
@@ -215,7 +215,7 @@ def test_open_breaker_skips_the_function_until_its_cool_down_then_probes_once(te
     """The breaker's life over the real functions: open -> dead letters without invoking it; after the
     cool-down one probe; failing again re-opens it for twice as long; a success closes it."""
     hostile, good = tenants("hostile"), tenants("bystander")
-    slow, plain = f"hang-{uid}", f"fine-{uid}"
+    slow, plain = hostile.sid(f"hang-{uid}"), good.sid(f"fine-{uid}")
     times = sorted(closes(stack, 16))
     hostile.create_published(slow, f"def run(ctx):\n    if ctx.timestamp < {times[12]}:\n        while True:\n"
                                    "            pass\n    return 1.0\n", limits={"timeout_ms": 300})
@@ -250,7 +250,7 @@ def test_function_mixing_timeouts_into_ok_answers_is_cut_off_too(tenants, stack,
     """Timeouts on about every other event, ok answers between them: the clean answers do not wipe
     the timeouts out, so the breaker still opens and later batches do not pay for it again."""
     hostile, good = tenants("hostile"), tenants("bystander")
-    slow, plain = f"flaky-{uid}", f"fine-{uid}"
+    slow, plain = hostile.sid(f"flaky-{uid}"), good.sid(f"fine-{uid}")
     hostile.create_published(slow, "def run(ctx):\n    if int(ctx.timestamp) // 86400 % 2:\n        while True:\n"
                                    "            pass\n    return 1.0\n", limits={"timeout_ms": 300})
     good.create_published(plain, LAST_CLOSE)
@@ -276,7 +276,7 @@ def test_genuine_gateway_outage_is_retried_and_published_once_when_it_is_back(rt
     """gateway-fn removed from the provider (connections refused): the supervisor marks the results
     retryable; the scheduler retries them and, once gateway-fn is deployed again, publishes once."""
     reader = tenants("reader")
-    sid = f"reads-{uid}"
+    sid = reader.sid(f"reads-{uid}")
     # EURUSD 1h is not sent along with a GOOG 1d batch: this read always goes to gateway-fn
     reader.create_published(sid, "def run(ctx):\n    get_market_data(instrument_key='EURUSD', timeframe='1h', "
                                  "limit=1)\n    return float(ctx.timestamp)\n")
@@ -322,7 +322,7 @@ def _seen(cfg, tenant: str, sid: str, k: int) -> list[list[int]]:
 def test_one_users_params_never_reach_another_users_output(rt, tenants, stack, uid):
     alice = tenants("alice", f"shared-{uid}")
     bob, carol = tenants("bob", alice.tenant), tenants("carol", alice.tenant)
-    sid = f"leaky-{uid}"
+    sid = alice.sid(f"leaky-{uid}")
     alice.create_published(sid, LEAKY, permissions={"allowed_users": [bob.user_id, carol.user_id]},
                            input_schema={"type": "object", "properties": {"k": {"type": "integer"}},
                                          "required": ["k"]})

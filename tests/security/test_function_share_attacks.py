@@ -16,7 +16,7 @@ from customscripts.faas.build import stack_deployments
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.faas.naming import function_name
 from tests.integration.realtime_support import drop_subscriptions
-from tests.integration.registry_support import Caller, error_code
+from tests.integration.registry_support import LISTS, Caller, error_code
 from tests.integration.test_execute_e2e import execute
 from tests.integration.test_realtime import subscribe
 
@@ -48,10 +48,11 @@ def deployed(client: OpenFaaSClient) -> set[str]:
     return {f["name"] for f in client.list() if (f.get("labels") or {}).get("com.customscripts.kind") == "script"}
 
 
-def callers(api: str, uid: str, tenants: list[str], name: str, users: int = 1) -> list[Caller]:
+def callers(api: str, uid: str, tenants: list[str], name: str, users: int = 1,
+            features: tuple[str, ...] = ()) -> list[Caller]:
     tenant = f"{name}-tenant-{uid}"
     tenants.append(tenant)
-    return [Caller(api, f"{name}{i}-{uid}", tenant) for i in range(users)]
+    return [Caller(api, f"{name}{i}-{uid}", tenant, features=features) for i in range(users)]
 
 
 def assert_share_full(resp, status: int) -> None:
@@ -119,10 +120,10 @@ def test_marketplace_versions_are_charged_to_each_subscribing_tenant(api, uid, t
     """A vendor lists as many scripts as the budget holds; a buyer tenant cannot pin them all, and
     the functions it pins are charged to the buyer, not to the vendor or to other buyers."""
     budget = registry_budget()
-    (vendor,) = callers(api, uid, tenants, "vendor")
+    (vendor,) = callers(api, uid, tenants, "vendor", features=LISTS)
     (hostile,) = callers(api, uid, tenants, "buyer")
     (other,) = callers(api, uid, tenants, "otherbuyer")
-    listed = [f"listed{i}-{uid}" for i in range(budget)]
+    listed = [vendor.sid(f"listed{i}-{uid}") for i in range(budget)]
     for i, sid in enumerate(listed):
         vendor.create_published(sid, f"def run(ctx):\n    return {i}.0\n", permissions={"marketplace": True})
     accepted, refused = [], None
@@ -149,11 +150,11 @@ def test_executes_over_more_versions_than_the_budget_evict_only_the_tenants_own(
     share, and another tenant's function stays deployed."""
     budget = registry_budget()
     (victim,) = callers(api, uid, tenants, "resident")
-    resident = f"resident-{uid}"
+    resident = victim.sid(f"resident-{uid}")
     victim.create_published(resident)
     assert execute(victim, resident).json()["status"] == "ok"
     (hostile,) = callers(api, uid, tenants, "churn")
-    mine = [f"churn{i}-{uid}" for i in range(budget + 1)]
+    mine = [hostile.sid(f"churn{i}-{uid}") for i in range(budget + 1)]
     most = 0
     for i, sid in enumerate(mine):
         hostile.create_published(sid, f"def run(ctx):\n    return {i}.0\n")
