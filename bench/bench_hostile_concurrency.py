@@ -3,8 +3,8 @@
 Three phases in one run, all over HTTP on loopback against the local stack (brought up as
 `customscripts up` does, sample data loaded):
   idle   the victim tenant's executes alone (an SMA over 200 GOOG bars, as in bench_execute.py);
-  spin   the same while another tenant keeps 8 executes in flight, each a script of its own
-         (8 functions) that spins until its wall timeout, re-issued as soon as it returns;
+  spin   the same while another tenant keeps 8 executes in flight on 4 scripts (its share of the
+         function budget) that spin until their wall timeout, re-issued as soon as they return;
   reads  the same while those 8 scripts instead read market data as fast as they can until
          their wall timeout.
 The hostile tenant uses 2 users x 4 executes (its tier's caps: 4 per user, 8 per tenant); one more
@@ -49,6 +49,10 @@ def run(ctx):
         n += 1
 """
 HOSTILE_USERS, PER_USER = 2, 4
+# the functions the 8 executes hold: as many as the hostile tenant's share of the function budget
+# keeps deployed on the local stack (4 of registry-fn's 13), two executes each (one runs, one waits
+# at the function); more scripts would only churn its own functions (evicted mid-call: 502s)
+HOSTILE_FUNCTIONS = 4
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -84,7 +88,7 @@ class Client:
 
 
 class Hostile:
-    """8 threads, each keeping one execute of its own script in flight until stopped."""
+    """8 threads, each keeping one execute of its script in flight until stopped."""
 
     def __init__(self, users: list[Client], sids: list[str], body: bytes) -> None:
         self.stop = threading.Event()
@@ -92,8 +96,10 @@ class Hostile:
         self.statuses: dict[str, int] = {}
         self.warm: set[int] = set()  # threads whose first execute (deploy, cold start) is done
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, args=(i, users[i // PER_USER], sid, body), daemon=True)
-                        for i, sid in enumerate(sids)]
+        own = HOSTILE_FUNCTIONS // HOSTILE_USERS  # each user runs its own scripts
+        self.threads = [threading.Thread(target=self._loop, daemon=True, args=(
+            i, users[i // PER_USER], sids[(i // PER_USER) * own + i % own], body))
+            for i in range(HOSTILE_USERS * PER_USER)]
 
     def _loop(self, index: int, user: Client, sid: str, body: bytes) -> None:
         while not self.stop.is_set():
@@ -153,8 +159,9 @@ def main() -> None:
     probe = extra_user.create_published(f"probe-{uid}", "def run(ctx):\n    return 1.0\n")
     limits = {"limits": {"timeout_ms": args.timeout_ms}}
     n_hostile = HOSTILE_USERS * PER_USER
-    spin = [users[i // PER_USER].create_published(f"spin{i}-{uid}", SPIN, **limits) for i in range(n_hostile)]
-    reads = [users[i // PER_USER].create_published(f"reads{i}-{uid}", READS, **limits) for i in range(n_hostile)]
+    own = HOSTILE_FUNCTIONS // HOSTILE_USERS
+    spin = [users[i // own].create_published(f"spin{i}-{uid}", SPIN, **limits) for i in range(HOSTILE_FUNCTIONS)]
+    reads = [users[i // own].create_published(f"reads{i}-{uid}", READS, **limits) for i in range(HOSTILE_FUNCTIONS)]
 
     for _ in range(30):  # warm the victim's function, pools and caches
         victim.execute(victim_sid, body)
@@ -163,7 +170,7 @@ def main() -> None:
     refused: dict[str, int] = {}
     for phase, sids in (("spin", spin), ("reads", reads)):
         with Hostile(users, sids, body) as hostile:
-            hostile.wait_warm()  # all 8 functions deployed and started; from here 8 are always in flight
+            hostile.wait_warm()  # its functions deployed and started; from here 8 executes are always in flight
             time.sleep(0.2)
             refused[phase] = extra_user.execute(probe, body)[0]  # a 9th concurrent one: over the tenant's cap
             phases[phase] = measure(victim, victim_sid, body, args.n)
