@@ -276,7 +276,16 @@ class Settings:
     # (recently executed) at once; 0: a third of the budget. See customscripts/faas/budget.py.
     function_tenant_share_setting: int = field(default_factory=lambda: _env_int("CS_FUNCTION_TENANT_SHARE", 0))
     function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
+    # How the local provider runs functions (faas/provider.py): `process` (each from its build context,
+    # in a venv of its own requirements) or `container` (each a container of its image, faas/containers.py;
+    # falls back to process, saying so, where no container engine can run).
+    provider_runtime: str = field(default_factory=lambda: _env("CS_PROVIDER_RUNTIME", "process"))
     image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
+    # Build contexts (customscripts/faas/build.py): the templates every function is rendered from, and
+    # where contexts are rendered. In registry-fn's image both sit next to the package copy
+    # (function/templates via stack.yml `configuration.copy`); stack.yml points the contexts at /tmp.
+    templates_dir: Path = field(default_factory=lambda: Path(_env("CS_TEMPLATES_DIR", str(REPO_ROOT / "templates"))))
+    functions_dir: Path = field(default_factory=lambda: Path(_env("CS_FUNCTIONS_DIR", str(REPO_ROOT / "functions"))))
 
     # Realtime scheduler (customscripts.realtime.scheduler)
     scheduler_durable: str = field(default_factory=lambda: _env("CS_SCHEDULER_DURABLE", "cs-scheduler"))

@@ -1,14 +1,12 @@
 """The python3-http handler contract, a small router on top of it, and servers and a client for it.
 
 Platform functions are written as `handle(event, context)` exactly as OpenFaaS python3-http calls
-them. Two ways to serve one:
-
-- `flask_app()` / `serve()`: Flask + waitress, what the template's index.py runs under of-watchdog.
-- `HandlerServer` (the local provider's function processes and `LocalServer`): the same contract and
-  the same responses (status, JSON encoding, headers, error bodies) without a framework: one thread
-  per keep-alive connection, no WSGI environ, no thread hand-off per request. Flask + waitress cost
-  about 0.4 ms per request on the 2-core dev machine, this about 0.05 ms; every execute crosses
-  three function processes.
+them, and served one way, in images and locally alike: `HandlerServer` (templates/python3-http/index.py
+through faas/runner.py, `LocalServer` in tests). It gives the upstream template's contract and
+responses (status, JSON encoding, headers, error bodies; tests/python3_http_reference.py holds the
+upstream Flask adapter they are checked against) without a framework: one thread per keep-alive
+connection, no WSGI environ, no thread hand-off per request. Flask + waitress cost about 0.4 ms per
+request on the 2-core dev machine, this about 0.05 ms; every execute crosses three function processes.
 
 `KeepAlivePool` is the matching client: pooled `http.client` connections with TCP_NODELAY, about
 0.05 ms per call against requests' 0.45 ms.
@@ -23,6 +21,7 @@ import decimal
 import http.client
 import json
 import math
+import os
 import queue
 import re
 import select
@@ -245,66 +244,9 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def flask_app(handle: Callable[[Event, Context], Any]):
-    """The python3-http template's index.py, as a function: Flask app calling handle(event, context)."""
-    from flask import Flask, jsonify, request
-
-    app = Flask("customscripts-handler")
-    app.config["MAX_CONTENT_LENGTH"] = 8 * MAX_BODY_BYTES
-    context = Context(hostname=socket.gethostname())
-
-    from werkzeug.exceptions import HTTPException
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        # Requests Flask rejects before the handler (e.g. a path with a newline, an oversized body)
-        # still answer with the platform's JSON error body, never Flask's HTML page.
-        status = exc.code or 500
-        code = {404: "no_route", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "bad_request")
-        resp = jsonify({"error": {"code": code, "message": exc.name}})
-        resp.status_code = status
-        valid = getattr(exc, "valid_methods", None)
-        if status == 405 and valid:
-            resp.headers["Allow"] = ", ".join(valid)
-        return resp
-
-    def format_response(result: Any):
-        if result is None:
-            return ("", 200)
-        if not isinstance(result, dict):
-            return result
-        status = result.get("statusCode", 200)
-        body = result.get("body", "")
-        headers = result.get("headers") or {}
-        if isinstance(body, (dict, list)):
-            resp = jsonify(body)
-            resp.status_code = status
-            for key, val in headers.items():
-                resp.headers[key] = val
-            return resp
-        return (str(body), status, headers)
-
-    # OPTIONS goes to the handler too, so its router answers with the Allow header of its own routes.
-    methods = ["GET", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
-
-    @app.route("/", defaults={"path": ""}, methods=methods, provide_automatic_options=False)
-    @app.route("/<path:path>", methods=methods, provide_automatic_options=False)
-    def call_handler(path: str):
-        event = Event(
-            body=request.get_data(),
-            headers=request.headers,
-            method=request.method,
-            query=request.args,
-            path=request.path,
-        )
-        return format_response(handle(event, context))
-
-    return app
-
-
 # --------------------------------------------------------------------------- lean server
 
-# What flask_app answers for methods outside its routes, and the body limit it enforces.
+# What the upstream python3-http adapter answers for methods outside its routes, and its body limit.
 HANDLER_METHODS = frozenset({"GET", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "HEAD"})
 MAX_REQUEST_BYTES = 8 * MAX_BODY_BYTES
 _MAX_HEADER_LINE = 65536
@@ -369,14 +311,15 @@ RawResponse = tuple[int, list[tuple[str, str]], bytes]
 
 
 def _error_json(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> RawResponse:
-    """The platform's JSON error body for requests refused before the handler (flask_app's http_error)."""
+    """The platform's JSON error body for requests refused before the handler (as the upstream adapter's)."""
     body = flask_json({"error": {"code": code, "message": message}})
     return status, [("Content-Type", "application/json"), *(headers or [])], body
 
 
 def call_handler(handle: Callable[[Event, Context], Any], context: Context, method: str, target: str,
                  headers: list[tuple[str, str]], body: bytes) -> RawResponse:
-    """One python3-http call, answered as flask_app answers it: same statuses, bodies and content types."""
+    """One python3-http call, answered as the upstream Flask adapter answers it: same statuses, bodies and
+    content types."""
     if method not in HANDLER_METHODS:
         allow = ", ".join(sorted(HANDLER_METHODS))
         return _error_json(405, "method_not_allowed", "Method Not Allowed", [("Allow", allow)])
@@ -521,6 +464,22 @@ def _response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, *,
 RawHandler = Callable[..., RawResponse]
 
 
+def listen_socket(address: str, backlog: int = 1024) -> socket.socket:
+    """A listening socket for `host:port` or `unix:/path` (a stale socket file at the path is replaced)."""
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(backlog)
+        return sock
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address must be host:port or unix:/path, not {address!r}")
+    return socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), backlog=backlog)
+
+
 class HandlerServer:
     """A threaded HTTP/1.1 server for one handler: a thread per keep-alive connection, at most
     `threads` requests inside the handler at once (waitress's `threads`), TCP_NODELAY both ways.
@@ -531,13 +490,15 @@ class HandlerServer:
 
     def __init__(self, raw: RawHandler, host: str = "127.0.0.1", port: int = 0, *, threads: int = 8,
                  idle_timeout: float = 120.0, backlog: int = 1024, max_body: int = MAX_REQUEST_BYTES,
-                 name: str = "http", with_peer: bool = False) -> None:
+                 name: str = "http", with_peer: bool = False, listen: str | None = None) -> None:
         self.raw = raw
         self.max_body = max_body
         self.with_peer = with_peer
-        self.listener = socket.create_server((host, port), backlog=backlog)
-        self.port: int = self.listener.getsockname()[1]
-        self.host = host
+        self.listener = listen_socket(listen, backlog) if listen else socket.create_server((host, port),
+                                                                                              backlog=backlog)
+        self.unix = self.listener.family == socket.AF_UNIX
+        self.port: int = 0 if self.unix else self.listener.getsockname()[1]
+        self.host = self.listener.getsockname() if self.unix else self.listener.getsockname()[0]
         self.idle_timeout = idle_timeout
         self.name = name
         self._slots = threading.BoundedSemaphore(max(1, threads))
@@ -568,7 +529,8 @@ class HandlerServer:
                     conn.close()
                     return
                 self._conns.add(conn)
-            threading.Thread(target=self._serve_conn, args=(conn, str(addr[0])), name=f"{self.name}-conn",
+            peer = "unix" if self.unix else str(addr[0])
+            threading.Thread(target=self._serve_conn, args=(conn, peer), name=f"{self.name}-conn",
                              daemon=True).start()
 
     def drop_connections(self) -> None:
@@ -591,7 +553,8 @@ class HandlerServer:
 
     def _serve_conn(self, conn: socket.socket, peer: str) -> None:
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.unix:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.idle_timeout)
             rfile = conn.makefile("rb", buffering=65536)
             while not self._closed.is_set():
@@ -690,9 +653,19 @@ class ClientConnection:
     a connection closed before a status line is `http.client.RemoteDisconnected`.
     """
 
-    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=connect_timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float,
+                 unix_path: str | None = None) -> None:
+        if unix_path:  # a function in a container without a network reaches its peers by socket files
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(connect_timeout)
+            try:
+                self.sock.connect(unix_path)
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
         self.rfile = self.sock.makefile("rb", buffering=65536)
         self.host_header = host if port == 80 else f"{host}:{port}"
@@ -805,17 +778,21 @@ class KeepAlivePool:
     one for idempotent methods, never for POST (it may have run).
     """
 
-    def __init__(self, host: str, port: int, *, maxsize: int = 32) -> None:
+    def __init__(self, host: str, port: int, *, maxsize: int = 32, unix_path: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self._idle: queue.LifoQueue[ClientConnection] = queue.LifoQueue(maxsize)
 
     @classmethod
     def for_url(cls, base_url: str, **kwargs: Any) -> tuple[KeepAlivePool, str]:
-        """(pool, path prefix) for an `http://host[:port][/prefix]` URL."""
+        """(pool, path prefix) for an `http://host[:port][/prefix]` URL, or `http+unix://<socket path,
+        percent-encoded>[/prefix]` (requests-unixsocket's form) for a server on a socket file."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(base_url)
+        if parts.scheme == "http+unix" and parts.netloc:
+            return cls("localhost", 80, unix_path=unquote(parts.netloc), **kwargs), parts.path.rstrip("/")
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"KeepAlivePool speaks plain http only, not {base_url!r}")
         return cls(parts.hostname, parts.port or 80, **kwargs), parts.path.rstrip("/")
@@ -832,7 +809,7 @@ class KeepAlivePool:
                 continue
             conn.settimeout(timeout)
             return conn, True
-        return ClientConnection(self.host, self.port, connect_timeout, timeout), False
+        return ClientConnection(self.host, self.port, connect_timeout, timeout, self.unix_path), False
 
     def release(self, conn: ClientConnection) -> None:
         try:
@@ -870,10 +847,3 @@ class KeepAlivePool:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 return
-
-
-def serve(handle: Callable[[Event, Context], Any], port: int, threads: int = 8) -> None:
-    """Serve a handler in the foreground (what index.py does under of-watchdog)."""
-    from waitress import serve as waitress_serve
-
-    waitress_serve(flask_app(handle), host="127.0.0.1", port=port, threads=threads)

@@ -420,13 +420,26 @@ def ensure_stack_secrets(cfg: Settings) -> None:
         say(f"secret {name} generated in {path} (mode 0600)")
 
 
+def stack_environment(cfg: Settings) -> dict[str, str]:
+    """The environment stack.yml is substituted with locally, as an operator exports it before `faas-cli
+    deploy`: the local endpoints the platform functions need (they get nothing else of this process's
+    environment), unless set explicitly."""
+    local = {
+        "CS_FUNCTIONS_GATEWAY": cfg.provider_url,
+        "CS_GATEWAY_URL": cfg.data_gateway_url,
+        "CS_FUNCTIONS_DIR": str(cfg.functions_dir),
+        "CS_ISOLATION": cfg.isolation_mode,
+    }
+    return {**os.environ, **{k: v for k, v in local.items() if not os.environ.get(k)}}
+
+
 def deploy_platform(cfg: Settings) -> None:
-    """Deploy stack.yml's platform functions to the provider, exactly as `faas-cli deploy` would."""
+    """Render stack.yml's platform functions and deploy them to the provider, as `faas-cli up` would."""
     from customscripts.faas.build import stack_deployments
     from customscripts.faas.client import OpenFaaSClient
 
     with OpenFaaSClient(cfg.provider_url) as client:
-        for body in stack_deployments():
+        for body in stack_deployments(environ=stack_environment(cfg)):
             client.deploy(body)
             say(f"function {body['service']} deployed at {cfg.provider_url}/function/{body['service']}")
 

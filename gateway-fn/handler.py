@@ -1,4 +1,6 @@
-"""gateway-fn: the Data Access Gateway as a python3-http function; the logic is customscripts.gateway."""
+"""gateway-fn: the Data Access Gateway (python3-http). All logic lives in customscripts.gateway.api; the
+package reaches the build context at function/customscripts (stack.yml configuration.copy) and
+index.py puts function/ first on sys.path."""
 
 from customscripts.gateway.api import handle as _handle
 

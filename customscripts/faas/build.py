@@ -1,15 +1,18 @@
-"""Build contexts and deployment bodies for per-version script functions.
+"""Build contexts and deployment bodies for every function: script versions and the platform's own.
 
-`render_context` lays a version out in `functions/<fn-name>/` exactly as `faas-cli build --shrinkwrap`
-would (docs/openfaas.md §3.2, §4.1): the template folder is copied to the root, the version's
-"handler folder" (`script.py` + `meta.json`) is overlaid into `function/`, and every
-`configuration.copy` path (the `customscripts` package, as in stack.yml) lands in
-`function/<path>`. The result is a plain Docker build context any builder can use, and the folder
-the local provider runs. Rendering is atomic (temp folder, then rename, under a per-name file lock)
-and idempotent: an unchanged context hash leaves the folder alone.
+A build context is laid out exactly as `faas-cli build --shrinkwrap` lays it out (docs/openfaas.md
+§3.2, §4.1): the language template (`templates/python3-http/`) is copied to the root, the function's
+handler folder is overlaid into `function/`, and every `configuration.copy` path (the `customscripts`
+package, as in stack.yml) lands in `function/<path>`. For a script version the handler folder is
+`templates/script/` plus the version's `script.py` and `meta.json` (`render_context`); for registry-fn
+and gateway-fn it is the stack's handler folder (`render_stack_function`). Every context lands in
+`functions/<fn-name>/` (CS_FUNCTIONS_DIR). The result is a plain Docker build context any builder can
+use, and exactly the file tree the local provider runs, so a file or requirement missing from it fails
+locally as it would in the image. Rendering is atomic (temp folder, then rename, under a per-name file
+lock) and idempotent: an unchanged context hash leaves the folder alone.
 
-`deployment()` is the matching `FunctionDeployment` body, and `stack_deployments()` turns stack.yml
-into bodies the same way `faas-cli deploy` does, for the platform functions.
+`deployment()` is a script version's `FunctionDeployment` body, and `stack_deployments()` turns
+stack.yml into bodies the same way `faas-cli deploy` does, for the platform functions.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, function_name, label_value
 
-TEMPLATE_DIR = REPO_ROOT / "templates" / "script"
-FUNCTIONS_DIR = REPO_ROOT / "functions"
+LANGUAGE = "python3-http"  # the one language template every function is built from
+SCRIPT_HANDLER = "script"  # templates/script/: the handler folder of every script version
 # Mirrors `configuration.copy` in stack.yml: the shared package travels inside every build context.
 COPY_PATHS = ("customscripts",)
 DEFAULT_FPROCESS = "python index.py"
@@ -69,20 +74,21 @@ def _files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / filename
 
 
-def check_template(template_dir: Path) -> None:
-    missing = [rel for rel in ("index.py", "function/handler.py") if not (template_dir / rel).is_file()]
+def check_template(templates_dir: Path, language: str = LANGUAGE, handler: str | None = SCRIPT_HANDLER) -> None:
+    wanted = [f"{language}/index.py", f"{language}/template.yml"]
+    if handler is not None:
+        wanted.append(f"{handler}/handler.py")
+    missing = [rel for rel in wanted if not (templates_dir / rel).is_file()]
     if missing:
         raise TemplateMissing(
-            f"script template {template_dir} is missing {', '.join(missing)}: every script version is "
-            "built from templates/script/ (python3-http layout: Dockerfile, index.py, template.yml, "
-            "function/handler.py)"
+            f"templates folder {templates_dir} is missing {', '.join(missing)}: every function is built from "
+            f"templates/{LANGUAGE}/ (Dockerfile, index.py, template.yml), script versions with "
+            f"templates/{SCRIPT_HANDLER}/ (handler.py, requirements.txt) as their handler folder"
         )
 
 
 def template_fprocess(template_dir: Path) -> str:
     """`fprocess` from the template's template.yml, which faas-cli deploy sends as envProcess."""
-    import yaml
-
     try:
         data = yaml.safe_load((template_dir / "template.yml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -97,15 +103,19 @@ def _meta_bytes(meta: Mapping[str, Any] | Any) -> bytes:
     return (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
-def _plan(template_dir: Path, code: bytes, meta: bytes, copy: tuple[str, ...],
+def _plan(template_dir: Path, handler_dir: Path, extra: Mapping[str, bytes], copy: tuple[str, ...],
           copy_root: Path) -> dict[str, Path | bytes]:
-    """Relative path in the context -> source file or literal bytes, in overlay order."""
+    """Relative path in the context -> source file or literal bytes, in faas-cli's overlay order:
+    the language template, the handler folder into function/ (its top-level `build` and `template`
+    skipped), the function's own files, then each copy path into function/<path>."""
     plan: dict[str, Path | bytes] = {}
     for path in _files(template_dir):
         plan[path.relative_to(template_dir).as_posix()] = path
+    for path in _files(handler_dir):
+        plan[f"function/{path.relative_to(handler_dir).as_posix()}"] = path
     plan.setdefault("function/requirements.txt", b"")
-    plan["function/script.py"] = code
-    plan["function/meta.json"] = meta
+    for rel, data in extra.items():
+        plan[f"function/{rel}"] = data
     for rel in copy:
         src = (copy_root / rel).resolve()
         if copy_root.resolve() not in src.parents:
@@ -138,25 +148,13 @@ def _name_lock(functions_dir: Path, name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def render_context(script_id: str, version: int, code: bytes | str, meta: Mapping[str, Any] | Any, *,
-                   template_dir: Path | None = None, functions_dir: Path | None = None,
-                   copy: tuple[str, ...] = COPY_PATHS, copy_root: Path = REPO_ROOT) -> BuildResult:
-    """Render `functions/<fn>/` for one version; a no-op when the context hash is unchanged."""
-    template_dir = template_dir or TEMPLATE_DIR
-    functions_dir = functions_dir or FUNCTIONS_DIR
-    check_template(template_dir)
-    name = function_name(script_id, version)
-    code_bytes = code.encode() if isinstance(code, str) else code
-    plan = _plan(template_dir, code_bytes, _meta_bytes(meta), copy, copy_root)
-    context_hash = _plan_hash(plan)
-    code_hash = code_sha256(code_bytes)
+def _write(functions_dir: Path, name: str, plan: Mapping[str, Path | bytes], stamp: dict[str, Any]) -> bool:
+    """Lay `plan` out as functions_dir/name, atomically; False when the same context is already there."""
     target = functions_dir / name
-    stamp = {"function": name, "script_id": script_id, "version": version, "code_sha256": code_hash,
-             "context_sha256": context_hash}
     with _name_lock(functions_dir, name):
         with contextlib.suppress(OSError, ValueError):
-            if json.loads((target / BUILD_STAMP).read_text()).get("context_sha256") == context_hash:
-                return BuildResult(name, target, code_hash, context_hash, rebuilt=False)
+            if json.loads((target / BUILD_STAMP).read_text()).get("context_sha256") == stamp["context_sha256"]:
+                return False
         tmp = functions_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             for rel, item in plan.items():
@@ -176,11 +174,53 @@ def render_context(script_id: str, version: int, code: bytes | str, meta: Mappin
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return BuildResult(name, target, code_hash, context_hash, rebuilt=True)
+    return True
+
+
+def render_context(script_id: str, version: int, code: bytes | str, meta: Mapping[str, Any] | Any, *,
+                   templates_dir: Path | None = None, functions_dir: Path | None = None,
+                   copy: tuple[str, ...] = COPY_PATHS, copy_root: Path = REPO_ROOT) -> BuildResult:
+    """Render `functions/<fn>/` for one script version; a no-op when the context hash is unchanged."""
+    templates_dir = templates_dir or settings().templates_dir
+    functions_dir = functions_dir or settings().functions_dir
+    check_template(templates_dir)
+    name = function_name(script_id, version)
+    code_bytes = code.encode() if isinstance(code, str) else code
+    plan = _plan(templates_dir / LANGUAGE, templates_dir / SCRIPT_HANDLER,
+                 {"script.py": code_bytes, "meta.json": _meta_bytes(meta)}, copy, copy_root)
+    context_hash = _plan_hash(plan)
+    code_hash = code_sha256(code_bytes)
+    stamp = {"function": name, "script_id": script_id, "version": version, "code_sha256": code_hash,
+             "context_sha256": context_hash}
+    rebuilt = _write(functions_dir, name, plan, stamp)
+    return BuildResult(name, functions_dir / name, code_hash, context_hash, rebuilt=rebuilt)
+
+
+def render_stack_function(name: str, *, stack_path: Path | None = None, templates_dir: Path | None = None,
+                          functions_dir: Path | None = None,
+                          environ: Mapping[str, str] | None = None) -> BuildResult:
+    """Render `functions/<name>/` for one of stack.yml's functions (registry-fn, gateway-fn): its
+    `lang` template, its `handler` folder and the stack's `configuration.copy`, as faas-cli would."""
+    stack_path = stack_path or REPO_ROOT / "stack.yml"
+    stack = load_stack(stack_path, environ)
+    fn = (stack.get("functions") or {}).get(name)
+    if not isinstance(fn, dict):
+        raise KeyError(f"{name} is not a function of {stack_path}")
+    templates_dir = templates_dir or settings().templates_dir
+    functions_dir = functions_dir or settings().functions_dir
+    language = str(fn.get("lang") or LANGUAGE)
+    check_template(templates_dir, language, handler=None)
+    copy = tuple(str(p).removeprefix("./") for p in (stack.get("configuration") or {}).get("copy") or ())
+    plan = _plan(templates_dir / language, (stack_path.parent / fn["handler"]).resolve(), {}, copy,
+                 stack_path.parent)
+    context_hash = _plan_hash(plan)
+    stamp = {"function": name, "code_sha256": context_hash, "context_sha256": context_hash}
+    rebuilt = _write(functions_dir, name, plan, stamp)
+    return BuildResult(name, functions_dir / name, context_hash, context_hash, rebuilt=rebuilt)
 
 
 def remove_context(script_id: str, version: int, functions_dir: Path | None = None) -> None:
-    functions_dir = functions_dir or FUNCTIONS_DIR
+    functions_dir = functions_dir or settings().functions_dir
     name = function_name(script_id, version)
     with _name_lock(functions_dir, name):
         shutil.rmtree(functions_dir / name, ignore_errors=True)
@@ -192,7 +232,7 @@ def image_ref(name: str, code_hash: str, image_prefix: str | None = None) -> str
 
 
 def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code_hash: str, tier: str,
-               context_hash: str | None = None, template_dir: Path | None = None,
+               context_hash: str | None = None, templates_dir: Path | None = None,
                gateway_url: str | None = None, isolation: str | None = None,
                image_prefix: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The `FunctionDeployment` body (and stack entry) of one script version."""
@@ -214,7 +254,7 @@ def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code
         "service": name,
         "image": image_ref(name, code_hash, image_prefix),
         "namespace": "",
-        "envProcess": template_fprocess(template_dir or TEMPLATE_DIR),
+        "envProcess": template_fprocess((templates_dir or settings().templates_dir) / LANGUAGE),
         "envVars": {
             "CS_GATEWAY_URL": gateway_url or cfg.data_gateway_url,
             "CS_ISOLATION": isolation or cfg.isolation_mode,
@@ -254,20 +294,18 @@ def envsubst(text: str, environ: Mapping[str, str] | None = None) -> str:
 
 
 def load_stack(path: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    import yaml
-
     path = path or REPO_ROOT / "stack.yml"
     return yaml.safe_load(envsubst(path.read_text(), environ))
 
 
-def stack_deployments(path: Path | None = None, *, local: bool = True,
-                      environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def stack_deployments(path: Path | None = None, *, local: bool = True, environ: Mapping[str, str] | None = None,
+                      functions_dir: Path | None = None) -> list[dict[str, Any]]:
     """FunctionDeployment bodies for stack.yml's functions, as `faas-cli deploy` builds them.
 
-    With `local=True` each body also names its handler folder (annotation
-    `com.customscripts.local.path`) so the local provider can run it without an image, and
-    gateway-fn gets its local Service port (`com.customscripts.local.service-port`): script
-    functions call it there, as they call its Service on Kubernetes.
+    With `local=True` each function's build context is rendered into functions/<name>/ first (the
+    local provider runs exactly that tree, as an image holds it), and gateway-fn gets its local Service
+    port (`com.customscripts.local.service-port`): script functions call it there, as they call its
+    Service on Kubernetes.
     """
     path = path or REPO_ROOT / "stack.yml"
     stack = load_stack(path, environ)
@@ -276,11 +314,11 @@ def stack_deployments(path: Path | None = None, *, local: bool = True,
     for name, fn in (stack.get("functions") or {}).items():
         annotations = dict(fn.get("annotations") or {})
         if local:
-            annotations["com.customscripts.local.path"] = str((path.parent / fn["handler"]).resolve())
+            render_stack_function(name, stack_path=path, environ=environ, functions_dir=functions_dir)
             if name in service_ports:
                 annotations[SERVICE_PORT_ANNOTATION] = str(service_ports[name])
         lang = fn.get("lang", "")
-        template = path.parent / "templates" / lang
+        template = settings().templates_dir / lang
         fprocess = fn.get("fprocess") or (template_fprocess(template) if template.is_dir() else DEFAULT_FPROCESS)
         body: dict[str, Any] = {
             "service": name,

@@ -15,8 +15,12 @@ writes it to `.state/secrets/basic-auth-password`, mode 0600); with no password 
 /system call is refused.
 
 A deployment is a `FunctionDeployment` body. Its code is the build context `functions/<name>/`
-(or the folder named by the `com.customscripts.local.path` annotation, used for registry-fn and
-gateway-fn). The function process starts on its first call (cold start), is stopped after
+(faas/build.py renders script versions and the stack's platform functions there), run exactly as its
+image runs it: the deployment's `fprocess` (`python index.py`) in the context's root, by the
+interpreter of a venv holding only the context's requirements (faas/venvs.py), with only the
+deployment's environment variables and its secrets as files. A file, requirement or variable missing
+from what an image would get therefore fails here too; a function that cannot start is answered with
+the reason its process gave. The function process starts on its first call (cold start), is stopped after
 `function_idle_s` without calls, and is restarted on the next call if it crashed. Deployments are
 persisted in `state_dir/provider/functions.json`, so a provider restart keeps them.
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import hmac
 import http.client
 import json
@@ -48,6 +53,7 @@ import logging
 import os
 import queue
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -61,16 +67,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
 from customscripts import logs
-from customscripts.config import REPO_ROOT, settings
+from customscripts.config import settings
 from customscripts.errors import ApiError
 from customscripts.faas import cpugroups
+from customscripts.faas.build import LABEL as LABEL_PREFIX
 from customscripts.faas.build import TENANT_ANNOTATION
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, is_dns1123, label_value
+from customscripts.faas.venvs import EnvironmentBuildFailed, Environments
 from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse, parse_json
 
 log = logs.get("customscripts.faas.provider")
@@ -78,20 +86,27 @@ log = logs.get("customscripts.faas.provider")
 PROVIDER_NAME = "customscripts-local"
 VERSION = "0.1.0"
 NAMESPACE = "openfaas-fn"
-LOCAL_PATH_ANNOTATION = "com.customscripts.local.path"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "content-length"})
-# Variables handed through from the provider's own environment to function processes. Secret-bearing
-# CS_* variables are withheld: a function gets secrets only as files, and only the ones it lists.
-BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR")
-SECRET_ENV = frozenset({"CS_JWT_SECRET", "CS_INVOCATION_SECRET", "CS_EXECUTION_TOKEN_SECRET",
-                        "CS_OPENFAAS_PASSWORD", "CS_SECRETS_DIR"})
+# A function process gets the deployment's envVars and these, nothing of the provider's environment
+# (as a container gets only its image's and its deployment's): secrets only as files, the ones it lists.
+BASE_ENV = {"LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 _STR_MAPS = ("envVars", "labels", "annotations")
 _STR_LISTS = ("secrets", "constraints")
+RUNTIMES = ("process", "container")
 MAX_BODY = 64 << 20
 PROXY_MAX_INFLIGHT = 4096
 UPSTREAM_POOL_SIZE = 64  # idle keep-alive connections kept per function process
 PROXY_IDLE_TIMEOUT_S = 300.0
+
+
+class FunctionStartError(RuntimeError):
+    """A function process exited (or never listened) before serving: `reason` is the last line it wrote."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"function {name} failed to start: {reason}")
+        self.reason = reason
 
 
 class DeployError(Exception):
@@ -159,10 +174,12 @@ class FunctionProcess:
     started_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     inflight: int = 0
+    unix_path: str | None = None  # a container without a network serves on this socket file
+    forwards: list[Any] = field(default_factory=list)  # its socket files to its peers (containers.SocketForward)
     pool: KeepAlivePool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pool = KeepAlivePool("127.0.0.1", self.port, maxsize=UPSTREAM_POOL_SIZE)
+        self.pool = KeepAlivePool("127.0.0.1", self.port, maxsize=UPSTREAM_POOL_SIZE, unix_path=self.unix_path)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -175,6 +192,9 @@ class FunctionProcess:
 
     def close_pool(self) -> None:
         self.pool.close()
+        for forward in self.forwards:
+            forward.close()
+        self.forwards.clear()
 
 
 @dataclass
@@ -192,12 +212,12 @@ class Provider:
                  functions_dir: Path | None = None, idle_s: float | None = None, user: str | None = None,
                  password: str | None = None, secrets: Mapping[str, str] | None = None,
                  max_functions: int | None = None, upstream_timeout: float = 60.0,
-                 start_timeout: float = 30.0, async_workers: int = 2, python: str | None = None) -> None:
+                 start_timeout: float = 30.0, async_workers: int = 2, runtime: str | None = None) -> None:
         cfg = settings()
         self.host = host or cfg.provider_host
         self.port = cfg.provider_port if port is None else port
         self.state_dir = (state_dir or cfg.state_dir) / "provider"
-        self.functions_dir = functions_dir or REPO_ROOT / "functions"
+        self.functions_dir = functions_dir or cfg.functions_dir
         self.idle_s = float(cfg.function_idle_s if idle_s is None else idle_s)
         self.user = cfg.openfaas_user if user is None else user
         # the stack's own random password (customscripts up); empty: /system stays closed to everyone
@@ -212,7 +232,10 @@ class Provider:
         self.max_functions = max_functions
         self.upstream_timeout = upstream_timeout
         self.start_timeout = start_timeout
-        self.python = python or sys.executable
+        self.runtime = self._choose_runtime(runtime or cfg.provider_runtime)
+        self.state_key = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        # shared by every provider of this state folder (tests start their own): made once per requirements
+        self.environments = Environments(cfg.state_dir / "venvs", wheelhouse=cfg.state_dir / "wheelhouse")
         self._cpu_groups: dict[str, Path | None] = {}
         self._cpu_groups_warned = False
         self._lock = threading.RLock()
@@ -226,6 +249,23 @@ class Provider:
         self._threads: list[threading.Thread] = []
         self._callbacks = requests.Session()
         self._load()
+
+    @staticmethod
+    def _choose_runtime(wanted: str) -> str:
+        """`container` where a container engine can run one here, else `process`, said once, clearly."""
+        if wanted not in RUNTIMES:
+            raise ValueError(f"CS_PROVIDER_RUNTIME must be one of {', '.join(RUNTIMES)}, not {wanted!r}")
+        if wanted == "container":
+            from customscripts.faas import images
+
+            status = images.probe()
+            if not status.usable:
+                logs.event(log, "container runtime unavailable: functions run as processes", logging.WARNING,
+                           reason=status.reason)
+                print(f"[provider] container runtime unavailable ({status.reason}); functions run as local "
+                      "processes from their build contexts", file=sys.stderr)
+                return "process"
+        return wanted
 
     def authorised(self, header: str | None) -> bool:
         """Basic auth for /system, as the OpenFaaS gateway checks it: this user and password exactly
@@ -286,13 +326,15 @@ class Provider:
         return self.state_dir / "run" / name / "last-request"
 
     def source_dir(self, spec: Mapping[str, Any]) -> Path:
-        local = (spec.get("annotations") or {}).get(LOCAL_PATH_ANNOTATION)
-        return Path(local) if local else self.functions_dir / spec["service"]
+        return self.functions_dir / spec["service"]
 
     def _check_source(self, spec: Mapping[str, Any]) -> None:
+        """The build context must be there, as the image must exist before OpenFaaS deploys it."""
         folder = self.source_dir(spec)
-        if not ((folder / "function" / "handler.py").is_file() or (folder / "handler.py").is_file()):
-            raise DeployError(f"function source for {spec['service']} not found: no handler.py in {folder}")
+        missing = [rel for rel in ("index.py", "function/handler.py") if not (folder / rel).is_file()]
+        if missing:
+            raise DeployError(f"build context for {spec['service']} not found: no {' or '.join(missing)} in "
+                              f"{folder} (render it with customscripts.faas.build first)")
         for name in spec.get("secrets") or []:
             if name not in self.secrets and not (self.state_dir / "secrets" / name).is_file():
                 raise DeployError(f"Required secret '{name}' was not found")
@@ -358,7 +400,7 @@ class Provider:
                 "secrets": spec.get("secrets") or [],
                 "labels": spec.get("labels") or {},
                 "annotations": {**(spec.get("annotations") or {}),
-                                SERVICE_PORT_ANNOTATION: str(self.service_port(spec) or entry.get("port") or "")},
+                                SERVICE_PORT_ANNOTATION: self._service_address(spec, entry)},
                 "limits": spec.get("limits"),
                 "requests": spec.get("requests"),
                 "readOnlyRootFilesystem": bool(spec.get("readOnlyRootFilesystem", False)),
@@ -395,25 +437,39 @@ class Provider:
                 fh.write(value)
         return folder
 
-    def _env(self, name: str, spec: Mapping[str, Any], secrets_dir: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k in BASE_ENV or (k.startswith("CS_") and k not in SECRET_ENV)}
-        env.update(spec.get("envVars") or {})
-        env.update({
+    def _env(self, name: str, spec: Mapping[str, Any], secrets_dir: Path, python: Path) -> dict[str, str]:
+        run_dir = self.state_dir / "run" / name
+        env = {
+            **BASE_ENV,
+            "PATH": f"{python.parent}:{SYSTEM_PATH}",
+            "HOME": str(run_dir),
+            **(spec.get("envVars") or {}),
             "fprocess": spec.get("envProcess") or "python index.py",
             "CS_SECRETS_DIR": str(secrets_dir),
             "CS_FUNCTION_NAME": name,
             "HOSTNAME": name,
-            "PYTHONUNBUFFERED": "1",
-        })
+        }
         if spec.get("readOnlyRootFilesystem"):
             env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing is written next to the code
         return env
 
+    def _argv(self, spec: Mapping[str, Any], python: Path) -> list[str]:
+        """The deployment's fprocess, its `python` being the function's venv interpreter."""
+        argv = shlex.split(spec.get("envProcess") or "python index.py")
+        if not argv or argv[0] not in ("python", "python3"):
+            raise FunctionStartError(spec["service"], f"fprocess {spec.get('envProcess')!r} does not start python")
+        return [str(python), *argv[1:]]
+
     def _start(self, name: str, spec: dict[str, Any]) -> FunctionProcess:
         folder = self.source_dir(spec).resolve()
+        if self.runtime == "container":
+            return self._start_container(name, spec, folder)
+        try:
+            python = self.environments.python_for(folder)
+        except EnvironmentBuildFailed as exc:
+            raise FunctionStartError(name, str(exc)) from exc
         secrets_dir = self._secrets_dir(name, spec)
-        env = self._env(name, spec, secrets_dir)
+        env = self._env(name, spec, secrets_dir, python)
         rfd, wfd = os.pipe()
         env["CS_FN_READY_FD"] = str(wfd)
         env["CS_FN_PORT"] = str(self.function_port(name))
@@ -428,19 +484,109 @@ class Provider:
             group = self._cpu_group(str(tenant))
             if group is not None:
                 env["CS_CPU_GROUP"] = str(group)
-        argv = [self.python, "-m", "customscripts.faas.runner", str(folder)]
+        argv = self._argv(spec, python)
         started = time.monotonic()
-        with open(logdir / f"fn-{name}.log", "ab") as logfile:
+        logpath = logdir / f"fn-{name}.log"
+        with open(logpath, "ab") as logfile:
+            log_start = logfile.tell()
             proc = subprocess.Popen(argv, cwd=str(folder), env=env, stdin=subprocess.DEVNULL, stdout=logfile,
                                     stderr=subprocess.STDOUT, pass_fds=(wfd,), start_new_session=True)
         os.close(wfd)
         try:
-            port = self._await_port(proc, rfd, name)
+            port = self._await_port(proc, rfd, name, logpath, log_start)
         finally:
             os.close(rfd)
         logs.event(log, "function started", function=name, pid=proc.pid, port=port,
                    cold_start_ms=round((time.monotonic() - started) * 1000, 1))
         return FunctionProcess(name=name, proc=proc, port=port, spec=spec)
+
+    def _start_container(self, name: str, spec: dict[str, Any], folder: Path) -> FunctionProcess:
+        """The function as a container of its image (faas/containers.py): a script function without a
+        network, serving on a socket file and reaching gateway-fn through another; a platform function
+        on the host's loopback, as under the process runtime."""
+        from customscripts.faas import containers, images
+        from customscripts.faas.builder import BuildFailed, PodmanBuilder, context_sha256
+
+        engine = images.require_engine()
+        image = spec["image"]
+        if _image_context(engine, image) != context_sha256(folder):  # missing, or built from other code
+            try:
+                PodmanBuilder(engine).build(folder, image)
+            except BuildFailed as exc:
+                raise FunctionStartError(name, f"image {image} could not be built: {exc}") from exc
+        secrets_dir = self._secrets_dir(name, spec)
+        for path in (secrets_dir, *secrets_dir.iterdir()):  # the container's non-root user reads them
+            os.chmod(path, 0o755 if path.is_dir() else 0o444)  # (run/<name>/ stays private on the host)
+        env = {**(spec.get("envVars") or {}), "fprocess": spec.get("envProcess") or "python index.py",
+               "CS_FUNCTION_NAME": name, "HOSTNAME": name, "PYTHONUNBUFFERED": "1"}
+        platform = (spec.get("labels") or {}).get(f"{LABEL_PREFIX}.kind") == "platform"
+        socket_dir: Path | None = None
+        forwards: list[Any] = []
+        if platform:
+            env["CS_FN_LISTEN"] = f"127.0.0.1:{self.function_port(name)}"
+        else:
+            socket_dir = self.state_dir / "run" / name / "sockets"
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            socket_dir.mkdir(parents=True)
+            os.chmod(socket_dir, 0o777)  # the function's user creates its socket here
+            env["CS_FN_LISTEN"] = f"unix:{containers.SOCKET_DIR}/{containers.FUNCTION_SOCKET}"
+            gateway = settings().data_gateway_url
+            if env.get("CS_GATEWAY_URL") in ("", gateway) and self._gateway_port() is not None:
+                sock = socket_dir / "gateway-fn.sock"
+                forwards.append(containers.SocketForward(sock, "127.0.0.1", self._gateway_port() or 0))
+                env["CS_GATEWAY_URL"] = "http+unix://" + quote(f"{containers.SOCKET_DIR}/{sock.name}", safe="")
+        containers.remove_container(engine, self.state_key, name)
+        argv = containers.run_argv(engine, name=name, image=image, spec=spec, env=env, secrets_dir=secrets_dir,
+                                   socket_dir=socket_dir, state_key=self.state_key)
+        logdir = self.state_dir.parent / "logs"
+        logdir.mkdir(parents=True, exist_ok=True)
+        logpath = logdir / f"fn-{name}.log"
+        started = time.monotonic()
+        with open(logpath, "ab") as logfile:
+            log_start = logfile.tell()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        unix_path = str(socket_dir / containers.FUNCTION_SOCKET) if socket_dir is not None else None
+        port = 0 if unix_path else self.function_port(name)
+        try:
+            self._await_listening(proc, name, unix_path, port, logpath, log_start)
+        except BaseException:
+            for forward in forwards:
+                forward.close()
+            containers.remove_container(engine, self.state_key, name)
+            raise
+        logs.event(log, "function started", function=name, pid=proc.pid, image=image, runtime="container",
+                   address=unix_path or port, cold_start_ms=round((time.monotonic() - started) * 1000, 1))
+        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, unix_path=unix_path, forwards=forwards)
+
+    def _service_address(self, spec: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
+        """The loopback port callers may reach the function at directly; none for a container that
+        has no network (it is reached through the gateway's /function/ route only)."""
+        if self.runtime == "container" and (spec.get("labels") or {}).get(f"{LABEL_PREFIX}.kind") != "platform":
+            return ""
+        return str(self.service_port(spec) or entry.get("port") or "")
+
+    def _gateway_port(self) -> int | None:
+        entry = self.deployments.get("gateway-fn")
+        return self.service_port(entry["spec"]) if entry else None
+
+    def _await_listening(self, proc: subprocess.Popen, name: str, unix_path: str | None, port: int,
+                         logpath: Path, log_start: int) -> None:
+        """Until the container's server accepts a connection (its process exiting first is a failure)."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            family = socket.AF_UNIX if unix_path else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    probe.connect(unix_path if unix_path else (self.host, port))
+                    return
+            time.sleep(0.02)
+        self._kill(proc)
+        raise FunctionStartError(name, _last_line(logpath, log_start)
+                                 or f"exit {proc.poll()} with no output (see {logpath})")
 
     def _cpu_group(self, tenant: str) -> Path | None:
         """The tenant's CPU group (faas/cpugroups.py); None, said once, where it cannot be made."""
@@ -453,7 +599,7 @@ class Provider:
             self._cpu_groups[tenant] = group
         return self._cpu_groups[tenant]
 
-    def _await_port(self, proc: subprocess.Popen, rfd: int, name: str) -> int:
+    def _await_port(self, proc: subprocess.Popen, rfd: int, name: str, logpath: Path, log_start: int) -> int:
         deadline = time.monotonic() + self.start_timeout
         data = b""
         while time.monotonic() < deadline:
@@ -468,7 +614,8 @@ class Provider:
             if proc.poll() is not None:
                 break
         self._kill(proc)
-        raise RuntimeError(f"function {name} failed to start (exit {proc.poll()}); see logs/fn-{name}.log")
+        raise FunctionStartError(name, _last_line(logpath, log_start)
+                                 or f"exit {proc.poll()} with no output (see {logpath})")
 
     @staticmethod
     def _kill(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -504,8 +651,8 @@ class Provider:
                 raise KeyError(name)
             try:
                 fp = self._start(name, entry["spec"])
-            except RuntimeError:
-                if self.service_port(entry["spec"]) is not None:
+            except FunctionStartError as exc:
+                if self.service_port(entry["spec"]) is not None or not _port_taken(exc):
                     raise
                 with self._lock:  # its port was taken meanwhile: it gets another (callers re-read it)
                     entry["port"] = _free_port(self.host)
@@ -525,6 +672,10 @@ class Provider:
             return False
         fp.close_pool()
         self._kill(fp.proc)
+        if self.runtime == "container":
+            from customscripts.faas import containers, images
+
+            containers.remove_container(images.require_engine(), self.state_key, name)
         logs.event(log, "function stopped", function=name, pid=fp.proc.pid)
         return True
 
@@ -695,6 +846,10 @@ class Provider:
             self._server.close()
         for name in list(self.processes):
             self.stop_function(name)
+        if self.runtime == "container":  # and any a killed predecessor left
+            from customscripts.faas import containers, images
+
+            containers.remove_containers(images.require_engine(), self.state_key)
         with self._lock:
             if self.deployments:
                 self._save()  # keeps invocation counts
@@ -707,6 +862,30 @@ class Provider:
 
 
 # --------------------------------------------------------------------------- HTTP front end
+
+
+def _image_context(engine: Any, image: str) -> str | None:
+    """The build context an image was built from (its com.customscripts.context-sha256 label)."""
+    done = subprocess.run(engine.command("image", "inspect", "--format",
+                                         '{{index .Labels "com.customscripts.context-sha256"}}', image),
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _last_line(path: Path, offset: int) -> str:
+    """The last line a function process wrote to its log since `offset` (its reason for failing)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            tail = fh.read()[-8192:]
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _port_taken(exc: FunctionStartError) -> bool:
+    return "Address already in use" in exc.reason
 
 
 def _free_port(host: str) -> int:
@@ -856,6 +1035,9 @@ class _Front:
             return _reply(404, f"error finding function {name}: not found\n", ids)
         except TimeoutError:
             return _reply(504, f"Upstream timed out for: {name}\n", ids)
+        except FunctionStartError as exc:  # OpenFaaS answers so while the pod crash-loops; plus the reason
+            logs.event(log, "function cannot start", logging.ERROR, function=name, error=exc.reason)
+            return _reply(500, f"Can't reach service for: {name}. {exc.reason}\n", ids)
         except Exception as exc:
             logs.event(log, "function unreachable", logging.WARNING, function=name, error=str(exc))
             return _reply(500, f"Can't reach service for: {name}.\n", ids)
@@ -902,7 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="customscripts provider", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=cfg.provider_host)
     parser.add_argument("--port", type=int, default=cfg.provider_port)
-    parser.add_argument("--functions-dir", type=Path, default=REPO_ROOT / "functions")
+    parser.add_argument("--functions-dir", type=Path, default=None,
+                        help="where build contexts are rendered (default: CS_FUNCTIONS_DIR, else functions/)")
     parser.add_argument("--idle", type=float, default=cfg.function_idle_s, help="seconds before an idle stop")
     parser.add_argument("--max-functions", type=int, default=None, help="hard cap, like CE's 15")
     args = parser.parse_args(argv)

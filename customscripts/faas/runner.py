@@ -1,15 +1,18 @@
-"""Entry point of one local function process: the python3-http index.py, run by the local provider.
+"""How every function process serves: the body of the python3-http template's index.py
+(templates/python3-http/index.py calls `main([<context root>])`), in an image and under the local provider.
 
-`python -m customscripts.faas.runner <dir>` imports `handle` from `<dir>/function/handler.py` (a
-shrinkwrapped build context, as faas-cli lays it out) or `<dir>/handler.py` (a bare handler
-folder such as `registry-fn/`), exactly as index.py does (`from function import handler`), and
-serves it on its loopback port (CS_FN_PORT, chosen by the provider) with
-`customscripts.http.HandlerServer`: the python3-http contract and the responses index.py's Flask +
-waitress give, at a fraction of their per-request cost (every one-time execute crosses three
-function processes). The port is written to the file descriptor named by CS_FN_READY_FD once the
-server listens, so the provider needs no readiness polling; calls that reach the function directly
-mark CS_FN_ACTIVITY_FILE for the provider's idle reaper. A script function first joins its tenant's
-CPU group (CS_CPU_GROUP, faas/cpugroups.py). The process exits when its parent (the provider) goes away.
+It imports `handle` from `<dir>/function/handler.py` (a build context as `faas-cli build --shrinkwrap`
+lays it out) as the package `function.handler`, and serves it with `customscripts.http.HandlerServer`:
+the python3-http contract and the responses the upstream template's Flask + waitress give, at a
+fraction of their per-request cost (every one-time execute crosses three function processes).
+
+Where it listens: CS_FN_LISTEN (`host:port` or `unix:/path`), else 127.0.0.1:5000, of-watchdog's
+upstream. Under the local provider (CS_FN_READY_FD set) it listens on CS_FN_PORT and writes the port to
+that file descriptor once the server listens, so the provider needs no readiness polling; calls that
+reach the function directly mark CS_FN_ACTIVITY_FILE for the provider's idle reaper, and the process
+exits when the provider goes away. A script function first joins its tenant's CPU group (CS_CPU_GROUP,
+faas/cpugroups.py). A handler that cannot be imported (a missing requirement or file) ends the process
+with one line naming what is missing and exit status 3.
 """
 
 from __future__ import annotations
@@ -26,20 +29,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+HANDLER_IMPORT_FAILED = 3  # exit status: the handler could not be imported (see HandlerImportError)
+DEFAULT_LISTEN = "127.0.0.1:5000"  # of-watchdog's upstream_url in the template's Dockerfile
+
+
+class HandlerImportError(RuntimeError):
+    """The function's handler could not be imported: a requirement or a file is missing from its build
+    context. The message names what is missing and where it should have been."""
+
 
 def load_handler(folder: Path):
     """Import the handler module as `function.handler`, the package name the template gives it."""
     folder = folder.resolve()
     package_dir = folder / "function" if (folder / "function" / "handler.py").is_file() else folder
     if not (package_dir / "handler.py").is_file():
-        raise SystemExit(f"no handler.py in {folder} or {folder}/function")
+        raise HandlerImportError(f"no handler.py in {folder} or {folder}/function")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     package = types.ModuleType("function")
     package.__path__ = [str(package_dir)]  # type: ignore[attr-defined]
     package.__file__ = str(package_dir / "__init__.py")
     sys.modules["function"] = package
-    return importlib.import_module("function.handler")
+    try:
+        return importlib.import_module("function.handler")
+    except ModuleNotFoundError as exc:
+        sys.modules.pop("function", None)
+        missing = (exc.name or "?").split(".")[0]
+        raise HandlerImportError(
+            f"module {missing!r} is not installed in the function's environment, which holds only its build "
+            f"context's requirements: list the package that provides it in {package_dir / 'requirements.txt'}"
+        ) from exc
 
 
 def _watch_parent(parent: int) -> None:
@@ -80,20 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         from customscripts.faas.cpugroups import join
 
         join(group)
-    handler = load_handler(Path(args[0]))
+    try:
+        handler = load_handler(Path(args[0]))
+    except HandlerImportError as exc:
+        print(f"function {os.environ.get('CS_FUNCTION_NAME') or args[0]} cannot start: {exc}", file=sys.stderr)
+        return HANDLER_IMPORT_FAILED
     handle = handler.handle
     activity = os.environ.get("CS_FN_ACTIVITY_FILE")
     if activity:
         handle = _recording_activity(handle, activity)
     threads = int(os.environ.get("CS_FN_THREADS", "8"))
-    # Standalone (no provider) it listens where index.py would: $port, else 5000.
-    if os.environ.get("CS_FN_READY_FD"):
-        port = int(os.environ.get("CS_FN_PORT") or 0)
-    else:
-        port = int(os.environ.get("port") or 5000)  # noqa: SIM112 - of-watchdog name
-    server = HandlerServer.for_handler(handle, "127.0.0.1", port, threads=threads, idle_timeout=120,
-                                       name="fn")
     ready_fd = os.environ.get("CS_FN_READY_FD")
+    listen = os.environ.get("CS_FN_LISTEN") or DEFAULT_LISTEN
+    if ready_fd is not None and not os.environ.get("CS_FN_LISTEN"):
+        listen = f"127.0.0.1:{int(os.environ.get('CS_FN_PORT') or 0)}"
+    server = HandlerServer.for_handler(handle, listen=listen, threads=threads, idle_timeout=120, name="fn")
     if ready_fd is not None:
         fd = int(ready_fd)
         os.write(fd, f"{server.port}\n".encode())

@@ -96,7 +96,7 @@ class GatewayClient:
             # Deprecated: callers that still make a Session per token read it back from there. The
             # header sent is always the per-call one, so even a shared session reads correctly.
             session.headers["Authorization"] = self._auth["Authorization"]
-        elif self.base_url.startswith("http://"):
+        elif self.base_url.startswith(("http://", "http+unix://")):
             self._pool, self._prefix = shared_pool(self.base_url)
         else:  # https: through requests (the pool speaks plain http, the in-cluster hop)
             self.session = requests.Session()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from customscripts.config import settings
+from customscripts.config import REPO_ROOT, settings
 from customscripts.execution import Invoker, Scope
 from customscripts.faas import build
 from customscripts.faas.budget import FunctionBudget
@@ -55,23 +56,23 @@ AUTH = ("admin", "test-password")
 
 
 def make_template(root: Path) -> Path:
-    tpl = root / "template"
-    (tpl / "function").mkdir(parents=True)
-    (tpl / "Dockerfile").write_text("FROM python:3.12-alpine\n")
-    (tpl / "index.py").write_text("# python3-http index.py stand-in\n")
-    (tpl / "requirements.txt").write_text("flask\nwaitress\n")
-    (tpl / "template.yml").write_text("language: python3-http\nfprocess: python index.py\n")
-    (tpl / "function" / "handler.py").write_text(ECHO_HANDLER)
+    """A templates folder: the real python3-http language template, and an echo function (no
+    third-party requirements) as the handler folder every version is built with."""
+    tpl = root / "templates"
+    shutil.copytree(REPO_ROOT / "templates" / build.LANGUAGE, tpl / build.LANGUAGE)
+    (tpl / build.SCRIPT_HANDLER).mkdir()
+    (tpl / build.SCRIPT_HANDLER / "handler.py").write_text(ECHO_HANDLER)
+    (tpl / build.SCRIPT_HANDLER / "requirements.txt").write_text("")
     return tpl
 
 
 def version_spec(tpl: Path, functions: Path, script_id: str, version: int) -> dict:
-    """Render a version's context and return its FunctionDeployment body."""
+    """Render a version's context (with the real package copy) and return its FunctionDeployment body."""
     code = f"def run(ctx):\n    return {version}\n"
     result = build.render_context(script_id, version, code, {"script_id": script_id, "version": version},
-                                  template_dir=tpl, functions_dir=functions, copy=())
+                                  templates_dir=tpl, functions_dir=functions)
     return build.deployment(script_id, version, owner_id="u1", tenant="t1", code_hash=result.code_sha256,
-                            tier="pro", template_dir=tpl, gateway_url="http://gw.test",
+                            tier="pro", templates_dir=tpl, gateway_url="http://gw.test",
                             context_hash=result.context_sha256)
 
 
@@ -322,17 +323,19 @@ def test_update_restarts_and_state_survives_restart(tmp_path: Path) -> None:
 
 
 def test_platform_function_from_handler_folder(tmp_path: Path) -> None:
-    """registry-fn / gateway-fn style: a bare handler folder, deployed from a stack.yml."""
+    """registry-fn / gateway-fn style: a handler folder in a stack.yml, rendered with the stack's copy."""
     handler_dir = tmp_path / "hello-fn"
     handler_dir.mkdir()
     (handler_dir / "handler.py").write_text(ECHO_HANDLER)
+    shutil.copytree(REPO_ROOT / "customscripts", tmp_path / "customscripts")
     (tmp_path / "stack.yml").write_text(
         "version: 1.0\nprovider:\n  name: openfaas\n  gateway: http://127.0.0.1:8080\n"
+        "configuration:\n  copy:\n    - ./customscripts\n"
         "functions:\n  hello-fn:\n    lang: python3-http\n    handler: ./hello-fn\n"
         "    image: ${PREFIX:-local}/hello-fn:latest\n    environment:\n      CS_GATEWAY_URL: http://g\n"
         "    secrets: [invocation-secret]\n    readonly_root_filesystem: true\n"
     )
-    bodies = build.stack_deployments(tmp_path / "stack.yml", environ={})
+    bodies = build.stack_deployments(tmp_path / "stack.yml", environ={}, functions_dir=tmp_path / "functions")
     assert bodies[0]["image"] == "local/hello-fn:latest"
     with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=tmp_path / "functions",
                   user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:

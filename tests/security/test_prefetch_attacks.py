@@ -9,7 +9,6 @@ invocation secret) can make a function use a prefetch - an invocation token alon
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 from array import array
 from collections.abc import Iterator
@@ -17,12 +16,11 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from customscripts.config import settings
 from customscripts.outputs import params_hash
 from customscripts.sandbox import ExecutionRequest, SampleDataSource
 from customscripts.sandbox.invocation import mint_invocation_token, sign_prefetch
 from customscripts.sandbox.prefetch import Prefetched
-from tests.script_function import script_handler
+from tests.script_function import configure, script_handler
 
 from .conftest import GOOG_TS, make_supervisor
 
@@ -122,9 +120,8 @@ def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
 @pytest.fixture
 def fn(handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> str:
     # no gateway here: a read the prefetch does not answer fails (it never silently succeeds)
-    cfg = dataclasses.replace(settings(), gateway_url="http://127.0.0.1:9", function_sample_data=False)
-    monkeypatch.setattr(handler, "settings", lambda: cfg)
-    return handler.function_name()
+    configure(monkeypatch, gateway_url="http://127.0.0.1:9", function_sample_data=False)
+    return handler.function.name
 
 
 def output(script_id: str, version: int = 1, tenant_value: float = 7.0) -> dict:

@@ -18,17 +18,21 @@ META = {"script_id": "rsi", "version": 2, "owner_id": "u1", "runtime_mode": "one
 
 @pytest.fixture
 def template(tmp_path: Path) -> Path:
-    """A python3-http shaped template (what templates/script/ holds)."""
-    tpl = tmp_path / "template"
-    (tpl / "function").mkdir(parents=True)
-    (tpl / "Dockerfile").write_text("FROM python:3.12-alpine\n")
-    (tpl / "index.py").write_text("from function import handler\n")
-    (tpl / "requirements.txt").write_text("flask\nwaitress\n")
-    (tpl / "template.yml").write_text("language: script\nfprocess: python index.py --script\n")
-    (tpl / "function" / "handler.py").write_text("def handle(event, context):\n    return None\n")
-    (tpl / "function" / "__pycache__").mkdir()
-    (tpl / "function" / "__pycache__" / "handler.cpython-311.pyc").write_bytes(b"junk")
-    return tpl
+    """A folder shaped as templates/: the python3-http language template and the script handler folder."""
+    root = tmp_path / "templates"
+    lang = root / "python3-http"
+    (lang / "function").mkdir(parents=True)
+    (lang / "Dockerfile").write_text("FROM python:3.12-alpine\n")
+    (lang / "index.py").write_text("from function import handler\n")
+    (lang / "requirements.txt").write_text("")
+    (lang / "template.yml").write_text("language: python3-http\nfprocess: python index.py --script\n")
+    (lang / "function" / "handler.py").write_text("def handle(event, context):\n    return 'placeholder'\n")
+    script = root / "script"
+    (script / "__pycache__").mkdir(parents=True)
+    (script / "handler.py").write_text("def handle(event, context):\n    return None\n")
+    (script / "requirements.txt").write_text("numpy\n")
+    (script / "__pycache__" / "handler.cpython-311.pyc").write_bytes(b"junk")
+    return root
 
 
 @pytest.fixture
@@ -41,7 +45,7 @@ def copy_root(tmp_path: Path) -> Path:
 
 
 def render(template: Path, functions: Path, copy_root: Path, code: str = CODE) -> build.BuildResult:
-    return build.render_context("rsi", 2, code, META, template_dir=template, functions_dir=functions,
+    return build.render_context("rsi", 2, code, META, templates_dir=template, functions_dir=functions,
                                 copy=("pkg",), copy_root=copy_root)
 
 
@@ -55,6 +59,9 @@ def test_layout_matches_shrinkwrap(template: Path, tmp_path: Path, copy_root: Pa
         "function/pkg/__init__.py", "function/pkg/sub/mod.py",
     }
     assert (result.path / "function" / "script.py").read_text() == CODE
+    # the handler folder overlays the language template's placeholder, as faas-cli overlays it
+    assert (result.path / "function" / "handler.py").read_text() == (template / "script" / "handler.py").read_text()
+    assert (result.path / "function" / "requirements.txt").read_text() == "numpy\n"
     assert json.loads((result.path / "function" / "meta.json").read_text()) == META
     stamp = json.loads((result.path / build.BUILD_STAMP).read_text())
     assert stamp["code_sha256"] == build.code_sha256(CODE) == result.code_sha256
@@ -67,7 +74,7 @@ def test_idempotent_and_atomic(template: Path, tmp_path: Path, copy_root: Path) 
     again = render(template, functions, copy_root)
     assert not again.rebuilt and again.context_sha256 == first.context_sha256
     assert (first.path / "function" / "script.py").stat().st_mtime_ns == mtime
-    (template / "function" / "handler.py").write_text("def handle(event, context):\n    return 2\n")
+    (template / "script" / "handler.py").write_text("def handle(event, context):\n    return 2\n")
     changed = render(template, functions, copy_root)
     assert changed.rebuilt and changed.context_sha256 != first.context_sha256
     assert changed.code_sha256 == first.code_sha256
@@ -77,21 +84,21 @@ def test_idempotent_and_atomic(template: Path, tmp_path: Path, copy_root: Path) 
 
 def test_missing_template_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(build.TemplateMissing, match="templates/script"):
-        build.render_context("rsi", 1, CODE, META, template_dir=tmp_path / "nope",
+        build.render_context("rsi", 1, CODE, META, templates_dir=tmp_path / "nope",
                              functions_dir=tmp_path / "functions")
     assert not (tmp_path / "functions" / "cs-rsi-v1").exists()
 
 
 def test_copy_outside_root_rejected(template: Path, tmp_path: Path, copy_root: Path) -> None:
     with pytest.raises(ValueError, match="outside"):
-        build.render_context("rsi", 2, CODE, META, template_dir=template, functions_dir=tmp_path / "f",
+        build.render_context("rsi", 2, CODE, META, templates_dir=template, functions_dir=tmp_path / "f",
                              copy=("../etc",), copy_root=copy_root)
 
 
 def test_deployment_body(template: Path) -> None:
     sha = build.code_sha256(CODE)
     body = build.deployment("rsi", 2, owner_id="alice@example.com", tenant="acme", code_hash=sha, tier="pro",
-                            template_dir=template, gateway_url="http://gw/function/gateway-fn",
+                            templates_dir=template, gateway_url="http://gw/function/gateway-fn",
                             isolation="process", context_hash="c" * 64)
     tier = settings().tier("pro")
     assert body["service"] == "cs-rsi-v2" and is_dns1123(body["service"])
@@ -118,7 +125,7 @@ def test_deployment_body(template: Path) -> None:
 def test_deployment_unknown_tier(template: Path) -> None:
     with pytest.raises(ValueError, match="tier"):
         build.deployment("rsi", 2, owner_id="u", tenant="t", code_hash="0" * 64, tier="nope",
-                         template_dir=template)
+                         templates_dir=template)
 
 
 def test_envsubst() -> None:

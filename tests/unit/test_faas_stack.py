@@ -34,7 +34,9 @@ def test_stack_content() -> None:
     assert stack["provider"]["name"] == "openfaas"
     assert stack["provider"]["gateway"] == "http://127.0.0.1:8080"
     assert set(stack["functions"]) == {"registry-fn", "gateway-fn"}
-    assert stack["configuration"]["copy"] == ["./customscripts"]
+    assert stack["configuration"]["copy"] == ["./customscripts", "./templates"]
+    # the platform's own python3-http, vendored: never the upstream template pulled from the store
+    assert stack["configuration"]["templates"] == [{"name": "python3-http", "source": "./templates/python3-http"}]
     for name, fn in stack["functions"].items():
         assert fn["lang"] == "python3-http"
         assert fn["handler"] == f"./{name}"
@@ -78,14 +80,40 @@ def test_schema_rejects_invalid(mutate) -> None:
         jsonschema.validate(stack, SCHEMA)
 
 
-def test_stack_deployments_are_valid_bodies() -> None:
-    bodies = build.stack_deployments(STACK, environ={})
+def test_stack_deployments_are_valid_bodies(tmp_path: Path) -> None:
+    bodies = build.stack_deployments(STACK, environ={}, functions_dir=tmp_path)
     assert [b["service"] for b in bodies] == ["registry-fn", "gateway-fn"]
     for body in bodies:
         validate_deployment(body)
         assert body["readOnlyRootFilesystem"] is True
         assert body["envProcess"] == "python index.py"
-        assert Path(body["annotations"]["com.customscripts.local.path"]).is_dir()
+        assert (tmp_path / body["service"] / "function" / "handler.py").is_file()  # its build context
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+@pytest.mark.parametrize("name", ["registry-fn", "gateway-fn"])
+def test_platform_context_is_the_shrinkwrap_layout(name: str, tmp_path: Path) -> None:
+    """What `faas-cli build --shrinkwrap` makes of stack.yml (docs/openfaas.md §3.2): the `lang`
+    template at the root, the handler folder overlaid into function/, each `configuration.copy` path
+    at function/<path>; nothing else (but the build stamp)."""
+    stack = load(STACK.read_text())
+    fn = stack["functions"][name]
+    built = build.render_stack_function(name, stack_path=STACK, functions_dir=tmp_path)
+    expected = _tree(REPO_ROOT / "templates" / fn["lang"])
+    expected.update({f"function/{k}": v for k, v in _tree(REPO_ROOT / fn["handler"]).items()})
+    for rel in stack["configuration"]["copy"]:
+        rel = rel.removeprefix("./")
+        expected.update({f"function/{rel}/{k}": v for k, v in _tree(REPO_ROOT / rel).items()})
+    got = _tree(built.path)
+    assert got.pop(build.BUILD_STAMP)
+    assert got.keys() == expected.keys()
+    assert got == expected
+    assert built.path == tmp_path / name and not build.render_stack_function(
+        name, stack_path=STACK, functions_dir=tmp_path).rebuilt
 
 
 def test_script_functions_reach_gateway_fn_by_its_service_address() -> None:

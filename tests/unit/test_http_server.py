@@ -1,4 +1,5 @@
-"""HandlerServer (function processes, LocalServer) answers exactly as flask_app (python3-http's index.py)."""
+"""HandlerServer (every function process, LocalServer) answers exactly as the upstream python3-http adapter
+(tests/python3_http_reference.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import requests
 from waitress.server import create_server
 
-from customscripts.http import Event, KeepAlivePool, LocalServer, flask_app, json_response, python3_http_result
+from customscripts.http import Event, KeepAlivePool, LocalServer, json_response, python3_http_result
+from tests.python3_http_reference import flask_app
 
 
 def handle(event: Event, context) -> dict | str | tuple | None:

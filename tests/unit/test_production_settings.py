@@ -151,7 +151,8 @@ def test_the_secret_file_wins_over_the_environment(env: pytest.MonkeyPatch, tmp_
 _ENTRY_POINTS = {
     "registry-fn": ["-c", "import sys; sys.path.insert(0, 'registry-fn'); import handler"],
     "gateway-fn": ["-c", "import sys; sys.path.insert(0, 'gateway-fn'); import handler"],
-    "script function": ["-c", "import sys; sys.path.insert(0, 'templates/script'); from function import handler"],
+    "script function": ["-c", "from pathlib import Path; from customscripts.faas.runner import load_handler; "
+                              "load_handler(Path('templates/script'))"],
     "scheduler": ["-m", "scheduler.main"],
 }
 

@@ -1,20 +1,20 @@
-"""The script function's handler (templates/script/function/handler.py): sandbox started at import,
-invocation tokens, one GatewayClient per execution token over one shared connection pool, settings."""
+"""The script function (customscripts/faas/script_function.py, served by templates/script/handler.py):
+sandbox started at import, invocation tokens, one GatewayClient per execution token over one shared
+connection pool, settings."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from customscripts.config import settings
 from customscripts.faas.naming import function_name
 from customscripts.gateway.client import GatewayClient
 from customscripts.sandbox.invocation import mint_invocation_token
 from customscripts.sandbox.sampledata import SampleDataSource
+from tests.script_function import configure as set_settings
 from tests.script_function import script_handler
 
 TS = 1362096000.0
@@ -30,8 +30,7 @@ def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
 
 
 def configure(monkeypatch: pytest.MonkeyPatch, handler: ModuleType, **changes: object) -> None:
-    cfg = dataclasses.replace(settings(), **changes)
-    monkeypatch.setattr(handler, "settings", lambda: cfg)
+    set_settings(monkeypatch, **changes)
 
 
 def event(body: object, fn: str = "cs-handler-test-v3", token: str | None = None) -> SimpleNamespace:
@@ -41,8 +40,8 @@ def event(body: object, fn: str = "cs-handler-test-v3", token: str | None = None
 
 
 def test_sandbox_is_started_at_import(handler: ModuleType) -> None:
-    assert handler._supervisor is not None
-    assert handler._supervisor.zygote_info.get("preloaded")
+    assert handler.function.supervisor is not None
+    assert handler.function.supervisor.zygote_info.get("preloaded")
 
 
 def test_execution_with_sample_data(handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,21 +77,21 @@ def test_invocation_token_for_another_function_is_rejected(handler: ModuleType,
 
 def test_function_name_falls_back_to_the_versions_name(handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     configure(monkeypatch, handler, function_name="")
-    assert handler.function_name() == function_name("handler-test", 3)
+    assert handler.function.name == function_name("handler-test", 3)
     configure(monkeypatch, handler, function_name="from-env")
-    assert handler.function_name() == "from-env"
+    assert handler.function.name == "from-env"
 
 
 def test_one_gateway_client_per_token_over_one_connection_pool(handler: ModuleType,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     configure(monkeypatch, handler, gateway_url="http://gateway.test:9")
     clients: dict[str, GatewayClient] = {}
-    a = handler._data_source("token-a", clients)
-    b = handler._data_source("token-b", clients)
-    assert handler._data_source("token-a", clients) is a and a is not b
+    a = handler.function._data_source("token-a", clients)
+    b = handler.function._data_source("token-b", clients)
+    assert handler.function._data_source("token-a", clients) is a and a is not b
     assert isinstance(a, GatewayClient) and a.base_url == "http://gateway.test:9"
     # each client sends its own token with every call; the keep-alive pool is shared
     assert a._auth == {"Authorization": "Bearer token-a"} and b._auth == {"Authorization": "Bearer token-b"}
     assert a._pool is not None and a._pool is b._pool and a.session is None
-    other = handler._data_source("token-a", {})  # a later request gets a new client, same pool
+    other = handler.function._data_source("token-a", {})  # a later request gets a new client, same pool
     assert other is not a and other._pool is a._pool

@@ -1,0 +1,256 @@
+"""One published script version served as a function: the invocation-token check, the request's
+executions (one, or a batch with its optional prefetch), the data source each reads from, and the
+sandbox supervisor that runs them.
+
+The function's folder (`function/` in its build context) holds the version's `script.py` and
+`meta.json`; the template's `function/handler.py` is only `ScriptFunction.start(folder)`, so what
+an image runs and what the tests run is this module.
+
+Reads go to gateway-fn through GatewayClient, bound per request to the execution token; the token
+stays here in the trusted supervisor and never reaches the sandboxed child. A batch from the realtime
+scheduler may carry `prefetch` (candle windows and the dependency outputs it has just published, see
+customscripts/sandbox/prefetch.py): it is accepted only under a MAC made with the invocation secret
+over this function, the invocation token's tenant and the exact items (so an invocation token alone
+cannot feed a script forged data), only with outputs of this version's own `depends_on`, and the
+supervisor answers a read from it only when it certainly equals gateway-fn's answer for that item -
+otherwise the read still goes to gateway-fn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from customscripts import logs
+from customscripts.config import settings
+from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from customscripts.http import parse_json
+from customscripts.sandbox.datasource import DataSource
+from customscripts.sandbox.invocation import verify_invocation_token, verify_prefetch
+from customscripts.sandbox.limits import SandboxLimits
+from customscripts.sandbox.prefetch import Prefetched, PrefetchError
+from customscripts.sandbox.supervisor import THIRD_PARTY, ExecutionRequest, IsolationUnavailable, Supervisor
+
+if TYPE_CHECKING:
+    from customscripts.gateway.client import GatewayClient
+
+MAX_BODY = 8 * 1024 * 1024  # a realtime batch with prefetched windows
+LIMIT_KEYS = frozenset({"timeout_ms", "memory_mb", "cpu_seconds", "max_output_bytes", "max_log_bytes"})
+HEALTH_PATHS = ("/_/health", "/healthz")
+# What the sandbox loads in its own processes (zygote, children), so an import here would not show it
+# missing: the allowlisted third-party modules it preloads, seccomp, and output-schema validation.
+SANDBOX_MODULES = (*THIRD_PARTY, "pyseccomp", "jsonschema")
+log = logs.get("customscripts.script_fn")
+
+_sample_data: DataSource | None = None
+
+
+def _gateway(token: str) -> GatewayClient:
+    """A GatewayClient for one execution token. GatewayClient sends the token with each call over one
+    process-wide keep-alive pool, so clients of concurrent requests share connections, never tokens."""
+    from customscripts.gateway.client import GatewayClient
+
+    return GatewayClient(settings().data_gateway_url, token)
+
+
+def _sample_source() -> DataSource:
+    global _sample_data
+    if _sample_data is None:
+        from customscripts.sandbox.sampledata import SampleDataSource
+
+        _sample_data = SampleDataSource().preload()
+    return _sample_data
+
+
+def _json(status: int, body: Any) -> dict:
+    return {"statusCode": status, "body": json.dumps(body), "headers": {"Content-Type": "application/json"}}
+
+
+class ScriptFunction:
+    """The handler of one script version's function (python3-http `handle(event, context)`)."""
+
+    def __init__(self, source: str, meta: dict[str, Any]) -> None:
+        self.source = source
+        self.meta = meta
+        self.supervisor: Supervisor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ScriptFunction:
+        meta_file = folder / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        return cls((folder / "script.py").read_text(), meta)
+
+    @classmethod
+    def start(cls, folder: Path) -> ScriptFunction:
+        """The function of `folder`, its sandbox started now rather than on the first request: the
+        zygote boots in its own process while a thread imports the gateway client (and loads sample
+        data when the function serves them). Served both ways (of-watchdog, the local provider), the
+        handler is imported before the server listens, so the process reports ready only once warm.
+        The supervisor is created on this long-lived thread on purpose: bubblewrap's --die-with-parent
+        is PR_SET_PDEATHSIG, which fires when the thread that started the sandbox ends."""
+        function = cls.from_folder(folder)
+        _require(SANDBOX_MODULES)
+        failed: list[BaseException] = []
+        loader = threading.Thread(target=_preload, args=(failed,), name="preload", daemon=True)
+        loader.start()
+        try:
+            function.warm()
+        except Exception as exc:  # retried by the first request (answered 503 while it fails)
+            logs.event(log, "sandbox warm-up failed at startup; retrying on the first request", logging.ERROR,
+                       error=repr(exc))
+        finally:
+            loader.join()
+        if failed:  # a module the function needs is missing from its image: fail now, not on a request
+            function.close()
+            raise failed[0]
+        return function
+
+    @property
+    def name(self) -> str:
+        """The name every invocation token must carry: CS_FUNCTION_NAME (set by the provider), else
+        meta.json's function_name, else the platform's name for script_id@version."""
+        name = settings().function_name or self.meta.get("function_name")
+        if name:
+            return str(name)
+        if self.meta.get("script_id") is not None and self.meta.get("version") is not None:
+            from customscripts.faas.naming import function_name
+
+            return function_name(str(self.meta["script_id"]), self.meta["version"])
+        return ""
+
+    def limits(self) -> SandboxLimits:
+        cfg = settings()
+        tier = cfg.tier(str(self.meta.get("tier") or "pro")) or next(iter(cfg.tiers.values()))
+        given = {k: v for k, v in (self.meta.get("limits") or {}).items() if v is not None}  # unset: the tier's
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if k in LIMIT_KEYS}
+        if "allowed_modules" in given:
+            overrides["allowed_modules"] = frozenset(given["allowed_modules"])
+        return SandboxLimits.from_tier(tier, **overrides)
+
+    def warm(self) -> Supervisor:
+        """The function's supervisor, started once per process (at start; again after a failure)."""
+        with self._lock:
+            if self.supervisor is None:
+                self.supervisor = Supervisor(self.source, output_schema=self.meta.get("output_schema"),
+                                             limits=self.limits(), filename="script.py")
+            return self.supervisor
+
+    def close(self) -> None:
+        with self._lock:
+            if self.supervisor is not None:
+                self.supervisor.close()
+                self.supervisor = None
+
+    # ------------------------------------------------------------------ requests
+
+    def _data_source(self, token: Any, clients: dict[str, GatewayClient]) -> DataSource:
+        """One GatewayClient per distinct execution token in a request (its reads are cached per call)."""
+        if token:
+            if not isinstance(token, str):
+                raise BadRequest("execution_token must be a string", code="invalid_execution_token")
+            if token not in clients:
+                clients[token] = _gateway(token)
+            return clients[token]
+        if settings().function_sample_data:
+            return _sample_source()
+        raise BadRequest("execution_token is required", code="missing_execution_token")
+
+    def _prefetch(self, body: dict, claims: dict) -> Prefetched | None:
+        """The batch's verified prefetch, or None when it has none (then every read goes to gateway-fn)."""
+        raw = body.get("prefetch")
+        if raw is None:
+            return None
+        tenant = claims.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise Unauthorized("prefetch needs an invocation token bound to a tenant", code="invalid_prefetch")
+        data = verify_prefetch(raw, self.name, tenant, body.get("items"), body.get("execution_token"))
+        try:
+            return Prefetched.parse(data, tenant=tenant,
+                                    dependencies=[str(d) for d in self.meta.get("depends_on") or []])
+        except PrefetchError as exc:
+            raise BadRequest(f"invalid prefetch: {exc}", code="invalid_prefetch") from None
+
+    def _item(self, raw: Any, default_token: Any, clients: dict[str, GatewayClient],
+              prefetch: Prefetched | None = None) -> ExecutionRequest:
+        if not isinstance(raw, dict):
+            raise BadRequest("each execution must be an object")
+        try:
+            key, tf = raw["instrument_key"], raw["timeframe"]
+            ts = raw["timestamp"]
+            if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+                raise ValueError("timestamp must be a finite number")
+            ts = float(ts)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise BadRequest("instrument_key, timeframe and timestamp (a finite number) are required") from exc
+        params = raw.get("params") or {}
+        if not isinstance(key, str) or not isinstance(tf, str) or not isinstance(params, dict):
+            raise BadRequest("invalid execution fields")
+        token = raw.get("execution_token") or default_token
+        return ExecutionRequest(key, tf, params, ts, data=self._data_source(token, clients), prefetch=prefetch)
+
+    def handle(self, event: Any, context: Any) -> dict:
+        call_id = event.headers.get("X-Call-Id", "-") if event.headers else "-"
+        logs.call_id_var.set(call_id)
+        try:
+            if event.path in HEALTH_PATHS:
+                return _json(200, {"ok": True})
+            auth = event.headers.get("Authorization", "") or ""
+            token = auth[7:] if auth.lower().startswith("bearer ") else event.headers.get("X-Invocation-Token", "")
+            if not token:
+                raise Unauthorized("invocation token required", code="invalid_invocation_token")
+            claims = verify_invocation_token(token, self.name)
+            if event.method != "POST":
+                raise BadRequest("POST an execution or a batch")
+            if len(event.body or b"") > MAX_BODY:
+                raise PayloadTooLarge("request body too large")
+            body = parse_json(event.body or b"{}", "body")
+            try:
+                sup = self.warm()
+            except IsolationUnavailable as exc:
+                raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
+            clients: dict[str, GatewayClient] = {}
+            prefetch: Prefetched | None = None
+            if isinstance(body, dict) and "items" in body:
+                items = body["items"]
+                max_items = settings().sandbox_max_batch
+                if not isinstance(items, list) or not items or len(items) > max_items:
+                    raise BadRequest(f"items must be a list of 1..{max_items} executions")
+                prefetch = self._prefetch(body, claims)
+                reqs = [self._item(x, body.get("execution_token"), clients, prefetch) for x in items]
+                results = sup.execute_batch(reqs)
+                out = {"results": [r.to_dict() for r in results]}
+                if prefetch is not None:
+                    out["prefetched_reads"] = prefetch.hits  # reads that did not need gateway-fn
+                    out["prefetch_bars"] = prefetch.bars  # candles the reads needed: sizes the next windows
+            else:
+                out = sup.execute(self._item(body, None, clients)).to_dict()
+            logs.event(log, "executed", user=claims.get("user"), items=len(out.get("results", [1])),
+                       prefetched_reads=prefetch.hits if prefetch is not None else 0)
+            return _json(200, out)
+        except ApiError as exc:
+            return {"statusCode": exc.status, "body": json.dumps(exc.body()),
+                    "headers": {"Content-Type": "application/json", **exc.headers}}
+
+
+def _require(modules: tuple[str, ...]) -> None:
+    """ModuleNotFoundError for the first of these that the function's environment lacks."""
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _preload(failed: list[BaseException]) -> None:
+    try:
+        import customscripts.gateway.client  # noqa: F401 - used by the first request
+
+        if settings().function_sample_data:
+            _sample_source()
+    except ImportError as exc:
+        failed.append(exc)
