@@ -289,8 +289,6 @@ class Settings:
     # a container's nofile/nproc rlimits, lowered to the host's hard limits (above them runc fails)
     container_nofile: int = field(default_factory=lambda: _env_int("CS_CONTAINER_NOFILE", 4096))
     container_nproc: int = field(default_factory=lambda: _env_int("CS_CONTAINER_NPROC", 1024))
-    # the production Dockerfile's base; locally the offline Debian base replaces it
-    image_base: str = field(default_factory=lambda: _env("CS_IMAGE_BASE", "python:3.11-slim-bookworm"))
     debian_mirror: str = field(default_factory=lambda: _env("CS_DEBIAN_MIRROR", ""))  # mmdebstrap's; empty: its default
     build_timeout_s: float = field(default_factory=lambda: _env_float("CS_BUILD_TIMEOUT_S", 1800.0))
     build_attempts: int = field(default_factory=lambda: _env_int("CS_BUILD_ATTEMPTS", 2))  # then `failed`

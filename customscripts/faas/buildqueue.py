@@ -123,7 +123,8 @@ class BuildQueue:
                 "UPDATE script_versions SET build_status = 'building', build_started_at = now(),"
                 " build_attempts = build_attempts + 1, build_lease_until = now() + make_interval(secs => %s)"
                 " WHERE (script_id, version) = (SELECT script_id, version FROM script_versions"
-                "   WHERE build_status = 'queued' OR (build_status = 'building' AND build_lease_until < now())"
+                "   WHERE build_status = 'queued' OR (build_status = 'building'"
+                "     AND coalesce(build_lease_until < now(), true))"
                 "   ORDER BY build_queued_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
                 " RETURNING script_id, version, build_status, build_image, build_log, build_attempts,"
                 " build_queued_at, build_started_at, build_finished_at", (lease_s,)).fetchone()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,12 +70,6 @@ def script_context(script_id: str, version: int, source: str, meta: dict, tmp: P
     return context
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(engine: images.Engine, image: str, *, env: dict[str, str] | None = None) -> Iterator[str]:
     """The image as a container the way functions run: read-only root, tmpfs /tmp, uid from the image
@@ -101,7 +93,8 @@ _ASK = '''import sys, time, urllib.request, urllib.error
 method, path = sys.argv[1], sys.argv[2]
 for _ in range(300):
     try:
-        req = urllib.request.Request("http://127.0.0.1:8080" + path, method=method, data=b"{}" if method == "POST" else None)
+        body = b"{}" if method == "POST" else None
+        req = urllib.request.Request("http://127.0.0.1:8080" + path, method=method, data=body)
         with urllib.request.urlopen(req, timeout=5) as r:
             print(r.status); print(r.read()[:300].decode(errors="replace")); break
     except urllib.error.HTTPError as e:
