@@ -65,6 +65,51 @@ def _load_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    """Build images: the platform functions, and script versions (--script, --all-versions)."""
+    import dataclasses
+
+    from customscripts.faas import buildqueue
+    from customscripts.faas.builder import PLATFORM_FUNCTIONS, BuildFailed, build_platform, builder_for
+
+    cfg = localstack.settings()
+    kind = args.builder or (cfg.builder if cfg.builder not in ("", "none") else "podman")
+    builder = builder_for(dataclasses.replace(cfg, builder=kind))
+
+    def progress(line: str) -> None:
+        if not args.json and (args.verbose or not line.startswith(" ")):
+            print(f"[build] {line}", file=sys.stderr, flush=True)
+
+    results: list[dict] = []
+    try:
+        if not args.no_platform:
+            results += build_platform(builder, PLATFORM_FUNCTIONS, progress=progress)
+        if args.script or args.all_versions:
+            from customscripts.registry.service import RegistryService
+
+            wanted = [_version_arg(v) for v in args.script] if args.script else None
+            results += buildqueue.build_versions(RegistryService(dataclasses.replace(cfg, builder=kind)), builder,
+                                                 wanted, force=args.force, progress=progress)
+    except (BuildFailed, LookupError, ValueError) as exc:
+        results.append({"status": "failed", "error": str(exc)})
+    for result in results:
+        if args.json:
+            continue
+        what = result.get("function") or f"{result.get('script_id')}@{result.get('version')}"
+        extra = f" in {result['seconds']} s" if "seconds" in result else ""
+        print(f"{what}: {result['status']} {result.get('image') or result.get('error') or ''}{extra}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0 if all(r["status"] == "built" for r in results) else 1
+
+
+def _version_arg(text: str) -> tuple[str, int]:
+    script_id, _, version = text.rpartition("@")
+    if not script_id or not version.isdigit():
+        raise ValueError(f"--script takes ID@VERSION, not {text!r}")
+    return script_id, int(version)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customscripts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("provider", help="run the local OpenFaaS-compatible provider in the foreground")
     p.add_argument("provider_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_provider)
+    p = sub.add_parser("build", help="build images: registry-fn, gateway-fn and script versions (podman locally)")
+    p.add_argument("--script", action="append", default=[], metavar="ID@VERSION", help="a published version")
+    p.add_argument("--all-versions", action="store_true", help="every published version not built yet")
+    p.add_argument("--force", action="store_true", help="with --all-versions: built versions too")
+    p.add_argument("--no-platform", action="store_true", help="skip registry-fn and gateway-fn")
+    p.add_argument("--builder", choices=("podman", "kubernetes"), help="default: CS_BUILDER, else podman")
+    p.add_argument("--json", action="store_true", help="results as JSON on stdout, no progress lines")
+    p.add_argument("--verbose", "-v", action="store_true", help="also the builder's own output")
+    p.set_defaults(func=_build)
     from customscripts.cli_run import add_run_parser
 
     add_run_parser(sub)

@@ -287,6 +287,31 @@ class Settings:
     templates_dir: Path = field(default_factory=lambda: Path(_env("CS_TEMPLATES_DIR", str(REPO_ROOT / "templates"))))
     functions_dir: Path = field(default_factory=lambda: Path(_env("CS_FUNCTIONS_DIR", str(REPO_ROOT / "functions"))))
 
+    # Images (customscripts/faas/images.py, builder.py): who builds a published version's image.
+    # podman: locally, with the offline base image and the wheelhouse; kubernetes: a Job per version
+    # (BuildKit rootless, deploy/k8s/base/builder/) pushing to CS_IMAGE_PREFIX; none: no images (the
+    # process runtime needs none; publish stays as it was).
+    builder: str = field(default_factory=lambda: _env("CS_BUILDER", "none"))  # podman | kubernetes | none
+    # podman or docker; empty: podman when installed, else docker with a running daemon
+    container_engine: str = field(default_factory=lambda: _env("CS_CONTAINER_ENGINE", ""))
+    container_runtime: str = field(default_factory=lambda: _env("CS_CONTAINER_RUNTIME", "runc"))  # OCI runtime
+    # a container's nofile/nproc rlimits, lowered to the host's hard limits (above them runc fails)
+    container_nofile: int = field(default_factory=lambda: _env_int("CS_CONTAINER_NOFILE", 4096))
+    container_nproc: int = field(default_factory=lambda: _env_int("CS_CONTAINER_NPROC", 1024))
+    debian_mirror: str = field(default_factory=lambda: _env("CS_DEBIAN_MIRROR", ""))  # mmdebstrap's; empty: its default
+    build_timeout_s: float = field(default_factory=lambda: _env_float("CS_BUILD_TIMEOUT_S", 1800.0))
+    build_attempts: int = field(default_factory=lambda: _env_int("CS_BUILD_ATTEMPTS", 2))  # then `failed`
+    build_retry_after_s: int = field(default_factory=lambda: _env_int("CS_BUILD_RETRY_AFTER_S", 10))
+    # Kubernetes builder: the API (empty: in-cluster, from the pod's service account), the namespace of
+    # the builder Jobs and their template (deploy/k8s/base/builder/image-builder.yaml)
+    k8s_api: str = field(default_factory=lambda: _env("CS_K8S_API", ""))
+    k8s_token_file: str = field(default_factory=lambda: _env(
+        "CS_K8S_TOKEN_FILE", "/var/run/secrets/kubernetes.io/serviceaccount/token"))
+    k8s_ca_file: str = field(default_factory=lambda: _env(
+        "CS_K8S_CA_FILE", "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"))
+    build_namespace: str = field(default_factory=lambda: _env("CS_BUILD_NAMESPACE", "customscripts-build"))
+    build_job_template: str = field(default_factory=lambda: _env("CS_BUILD_JOB_TEMPLATE", "image-builder"))
+
     # Realtime scheduler (customscripts.realtime.scheduler)
     scheduler_durable: str = field(default_factory=lambda: _env("CS_SCHEDULER_DURABLE", "cs-scheduler"))
     scheduler_fetch_batch: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_FETCH_BATCH", 500))

@@ -160,7 +160,11 @@ class Invoker:
                                       context_hash=built.context_sha256))
 
     def function_for(self, script_id: str, version: int, tenant: str) -> str:
-        """The version's function, deployed and charged to `tenant`'s share of the function budget."""
+        """The version's function, deployed and charged to `tenant`'s share of the function budget; 503
+        `building` until its image exists (faas/buildqueue.py; asked once per version when built)."""
+        builds = getattr(self.registry, "builds", None)
+        if builds is not None:
+            builds.require_built(script_id, version)
         return self.budget.ensure_deployed(tenant, script_id, version, lambda: self._deploy(script_id, version))
 
     def endpoint(self, name: str) -> str | None:

@@ -17,6 +17,7 @@ from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.faas import buildqueue
 from customscripts.permissions import (
     Denied,
     check_can_list,
@@ -59,6 +60,7 @@ class RegistryService:
         self.cfg = cfg or settings()
         self.store = store or ScriptStore(self.cfg)
         self.catalog = catalog or Catalog(self.cfg)
+        self.builds = buildqueue.BuildQueue(self.catalog.pool, self.cfg, audit=self.catalog.audit)
         self._closures: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
 
     # ----------------------------------------------------------------- helpers
@@ -218,7 +220,10 @@ class RegistryService:
             meta = ScriptMeta.model_validate(meta.model_dump())
             self.store.put_version(meta, source)
             self.catalog.insert_version(conn, meta, hashlib.sha256(meta.to_json_bytes()).hexdigest())
+            queued = buildqueue.enqueue(conn, row.script_id, number, self.cfg)  # its image (faas/buildqueue.py)
             self._audit(principal, "publish", row.script_id, number, call_id, conn)
+        if queued and (worker := buildqueue.worker_for(self, self.cfg)) is not None:
+            worker.kick()
         return meta, False
 
     # ----------------------------------------------------------------- reads
@@ -285,6 +290,8 @@ class RegistryService:
         out = {**meta.model_dump(mode="json"), "latest_version": row.latest_version}
         if owner:
             out["source"] = self.store.get_source(row.owner_id, row.script_id, number)
+        if number != DRAFT and (build := self.builds.state(row.script_id, int(number))) is not None:
+            out["build"] = build.as_json(with_log=owner)
         return out
 
     # ----------------------------------------------------------------- marketplace

@@ -24,6 +24,22 @@ if ((${#missing[@]})); then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Container images (customscripts/faas/images.py, `customscripts build`): podman and buildah build and run
+# function images with runc (crun fails on these VMs), mmdebstrap makes their base offline, uidmap for
+# rootless podman. CS_BOOTSTRAP_CONTAINERS=0 skips them (the process runtime needs none).
+if [ "${CS_BOOTSTRAP_CONTAINERS:-1}" != 0 ]; then
+  image_debs=()
+  for pkg in podman buildah runc mmdebstrap uidmap; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || image_debs+=("$pkg")
+  done
+  if ((${#image_debs[@]})); then
+    echo "[bootstrap] installing container packages: ${image_debs[*]}"
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${image_debs[@]}" >/dev/null
+  fi
+fi
+
 python3 - <<'PY'
 import sys
 if sys.version_info < (3, 11):
