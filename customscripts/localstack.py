@@ -261,7 +261,7 @@ def _scheduler_env(cfg: Settings) -> dict[str, str]:
     """The scheduler shares the function slots with registry-fn: the same budget and tenant share."""
     from customscripts.faas.build import stack_deployments
 
-    registry = next(b for b in stack_deployments() if b["service"] == "registry-fn")["envVars"]
+    registry = next(b for b in stack_deployments(local=False) if b["service"] == "registry-fn")["envVars"]
     return {k: registry[k] for k in ("CS_FUNCTION_BUDGET", "CS_FUNCTION_TENANT_SHARE") if k in registry}
 
 
@@ -420,15 +420,18 @@ def ensure_stack_secrets(cfg: Settings) -> None:
         say(f"secret {name} generated in {path} (mode 0600)")
 
 
-def stack_environment(cfg: Settings) -> dict[str, str]:
+def stack_environment(cfg: Settings, orchestration: str = "process") -> dict[str, str]:
     """The environment stack.yml is substituted with locally, as an operator exports it before `faas-cli
     deploy`: the local endpoints the platform functions need (they get nothing else of this process's
-    environment), unless set explicitly."""
+    environment), unless set explicitly. `orchestration` is how the provider runs functions (its
+    /system/info)."""
     local = {
         "CS_FUNCTIONS_GATEWAY": cfg.provider_url,
         "CS_GATEWAY_URL": cfg.data_gateway_url,
         "CS_FUNCTIONS_DIR": str(cfg.functions_dir),
-        "CS_ISOLATION": cfg.isolation_mode,
+        # inside an image there is no bubblewrap: the container runtime runs script functions as production
+        # does, with the sandbox's `process` isolation inside the container's own layers
+        "CS_ISOLATION": "process" if orchestration == "container" else cfg.isolation_mode,
     }
     return {**os.environ, **{k: v for k, v in local.items() if not os.environ.get(k)}}
 
@@ -439,7 +442,8 @@ def deploy_platform(cfg: Settings) -> None:
     from customscripts.faas.client import OpenFaaSClient
 
     with OpenFaaSClient(cfg.provider_url) as client:
-        for body in stack_deployments(environ=stack_environment(cfg)):
+        orchestration = str((client.info().get("provider") or {}).get("orchestration") or "process")
+        for body in stack_deployments(environ=stack_environment(cfg, orchestration)):
             client.deploy(body)
             say(f"function {body['service']} deployed at {cfg.provider_url}/function/{body['service']}")
 

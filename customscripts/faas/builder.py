@@ -370,11 +370,10 @@ def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS
     """Build stack.yml's functions from their shrinkwrapped contexts (`build.render_stack_function`,
     build/<fn>/) into the images stack.yml names; one result per function, failures included."""
     if render is None:
-        from customscripts.faas import build as render_module
+        from customscripts.faas.build import render_stack_function
 
-        render = getattr(render_module, "render_stack_function", None)
-        if render is None:
-            raise BuildFailed("this checkout cannot render platform build contexts (build.render_stack_function)")
+        def render(name: str) -> Path:
+            return render_stack_function(name).path
     wanted = stack_images()
     results = []
     for name in names:

@@ -18,7 +18,9 @@ Every container gets (podman, runc; faas/images.py chooses the engine and its fl
                                   provider puts there, exactly what deploy/k8s's NetworkPolicy allows.
   --network host (platform fns)   registry-fn and gateway-fn are trusted platform code that needs the
                                   databases, as their pods do in the cluster network; they listen on their
-                                  loopback port as under the process runtime.
+                                  loopback port as under the process runtime. registry-fn also gets the
+                                  functions folder (CS_FUNCTIONS_DIR) read-write: it renders each version's
+                                  build context there, where the provider builds the image from it.
 
 The sandbox's own layers (process isolation: rlimits, seccomp, private /tmp in its own user and mount
 namespaces, the import allowlist) still run inside. An image that is missing, or was built from another
@@ -72,10 +74,24 @@ def container_name(state_key: str, function: str) -> str:
     return f"cs-local-{state_key}-{function}"[:253]
 
 
+def image_user(engine: Any, image: str) -> tuple[int, int] | None:
+    """The image's numeric `USER uid[:gid]`, None when it names none (root) or a name."""
+    done = subprocess.run(engine.command("image", "inspect", "--format", "{{.Config.User}}", image),
+                          capture_output=True, text=True, check=False)
+    uid, _, gid = done.stdout.strip().partition(":")
+    if done.returncode != 0 or not uid.isdigit() or (gid and not gid.isdigit()):
+        return None
+    return int(uid), int(gid or uid)
+
+
 def run_argv(engine: Any, *, name: str, image: str, spec: Mapping[str, Any], env: Mapping[str, str],
-             secrets_dir: Path, socket_dir: Path | None, state_key: str) -> list[str]:
-    """`podman run` for one function container (see the module docstring for each layer)."""
-    args = ["run", "--rm", "--name", container_name(state_key, name), "--label", f"{LABEL}={state_key}",
+             secrets_dir: Path, socket_dir: Path | None, state_key: str,
+             shared_dirs: tuple[Path, ...] = ()) -> list[str]:
+    """`podman run` for one function container (see the module docstring for each layer). `shared_dirs`
+    are mounted read-write at their own paths: registry-fn renders the build contexts of the versions it
+    publishes into the provider's functions folder, the local stand-in for the bucket a cluster's
+    builder reads them from."""
+    args = ["--rm", "--name", container_name(state_key, name), "--label", f"{LABEL}={state_key}",
             "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=64m,mode=1777",
             "--pids-limit", str(PIDS_LIMIT), "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--volume", f"{secrets_dir}:{SECRETS_DIR}:ro"]
@@ -83,6 +99,8 @@ def run_argv(engine: Any, *, name: str, image: str, spec: Mapping[str, Any], env
         args += ["--network", "none", "--volume", f"{socket_dir}:{SOCKET_DIR}"]
     else:
         args += ["--network", "host"]
+    for folder in shared_dirs:
+        args += ["--volume", f"{folder}:{folder}"]
     limits = spec.get("limits") or {}
     memory = memory_bytes(limits.get("memory"))
     if memory:

@@ -522,8 +522,15 @@ class Provider:
         platform = (spec.get("labels") or {}).get(f"{LABEL_PREFIX}.kind") == "platform"
         socket_dir: Path | None = None
         forwards: list[Any] = []
+        shared: tuple[Path, ...] = ()
         if platform:
             env["CS_FN_LISTEN"] = f"127.0.0.1:{self.function_port(name)}"
+            if env.get("CS_FUNCTIONS_DIR"):  # registry-fn renders build contexts where the provider reads them
+                shared = (Path(env["CS_FUNCTIONS_DIR"]),)
+                shared[0].mkdir(parents=True, exist_ok=True)
+                owner = containers.image_user(engine, image)
+                if owner is not None:
+                    os.chown(shared[0], *owner)
         else:
             socket_dir = self.state_dir / "run" / name / "sockets"
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -537,7 +544,7 @@ class Provider:
                 env["CS_GATEWAY_URL"] = "http+unix://" + quote(f"{containers.SOCKET_DIR}/{sock.name}", safe="")
         containers.remove_container(engine, self.state_key, name)
         argv = containers.run_argv(engine, name=name, image=image, spec=spec, env=env, secrets_dir=secrets_dir,
-                                   socket_dir=socket_dir, state_key=self.state_key)
+                                   socket_dir=socket_dir, state_key=self.state_key, shared_dirs=shared)
         logdir = self.state_dir.parent / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
         logpath = logdir / f"fn-{name}.log"
@@ -988,7 +995,7 @@ class _Front:
             return _json_reply(200, status)
         elif path == "/system/info" and method == "GET":
             return _json_reply(200, {
-                "provider": {"provider": PROVIDER_NAME, "orchestration": "process",
+                "provider": {"provider": PROVIDER_NAME, "orchestration": self.provider.runtime,
                              "version": {"release": VERSION, "sha": "local", "commit_message": ""}},
                 "version": {"release": VERSION, "sha": "local", "commit_message": ""},
                 "arch": os.uname().machine,
