@@ -1,9 +1,11 @@
 """Cold start of one script function: process start -> listening -> first served execution.
 
-Renders a build context from templates/script (the SMA script over 200 bars, sample data), starts it
-the way the local provider does (`python -m customscripts.faas.runner <dir>`, port reported on
-CS_FN_READY_FD) and times: process start -> port ready, the first request, and warm requests after
-it. Repeats --runs times (a new process each run). No assertions.
+Renders a version's build context (faas/build.py: the SMA script over 200 bars, sample data), starts
+it the way the local provider and the image do (`python index.py` in the context, the interpreter of
+a venv of only its requirements, a clean environment; port reported on CS_FN_READY_FD) and times:
+process start -> port ready, the first request, and warm requests after it. Repeats --runs times (a
+new process each run). No assertions. Reads are answered from the sample data in the function
+(CS_FUNCTION_SAMPLE_DATA, which needs the `backtesting` package: added to this context's requirements).
 Run: .venv/bin/python bench/bench_script_cold_start.py [--runs 5] [--isolation bwrap]
 """
 
@@ -13,17 +15,17 @@ import argparse
 import json
 import os
 import select
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-from customscripts.config import REPO_ROOT
+from customscripts.config import settings
+from customscripts.faas import build
+from customscripts.faas.venvs import Environments
 from customscripts.sandbox.invocation import mint_invocation_token
 from customscripts.sandbox.sampledata import SampleDataSource
 
@@ -39,21 +41,21 @@ FN = "cs-bench-cold-v1"
 
 
 def make_context(root: Path) -> Path:
-    folder = root / FN
-    shutil.copytree(REPO_ROOT / "templates" / "script", folder)
-    (folder / "function" / "script.py").write_text(SCRIPT)
-    (folder / "function" / "meta.json").write_text(json.dumps(
-        {"script_id": "bench-cold", "version": 1, "tier": "pro", "output_schema": {"type": "number"}}))
+    meta = {"script_id": "bench-cold", "version": 1, "tier": "pro", "output_schema": {"type": "number"}}
+    folder = build.render_context("bench-cold", 1, SCRIPT, meta, functions_dir=root).path
+    with open(folder / "function" / "requirements.txt", "a") as reqs:
+        reqs.write("backtesting\n")  # the sample data source's CSVs
     return folder
 
 
-def one_run(folder: Path, isolation: str, warm_n: int) -> dict[str, float]:
+def one_run(folder: Path, python: Path, isolation: str, warm_n: int) -> dict[str, float]:
     rfd, wfd = os.pipe()
-    env = {**os.environ, "CS_FN_READY_FD": str(wfd), "CS_FUNCTION_NAME": FN, "CS_FUNCTION_SAMPLE_DATA": "1",
-           "CS_INVOCATION_SECRET": SECRET, "CS_ISOLATION": isolation, "CS_SECRETS_DIR": "/nonexistent"}
+    env = {"PATH": f"{python.parent}:/usr/bin:/bin", "CS_FN_READY_FD": str(wfd), "CS_FUNCTION_NAME": FN,
+           "CS_FUNCTION_SAMPLE_DATA": "1", "CS_INVOCATION_SECRET": SECRET, "CS_ISOLATION": isolation,
+           "CS_SECRETS_DIR": "/nonexistent"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "customscripts.faas.runner", str(folder)], env=env,
-                            pass_fds=(wfd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([str(python), "index.py"], cwd=folder, env=env,
+                            pass_fds=(wfd,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     os.close(wfd)
     try:
@@ -62,7 +64,7 @@ def one_run(folder: Path, isolation: str, warm_n: int) -> dict[str, float]:
             ready, _, _ = select.select([rfd], [], [], 30)
             chunk = os.read(rfd, 64) if ready else b""
             if not chunk:
-                raise RuntimeError(f"function did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"function did not start: {proc.stdout.read().decode()[-2000:]}")
             data += chunk
         t_ready = time.perf_counter()
         url = f"http://127.0.0.1:{int(data)}/"
@@ -75,7 +77,9 @@ def one_run(folder: Path, isolation: str, warm_n: int) -> dict[str, float]:
             t = time.perf_counter()
             r = http.post(url, data=body, headers={"Authorization": f"Bearer {tok}"}, timeout=30)
             dt = time.perf_counter() - t
-            assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+            if r.status_code != 200 or r.json().get("status") != "ok":
+                proc.terminate()
+                raise SystemExit(f"{r.text}\n{proc.communicate()[0].decode()[-3000:]}")
             return dt
 
         first = call()
@@ -102,7 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cs-cold-") as tmp:
         folder = make_context(Path(tmp))
-        runs = [one_run(folder, args.isolation, args.warm) for _ in range(args.runs)]
+        python = Environments(settings().state_dir / "venvs").python_for(folder)
+        runs = [one_run(folder, python, args.isolation, args.warm) for _ in range(args.runs)]
     print(f"cores={os.cpu_count()} isolation={args.isolation} runs={args.runs}")
     print(f"{'figure':34} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for key in ("ready_ms", "first_request_ms", "start_to_first_response_ms", "warm_p50_ms"):

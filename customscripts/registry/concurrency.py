@@ -17,8 +17,8 @@ calls queue behind them (issue 10, item 6).
   every worker: the rest of the API always has `CS_FN_THREADS - CS_EXECUTE_MAX_INFLIGHT` of them.
   Full: 503 `execute_capacity` with Retry-After (another replica may have room). A tenant's cap is
   below the process cap, so one tenant alone cannot fill it. Why a cap in the handler rather than a
-  separate worker pool for executes: it holds under any server that runs the handler (the local
-  runner's HandlerServer, waitress in the python3-http image) without the server knowing routes.
+  separate worker pool for executes: it holds under any server that runs the handler without the
+  server knowing routes.
 """
 
 from __future__ import annotations

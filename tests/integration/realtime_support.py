@@ -141,12 +141,12 @@ def publish_candles(cfg: Settings, candles: list[dict]) -> None:
 class FunctionKiller:
     """While active, SIGKILLs every process of one script function (and its sandbox, its own process
     group) that this checkout's provider runs: the function fails outright on every call. Only the
-    processes started from this repository's functions/<name> folder are touched."""
+    processes started in this stack's functions/<name> folder (`python index.py` there) are touched."""
 
     def __init__(self, name: str, interval_s: float = 0.01) -> None:
-        from customscripts.config import REPO_ROOT
+        from customscripts.config import settings
 
-        self.folder = str(REPO_ROOT / "functions" / name)
+        self.folder = str((settings().functions_dir / name).resolve())
         self.interval_s = interval_s
         self.kills = 0
         self._stop = threading.Event()
@@ -160,9 +160,10 @@ class FunctionKiller:
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as fh:
                     args = fh.read().split(b"\0")
+                cwd = os.readlink(f"/proc/{entry}/cwd")
             except OSError:
                 continue
-            if b"customscripts.faas.runner" in args and self.folder.encode() in args:
+            if b"index.py" in args and cwd == self.folder:
                 found.append(int(entry))
         return found
 
