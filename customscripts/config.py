@@ -233,6 +233,9 @@ class Settings:
     openfaas_user: str = field(default_factory=lambda: _env("CS_OPENFAAS_USER", "admin"))
     gateway_url: str = field(default_factory=lambda: _env("CS_GATEWAY_URL", ""))
     gateway_fn_port: int = field(default_factory=lambda: _env_int("CS_GATEWAY_FN_PORT", 8090))
+    # registry-fn as gateway-fn reaches it for script functions' function-URL calls: on Kubernetes its
+    # Service, http://registry-fn.openfaas-fn:8080; empty: through the gateway (registry_url)
+    registry_service: str = field(default_factory=lambda: _env("CS_REGISTRY_URL", ""))
     # Where platform callers invoke a function directly, skipping the gateway hop, e.g.
     # "http://{name}.openfaas-fn:8080" (its Service) on Kubernetes. Empty: the address the gateway
     # names in the function's status (the local provider does), else always through the gateway.
@@ -404,6 +407,10 @@ class Settings:
     def registry_url(self) -> str:
         """The public API: registry-fn behind the (local or OpenFaaS) gateway."""
         return f"{self.provider_url}/function/registry-fn"
+
+    @property
+    def registry_service_url(self) -> str:
+        return self.registry_service or self.registry_url
 
     @property
     def data_gateway_url(self) -> str:

@@ -17,6 +17,7 @@ the tenant with GET /executions/{call_id}.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,19 +33,20 @@ from referencing.exceptions import Unresolvable
 from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from customscripts.faas.budget import FunctionBudget, RedisLru
 from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
+from customscripts.faas.naming import function_name
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import MAX_JSON_DEPTH, json_depth
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
 from customscripts.registry.catalog import ScriptRow
-from customscripts.registry.concurrency import ExecuteSlots
+from customscripts.registry.concurrency import ExecuteSlots, Lease
 from customscripts.registry.models import ScriptMeta
 from customscripts.registry.service import RegistryService
-from customscripts.sandbox.invocation import mint_invocation_token
+from customscripts.sandbox.invocation import mint_invocation_token, open_grant, seal_grant
 
 log = logs.get("customscripts.execution")
 
@@ -104,6 +106,26 @@ class StoredExecution(BaseModel):
     timeframe: str
     params_hash: str
     output: IndicatorOutput
+
+
+@dataclass(frozen=True)
+class ExecuteGrant:
+    """A one-time execute that passed every check, between its authorisation and its answer (on a
+    version's function URL it travels, signed, from authorise to complete: faas/function_url.py)."""
+
+    script_id: str
+    version: int
+    call_id: str
+    user_id: str
+    tenant: str
+    tier: str
+    instrument_key: str
+    timeframe: str
+    params: dict[str, Any]
+    params_hash: str
+    as_of: float
+    store: bool
+    token: str = ""  # the execution token its reads are made with
 
 
 @dataclass(frozen=True)
@@ -249,6 +271,27 @@ class Executor:
         self.slots = slots
 
     def execute(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
+        """POST /scripts/{id}/execute: authorise, invoke the version's function, answer and audit."""
+        grant, lease = self.authorise(principal, script_id, raw_body, call_id)
+        try:
+            with self.slots.in_process():
+                payload = {"instrument_key": grant.instrument_key, "timeframe": grant.timeframe,
+                           "params": grant.params, "timestamp": grant.as_of, "execution_token": grant.token}
+                scope = Scope(grant.user_id, grant.tenant, grant.tier)
+                result = check_result(self.invoker.invoke(script_id, grant.version, payload, scope, call_id))
+        except ApiError as exc:
+            self.refused(grant, exc)
+            raise
+        finally:
+            self.slots.release(lease)
+        return self.finish(grant, result)
+
+    def authorise(self, principal: Principal, script_id: str, raw_body: dict[str, Any],
+                  call_id: str) -> tuple[ExecuteGrant, Lease]:
+        """Everything before a one-time execute runs, the same for the registry's route and a version's
+        function URL: body and as-of time (422), permissions and tier (403), dependency closure, params
+        (422), a concurrency lease (429/503), the execution token. Denied and throttled attempts are
+        audited here; the lease is the caller's to release (it also expires on its own)."""
         received = time.time()  # the server's now: no as-of time after it
         ids.script_id(script_id)
         try:
@@ -265,47 +308,102 @@ class Executor:
         if body.version is None:
             row = self._script_row(principal, script_id)
         version = body.version or self._latest(row)
-        p_hash = params_hash(body.params)
-        audit = functools.partial(self.registry.catalog.audit, action="execute", script_id=script_id,
-                                  version=version, user_id=principal.user_id, tenant=principal.tenant,
-                                  call_id=call_id, params_hash=p_hash, wait=False)
+        grant = ExecuteGrant(script_id=script_id, version=version, call_id=call_id, user_id=principal.user_id,
+                             tenant=principal.tenant, tier=principal.tier, instrument_key=instrument,
+                             timeframe=timeframe, params=body.params, params_hash=params_hash(body.params),
+                             as_of=body.timestamp if body.timestamp is not None else received, store=body.store)
         try:
             closure = self.registry.check_execution(principal, script_id, version, row)
         except Forbidden as exc:
-            audit(status="denied", detail=exc.message[:500])
+            self._audit(grant, status="denied", detail=exc.message[:500])
             raise
         self._check_params(script_id, version, body.params)
-        scope = Scope(principal.user_id, principal.tenant, principal.tier)
-        as_of = body.timestamp if body.timestamp is not None else received
         lease_s = wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
         try:
-            with self.slots.hold(principal, tier_of(principal, self.cfg), lease_s, call_id):
-                token = self.invoker.execution_token(script_id, version, scope, as_of, closure, call_id)
-                payload = {"instrument_key": instrument, "timeframe": timeframe, "params": body.params,
-                           "timestamp": as_of, "execution_token": token}
-                result = check_result(self.invoker.invoke(script_id, version, payload, scope, call_id))
+            lease = self.slots.acquire(principal, tier_of(principal, self.cfg), lease_s, call_id)
         except ApiError as exc:
-            audit(status="throttled" if exc.code in THROTTLED else "error", detail=exc.message[:500])
+            self.refused(grant, exc)
             raise
+        scope = Scope(principal.user_id, principal.tenant, principal.tier)
+        token = self.invoker.execution_token(script_id, version, scope, grant.as_of, closure, call_id)
+        return dataclasses.replace(grant, token=token), lease
+
+    def refused(self, grant: ExecuteGrant, exc: ApiError) -> None:
+        """Audit an authorised execute that failed before it had a result (limits, the function)."""
+        self._audit(grant, status="throttled" if exc.code in THROTTLED else "error", detail=exc.message[:500])
+
+    def finish(self, grant: ExecuteGrant, result: dict[str, Any]) -> dict[str, Any]:
+        """The answer to an execute that ran: its stored result when asked, its audit row, the response."""
         output = result.get("output")
         stored = False
-        if result["status"] == "ok" and body.store:
+        if result["status"] == "ok" and grant.store:
             stored = self.results.write(OnetimeResult(
-                tenant=principal.tenant, call_id=call_id, user_id=principal.user_id, script_id=script_id,
-                version=version, instrument_key=instrument, timeframe=timeframe, params_hash=p_hash, as_of=as_of,
-                value=output["value"], metadata=output.get("metadata") or {}))
-        audit(status=result["status"], output_hash=canonical_hash(output) if output else None,
-              duration_ms=result.get("duration_ms"), cpu_ms=result.get("cpu_ms"),
-              memory_mb=result.get("memory_mb"), detail=error_detail(result.get("error")))
-        logs.event(log, "executed", script_id=script_id, version=version, status=result["status"],
+                tenant=grant.tenant, call_id=grant.call_id, user_id=grant.user_id, script_id=grant.script_id,
+                version=grant.version, instrument_key=grant.instrument_key, timeframe=grant.timeframe,
+                params_hash=grant.params_hash, as_of=grant.as_of, value=output["value"],
+                metadata=output.get("metadata") or {}))
+        self._audit(grant, status=result["status"], output_hash=canonical_hash(output) if output else None,
+                    duration_ms=result.get("duration_ms"), cpu_ms=result.get("cpu_ms"),
+                    memory_mb=result.get("memory_mb"), detail=error_detail(result.get("error")))
+        logs.event(log, "executed", script_id=grant.script_id, version=grant.version, status=result["status"],
                    duration_ms=result.get("duration_ms"))
         return {
-            "script_id": script_id, "version": version, "call_id": call_id, "status": result["status"],
-            "instrument_key": instrument, "timeframe": timeframe, "params_hash": p_hash,
-            "output": output, "error": result.get("error"), "stored": stored,
+            "script_id": grant.script_id, "version": grant.version, "call_id": grant.call_id,
+            "status": result["status"], "instrument_key": grant.instrument_key, "timeframe": grant.timeframe,
+            "params_hash": grant.params_hash, "output": output, "error": result.get("error"), "stored": stored,
             "metrics": {k: result.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")},
             "stdout": result.get("stdout", ""), "stderr": result.get("stderr", ""),
         }
+
+    # ------------------------------------------------------------ a version's function URL
+
+    def authorise_function_call(self, principal: Principal, function: str, script_id: str, version: Any,
+                                raw_body: dict[str, Any], call_id: str) -> dict[str, Any]:
+        """A user's call on the function URL of `script_id`@`version` (the function `function` asked,
+        proven by faas/script_function.py): the same checks as the registry's execute; answers the
+        execution token and the grant the function hands back to `complete_function_call`."""
+        number = ids.version(version)
+        if function_name(script_id, number) != function:
+            raise Forbidden(f"function {function} does not serve {script_id}@{number}", code="wrong_function")
+        if raw_body.get("version") not in (None, number):
+            raise Unprocessable(f"this function URL serves version {number} of {script_id} only",
+                                code="wrong_version", details={"version": number})
+        grant, lease = self.authorise(principal, script_id, {**raw_body, "version": number}, call_id)
+        lease_s = wall_timeout_s(self.invoker.version(script_id, number)[0], self.cfg) + self.cfg.execute_lease_slack_s
+        claims = {**dataclasses.asdict(grant), "token": "", "fn": function,
+                  "lease": {"member": lease.member, "keys": list(lease.keys)}}
+        return {"execution_token": grant.token, "grant": seal_grant(claims, lease_s),
+                "execution": {"instrument_key": grant.instrument_key, "timeframe": grant.timeframe,
+                              "params": grant.params, "timestamp": grant.as_of}}
+
+    def complete_function_call(self, function: str, call_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The function's result for a call `authorise_function_call` granted: the same stored result,
+        audit row and response as the registry's execute; the lease goes back."""
+        claims = open_grant(body.get("grant"))
+        if claims.get("fn") != function or claims.get("call_id") != call_id:
+            raise Unauthorized("the grant is for another call", code="invalid_grant")
+        lease_claims = claims.pop("lease")
+        claims.pop("fn")
+        claims.pop("exp")
+        grant = ExecuteGrant(**claims)
+        try:
+            failure = body.get("failure")
+            if failure is not None:  # the function could not run it (sandbox unavailable, ...)
+                self._audit(grant, status="error", detail=str(failure)[:500])
+                return {"refused": True}
+            try:
+                result = check_result(body.get("result"))
+            except ApiError as exc:
+                self.refused(grant, exc)
+                raise
+            return self.finish(grant, result)
+        finally:
+            self.slots.release(Lease(str(lease_claims["member"]), tuple(lease_claims["keys"])))
+
+    def _audit(self, grant: ExecuteGrant, **row: Any) -> None:
+        self.registry.catalog.audit(action="execute", script_id=grant.script_id, version=grant.version,
+                                    user_id=grant.user_id, tenant=grant.tenant, call_id=grant.call_id,
+                                    params_hash=grant.params_hash, wait=False, **row)
 
     def stored(self, principal: Principal, call_id: str) -> dict[str, Any]:
         """A stored one-time result, for callers of its tenant who may still use its script version;

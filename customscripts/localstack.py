@@ -429,6 +429,7 @@ def stack_environment(cfg: Settings, orchestration: str = "process") -> dict[str
         "CS_FUNCTIONS_GATEWAY": cfg.provider_url,
         "CS_GATEWAY_URL": cfg.data_gateway_url,
         "CS_FUNCTIONS_DIR": str(cfg.functions_dir),
+        "CS_REGISTRY_URL": cfg.registry_url,
         # inside an image there is no bubblewrap: the container runtime runs script functions as production
         # does, with the sandbox's `process` isolation inside the container's own layers
         "CS_ISOLATION": "process" if orchestration == "container" else cfg.isolation_mode,

@@ -18,10 +18,12 @@ otherwise the read still goes to gateway-fn.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ from customscripts.config import settings
 from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from customscripts.http import parse_json
 from customscripts.sandbox.datasource import DataSource
-from customscripts.sandbox.invocation import verify_invocation_token, verify_prefetch
+from customscripts.sandbox.invocation import function_request_proof, verify_invocation_token, verify_prefetch
 from customscripts.sandbox.limits import SandboxLimits
 from customscripts.sandbox.prefetch import Prefetched, PrefetchError
 from customscripts.sandbox.supervisor import THIRD_PARTY, ExecutionRequest, IsolationUnavailable, Supervisor
@@ -193,6 +195,55 @@ class ScriptFunction:
         token = raw.get("execution_token") or default_token
         return ExecutionRequest(key, tf, params, ts, data=self._data_source(token, clients), prefetch=prefetch)
 
+    # ------------------------------------------------------------ the function URL
+
+    def _user_call(self, event: Any, user_token: str, call_id: str) -> dict:
+        """A user's `POST /function/<this function>`: the same body, checks, statuses, answer and audit
+        row as `POST /scripts/{id}/execute`. This function can reach only gateway-fn, so it asks the
+        registry through it to authorise the call (403/422/429 before any child starts), runs the one
+        execution with the execution token it is given, and hands the result back for the registry to
+        store, audit and shape. Both requests carry this function's proof (invocation secret)."""
+        if event.method != "POST":
+            raise BadRequest("POST the execute request's JSON body")
+        if len(event.body or b"") > MAX_BODY:
+            raise PayloadTooLarge("request body too large")
+        body = parse_json(event.body or b"{}", "body")
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object", code="invalid_json")
+        call_id = call_id if call_id and call_id != "-" else str(uuid.uuid4())
+        asked = {"script_id": self.meta.get("script_id"), "version": self.meta.get("version"), "body": body}
+        reply = self._registry("authorise", asked, call_id, user_token)
+        if reply.status != 200:
+            return _forward(reply)
+        granted = reply.json()
+        try:
+            sup = self.warm()
+        except IsolationUnavailable as exc:
+            self._registry("complete", {"grant": granted["grant"], "failure": f"sandbox unavailable: {exc}"},
+                           call_id)
+            raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
+        run = granted["execution"]
+        data = self._data_source(granted["execution_token"], {})
+        result = sup.execute(ExecutionRequest(run["instrument_key"], run["timeframe"], run["params"],
+                                              float(run["timestamp"]), data=data)).to_dict()
+        return _forward(self._registry("complete", {"grant": granted["grant"], "result": result}, call_id))
+
+    def _registry(self, step: str, body: dict, call_id: str, user_token: str | None = None) -> Any:
+        """POST gateway-fn's /functions/<this>/<step> (forwarded to the registry) with this function's proof."""
+        from customscripts.gateway.client import shared_pool
+
+        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        headers = {"Content-Type": "application/json", "X-Call-Id": call_id,
+                   "X-Function-Proof": function_request_proof(self.name, step, call_id, data)}
+        if user_token is not None:
+            headers["Authorization"] = f"Bearer {user_token}"
+        pool, prefix = shared_pool(settings().data_gateway_url)
+        try:
+            return pool.request("POST", f"{prefix}/functions/{self.name}/{step}", data, headers, timeout=(2.0, 30.0))
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServiceUnavailable(f"gateway-fn unreachable: {type(exc).__name__}", code="registry_unavailable",
+                                     headers={"Retry-After": "1"}) from None
+
     def handle(self, event: Any, context: Any) -> dict:
         call_id = event.headers.get("X-Call-Id", "-") if event.headers else "-"
         logs.call_id_var.set(call_id)
@@ -202,7 +253,9 @@ class ScriptFunction:
             auth = event.headers.get("Authorization", "") or ""
             token = auth[7:] if auth.lower().startswith("bearer ") else event.headers.get("X-Invocation-Token", "")
             if not token:
-                raise Unauthorized("invocation token required", code="invalid_invocation_token")
+                raise Unauthorized("a user token or an invocation token is required", code="unauthorized")
+            if token.count(".") == 2:  # a user's JWT: a call on this version's function URL
+                return self._user_call(event, token, call_id)
             claims = verify_invocation_token(token, self.name)
             if event.method != "POST":
                 raise BadRequest("POST an execution or a batch")
@@ -244,6 +297,14 @@ def _require(modules: tuple[str, ...]) -> None:
     for name in modules:
         if importlib.util.find_spec(name) is None:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _forward(reply: Any) -> dict:
+    """The registry's answer (through gateway-fn), passed on as it came: status, JSON body, Retry-After."""
+    headers = {"Content-Type": "application/json"}
+    if reply.headers.get("Retry-After"):
+        headers["Retry-After"] = reply.headers["Retry-After"]
+    return {"statusCode": reply.status, "body": reply.body.decode(), "headers": headers}
 
 
 def _preload(failed: list[BaseException]) -> None:

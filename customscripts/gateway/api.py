@@ -14,6 +14,7 @@ numpy arrays without parsing 1,200 floats from JSON (~0.2 ms per read).
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import math
 import time
@@ -28,10 +29,28 @@ import redis
 
 from customscripts import db, ids
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from customscripts.errors import (
+    ApiError,
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from customscripts.gateway.ratelimit import Decision, RateLimiter, raise_if_refused
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
-from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, python3_http_result
+from customscripts.http import (
+    Context,
+    Event,
+    KeepAlivePool,
+    Request,
+    Response,
+    RouteHandler,
+    Router,
+    json_response,
+    python3_http_result,
+)
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, pack_columns
 
@@ -169,6 +188,9 @@ def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 
+FORWARDED = ("Authorization", "X-Function-Proof", "Content-Type")  # to the registry, for function URLs
+
+
 class GatewayApi:
     """Routes plus what they need (config, read-only pool, rate limiter); one per process."""
 
@@ -190,6 +212,30 @@ class GatewayApi:
         r.route("GET", "/data/metrics")(self._metered(self.metrics))
         r.route("GET", "/data/scripts/{script_id}/latest")(self._metered(self.script_latest))
         r.route("GET", "/data/scripts/{script_id}/history")(self._metered(self.script_history))
+        r.route("POST", "/functions/{function}/authorise")(self.function_call)
+        r.route("POST", "/functions/{function}/complete")(self.function_call)
+        self._registry: tuple[KeepAlivePool, str] | None = None
+
+    def function_call(self, req: Request) -> Response:
+        """A script function's way to the registry for a user's call on its function URL (script
+        functions reach nothing but gateway-fn): forwarded as is; the registry checks the function's
+        proof and the user's token (registry/api.py `/functions/...`)."""
+        if self._registry is None:
+            self._registry = KeepAlivePool.for_url(self.cfg.registry_service_url, maxsize=16)
+        pool, prefix = self._registry
+        headers = {k: v for k in FORWARDED if (v := req.header(k))}
+        headers["X-Call-Id"] = req.call_id
+        path = req.event.path.split("?", 1)[0]
+        try:
+            reply = pool.request("POST", prefix + path, req.event.body or b"", headers, timeout=(2.0, 30.0))
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServiceUnavailable(f"registry unreachable: {type(exc).__name__}", code="registry_unavailable",
+                                     headers={"Retry-After": "1"}) from None
+        try:
+            body = reply.json()
+        except ValueError:
+            raise BadGateway(f"registry answered {reply.status} without JSON", code="registry_error") from None
+        return json_response(body, reply.status, {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"})
 
     @property
     def pool(self) -> psycopg_pool.ConnectionPool:

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from customscripts import logs
 from customscripts.auth import Principal, principal_from_request
-from customscripts.errors import BadRequest, ServiceUnavailable, Unprocessable
+from customscripts.errors import BadRequest, ServiceUnavailable, Unauthorized, Unprocessable
 from customscripts.execution import ExecuteBody, ExecutionResponse, StoredExecution
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
 from customscripts.permissions import tier_of
@@ -175,6 +175,41 @@ def execute(req: Request) -> Response:
     principal = _caller(req)
     result = default_executor().execute(principal, _script_id(req, principal), req.json_object(), req.call_id)
     return json_response(result)
+
+
+@route("POST", "/functions/{function}/authorise")
+def authorise_function_call(req: Request) -> Response:
+    """Internal, reached through gateway-fn: a version's function asks whether the user calling its
+    function URL may run it (the same checks as execute), with its own proof (invocation secret)."""
+    from customscripts.execution import default_executor
+
+    function = _function_request(req, "authorise")
+    principal = _caller(req)
+    body = req.json_object()
+    execute_body = body.get("body")
+    if not isinstance(execute_body, dict):
+        raise BadRequest("body must be the execute request's JSON object", code="invalid_json")
+    return json_response(default_executor().authorise_function_call(
+        principal, function, str(body.get("script_id", "")), body.get("version"), execute_body, req.call_id))
+
+
+@route("POST", "/functions/{function}/complete")
+def complete_function_call(req: Request) -> Response:
+    """Internal, reached through gateway-fn: the function's result for a call it was granted."""
+    from customscripts.execution import default_executor
+
+    function = _function_request(req, "complete")
+    return json_response(default_executor().complete_function_call(function, req.call_id, req.json_object()))
+
+
+def _function_request(req: Request, purpose: str) -> str:
+    """The function named in the path, proven by its X-Function-Proof over this call and body."""
+    from customscripts.sandbox.invocation import verify_function_request
+
+    function = verify_function_request(req.header("X-Function-Proof"), purpose, req.call_id, req.event.body or b"")
+    if function != req.params["function"]:
+        raise Unauthorized("the proof is for another function", code="invalid_function_request")
+    return function
 
 
 @route("GET", "/executions/{call_id}")

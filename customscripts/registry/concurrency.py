@@ -122,18 +122,13 @@ class ExecuteSlots:
             pipe.execute()
 
     @contextlib.contextmanager
-    def hold(self, principal: Principal, tier: Tier, lease_s: float, call_id: str) -> Iterator[None]:
-        """Hold a lease and a place in this process for the body of the `with`; both always returned."""
-        lease = self.acquire(principal, tier, lease_s, call_id)
+    def in_process(self) -> Iterator[None]:
+        """A place in this process for the body of the `with` (503 `execute_capacity` when full)."""
+        if not self._local.acquire(blocking=False):
+            raise ServiceUnavailable(
+                f"this registry replica already runs {self.max_inflight} executes; retry shortly",
+                code="execute_capacity", headers={"Retry-After": "1"}, details={"max_inflight": self.max_inflight})
         try:
-            if not self._local.acquire(blocking=False):
-                raise ServiceUnavailable(
-                    f"this registry replica already runs {self.max_inflight} executes; retry shortly",
-                    code="execute_capacity", headers={"Retry-After": "1"},
-                    details={"max_inflight": self.max_inflight})
-            try:
-                yield
-            finally:
-                self._local.release()
+            yield
         finally:
-            self.release(lease)
+            self._local.release()

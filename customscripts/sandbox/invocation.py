@@ -32,8 +32,8 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _sign(secret: str, body: str) -> str:
-    return _b64e(hmac.new(secret.encode(), PREFIX + body.encode(), hashlib.sha256).digest())
+def _sign(secret: str, body: str, prefix: bytes = PREFIX) -> str:
+    return _b64e(hmac.new(secret.encode(), prefix + body.encode(), hashlib.sha256).digest())
 
 
 def mint_invocation_token(function_name: str, claims: dict[str, Any] | None = None, ttl: int | None = None,
@@ -115,3 +115,61 @@ def verify_prefetch(prefetch: Any, function_name: str, tenant: str, items: Any, 
     if not hmac.compare_digest(expected.encode(), prefetch["mac"].encode()):
         raise Unauthorized("invalid prefetch signature", code="invalid_prefetch")
     return prefetch["data"]
+
+
+# A version's function URL (faas/function_url.py): the function asks the registry, through gateway-fn,
+# to authorise a user's call and later to complete it. Each request carries a proof made with the
+# invocation secret (only the registry, the scheduler and the functions' trusted supervisors hold it),
+# under its own prefix, so neither an invocation token nor a user can stand in for a function.
+FUNCTION_REQUEST_PREFIX = b"csfnreq1."
+GRANT_PREFIX = b"csgrant1."
+
+
+def _seal(prefix: bytes, claims: dict[str, Any], ttl: float, secret: str | None, now: float | None) -> str:
+    now = time.time() if now is None else now
+    body = {**claims, "exp": now + ttl}
+    payload = _b64e(json.dumps(body, separators=(",", ":"), sort_keys=True).encode())
+    return f"{payload}.{_sign(secret or settings().invocation_secret, payload, prefix)}"
+
+
+def _open(prefix: bytes, token: Any, what: str, code: str, secret: str | None, now: float | None) -> dict[str, Any]:
+    if not isinstance(token, str) or len(token) > 4 * MAX_TOKEN_LEN or token.count(".") != 1:
+        raise Unauthorized(f"missing or malformed {what}", code=code)
+    payload, sig = token.split(".")
+    if not hmac.compare_digest(_sign(secret or settings().invocation_secret, payload, prefix).encode(), sig.encode()):
+        raise Unauthorized(f"invalid {what} signature", code=code)
+    try:
+        claims = json.loads(_b64d(payload))
+    except (ValueError, UnicodeDecodeError):
+        raise Unauthorized(f"malformed {what}", code=code) from None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if not isinstance(exp, int | float) or (time.time() if now is None else now) > exp:
+        raise Unauthorized(f"{what} expired", code=code)
+    return claims
+
+
+def function_request_proof(function_name: str, purpose: str, call_id: str, body: bytes, *, ttl: float = 60,
+                           secret: str | None = None, now: float | None = None) -> str:
+    """What a function sends with its authorise/complete request: bound to it, the purpose, the call
+    and the exact body."""
+    return _seal(FUNCTION_REQUEST_PREFIX, {"fn": function_name, "purpose": purpose, "call": call_id,
+                                           "body": hashlib.sha256(body).hexdigest()}, ttl, secret, now)
+
+
+def verify_function_request(proof: Any, purpose: str, call_id: str, body: bytes, *, secret: str | None = None,
+                            now: float | None = None) -> str:
+    """The requesting function's name, or Unauthorized (not a function's proof, another call or body)."""
+    claims = _open(FUNCTION_REQUEST_PREFIX, proof, "function request proof", "invalid_function_request", secret, now)
+    if claims.get("purpose") != purpose or claims.get("call") != call_id or \
+            claims.get("body") != hashlib.sha256(body).hexdigest() or not isinstance(claims.get("fn"), str):
+        raise Unauthorized("function request proof is for another request", code="invalid_function_request")
+    return claims["fn"]
+
+
+def seal_grant(claims: dict[str, Any], ttl: float, *, secret: str | None = None, now: float | None = None) -> str:
+    """An authorised execute, sealed by the registry for the function to hand back at completion."""
+    return _seal(GRANT_PREFIX, claims, ttl, secret, now)
+
+
+def open_grant(grant: Any, *, secret: str | None = None, now: float | None = None) -> dict[str, Any]:
+    return _open(GRANT_PREFIX, grant, "execute grant", "invalid_grant", secret, now)
