@@ -236,6 +236,8 @@ class Settings:
     # registry-fn as gateway-fn reaches it for script functions' function-URL calls: on Kubernetes its
     # Service, http://registry-fn.openfaas-fn:8080; empty: through the gateway (registry_url)
     registry_service: str = field(default_factory=lambda: _env("CS_REGISTRY_URL", ""))
+    # the OpenFaaS gateway as users reach it, for the function URLs the API shows; empty: provider_url
+    public_gateway: str = field(default_factory=lambda: _env("CS_PUBLIC_GATEWAY_URL", ""))
     # Where platform callers invoke a function directly, skipping the gateway hop, e.g.
     # "http://{name}.openfaas-fn:8080" (its Service) on Kubernetes. Empty: the address the gateway
     # names in the function's status (the local provider does), else always through the gateway.
@@ -407,6 +409,11 @@ class Settings:
     def registry_url(self) -> str:
         """The public API: registry-fn behind the (local or OpenFaaS) gateway."""
         return f"{self.provider_url}/function/registry-fn"
+
+    @property
+    def public_gateway_url(self) -> str:
+        """The OpenFaaS gateway as users reach it (function URLs): CS_PUBLIC_GATEWAY_URL, else provider_url."""
+        return (self.public_gateway or self.provider_url).rstrip("/")
 
     @property
     def registry_service_url(self) -> str:

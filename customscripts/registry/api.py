@@ -141,7 +141,8 @@ def get_script(req: Request) -> Response:
 def publish_script(req: Request) -> Response:
     principal = _caller(req)
     meta, unchanged = service().publish(principal, _script_id(req, principal), req.call_id)
-    return json_response({**meta.model_dump(mode="json"), "unchanged": unchanged}, 200 if unchanged else 201)
+    return json_response({**meta.model_dump(mode="json"), "unchanged": unchanged,
+                          "function_url": function_url(meta.script_id, meta.version)}, 200 if unchanged else 201)
 
 
 @route("GET", "/scripts/{script_id}/versions")
@@ -149,13 +150,28 @@ def list_versions(req: Request) -> Response:
     principal = _caller(req)
     script_id = _script_id(req, principal)
     rows = service().list_versions(principal, script_id)
-    return json_response({"script_id": script_id, "versions": [r.as_json() for r in rows]})
+    return json_response({"script_id": script_id, "versions": [
+        {**r.as_json(), "function_url": function_url(r.script_id, r.version)} for r in rows]})
 
 
 @route("GET", "/scripts/{script_id}/versions/{version}")
 def get_version(req: Request) -> Response:
     principal = _caller(req)
-    return json_response(service().get_version(principal, _script_id(req, principal), req.params["version"]))
+    found = service().get_version(principal, _script_id(req, principal), req.params["version"])
+    if isinstance(found.get("version"), int):
+        found = {**found, "function_url": function_url(str(found["script_id"]), found["version"])}
+    return json_response(found)
+
+
+def function_url(script_id: str, version: Any) -> str | None:
+    """Where users call a published version directly with their own token (`POST`, the execute body):
+    its OpenFaaS function behind the public gateway (sync; `/async-function/` with X-Callback-Url)."""
+    from customscripts.config import settings
+    from customscripts.faas.naming import function_name
+
+    if not isinstance(version, int):
+        return None
+    return f"{settings().public_gateway_url}/function/{function_name(script_id, version)}"
 
 
 @route("POST", "/scripts/{script_id}/marketplace/subscribe")

@@ -196,15 +196,22 @@ class ScriptView(ScriptMeta):
     latest_version: int | None = None
 
 
+FUNCTION_URL = Field(default=None, description=(
+    "The version's function URL: POST the execute body there with your own bearer token (same answer, "
+    "statuses and audit as POST /scripts/{id}/execute), or to /async-function/<name> with X-Callback-Url."))
+
+
 class PublishResult(ScriptMeta):
     """POST /scripts/{id}/publish: the version; `unchanged` when the draft equalled the latest."""
 
     unchanged: bool
+    function_url: str | None = FUNCTION_URL
 
 
 class VersionSummary(BaseModel):
     script_id: str
     version: int
+    function_url: str | None = FUNCTION_URL
     status: Status
     code_sha256: str
     runtime_mode: RuntimeMode
