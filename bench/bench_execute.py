@@ -1,5 +1,7 @@
 """One-time execute latency over HTTP, end to end, with a fresh-`python` baseline in the same run.
 
+A second row calls the version's function URL directly with the user's token: provider -> the script
+function, which has registry-fn authorise and complete the call through gateway-fn.
 Path measured: client -> local provider -> registry-fn (JWT, permissions, closure, tokens) -> provider
 -> the version's script function (invocation token, warm zygote, sandboxed child) -> child reads 200
 bars -> supervisor -> provider -> gateway-fn (execution token, rate limit, SQL) -> back.
@@ -69,7 +71,9 @@ def main() -> None:
     sid = f"bench-sma-{uid}"
     http.post(f"{api}/scripts", json={"name": "bench sma", "script_id": sid, "source": SCRIPT},
               timeout=30).raise_for_status()
-    http.post(f"{api}/scripts/{sid}/publish", timeout=30).raise_for_status()
+    published = http.post(f"{api}/scripts/{sid}/publish", timeout=30)
+    published.raise_for_status()
+    fn_pool, fn_prefix = KeepAlivePool.for_url(published.json()["function_url"], maxsize=1)
     body = {"instrument_key": "GOOG", "timeframe": "1d", "timestamp": 1356998400.0}
 
     started = time.perf_counter()
@@ -101,6 +105,16 @@ def main() -> None:
             raise SystemExit(f"execution failed: {result}")
         inside.append(result["metrics"]["duration_ms"])
 
+    # the version's function URL, called directly with the user's token (authorised through gateway-fn)
+    direct: list[float] = []
+    for i in range(args.n // 2 + 20):
+        t0 = time.perf_counter()
+        reply = fn_pool.request("POST", fn_prefix, payload_bytes, headers, timeout=60)
+        if i >= 20:
+            direct.append((time.perf_counter() - t0) * 1000)
+        if reply.status != 200 or reply.json()["status"] != "ok":
+            raise SystemExit(f"function URL answered {reply.status}: {reply.text[:300]}")
+
     # as of now: the market window ends at the present, where a count proves it each time (the
     # historical one above is proven by the candle feed alone; see gateway/api.py _Window)
     now_bytes = json.dumps({**body, "timestamp": time.time()}).encode()
@@ -126,6 +140,7 @@ def main() -> None:
     row("POST /scripts/{id}/execute over HTTP (end to end)", samples)
     row("  of which: script run in the sandbox incl. its data read", inside)
     row("the same as of now (a count proves the window each time)", now_samples)
+    row("POST the version's function URL with the user's token", direct)
     row("fresh `python` + numpy computing the same SMA (baseline)", fresh)
     print(f"first execute after publish (cold function start): {publish_to_first:.0f} ms")
 
