@@ -366,7 +366,7 @@ def stack_images(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS, *,
-                   render: Callable[[str], Path] | None = None, progress: Progress = _noop) -> list[dict[str, Any]]:
+                   render: Callable[[str], Any] | None = None, progress: Progress = _noop) -> list[dict[str, Any]]:
     """Build stack.yml's functions from their shrinkwrapped contexts (`build.render_stack_function`,
     build/<fn>/) into the images stack.yml names; one result per function, failures included."""
     if render is None:
@@ -383,7 +383,8 @@ def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS
             results.append({"function": name, "status": "failed", "error": f"{name} is not in stack.yml"})
             continue
         try:
-            outcome = builder.build(render(name), image, progress=progress)
+            rendered = render(name)  # a BuildResult (its .path) or the folder itself
+            outcome = builder.build(Path(getattr(rendered, "path", rendered)), image, progress=progress)
         except BuildFailed as exc:
             results.append({"function": name, "image": image, "status": "failed", "error": str(exc),
                             "log": exc.log[-4000:]})
