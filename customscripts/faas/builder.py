@@ -147,8 +147,9 @@ class PodmanBuilder:
                            "--tag", image, "--file", str(context / "Dockerfile"), str(context))
         _fix_mtimes(context)
         progress(f"building {image} from {context}")
-        done = images._run(argv, timeout=self.cfg.build_timeout_s, progress=progress)
+        done = images._run(argv, timeout=self.cfg.build_timeout_s, progress=lambda line: progress(f"  {line}"))
         seconds = time.monotonic() - started
+        progress(f"{'built' if done.returncode == 0 else 'failed to build'} {image} in {seconds:.1f} s")
         if done.returncode != 0:
             raise BuildFailed(f"podman build of {image} failed (exit {done.returncode})", done.stdout)
         return BuildOutcome(image, done.stdout[-LOG_LIMIT:], seconds)
