@@ -29,9 +29,23 @@ def engine() -> images.Engine:
     return status.engine
 
 
+class RecordingBuilder(PodmanBuilder):
+    """Remembers the images it tagged, removed after the module (their layers stay in the cache)."""
+
+    made: list[str]
+
+    def build(self, context, image, **kwargs):
+        self.made.append(image)
+        return super().build(context, image, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def builder(engine: images.Engine) -> PodmanBuilder:
-    return PodmanBuilder(engine)
+def builder(engine: images.Engine):
+    recording = RecordingBuilder(engine)
+    recording.made = []
+    yield recording
+    if recording.made:
+        subprocess.run(engine.command("rmi", "--force", *recording.made), capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +136,4 @@ def test_customscripts_build_builds_a_published_version(engine, api, uid, tmp_pa
     again = subprocess.run(argv, capture_output=True, text=True, timeout=900)  # cached now
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[build] building " in again.stderr and f"{sid}@1: built {result['image']}" in again.stdout
+    subprocess.run(engine.command("rmi", "--force", result["image"]), capture_output=True, timeout=300)
