@@ -80,6 +80,8 @@ def _build(args: argparse.Namespace) -> int:
         if not args.json and (args.verbose or not line.startswith(" ")):
             print(f"[build] {line}", file=sys.stderr, flush=True)
 
+    if args.worker:
+        return _build_worker(dataclasses.replace(cfg, builder=kind), builder, progress)
     results: list[dict] = []
     try:
         if not args.no_platform:
@@ -101,6 +103,22 @@ def _build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 0 if all(r["status"] == "built" for r in results) else 1
+
+
+def _build_worker(cfg, builder, progress) -> int:
+    """Drain the build queue until SIGTERM or SIGINT (the cluster's build-worker Deployment)."""
+    import signal
+    import threading
+
+    from customscripts.faas.buildqueue import serve_worker
+    from customscripts.registry.service import RegistryService
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    progress(f"build worker: {builder.name} builder, polling every {cfg.build_poll_s:g} s")
+    serve_worker(RegistryService(cfg), builder, poll_s=cfg.build_poll_s, stop=stop, progress=progress)
+    return 0
 
 
 def _version_arg(text: str) -> tuple[str, int]:
@@ -139,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builder", choices=("podman", "kubernetes"), help="default: CS_BUILDER, else podman")
     p.add_argument("--json", action="store_true", help="results as JSON on stdout, no progress lines")
     p.add_argument("--verbose", "-v", action="store_true", help="also the builder's own output")
+    p.add_argument("--worker", action="store_true", help="drain the build queue until stopped (no other builds)")
     p.set_defaults(func=_build)
     from customscripts.cli_run import add_run_parser
 

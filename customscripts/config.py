@@ -307,6 +307,11 @@ class Settings:
     build_timeout_s: float = field(default_factory=lambda: _env_float("CS_BUILD_TIMEOUT_S", 1800.0))
     build_attempts: int = field(default_factory=lambda: _env_int("CS_BUILD_ATTEMPTS", 2))  # then `failed`
     build_retry_after_s: int = field(default_factory=lambda: _env_int("CS_BUILD_RETRY_AFTER_S", 10))
+    # who drains the build queue: inline (a thread of the process that published, e.g. registry-fn
+    # locally) or off (a dedicated `customscripts build --worker`: the Deployment on a cluster, whose
+    # service account may create builder Jobs)
+    build_worker: str = field(default_factory=lambda: _env("CS_BUILD_WORKER", "inline"))
+    build_poll_s: float = field(default_factory=lambda: _env_float("CS_BUILD_POLL_S", 5.0))
     # Kubernetes builder: the API (empty: in-cluster, from the pod's service account), the namespace of
     # the builder Jobs and their template (deploy/k8s/base/builder/image-builder.yaml)
     k8s_api: str = field(default_factory=lambda: _env("CS_K8S_API", ""))

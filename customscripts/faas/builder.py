@@ -147,8 +147,9 @@ class PodmanBuilder:
                            "--tag", image, "--file", str(context / "Dockerfile"), str(context))
         _fix_mtimes(context)
         progress(f"building {image} from {context}")
-        done = images._run(argv, timeout=self.cfg.build_timeout_s, progress=progress)
+        done = images._run(argv, timeout=self.cfg.build_timeout_s, progress=lambda line: progress(f"  {line}"))
         seconds = time.monotonic() - started
+        progress(f"{'built' if done.returncode == 0 else 'failed to build'} {image} in {seconds:.1f} s")
         if done.returncode != 0:
             raise BuildFailed(f"podman build of {image} failed (exit {done.returncode})", done.stdout)
         return BuildOutcome(image, done.stdout[-LOG_LIMIT:], seconds)
@@ -366,7 +367,7 @@ def stack_images(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS, *,
-                   render: Callable[[str], Path] | None = None, progress: Progress = _noop) -> list[dict[str, Any]]:
+                   render: Callable[[str], Any] | None = None, progress: Progress = _noop) -> list[dict[str, Any]]:
     """Build stack.yml's functions from their shrinkwrapped contexts (`build.render_stack_function`,
     build/<fn>/) into the images stack.yml names; one result per function, failures included."""
     if render is None:
@@ -382,7 +383,8 @@ def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS
             results.append({"function": name, "status": "failed", "error": f"{name} is not in stack.yml"})
             continue
         try:
-            outcome = builder.build(render(name), image, progress=progress)
+            rendered = render(name)  # a BuildResult (its .path) or the folder itself
+            outcome = builder.build(Path(getattr(rendered, "path", rendered)), image, progress=progress)
         except BuildFailed as exc:
             results.append({"function": name, "image": image, "status": "failed", "error": str(exc),
                             "log": exc.log[-4000:]})

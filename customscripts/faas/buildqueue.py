@@ -239,8 +239,11 @@ _workers_lock = threading.Lock()
 
 
 def worker_for(registry: Any, cfg: Settings | None = None) -> BuildWorker | None:
-    """This process's worker over `registry` (None without a builder): publish kicks it."""
+    """This process's worker over `registry` (None without a builder, or when a dedicated worker drains
+    the queue: CS_BUILD_WORKER=off): publish kicks it."""
     cfg = cfg or settings()
+    if cfg.build_worker.strip().lower() == "off":
+        return None
     builder = builder_for(cfg)
     if builder is None:
         return None
@@ -280,3 +283,18 @@ def build_versions(registry: Any, builder: Builder, versions: list[tuple[str, in
             result["log"] = (state.log or "")[-4000:]
         results.append(result)
     return results
+
+
+def serve_worker(registry: Any, builder: Builder, *, poll_s: float, stop: threading.Event,
+                 progress: Progress | None = None) -> None:
+    """The dedicated worker (`customscripts build --worker`): drain, wait `poll_s`, again, until `stop`.
+    Several replicas share the queue (claims skip each other's rows)."""
+    worker = BuildWorker(getattr(registry, "builds", None) or BuildQueue(registry.catalog.pool, registry.cfg,
+                                                                         audit=registry.catalog.audit),
+                         builder, version_context(registry), progress)
+    while not stop.is_set():
+        try:
+            worker.drain()
+        except (psycopg.Error, OSError) as exc:  # the database away for a moment: the next round resumes
+            logs.event(log, "build worker round failed", error=str(exc)[:300])
+        stop.wait(poll_s)

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,15 +68,16 @@ def _run(argv: Sequence[str], *, timeout: float = 120, progress: Progress | None
     lines: list[str] = []
     with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env) as proc:
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            progress(line.rstrip())
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
-        code = proc.wait()
+        timer = threading.Timer(timeout, proc.kill)  # also when it hangs without printing
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                progress(line.rstrip())
+            code = proc.wait()
+        finally:
+            timer.cancel()
     return subprocess.CompletedProcess(list(argv), code, "".join(lines), "")
 
 

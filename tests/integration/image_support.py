@@ -53,7 +53,8 @@ def shrinkwrap(dest: Path, handler: Path, *, requirements: Path | None = None) -
 def platform_context(name: str, tmp: Path) -> Path:
     render = getattr(build, "render_stack_function", None)
     if render is not None:
-        return Path(render(name))
+        rendered = render(name, functions_dir=tmp / "functions")
+        return Path(getattr(rendered, "path", rendered))
     return shrinkwrap(tmp / name, REPO_ROOT / name)
 
 

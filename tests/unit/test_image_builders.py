@@ -260,3 +260,19 @@ def test_dockerfile_keeps_the_contract() -> None:
     watchdog_stage = text.index("FROM ${WATCHDOG_IMAGE}")
     assert text.index("FROM build AS ship-none") < watchdog_stage < text.index("FROM build AS ship-of-watchdog")
     assert text.rstrip().endswith("FROM ship-${WATCHDOG}")
+
+
+def test_build_worker_runs_as_the_builder_identity_with_a_projected_token() -> None:
+    docs = list(yaml.safe_load_all((REPO_ROOT / "deploy/k8s/base/builder/build-worker.yaml").read_text()))
+    (deployment,) = [d for d in docs if d and d["kind"] == "Deployment"]
+    binding = next(d for d in TEMPLATE if d and d["kind"] == "RoleBinding")
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == binding["subjects"][0]["name"]  # the one identity that may create Jobs
+    assert spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert container["command"][:3] == ["customscripts", "build", "--worker"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    defaults = Settings()
+    assert mounts["api-token"] == str(Path(defaults.k8s_token_file).parent) == str(Path(defaults.k8s_ca_file).parent)
+    sources = {v["name"]: v for v in spec["volumes"]}["api-token"]["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == Path(defaults.k8s_token_file).name

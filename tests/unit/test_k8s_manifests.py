@@ -198,7 +198,8 @@ def test_every_secret_a_function_or_pod_uses_exists(docs: dict[str, list[dict[st
         _, spec = pod_template(doc)
         for volume in spec.get("volumes", []):
             for source in (volume.get("projected") or {}).get("sources", []):
-                wanted.add((namespace, source["secret"]["name"]))
+                if "secret" in source:  # (not a service account token or a ConfigMap)
+                    wanted.add((namespace, source["secret"]["name"]))
             if "secret" in volume and doc["metadata"]["name"] != "image-builder":  # registry-push: README step
                 wanted.add((namespace, volume["secret"]["secretName"]))
         for c in containers(spec):
@@ -411,11 +412,11 @@ def test_script_functions_reach_only_gateway_fn_and_dns(docs: dict[str, list[dic
 def _expected_data_clients(overlay: str) -> dict[tuple[str, int], set[str]]:
     sample = {"customscripts-sample-load", "customscripts-sample-replay"} if overlay == "evaluation" else set()
     return {
-        ("timescaledb", 5432): {"registry-fn", "gateway-fn", "customscripts-scheduler", "customscripts-migrate"}
-        | sample,
+        ("timescaledb", 5432): {"registry-fn", "gateway-fn", "customscripts-scheduler", "customscripts-migrate",
+                                "customscripts-build-worker"} | sample,
         ("redis", 6379): {"registry-fn", "gateway-fn", "customscripts-scheduler"},
         ("nats", 4222): {"customscripts-scheduler"} | sample,
-        ("minio", 9000): {"registry-fn", "customscripts-scheduler", "image-builder"},
+        ("minio", 9000): {"registry-fn", "customscripts-scheduler", "image-builder", "customscripts-build-worker"},
     }
 
 
