@@ -369,7 +369,7 @@ def stack_images(environ: dict[str, str] | None = None) -> dict[str, str]:
 def build_platform(builder: Builder, names: tuple[str, ...] = PLATFORM_FUNCTIONS, *,
                    render: Callable[[str], Any] | None = None, progress: Progress = _noop) -> list[dict[str, Any]]:
     """Build stack.yml's functions from their shrinkwrapped contexts (`build.render_stack_function`,
-    build/<fn>/) into the images stack.yml names; one result per function, failures included."""
+    functions/<fn>/) into the images stack.yml names; one result per function, failures included."""
     if render is None:
         from customscripts.faas.build import render_stack_function
 
