@@ -105,27 +105,24 @@ def main() -> None:
             raise SystemExit(f"execution failed: {result}")
         inside.append(result["metrics"]["duration_ms"])
 
-    # the version's function URL, called directly with the user's token (authorised through gateway-fn)
-    direct: list[float] = []
-    for i in range(args.n // 2 + 20):
-        t0 = time.perf_counter()
-        reply = fn_pool.request("POST", fn_prefix, payload_bytes, headers, timeout=60)
-        if i >= 20:
-            direct.append((time.perf_counter() - t0) * 1000)
-        if reply.status != 200 or reply.json()["status"] != "ok":
-            raise SystemExit(f"function URL answered {reply.status}: {reply.text[:300]}")
+    def timed(n: int, pool_: KeepAlivePool, target_: str, payload_: bytes, what: str) -> list[float]:
+        """n calls after 20 unmeasured ones, each checked ok; milliseconds."""
+        out: list[float] = []
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            reply = pool_.request("POST", target_, payload_, headers, timeout=60)
+            if i >= 20:
+                out.append((time.perf_counter() - t0) * 1000)
+            if reply.status != 200 or reply.json()["status"] != "ok":
+                raise SystemExit(f"{what} answered {reply.status}: {reply.text[:300]}")
+        return out
 
+    # the version's function URL, called directly with the user's token (authorised through gateway-fn)
+    direct = timed(args.n // 2, fn_pool, fn_prefix, payload_bytes, "function URL")
     # as of now: the market window ends at the present, where a count proves it each time (the
     # historical one above is proven by the candle feed alone; see gateway/api.py _Window)
     now_bytes = json.dumps({**body, "timestamp": time.time()}).encode()
-    now_samples: list[float] = []
-    for i in range(args.n // 2 + 20):
-        t0 = time.perf_counter()
-        reply = pool.request("POST", target, now_bytes, headers, timeout=60)
-        if i >= 20:
-            now_samples.append((time.perf_counter() - t0) * 1000)
-        if reply.status != 200 or reply.json()["status"] != "ok":
-            raise SystemExit(f"execute answered {reply.status}: {reply.text[:300]}")
+    now_samples = timed(args.n // 2, pool, target, now_bytes, "execute")
 
     closes = [float(r.close) for r in read_csv(sample_csv("GOOG.csv"))[-200:]]
     payload = str(closes).encode()

@@ -138,14 +138,19 @@ def _plan_hash(plan: Mapping[str, Path | bytes]) -> str:
 
 
 @contextlib.contextmanager
-def _name_lock(functions_dir: Path, name: str) -> Iterator[None]:
-    functions_dir.mkdir(parents=True, exist_ok=True)
-    with open(functions_dir / f".{name}.lock", "w") as fh:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created with its folder) across the processes of this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _name_lock(functions_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
+    return file_lock(functions_dir / f".{name}.lock")
 
 
 def _write(functions_dir: Path, name: str, plan: Mapping[str, Path | bytes], stamp: dict[str, Any]) -> bool:

@@ -19,8 +19,6 @@ can be reached, so `python:3.11-slim-bookworm` cannot be pulled. Hence:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -32,11 +30,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from customscripts.config import Settings, settings
+from customscripts.faas.build import file_lock
 
 Progress = Callable[[str], None]
 
@@ -206,17 +205,6 @@ def base_image_ref(packages: Sequence[str] = BASE_PACKAGES, suite: str = DEBIAN_
     return f"{BASE_REPOSITORY}:{suite}-{digest}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_base_image(eng: Engine, cfg: Settings | None = None, *, packages: Sequence[str] = BASE_PACKAGES,
                       progress: Progress = _noop) -> str:
     """The offline base image's ref, made with mmdebstrap + import when absent (~40 s, 220 MB)."""
@@ -228,7 +216,7 @@ def ensure_base_image(eng: Engine, cfg: Settings | None = None, *, packages: Seq
     if mmdebstrap is None:
         raise EngineUnavailable(f"base image {ref} is missing and mmdebstrap is not installed "
                                 "(deploy/local/bootstrap.sh installs it)")
-    with _file_lock(cfg.state_dir / "images" / ".base.lock"):
+    with file_lock(cfg.state_dir / "images" / ".base.lock"):
         if eng.image_exists(ref):  # made by another process meanwhile
             return ref
         progress(f"base image {ref}: mmdebstrap {DEBIAN_SUITE} with {', '.join(packages)}")
@@ -305,7 +293,7 @@ def ensure_wheelhouse(files: Sequence[Path], cfg: Settings | None = None, *, eng
     done_marker = target / ".complete"
     if done_marker.exists():
         return target
-    with _file_lock(root / f".{target.name}.lock"):
+    with file_lock(root / f".{target.name}.lock"):
         if done_marker.exists():
             return target
         lines = _requirement_lines(files)

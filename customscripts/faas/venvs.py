@@ -14,8 +14,6 @@ index pip is configured with.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import platform
@@ -23,10 +21,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from customscripts import logs
+from customscripts.faas.build import file_lock
 
 log = logs.get("customscripts.faas.venvs")
 
@@ -57,17 +55,6 @@ def environment_key(lines: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class Environments:
     """The folder of per-requirements venvs (`<state>/venvs`)."""
 
@@ -84,7 +71,7 @@ class Environments:
         python = env / "bin" / "python"
         if (env / READY).is_file():
             return python
-        with _locked(self.root / f".{env.name}.lock"):
+        with file_lock(self.root / f".{env.name}.lock"):
             if (env / READY).is_file():
                 return python
             shutil.rmtree(env, ignore_errors=True)  # a half-made one from an interrupted run

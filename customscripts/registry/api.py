@@ -29,6 +29,7 @@ from customscripts.registry.models import (
     ScriptView,
     Subscription,
     VersionList,
+    VersionView,
 )
 from customscripts.registry.service import RegistryService
 
@@ -340,7 +341,8 @@ def openapi() -> dict[str, Any]:
 
     _, defs = models_json_schema(
         [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody) else "serialization")
-         for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, PublishResult, VersionList, Subscription,
+         for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, VersionView, PublishResult, VersionList,
+                   Subscription,
                    ErrorBody, ExecuteBody, ExecutionResponse, StoredExecution, SubscribeBody, SubscriptionView,
                    SubscriptionList, SignalView)],
         ref_template="#/components/schemas/{model}",
@@ -384,8 +386,8 @@ def openapi() -> dict[str, Any]:
             "listVersions", "Published versions (all for the owner, usable ones for others).",
             {"200": _json("VersionList", "Versions in ascending order.")}, params=sid)},
         "/scripts/{script_id}/versions/{version}": {"get": _operation(
-            "getVersion", "One version's meta; source only for the owner.",
-            {"200": _json("ScriptView", "Version metadata.")}, params=[_SCRIPT_ID_PARAM, _VERSION_PARAM])},
+            "getVersion", "One version's meta (source only for the owner), its function URL and its image build.",
+            {"200": _json("VersionView", "Version metadata.")}, params=[_SCRIPT_ID_PARAM, _VERSION_PARAM])},
         "/scripts/{script_id}/execute": {"post": _operation(
             "execute",
             "Run a published version once (the latest unless `version` is given) and answer in the "
@@ -412,6 +414,7 @@ def openapi() -> dict[str, Any]:
             params=sid)},
     }
     paths.update(_realtime_paths(sid))
+    paths.update(_function_url_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "customscripts registry", "version": "1.0.0",
@@ -424,6 +427,40 @@ def openapi() -> dict[str, Any]:
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }
+
+
+def _function_url_paths() -> dict[str, Any]:
+    """A published version's own function URL (`function_url` on its version): served by the OpenFaaS
+    gateway, not this API, hence the path-level server."""
+    from customscripts.config import settings
+
+    server = [{"url": "{gateway}", "description": "The OpenFaaS gateway users reach.",
+               "variables": {"gateway": {"default": settings().public_gateway_url}}}]
+    name = {"name": "function_name", "in": "path", "required": True, "description": "The version's function "
+            "(the last segment of its `function_url`).", "schema": {"type": "string",
+                                                                  "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}
+    run = _operation(
+        "callFunctionUrl",
+        "Run this one version with your own bearer token: the execute request body (its `version` may be "
+        "omitted, or must be this function's), the same checks in the same order, statuses, answer and audit "
+        "row as POST /scripts/{script_id}/execute. The function asks the registry (through gateway-fn, the "
+        "only place it can reach) to authorise the call before any child starts. Answered by the function "
+        "while the version is deployed (the gateway answers 404 for a function the budget has evicted; "
+        "POST /scripts/{script_id}/execute deploys it again).",
+        {"200": _json("ExecutionResponse", "The execution's status, output and metrics.")},
+        params=[name], body="ExecuteBody", errors=("400", "401", "403", "404", "409", "422", "429", "502"))
+    queued = {**run, "operationId": "callFunctionUrlAsync",
+              "summary": "OpenFaaS asynchronous invocation: answered 202 at once; the gateway's queue runs the "
+                         "call later and POSTs the body the synchronous call would have answered to "
+                         "`X-Callback-Url`, with `X-Call-Id` and `X-Function-Status` (the HTTP status). The "
+                         "platform adds nothing to the callback; the audit row is written as for a sync call.",
+              "parameters": [name,
+                             {"name": "X-Callback-Url", "in": "header", "required": False,
+                              "schema": {"type": "string", "format": "uri"}},
+                             {"name": "X-Call-Id", "in": "header", "required": False, "schema": {"type": "string"}}],
+              "responses": {"202": {"description": "Queued."}}}
+    return {"/function/{function_name}": {"servers": server, "post": run},
+            "/async-function/{function_name}": {"servers": server, "post": queued}}
 
 
 def _realtime_paths(sid: list[dict[str, Any]]) -> dict[str, Any]:

@@ -201,6 +201,26 @@ FUNCTION_URL = Field(default=None, description=(
     "statuses and audit as POST /scripts/{id}/execute), or to /async-function/<name> with X-Callback-Url."))
 
 
+class BuildView(BaseModel):
+    """A version's image build (customscripts/faas/buildqueue.py); `log` for the owner only."""
+
+    status: str
+    image: str | None = None
+    attempts: int = 0
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    log: str | None = None
+
+
+class VersionView(ScriptView):
+    """GET /scripts/{id}/versions/{n}: the version's meta, its function URL and, where images are built
+    on publish, its build."""
+
+    function_url: str | None = FUNCTION_URL
+    build: BuildView | None = None
+
+
 class PublishResult(ScriptMeta):
     """POST /scripts/{id}/publish: the version; `unchanged` when the draft equalled the latest."""
 

@@ -293,14 +293,25 @@ def test_children_hold_no_capabilities_and_own_mount_namespaces(isolation: str) 
             except OSError:
                 return False
 
-        assert wait_until(lambda: len(_children_of(zpid)) == 2 and all(map(set_up, _children_of(zpid))))
-        namespaces = {zygote_ns}
-        for pid in _children_of(zpid):
-            status = Path(f"/proc/{pid}/status").read_text()
+        seen: dict[int, tuple[str, str]] = {}
+
+        def two_set_up() -> bool:  # one consistent look at both children (the pool refills under load)
+            kids = _children_of(zpid)
+            if len(kids) != 2 or not all(map(set_up, kids)):
+                return False
+            try:
+                seen.clear()
+                seen.update({pid: (Path(f"/proc/{pid}/status").read_text(), os.readlink(f"/proc/{pid}/ns/mnt"))
+                             for pid in kids})
+            except OSError:
+                return False
+            return _children_of(zpid) == kids
+
+        assert wait_until(two_set_up)
+        for status, _ns in seen.values():
             for field in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
                 assert f"{field}:\t0000000000000000" in status, (field, status)
-            namespaces.add(os.readlink(f"/proc/{pid}/ns/mnt"))
-        assert len(namespaces) == 3
+        assert len({zygote_ns, *(ns for _status, ns in seen.values())}) == 3
 
 
 INODE_FLOOD = """
