@@ -361,7 +361,10 @@ def test_subscribe_needs_a_listing(base, alice, uid):
 def test_openapi_lists_exactly_the_routes(base, alice):
     doc = alice.call("GET", "/openapi.json", token="").json()
     assert doc["openapi"].startswith("3.1")
-    assert sorted(doc["paths"]) == sorted({"/openapi.json", "/scripts", "/scripts/{script_id}",
+    # a version's function URL is documented with the gateway as its server: not a route of this API
+    elsewhere = {path for path, item in doc["paths"].items() if "servers" in item}
+    assert elsewhere == {"/function/{function_name}", "/async-function/{function_name}"}
+    assert sorted(set(doc["paths"]) - elsewhere) == sorted({"/openapi.json", "/scripts", "/scripts/{script_id}",
                                            "/scripts/{script_id}/publish", "/scripts/{script_id}/versions",
                                            "/scripts/{script_id}/versions/{version}",
                                            "/scripts/{script_id}/marketplace/subscribe",

@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
 
 SERVER = LocalServer(handle).start()
-schema = schemathesis.openapi.from_url(f"{SERVER.url}/openapi.json")
+# the function URLs are documented here but served by the OpenFaaS gateway (their own `servers`)
+schema = schemathesis.openapi.from_url(f"{SERVER.url}/openapi.json").exclude(path_regex=r"^/(async-)?function/")
 RUN = uuid.uuid4().hex[:8]
 TOKEN = issue_user_token(f"fuzzer-{RUN}", f"fuzz-{RUN}", "enterprise")
 
