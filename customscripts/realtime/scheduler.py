@@ -82,6 +82,7 @@ from typing import Any, NamedTuple
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
+from customscripts.bartime import bar_end
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError
 from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
@@ -111,7 +112,8 @@ DEAD_LETTER_TYPES = {"invocation_failed": "InvocationFailed", "data_source_unava
 
 @dataclass(frozen=True)
 class Event:
-    """A candle close (or timer tick) for one instrument and timeframe at `time` (epoch s)."""
+    """A candle close (or timer tick) for one instrument and timeframe at `time` (epoch s): the closed
+    bar's end, which evaluations read as of and outputs are stamped with."""
 
     instrument_key: str
     timeframe: str
@@ -278,16 +280,22 @@ class Breakers:
 
 
 def parse_event(subject: str, data: bytes, received: float = 0.0) -> list[Event]:
-    """A candle-close message → one event; a timer tick → one event per instrument resolved later."""
+    """A candle-close message → one event at the candle's end (its `end_time`, else computed from its
+    start `time`: bartime.bar_end, the one rule); a timer tick (its time is a boundary, the end of the
+    bar that just closed) → one event per instrument resolved later."""
     body = json.loads(data)
     if not isinstance(body, dict):
         raise ValueError("event is not a JSON object")
     t = float(body["time"])
     if not math.isfinite(t):
         raise ValueError("event time is not finite")
+    timeframe = ids.timeframe(body["timeframe"])
     if body.get("timer"):
-        return [Event("", ids.timeframe(body["timeframe"]), t, received)]
-    return [Event(ids.instrument_key(body["instrument_key"]), ids.timeframe(body["timeframe"]), t, received)]
+        return [Event("", timeframe, t, received)]
+    end = bar_end(t, timeframe)
+    if body.get("end_time") is not None and abs(float(body["end_time"]) - end) >= 1e-6:
+        raise ValueError(f"event end_time {body['end_time']!r} is not its bar's end {end!r}")
+    return [Event(ids.instrument_key(body["instrument_key"]), timeframe, end, received)]
 
 
 class Evaluator:
@@ -590,7 +598,7 @@ class Evaluator:
         group = sorted(group, key=lambda ev: ev.node.time)  # stable: otherwise in event order
         if not (self.prefetch and self.market is not None and self._reads_market(key[0], key[1])):
             return [group[i:i + size] for i in range(0, len(group), size)]
-        per_window = 64 * (self._bars_for(key[0], key[1]) + 8) + 200  # base64 of 6 float64 columns
+        per_window = 75 * (self._bars_for(key[0], key[1]) + 8) + 200  # base64 of 7 float64 columns
         cap = max(1, min(MAX_WINDOWS_PER_CALL, PREFETCH_BYTES // per_window))
         chunks: list[list[Evaluation]] = [[]]
         seen: set[tuple[str, str]] = set()

@@ -48,7 +48,7 @@ def alice(api, uid, stack):
 
 
 def closes(cfg, instrument: str, timeframe: str, start: float, limit: int) -> dict[float, float]:
-    return {c["time"]: float(c["close"]) for c in load_candles(cfg, instrument, timeframe, start, None, limit)}
+    return {c["end_time"]: float(c["close"]) for c in load_candles(cfg, instrument, timeframe, start, None, limit)}
 
 
 # ----------------------------------------------------------------------------- API

@@ -64,7 +64,7 @@ def wait_for_rows(cfg, tenant: str, sid: str, at_least: int, attempts: int = 600
 
 
 def assert_exactly_once(cfg, tenant: str, sid: str, candles: list[dict]) -> None:
-    expected = {c["time"]: float(c["close"]) for c in candles}
+    expected = {c["end_time"]: float(c["close"]) for c in candles}  # events happen at bar ends
     stored = rows(cfg, tenant, sid)
     assert len(stored) == len(expected)
     assert {t: float(v) for t, *_rest, v in stored} == expected
