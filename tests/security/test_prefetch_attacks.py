@@ -76,7 +76,8 @@ def run(ctx):
 def test_another_items_window_is_not_served() -> None:
     """A window sent for another item of the batch (another instrument) never answers this item's reads:
     they go to the data source, which decides (here it has no MSFT: the read fails)."""
-    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [goog_window(GOOG_TS, 10, key="MSFT")]}),
+    market = [goog_window(GOOG_TS, 10, key="MSFT")]
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": market}),
                            tenant="t1", dependencies=[])
     with make_supervisor(OTHER_SERIES, guards=False) as sup:
         res = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS, prefetch=pre))
@@ -162,8 +163,8 @@ def test_handler_uses_a_platform_signed_prefetch(handler: ModuleType, fn: str) -
 def test_prefetch_cannot_be_forged_with_only_an_invocation_token(handler: ModuleType, fn: str) -> None:
     forged = body(fn, sign_secret="attacker-guess")
     assert call(handler, fn, forged)["error"]["code"] == "invalid_prefetch"
-    unsigned = {**body(fn), "prefetch": {"data": json.dumps({"v": WIRE_VERSION, "tenant": "t1", "outputs": [output("dep")]}),
-                                         "exp": 2**31, "mac": ""}}
+    data = json.dumps({"v": WIRE_VERSION, "tenant": "t1", "outputs": [output("dep")]})
+    unsigned = {**body(fn), "prefetch": {"data": data, "exp": 2**31, "mac": ""}}
     assert call(handler, fn, unsigned)["error"]["code"] == "invalid_prefetch"
     replayed = body(fn)  # a genuine prefetch, re-used with other items
     replayed["items"][0]["timestamp"] = GOOG_TS + DAY
