@@ -265,6 +265,29 @@ def _points(report: BatchReport | None, script_id: str, version: int, p_hash: st
     return points
 
 
+def fetch_series(base_url: str, token: str, script_id: str, body: dict[str, Any], *,
+                 progress: Any = None, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+    """Client side of a long range: POST /scripts/{id}/series page after page (following
+    `next_start`) and return every output in time order; `progress(done_bars, last_timestamp)` is
+    called after each page (what a CLI shows). Raises on a non-200 answer."""
+    import requests
+
+    outputs: list[dict[str, Any]] = []
+    page = dict(body)
+    while True:
+        resp = requests.post(f"{base_url}/scripts/{script_id}/series", json=page, timeout=timeout_s,
+                             headers={"Authorization": f"Bearer {token}"})
+        if resp.status_code != 200:
+            raise RuntimeError(f"series answered {resp.status_code}: {resp.text[:300]}")
+        answer = resp.json()
+        outputs.extend(answer["outputs"])
+        if progress is not None:
+            progress(len(outputs), outputs[-1]["timestamp"] if outputs else None)
+        if answer["next_start"] is None:
+            return outputs
+        page = {**page, "start": answer["next_start"]}
+
+
 @functools.cache
 def default_history() -> History:
     """One per process: the executor's invoker and slots, the read-only pool, the realtime publisher."""

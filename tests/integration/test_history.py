@@ -238,3 +238,20 @@ def test_backfill_with_concurrent_live_events_leaves_one_row_per_event(alice, ui
     assert {t: float(v) for t, _i, _p, v in stored} == {t: 100.0 + ends.index(t) for t in live}
     counts = stream_counts(stack, alice.tenant, instrument, "1m", sid)
     assert dict(counts) == {t: 1 for t in live}
+
+
+def test_a_range_longer_than_the_tiers_page_is_fetched_page_by_page(alice, uid, stack, api):
+    """pro answers at most 5,000 bars per request; the client follows `next_start` to the end."""
+    from customscripts.series import fetch_series
+
+    instrument = f"PG{uid}"
+    ends = _recent_candles(stack, instrument, 5_010)
+    sid = alice.sid(f"close-{uid}")
+    alice.create_published(sid, "def run(ctx):\n    return float(get_market_data(limit=1).close[-1])\n")
+    seen: list[int] = []
+    outputs = fetch_series(api, alice.token, sid, {"instrument_key": instrument, "timeframe": "1m",
+                                                   "start": ends[0], "end": ends[-1]},
+                           progress=lambda done, _last: seen.append(done))
+    assert seen == [5_000, 5_010]
+    assert [p["timestamp"] for p in outputs] == ends
+    assert [p["value"] for p in outputs] == [100.0 + i for i in range(5_010)]
