@@ -175,6 +175,21 @@ class History:
 
     # ------------------------------------------------------------------ series
 
+    def precheck(self, principal: Principal, script_id: str, call_id: str | None = None) -> None:
+        """404 for an unknown or invisible script, 403 without the right to its latest version (the
+        script's current policy), before the body is read: nobody learns more from a bad body."""
+        tier_of(principal, self.cfg)
+        row = self.executor._script_row(principal, ids.script_id(script_id))
+        if not row.latest_version:
+            return
+        try:
+            self.invoker.registry.check_execution(principal, script_id, row.latest_version, row)
+        except Forbidden as exc:  # an attempt: audited like a denied execute
+            self.invoker.registry.catalog.audit(action="series", script_id=script_id, version=row.latest_version,
+                                                user_id=principal.user_id, tenant=principal.tenant, status="denied",
+                                                call_id=call_id, detail=exc.message[:500], wait=False)
+            raise
+
     def series(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
         received = time.time()
         tier = tier_of(principal, self.cfg)

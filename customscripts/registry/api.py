@@ -232,8 +232,9 @@ def series(req: Request) -> Response:
     from customscripts.series import default_history
 
     principal = _caller(req)
-    return json_response(default_history().series(principal, _script_id(req, principal), req.json_object(),
-                                                  req.call_id))
+    script_id, history = _script_id(req, principal), default_history()
+    history.precheck(principal, script_id, req.call_id)  # 404/403 before the body is read
+    return json_response(history.series(principal, script_id, req.json_object(), req.call_id))
 
 
 # ----------------------------------------------------------------- OpenAPI
