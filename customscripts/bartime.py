@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 _TIMEFRAME = re.compile(r"([0-9]{1,4})(s|m|h|d|w|mo)\Z")
 _FIXED_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_FIRST_MONDAY = datetime(1970, 1, 5, tzinfo=UTC)  # the grid of multi-week timeframes
 
 
 def parse_timeframe(timeframe: str) -> tuple[int, str]:
@@ -65,6 +66,23 @@ def bar_end(start: float, timeframe: str) -> float:
     if seconds is not None:
         return float(start) + seconds
     return bar_end_dt(datetime.fromtimestamp(start, tz=UTC), timeframe).timestamp()
+
+
+def last_close(now: float, timeframe: str) -> float:
+    """The latest bar end at or before `now` on the timeframe's grid (fixed timeframes from the
+    epoch; weeks from Mondays, months from the 1st): when the scheduler's timer ticks fire."""
+    seconds = fixed_seconds(timeframe)
+    if seconds is not None:
+        return float(now // seconds * seconds)
+    n, unit = parse_timeframe(timeframe)
+    day = datetime.fromtimestamp(now, tz=UTC)
+    if unit == "w":
+        monday = datetime(day.year, day.month, day.day, tzinfo=UTC) - timedelta(days=day.weekday())
+        weeks = (monday - _FIRST_MONDAY).days // 7
+        return (_FIRST_MONDAY + timedelta(weeks=weeks - weeks % n)).timestamp()
+    months = day.year * 12 + day.month - 1
+    months -= months % n
+    return datetime(months // 12, months % 12 + 1, 1, tzinfo=UTC).timestamp()
 
 
 def visible(start: float, timeframe: str, as_of: float) -> bool:

@@ -82,7 +82,7 @@ from typing import Any, NamedTuple
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
-from customscripts.bartime import bar_end
+from customscripts.bartime import bar_end, last_close
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError
 from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
@@ -1070,8 +1070,7 @@ class Scheduler:
         while True:
             now = time.time()
             for tf in frames:
-                step = timeframe_seconds(tf)
-                boundary = math.floor(now / step) * step
+                boundary = last_close(now, tf)  # the end of the bar that closed last (bartime.py)
                 if last.get(tf) != boundary:
                     last[tf] = boundary
                     body = json.dumps({"timer": True, "timeframe": tf, "time": boundary}).encode()

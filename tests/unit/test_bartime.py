@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from customscripts.bartime import bar_end, bar_end_dt, fixed_seconds, is_calendar, parse_timeframe, visible
+from customscripts.bartime import (
+    bar_end,
+    bar_end_dt,
+    fixed_seconds,
+    is_calendar,
+    last_close,
+    parse_timeframe,
+    visible,
+)
 
 
 def ts(*args: int) -> float:
@@ -41,3 +49,18 @@ def test_timeframe_kinds() -> None:
     for bad in ("0d", "1y", "d", "", "1.5h", None):
         with pytest.raises(ValueError):
             parse_timeframe(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("now", "timeframe", "tick"), [
+    (ts(2024, 1, 10, 13, 7, 5), "1m", ts(2024, 1, 10, 13, 7)),
+    (ts(2024, 1, 10, 13, 7, 5), "4h", ts(2024, 1, 10, 12)),
+    (ts(2024, 1, 10, 13, 7, 5), "1d", ts(2024, 1, 10)),
+    (ts(2024, 1, 10, 13, 7, 5), "1w", ts(2024, 1, 8)),  # a Wednesday: the week closed on Monday
+    (ts(2024, 1, 8), "1w", ts(2024, 1, 8)),
+    (ts(2024, 2, 29, 23), "1mo", ts(2024, 2, 1)),
+    (ts(2024, 5, 2), "3mo", ts(2024, 4, 1)),
+])
+def test_timer_ticks_fire_at_bar_ends(now: float, timeframe: str, tick: float) -> None:
+    assert last_close(now, timeframe) == tick
+    start = tick - 1 if fixed_seconds(timeframe) else tick - 86400 * 2  # inside the bar that closed at the tick
+    assert last_close(now, timeframe) <= now and bar_end(start, timeframe) >= tick
