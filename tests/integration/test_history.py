@@ -255,3 +255,16 @@ def test_a_range_longer_than_the_tiers_page_is_fetched_page_by_page(alice, uid, 
     assert seen == [5_000, 5_010]
     assert [p["timestamp"] for p in outputs] == ends
     assert [p["value"] for p in outputs] == [100.0 + i for i in range(5_010)]
+
+
+def test_a_new_subscription_is_backfilled_by_its_tiers_default(alice, uid, stack):
+    instrument = f"DF{uid}"
+    ends = _recent_candles(stack, instrument, 250)
+    sid = alice.sid(f"close-{uid}")
+    alice.create_published(sid, "def run(ctx):\n    return float(get_market_data(limit=1).close[-1])\n")
+    body = {"instrument_key": instrument, "timeframe": "1m"}
+    first = alice.call("POST", f"/scripts/{sid}/subscribe", body)
+    assert first.status_code == 201 and first.json()["backfill"]["bars"] == stack.tiers["pro"].default_backfill
+    again = alice.call("POST", f"/scripts/{sid}/subscribe", body)  # an existing subscription: nothing more
+    assert again.status_code == 200 and "backfill" not in again.json()
+    assert [t for t, *_ in rows(stack, alice.tenant, sid)] == ends[-stack.tiers["pro"].default_backfill:]
