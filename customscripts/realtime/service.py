@@ -37,7 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from customscripts import db, ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from customscripts.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from customscripts.faas.naming import function_name
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
@@ -174,7 +182,13 @@ class RealtimeService:
             # reach is published once (customscripts/series.py)
             from customscripts.series import default_history
 
-            answer["backfill"] = default_history().backfill(sub, principal, count, call_id or uuid.uuid4().hex[:16])
+            try:
+                answer["backfill"] = default_history().backfill(sub, principal, count,
+                                                                call_id or uuid.uuid4().hex[:16])
+            except ApiError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
+                # stands (live events run); subscribing again with `backfill` fills it later
+                answer["backfill"] = {"requested": count, "bars": 0, "published": 0,
+                                      "error": {"code": exc.code, "message": exc.message}}
         return answer
 
     def unsubscribe(self, principal: Principal, script_id: str, subscription_id: str,

@@ -268,3 +268,27 @@ def test_a_new_subscription_is_backfilled_by_its_tiers_default(alice, uid, stack
     again = alice.call("POST", f"/scripts/{sid}/subscribe", body)  # an existing subscription: nothing more
     assert again.status_code == 200 and "backfill" not in again.json()
     assert [t for t, *_ in rows(stack, alice.tenant, sid)] == ends[-stack.tiers["pro"].default_backfill:]
+
+
+def test_a_refused_backfill_leaves_a_working_subscription(alice, uid, stack):
+    """At the caller's concurrent-execute cap the backfill is refused (429), never half done: the
+    subscription stands and says so; subscribing again with `backfill` fills it."""
+    from customscripts.auth import decode_token
+    from customscripts.registry.concurrency import ExecuteSlots
+
+    sid = alice.sid(f"close-{uid}")
+    alice.create_published(sid, "def run(ctx):\n    return float(get_market_data(limit=1).close[-1])\n")
+    slots, principal = ExecuteSlots(stack), decode_token(alice.token)
+    tier = stack.tiers["pro"]
+    leases = [slots.acquire(principal, tier, 60, f"hold-{i}") for i in range(tier.max_concurrent_executes_per_user)]
+    try:
+        first = subscribe(alice, sid, backfill=5)
+    finally:
+        for lease in leases:
+            slots.release(lease)
+    assert first.status_code == 201, first.text
+    assert first.json()["backfill"]["error"]["code"] == "too_many_concurrent_executes"
+    assert rows(stack, alice.tenant, sid) == []
+    again = subscribe(alice, sid, backfill=5)
+    assert again.status_code == 200 and again.json()["backfill"]["bars"] == 5
+    assert len(rows(stack, alice.tenant, sid)) == 5
