@@ -80,7 +80,8 @@ def setup(n_instruments: int, reads: bool) -> tuple[object, list[str], list[dict
     for key in instruments:
         for sid in chain + plain:
             params = {} if sid in chain else {"k": 2}
-            subs.append(svc.subscribe(principal, sid, {"instrument_key": key, "timeframe": "1d", "params": params}))
+            subs.append(svc.subscribe(principal, sid, {"instrument_key": key, "timeframe": "1d", "params": params,
+                                                          "backfill": 0}))
     return principal, instruments, subs
 
 

@@ -48,6 +48,11 @@ class Tier:
     # stays below a replica's CS_EXECUTE_MAX_INFLIGHT so no single tenant can fill a replica.
     max_concurrent_executes_per_user: int = DEFAULT_EXECUTES_PER_USER
     max_concurrent_executes_per_tenant: int = DEFAULT_EXECUTES_PER_TENANT
+    # History (customscripts/series.py): bars one series request evaluates (a longer range is paged:
+    # `next_start`), and the outputs a new subscription is backfilled with (default and most).
+    max_series_bars: int = 0
+    default_backfill: int = 0
+    max_backfill: int = 0
 
 
 BASE_MODULES = frozenset(
@@ -91,6 +96,9 @@ DEFAULT_TIERS: dict[str, dict] = {
         "realtime_burst": 0,
         "max_concurrent_executes_per_user": 0,
         "max_concurrent_executes_per_tenant": 0,
+        "max_series_bars": 0,
+        "default_backfill": 0,
+        "max_backfill": 0,
     },
     "pro": {
         "features": [CUSTOM_SCRIPTS_FEATURE],
@@ -108,6 +116,9 @@ DEFAULT_TIERS: dict[str, dict] = {
         "realtime_burst": 60_000,
         "max_concurrent_executes_per_user": 4,
         "max_concurrent_executes_per_tenant": 8,
+        "max_series_bars": 5000,
+        "default_backfill": 200,
+        "max_backfill": 1000,
     },
     "enterprise": {
         "features": [CUSTOM_SCRIPTS_FEATURE, MARKETPLACE_PUBLISH_FEATURE],
@@ -125,6 +136,9 @@ DEFAULT_TIERS: dict[str, dict] = {
         "realtime_burst": 300_000,
         "max_concurrent_executes_per_user": 8,
         "max_concurrent_executes_per_tenant": 16,
+        "max_series_bars": 20000,
+        "default_backfill": 500,
+        "max_backfill": 5000,
     },
 }
 
@@ -166,6 +180,9 @@ def _load_tiers() -> dict[str, Tier]:
                                                           DEFAULT_EXECUTES_PER_USER)),
             max_concurrent_executes_per_tenant=int(spec.get("max_concurrent_executes_per_tenant",
                                                             DEFAULT_EXECUTES_PER_TENANT)),
+            max_series_bars=int(spec.get("max_series_bars", 0)),
+            default_backfill=int(spec.get("default_backfill", 0)),
+            max_backfill=int(spec.get("max_backfill", 0)),
         )
         for name, spec in table.items()
     }
@@ -252,6 +269,9 @@ class Settings:
     tmp_inodes: int = field(default_factory=lambda: _env_int("CS_SANDBOX_TMP_INODES", 1024))
     sandbox_py_guards: bool = field(default_factory=lambda: _env("CS_SANDBOX_PY_GUARDS", "1") != "0")  # tests only
     sandbox_max_batch: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_BATCH", 1000))
+    # A series request (and a subscription's backfill) holds one execute lease of its caller for
+    # at most this long (the lease expires on its own if the replica dies holding it).
+    series_lease_s: float = field(default_factory=lambda: _env_float("CS_SERIES_LEASE_S", 600.0))
     sandbox_max_calls_per_item: int = field(default_factory=lambda: _env_int("CS_SANDBOX_MAX_CALLS_PER_ITEM", 1000))
 
     # Script function identity (set by the provider / deployment for each function)

@@ -82,7 +82,8 @@ def _publish_realtime(cfg: Settings, client: DemoClient, script_id: str, times: 
     a script's history: the realtime publish is the value of record for its event."""
     from customscripts.realtime.scheduler import Event, build_evaluator
 
-    sub = client.call("POST", f"/scripts/{script_id}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d"})
+    sub = client.call("POST", f"/scripts/{script_id}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d",
+                                                                 "backfill": 0})
     if sub.status_code not in (200, 201):
         raise SystemExit(f"subscribing {script_id} failed: {sub.status_code} {sub.text}")
     evaluator = build_evaluator(cfg)

@@ -2,7 +2,8 @@
 
 Every data route: verify the execution token (401) → rate-limit the user and the script (429) →
 validate parameters (400/422) → read with the read-only database role, never past the token's as-of
-time and, for script outputs, only in the token's tenant and dependency closure (403). The rate
+time (a bar exists from its end, `end_time`; metrics and outputs from their `time`: bartime.py)
+and, for script outputs, only in the token's tenant and dependency closure (403). The rate
 limiter's Redis round trip overlaps the read (`GatewayApi._metered`).
 Responses are columnar JSON (`{"columns": {"time": [...], "close": [...]}}`) so a reader turns them
 into numpy arrays with one `np.asarray` per column. Market and metric reads sent with
@@ -56,7 +57,9 @@ from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, p
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = MAX_HISTORY
-CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
+# `time` is the bar's start, `end_time` its end: the bar is visible as of T only when end_time <= T
+CANDLE_COLUMNS = ("time", "end_time", "open", "high", "low", "close", "volume")
+_TIME_COLUMNS = frozenset({"time", "end_time"})
 
 _SERIES_PARAMS = {"limit", "start", "end"}
 # Market windows kept per gateway process (the encoded columns of one read each); cleared when full.
@@ -72,8 +75,8 @@ class _Window:
     first use: a window is answered as JSON text or as native float64 columns).
 
     Candles are insert-only (the loader inserts with ON CONFLICT DO NOTHING; nothing updates or
-    deletes them), so a window changes only if a row is inserted inside the interval it was read
-    from: [its oldest row, end] for the latest-N read, [start, its newest row] for a read from
+    deletes them), so a window changes only if a row is inserted inside the interval of bar ends it
+    was read from: [its oldest row, end] for the latest-N read, [start, its newest row] for a read from
     `start` (up to `end` when it came back short of `limit`). `count(*)` over that interval equal to
     the window's row count proves nothing was; one index-only count (~0.15 ms) replaces the window
     query and its encoding (~0.7 ms). Windows that ended more than SETTLED_S ago skip even the count
@@ -182,6 +185,11 @@ def _window(query: Mapping[str, str], claims: ExecutionClaims) -> tuple[float | 
     if start is not None and start > end:
         raise Unprocessable("start is after end (or after the execution's as-of time)", code="invalid_window")
     return start, end, limit
+
+
+def _epoch_sql(column: str) -> str:
+    """A column as the float8 the answer carries (timestamps as epoch seconds)."""
+    return f"extract(epoch FROM {column})::float8" if column in _TIME_COLUMNS else column
 
 
 def _ts(epoch: float) -> datetime:
@@ -302,22 +310,26 @@ class GatewayApi:
                                      headers={"Retry-After": "1"}) from None
 
     def _series(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
-                start: float | None, end: float, limit: int) -> dict[str, list[Any]]:
+                start: float | None, end: float, limit: int, known_at: str = "time") -> dict[str, list[Any]]:
         """One round trip: the window's rows aggregated into one array per column, in time order."""
-        return self._series_bounds(table, key_sql, key_args, columns, start, end, limit)[0]
+        return self._series_bounds(table, key_sql, key_args, columns, start, end, limit, known_at)[0]
 
     def _series_bounds(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
-                       start: float | None, end: float, limit: int
+                       start: float | None, end: float, limit: int, known_at: str = "time"
                        ) -> tuple[dict[str, list[Any]], datetime | None, datetime | None]:
-        """`_series` plus the window's exact oldest and newest row times (None when it is empty)."""
+        """`_series` plus the window's exact oldest and newest `known_at` (None when it is empty).
+
+        `known_at` is the column that says when a row exists: `end_time` for candles (a bar is
+        visible at its end, customscripts/bartime.py), `time` for metrics and outputs (stamped when
+        they became known). `start`/`end` bound it, so `end` (the as-of) never lets a row in early."""
         inner_order = "ASC" if start is not None else "DESC"
-        where = f"{key_sql} AND time <= %s" + (" AND time >= %s" if start is not None else "")
+        where = f"{key_sql} AND {known_at} <= %s" + (f" AND {known_at} >= %s" if start is not None else "")
         args = [*key_args, _ts(end)] + ([_ts(start)] if start is not None else []) + [limit]
-        values = ", ".join(columns[1:])
-        aggs = ", ".join(f"array_agg({c} ORDER BY time)" for c in columns[1:])
-        sql = (f"SELECT array_agg(extract(epoch FROM time)::float8 ORDER BY time), {aggs}, min(time), max(time) "
-               f"FROM (SELECT time, {values} FROM {table} WHERE {where} "
-               f"ORDER BY time {inner_order} LIMIT %s) w")
+        values = ", ".join(dict.fromkeys((*columns, known_at)))
+        aggs = ", ".join(f"array_agg({_epoch_sql(c)} ORDER BY {known_at})" for c in columns)
+        sql = (f"SELECT {aggs}, min({known_at}), max({known_at}) "
+               f"FROM (SELECT {values} FROM {table} WHERE {where} "
+               f"ORDER BY {known_at} {inner_order} LIMIT %s) w")
         row = self._query(sql, args, binary=True)[0]  # binary float8 arrays: ~2x faster than text
         data = {name: list(col or []) for name, col in zip(columns, row[:len(columns)], strict=True)}
         return data, row[-2], row[-1]
@@ -333,17 +345,17 @@ class GatewayApi:
             if (cached.stamp == stamp and self.candle_feed.live
                     and cached.hi.timestamp() < time.time() - SETTLED_S):
                 return cached
-            where = "instrument_key = %s AND timeframe = %s AND time <= %s"
+            where = "instrument_key = %s AND timeframe = %s AND end_time <= %s"
             args: list[Any] = [instrument, timeframe, cached.hi]
             if cached.lo is not None:
-                where += " AND time >= %s"
+                where += " AND end_time >= %s"
                 args.append(cached.lo)
             if self._query(f"SELECT count(*) FROM candles WHERE {where}", args, binary=True)[0][0] == cached.rows:
                 cached.stamp = stamp
                 return cached
         columns, oldest, newest = self._series_bounds(
             "candles", "instrument_key = %s AND timeframe = %s", [instrument, timeframe], CANDLE_COLUMNS,
-            start, end, limit)
+            start, end, limit, known_at="end_time")
         rows = len(columns["time"])
         full = rows == limit and oldest is not None and newest is not None
         if start is None:  # the latest `limit` rows at or before end

@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from customscripts import ids
+from customscripts.bartime import bar_end_dt
 from customscripts.config import Settings, settings
 from customscripts.marketdata import metrics
 
@@ -89,7 +90,9 @@ def load_rows(conn: psycopg.Connection, instrument_key: str, timeframe: str, row
     ids.instrument_key(instrument_key)
     ids.timeframe(timeframe)
     with conn.transaction():
-        conn.execute("CREATE TEMP TABLE candles_load (LIKE candles) ON COMMIT DROP")
+        # the bar's end is not loaded: candles' trigger computes it (migration 010, bartime.bar_end)
+        conn.execute("CREATE TEMP TABLE candles_load ON COMMIT DROP AS SELECT instrument_key, timeframe, time,"
+                     " open, high, low, close, volume FROM candles WITH NO DATA")
         with conn.cursor().copy(
             "COPY candles_load (instrument_key, timeframe, time, open, high, low, close, volume) FROM STDIN"
         ) as cp:
@@ -113,7 +116,7 @@ def load_csv(path: Path, instrument_key: str, timeframe: str, cfg: Settings | No
         if with_metrics:
             derived = metrics.store(
                 conn, instrument_key,
-                metrics.derive([r.time for r in rows], [float(r.close) for r in rows],
+                metrics.derive([bar_end_dt(r.time, timeframe) for r in rows], [float(r.close) for r in rows],
                                [float(r.volume) for r in rows]),
                 source=f"derived from {path.name} ({timeframe} candles, backtesting package)")
     return {"rows": len(rows), "candles_inserted": inserted, "metrics_inserted": derived}

@@ -1,8 +1,9 @@
 """Metrics DERIVED from sample candles, in signal_service's metric shape (time, instrument, name, value).
 
 These are not signal_service's own numbers: every name starts with `derived.` and every row's `source`
-column says which candles it came from, so nobody mistakes them for production metrics. Each value at
-time t uses bars up to and including t only (no lookahead), so as-of reads of metrics are honest too.
+column says which candles it came from, so nobody mistakes them for production metrics. A value needs
+its bar's close, so it is stamped with the bar's end (customscripts/bartime.py) and uses bars ending at
+or before it only (no lookahead): as-of reads of metrics follow the same rule as candles.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ WINDOW = 20
 
 def derive(times: Sequence[datetime], close: Sequence[float], volume: Sequence[float],
            window: int = WINDOW) -> list[tuple[datetime, str, float]]:
-    """`derived.return_1`, `derived.realized_vol_{w}` (stdev of log returns) and `derived.volume_z_{w}`."""
+    """`derived.return_1`, `derived.realized_vol_{w}` (stdev of log returns) and `derived.volume_z_{w}`;
+    `times` are the bars' ends (the time each value becomes known)."""
     c = np.asarray(close, dtype=float)
     v = np.asarray(volume, dtype=float)
     out: list[tuple[datetime, str, float]] = []
@@ -58,7 +60,7 @@ def store(conn: psycopg.Connection, instrument_key: str, rows: Sequence[tuple[da
 
 def derive_from_db(conn: psycopg.Connection, instrument_key: str, timeframe: str) -> int:
     """Derive and store metrics for candles already in the database (any instrument, not only samples)."""
-    rows = conn.execute("SELECT time, close, volume FROM candles WHERE instrument_key = %s "
+    rows = conn.execute("SELECT end_time, close, volume FROM candles WHERE instrument_key = %s "
                         "AND timeframe = %s ORDER BY time", (instrument_key, timeframe)).fetchall()
     if not rows:
         return 0

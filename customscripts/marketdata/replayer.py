@@ -1,7 +1,9 @@
 """Replay stored candles as candle-close events on NATS JetStream, at a chosen speed.
 
 Subjects are `{nats_subject_prefix}.{instrument}.{timeframe}` on stream `nats_stream`; the message is
-the JSON candle `{instrument_key, timeframe, time (epoch s), open, high, low, close, volume}` with a
+the JSON candle `{instrument_key, timeframe, time (its start, epoch s), end_time, open, high, low, close,
+volume}`: a candle closes at its end, so that is when it is sent and what the event's time is
+(customscripts/bartime.py); `start`/`end` select candles by their end. It carries a
 `Nats-Msg-Id` header of the event identity, so JetStream drops a re-sent event inside its duplicate
 window and consumers can dedupe outside it. This is how the local stack feeds the realtime scheduler.
 """
@@ -50,27 +52,27 @@ async def ensure_stream(js, cfg: Settings) -> None:
 class ReplayResult:
     published: int
     duplicates: int  # events JetStream already had (same Nats-Msg-Id inside its window)
-    first_time: float | None
+    first_time: float | None  # the first and last events' times (their candles' ends)
     last_time: float | None
 
 
 def load_candles(cfg: Settings, instrument_key: str, timeframe: str, start: float | None,
                  end: float | None, limit: int | None) -> list[dict]:
-    sql = ("SELECT extract(epoch FROM time)::float8, open, high, low, close, volume FROM candles "
-           "WHERE instrument_key = %s AND timeframe = %s")
+    sql = ("SELECT extract(epoch FROM time)::float8, extract(epoch FROM end_time)::float8, open, high, low,"
+           " close, volume FROM candles WHERE instrument_key = %s AND timeframe = %s")
     args: list[object] = [ids.instrument_key(instrument_key), ids.timeframe(timeframe)]
     if start is not None:
-        sql += " AND time >= %s"
+        sql += " AND end_time >= %s"
         args.append(datetime.fromtimestamp(start, tz=UTC))
     if end is not None:
-        sql += " AND time <= %s"
+        sql += " AND end_time <= %s"
         args.append(datetime.fromtimestamp(end, tz=UTC))
-    sql += " ORDER BY time" + (" LIMIT %s" if limit else "")
+    sql += " ORDER BY end_time" + (" LIMIT %s" if limit else "")
     if limit:
         args.append(int(limit))
     with psycopg.connect(cfg.pg_dsn) as conn:
         rows = conn.execute(sql, args).fetchall()
-    keys = ("time", "open", "high", "low", "close", "volume")
+    keys = ("time", "end_time", "open", "high", "low", "close", "volume")
     return [{"instrument_key": instrument_key, "timeframe": timeframe, **dict(zip(keys, r, strict=True))}
             for r in rows]
 
@@ -97,7 +99,7 @@ async def replay_async(instrument_key: str, timeframe: str, *, start: float | No
             if rate is not None:
                 due = started + i / rate
             elif speed is not None:
-                due = started + (candle["time"] - candles[0]["time"]) / speed
+                due = started + (candle["end_time"] - candles[0]["end_time"]) / speed
             else:
                 due = 0.0
             delay = due - time.monotonic()
@@ -110,8 +112,8 @@ async def replay_async(instrument_key: str, timeframe: str, *, start: float | No
             duplicates += int(bool(ack.duplicate))
     finally:
         await nc.drain()
-    return ReplayResult(published, duplicates, candles[0]["time"] if candles else None,
-                        candles[-1]["time"] if candles else None)
+    return ReplayResult(published, duplicates, candles[0]["end_time"] if candles else None,
+                        candles[-1]["end_time"] if candles else None)
 
 
 def replay(instrument_key: str, timeframe: str, **kwargs: object) -> ReplayResult:

@@ -45,7 +45,8 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
     r.raise_for_status()
     http.post(f"{api}/scripts/{sid}/publish", timeout=30).raise_for_status()
     sub = http.post(f"{api}/scripts/{sid}/subscribe", json={"instrument_key": instrument_key,
-                                                            "timeframe": timeframe, "params": {"period": 14}},
+                                                            "timeframe": timeframe, "params": {"period": 14},
+                                                            "backfill": 0},  # the demo shows live outputs
                     timeout=30)
     sub.raise_for_status()
     echo(f"[realtime] subscribed {sid}@1 on {instrument_key} {timeframe} (subscription {sub.json()['id']})")

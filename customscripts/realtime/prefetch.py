@@ -8,9 +8,10 @@ the gateway's read-only role), and dependency outputs come from the rows just pu
 
 Exactly what gateway-fn would return, never more (the function's supervisor re-checks coverage and
 the as-of clamp per read, see customscripts/sandbox/prefetch.py):
-* a window holds the last `bars + events` candles at or before the latest event of its instrument in
-  the batch, with the gateway's own SQL expressions (bit-identical floats); market data is not
-  tenant-scoped, and every item's token may read its own instrument. `bars` is learnt per script
+* a window holds the last `bars + events` candles ending at or before the latest event of its
+  instrument in the batch (a bar is visible at its end, customscripts/bartime.py), with the
+  gateway's own SQL expressions (bit-identical floats); market data is not tenant-scoped, and every
+  item's token may read its own instrument. `bars` is learnt per script
   version: its functions report how many candles its reads needed (DEFAULT_BARS until they have);
   a window that turns out too short only sends those reads to the gateway;
 * an output is offered only to items of the same tenant whose version *directly* depends on it,
@@ -35,30 +36,31 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from customscripts.outputs import OutputRow
-from customscripts.sandbox.prefetch import WIRE_VERSION, epoch_us
+from customscripts.sandbox.prefetch import CANDLE_COLUMNS, WIRE_VERSION, epoch_us
 
 DEFAULT_BARS = 200  # the read APIs' default limit: sent until a version's functions report what it reads
 MAX_BARS = 2000  # never more per window, whatever a script reads (beyond it reads go to the gateway)
 
-# float8send: each value as 8 big-endian bytes, so a window arrives as one bytea (rows of time, open,
-# high, low, close, volume; one sort per window) and Python never makes a float object of it - the
-# gateway's expressions, so the same float64 bits
+# float8send: each value as 8 big-endian bytes, so a window arrives as one bytea (rows of time, end_time,
+# open, high, low, close, volume; one sort per window; bars visible as of `hi` by their end, bartime.py)
+# and Python never makes a float object of it - the gateway's expressions, so the same float64 bits
 _WINDOWS_SQL = """
 SELECT k.i, k.tf, k.n, w.cnt, w.rows
 FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::int[]) AS k(i, tf, hi, n)
 CROSS JOIN LATERAL (
     SELECT count(*) AS cnt,
-           string_agg(float8send(extract(epoch FROM time)::float8) || float8send(open) || float8send(high)
-                      || float8send(low) || float8send(close) || float8send(volume), '' ORDER BY time) AS rows
-    FROM (SELECT time, open, high, low, close, volume FROM candles
-          WHERE instrument_key = k.i AND timeframe = k.tf AND time <= k.hi
-          ORDER BY time DESC LIMIT k.n) r
+           string_agg(float8send(extract(epoch FROM time)::float8)
+                      || float8send(extract(epoch FROM end_time)::float8) || float8send(open) || float8send(high)
+                      || float8send(low) || float8send(close) || float8send(volume), '' ORDER BY end_time) AS rows
+    FROM (SELECT time, end_time, open, high, low, close, volume FROM candles
+          WHERE instrument_key = k.i AND timeframe = k.tf AND end_time <= k.hi
+          ORDER BY end_time DESC LIMIT k.n) r
 ) w
 """
 
 
 class Window:
-    """One candle window (column-major float64: time, open, high, low, close, volume), as of `hi`."""
+    """One candle window (column-major float64: CANDLE_COLUMNS), of the bars ending at or before `hi`."""
 
     __slots__ = ("_b64", "cols", "complete", "hi", "instrument_key", "n", "timeframe")
 
@@ -72,7 +74,7 @@ class Window:
         if m >= self.n:
             return self
         view, n = memoryview(self.cols), self.n
-        cols = b"".join(view[8 * (c * n + n - m): 8 * (c * n + n)] for c in range(6))
+        cols = b"".join(view[8 * (c * n + n - m): 8 * (c * n + n)] for c in range(len(CANDLE_COLUMNS)))
         return Window(self.instrument_key, self.timeframe, self.hi, m, False, cols)
 
     def wire(self) -> dict[str, Any]:
@@ -105,11 +107,12 @@ class MarketWindows:
             values.frombytes(bytes(blob or b""))
             if sys.byteorder == "little":
                 values.byteswap()  # float8send is big-endian; the child maps native float64
-            if len(values) != 6 * count:
+            width = len(CANDLE_COLUMNS)
+            if len(values) != width * count:
                 continue  # never expected (NOT NULL columns); then the gateway answers
             columns = array("d")
-            for c in range(6):  # row-major -> column-major
-                columns.extend(values[c::6])
+            for c in range(width):  # row-major -> column-major
+                columns.extend(values[c::width])
             out[(inst, tf)] = Window(inst, tf, wanted[(inst, tf)][0], count, count < n, columns.tobytes())
         return out
 

@@ -82,6 +82,7 @@ from typing import Any, NamedTuple
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
+from customscripts.bartime import bar_end, last_close
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError
 from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
@@ -111,7 +112,8 @@ DEAD_LETTER_TYPES = {"invocation_failed": "InvocationFailed", "data_source_unava
 
 @dataclass(frozen=True)
 class Event:
-    """A candle close (or timer tick) for one instrument and timeframe at `time` (epoch s)."""
+    """A candle close (or timer tick) for one instrument and timeframe at `time` (epoch s): the closed
+    bar's end, which evaluations read as of and outputs are stamped with."""
 
     instrument_key: str
     timeframe: str
@@ -278,16 +280,22 @@ class Breakers:
 
 
 def parse_event(subject: str, data: bytes, received: float = 0.0) -> list[Event]:
-    """A candle-close message → one event; a timer tick → one event per instrument resolved later."""
+    """A candle-close message → one event at the candle's end (its `end_time`, else computed from its
+    start `time`: bartime.bar_end, the one rule); a timer tick (its time is a boundary, the end of the
+    bar that just closed) → one event per instrument resolved later."""
     body = json.loads(data)
     if not isinstance(body, dict):
         raise ValueError("event is not a JSON object")
     t = float(body["time"])
     if not math.isfinite(t):
         raise ValueError("event time is not finite")
+    timeframe = ids.timeframe(body["timeframe"])
     if body.get("timer"):
-        return [Event("", ids.timeframe(body["timeframe"]), t, received)]
-    return [Event(ids.instrument_key(body["instrument_key"]), ids.timeframe(body["timeframe"]), t, received)]
+        return [Event("", timeframe, t, received)]
+    end = bar_end(t, timeframe)
+    if body.get("end_time") is not None and abs(float(body["end_time"]) - end) >= 1e-6:
+        raise ValueError(f"event end_time {body['end_time']!r} is not its bar's end {end!r}")
+    return [Event(ids.instrument_key(body["instrument_key"]), timeframe, end, received)]
 
 
 class Evaluator:
@@ -295,8 +303,12 @@ class Evaluator:
 
     def __init__(self, invoker: Invoker, subscriptions: SubscriptionStore, publisher: Publisher,
                  cfg: Settings | None = None, workers: int | None = None, *,
-                 market: MarketWindows | None = None, prefetch: bool = True) -> None:
+                 market: MarketWindows | None = None, prefetch: bool = True,
+                 audit_action: str | None = "realtime") -> None:
         self.cfg = cfg or settings()
+        # each evaluation's audit row names this action (series and backfill runs reuse the evaluator
+        # with their own); None: no row per evaluation (the caller writes its own)
+        self.audit_action = audit_action
         self.market = market  # None: no candle windows are prefetched (reads go to the gateway)
         self.prefetch = prefetch  # False: send nothing along, every read goes to the gateway
         self.invoker = invoker
@@ -335,13 +347,15 @@ class Evaluator:
                     due.append((Event(s.instrument_key, s.timeframe, tick.time, tick.received), s))
         return due
 
-    def plan(self, events: Sequence[Event], report: BatchReport
+    def plan(self, events: Sequence[Event], report: BatchReport,
+             due: Sequence[tuple[Event, Subscription]] | None = None
              ) -> tuple[dict[Node, Evaluation], dict[Node, list[Node]]]:
-        """Due subscriptions → evaluations (deduplicated per tenant) and their dependency edges."""
+        """Due subscriptions (those of the events, or `due` as given: a series or a backfill) →
+        evaluations (deduplicated per tenant) and their dependency edges."""
         allowed: dict[tuple, list[tuple[str, int]] | ApiError] = {}
         evals: dict[Node, Evaluation] = {}
         deps: dict[Node, list[Node]] = {}
-        for event, sub in self._due(events):
+        for event, sub in (self._due(events) if due is None else due):
             principal = self._principal(sub)
             key = (principal, sub.script_id, sub.version)
             if key not in allowed:
@@ -432,21 +446,23 @@ class Evaluator:
 
     # ------------------------------------------------------------------ running
 
-    def process(self, events: Sequence[Event]) -> BatchReport:
-        """Evaluate and publish everything due for `events`; record what had to be given up. Raises
-        only when publishing (PostgreSQL, Redis) failed: then the events must be redelivered."""
+    def process(self, events: Sequence[Event], due: Sequence[tuple[Event, Subscription]] | None = None,
+                call_id: str | None = None) -> BatchReport:
+        """Evaluate and publish everything due for `events` (or exactly `due`: the evaluations of a
+        series or a backfill, at their own events); record what had to be given up. Raises only when
+        publishing (PostgreSQL, Redis) failed: then the events must be redelivered."""
         report = BatchReport(events=len(events))
         started = time.time()  # before: queueing (JetStream, fetch, the previous batch); after: work
         events = list(dict.fromkeys(events))
         received = {(e.instrument_key, e.timeframe, e.time): e.received for e in events}
         t0 = time.perf_counter()
-        evals, deps = self.plan(events, report)
+        evals, deps = self.plan(events, report, due)
         report.timings_s["plan"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         data = BatchData(deps=deps)
         self._windows(evals.values(), data)
         report.timings_s["prefetch"] = time.perf_counter() - t0
-        report.call_id = uuid.uuid4().hex[:16]
+        report.call_id = call_id or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         _BatchRun(self, evals, deps, data, report, received, started).run()
         report.timings_s["run"] = time.perf_counter() - t0
@@ -480,14 +496,17 @@ class Evaluator:
     def _audit(self, report: BatchReport) -> None:
         """One audit row per evaluation of a batch that was published (denied ones included), written
         off the batch's path by the registry's AuditWriter."""
+        action = self.audit_action
+        if action is None:
+            return
         log_rows = self.registry.catalog.audit_log.submit
         for ev in report.results.values():
             n = ev.node
-            log_rows(AuditRow(report.call_id, n.script_id, n.version, ev.principal.user_id, n.tenant, "realtime",
+            log_rows(AuditRow(report.call_id, n.script_id, n.version, ev.principal.user_id, n.tenant, action,
                               ev.status, error_detail(ev.error), n.params_hash, ev.output_hash,
                               ev.metrics.get("duration_ms"), ev.metrics.get("cpu_ms"), ev.metrics.get("memory_mb")))
         for sub, principal, reason in report.denied:
-            log_rows(AuditRow(report.call_id, sub.script_id, sub.version, principal.user_id, sub.tenant, "realtime",
+            log_rows(AuditRow(report.call_id, sub.script_id, sub.version, principal.user_id, sub.tenant, action,
                               "denied", reason, self._params_hash(sub)))
 
     def _publish(self, rows: list[OutputRow], data: BatchData, report: BatchReport,
@@ -590,7 +609,7 @@ class Evaluator:
         group = sorted(group, key=lambda ev: ev.node.time)  # stable: otherwise in event order
         if not (self.prefetch and self.market is not None and self._reads_market(key[0], key[1])):
             return [group[i:i + size] for i in range(0, len(group), size)]
-        per_window = 64 * (self._bars_for(key[0], key[1]) + 8) + 200  # base64 of 6 float64 columns
+        per_window = 75 * (self._bars_for(key[0], key[1]) + 8) + 200  # base64 of 7 float64 columns
         cap = max(1, min(MAX_WINDOWS_PER_CALL, PREFETCH_BYTES // per_window))
         chunks: list[list[Evaluation]] = [[]]
         seen: set[tuple[str, str]] = set()
@@ -1051,8 +1070,7 @@ class Scheduler:
         while True:
             now = time.time()
             for tf in frames:
-                step = timeframe_seconds(tf)
-                boundary = math.floor(now / step) * step
+                boundary = last_close(now, tf)  # the end of the bar that closed last (bartime.py)
                 if last.get(tf) != boundary:
                     last[tf] = boundary
                     body = json.dumps({"timer": True, "timeframe": tf, "time": boundary}).encode()

@@ -13,6 +13,10 @@ subscribing, so entitlement changes take effect on the next event.
 Dependencies of a subscribed script are evaluated for the same events with default params `{}`
 (the params a dependent reads with `get_script_output(script_id)`); they must accept `{}`.
 
+A new subscription is backfilled (`backfill: N`, default the tier's `default_backfill`): its outputs
+at the last N bar ends are published before subscribe answers, dependencies first, so
+`GET /signals/...?history=N` answers at once (customscripts/series.py).
+
 `GET /signals/{instrument_key}/custom/{script_id}` answers like a built-in indicator from Redis,
 only within the caller's tenant and only to users entitled to the script.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from customscripts import db, ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from customscripts.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from customscripts.faas.naming import function_name
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
@@ -58,6 +71,11 @@ class SubscribeBody(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=999_999_999,
                                 description="Published version; default the latest at subscribe time (pinned).")
+    backfill: int | None = Field(default=None, ge=0, le=1_000_000,
+                                 description="Publish the outputs at the last N bar ends before now first, so the "
+                                             "history is there at once (default: the tier's `default_backfill` "
+                                             "for a new subscription, none for an existing one; at most the "
+                                             "tier's `max_backfill`, else 422).")
 
 
 class SubscriptionView(BaseModel):
@@ -72,6 +90,8 @@ class SubscriptionView(BaseModel):
     params_hash: str
     created: bool | None = None
     dependencies: list[str] | None = Field(default=None, description="Evaluated for the same events, params {}.")
+    backfill: dict[str, Any] | None = Field(default=None, description="What the backfill evaluated and published "
+                                                                      "(bars, published, statuses, from, to).")
 
 
 class SubscriptionList(BaseModel):
@@ -112,6 +132,9 @@ class RealtimeService:
         except ValidationError as exc:
             raise Unprocessable.from_validation(exc, "subscribe body is invalid") from None
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
+        if body.backfill is not None and body.backfill > tier.max_backfill:
+            raise Unprocessable(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
+                                code="backfill_too_large", details={"max_backfill": tier.max_backfill})
         version = body.version or self._latest(principal, script_id)
         audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
@@ -152,7 +175,21 @@ class RealtimeService:
         if created:
             audit(status="ok")
         deps = [f"{sid}@{ver}" for sid, ver in closure[:-1]]
-        return {**sub.to_dict(), "created": created, "dependencies": deps}
+        answer = {**sub.to_dict(), "created": created, "dependencies": deps}
+        count = body.backfill if body.backfill is not None else (tier.default_backfill if created else 0)
+        if count:
+            # after the row exists: live events from now on are the scheduler's, and an event both
+            # reach is published once (customscripts/series.py)
+            from customscripts.series import default_history
+
+            try:
+                answer["backfill"] = default_history().backfill(sub, principal, count,
+                                                                call_id or uuid.uuid4().hex[:16])
+            except ApiError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
+                # stands (live events run); subscribing again with `backfill` fills it later
+                answer["backfill"] = {"requested": count, "bars": 0, "published": 0,
+                                      "error": {"code": exc.code, "message": exc.message}}
+        return answer
 
     def unsubscribe(self, principal: Principal, script_id: str, subscription_id: str,
                     call_id: str | None = None) -> None:

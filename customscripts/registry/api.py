@@ -279,6 +279,16 @@ def custom_signal(req: Request) -> Response:
                                                   _script_id(req, principal), req.query))
 
 
+@route("POST", "/scripts/{script_id}/series")
+def series(req: Request) -> Response:
+    from customscripts.series import default_history
+
+    principal = _caller(req)
+    script_id, history = _script_id(req, principal), default_history()
+    history.precheck(principal, script_id, req.call_id)  # 404/403 before the body is read
+    return json_response(history.series(principal, script_id, req.json_object(), req.call_id))
+
+
 # ----------------------------------------------------------------- OpenAPI
 
 _SCRIPT_ID_PARAM = {
@@ -338,13 +348,15 @@ def _operation(op_id: str, summary: str, ok: dict[str, dict], *, params: list | 
 @functools.cache
 def openapi() -> dict[str, Any]:
     from customscripts.realtime.service import SignalView, SubscribeBody, SubscriptionList, SubscriptionView
+    from customscripts.series import SeriesBody, SeriesResponse
 
     _, defs = models_json_schema(
-        [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody) else "serialization")
+        [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody, SeriesBody)
+          else "serialization")
          for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, VersionView, PublishResult, VersionList,
                    Subscription,
                    ErrorBody, ExecuteBody, ExecutionResponse, StoredExecution, SubscribeBody, SubscriptionView,
-                   SubscriptionList, SignalView)],
+                   SubscriptionList, SignalView, SeriesBody, SeriesResponse)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
@@ -414,6 +426,7 @@ def openapi() -> dict[str, Any]:
             params=sid)},
     }
     paths.update(_realtime_paths(sid))
+    paths.update(_history_paths(sid))
     paths.update(_function_url_paths())
     return {
         "openapi": "3.1.0",
@@ -509,3 +522,15 @@ def _realtime_paths(sid: list[dict[str, Any]]) -> dict[str, Any]:
                     q("end", {"type": "number"}, "History until (epoch s).")],
             errors=("400", "401", "403", "404", "422"))},
     }
+
+
+def _history_paths(sid: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"/scripts/{script_id}/series": {"post": _operation(
+        "series",
+        "The script's output at every bar end in [start, end] (end: at most now), each computed exactly as "
+        "realtime would have computed it at that bar end (the bar visible from its end, dependencies "
+        "evaluated for the same bar end first), in batches inside one sandboxed child per chunk. At most "
+        "the tier's `max_series_bars` bars per request: `next_start` continues the range. Nothing is "
+        "published (the script's history stays realtime's). Checks as execute (403, 404, 422, 429).",
+        {"200": _json("SeriesResponse", "One output per bar end of this page.")},
+        params=sid, body="SeriesBody", errors=("400", "401", "403", "404", "409", "422", "429", "502"))}}

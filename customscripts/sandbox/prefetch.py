@@ -7,7 +7,8 @@ a read from them only when the answer is *provably* what gateway-fn would return
 execution token; anything else (not covered, other instrument, other as-of, transitive dependency...)
 still goes to gateway-fn. Nothing here can widen what a script reads:
 
-* market windows are contiguous runs of candles as of `hi`; a read is answered only for the item's
+* market windows are contiguous runs of candles ending at or before `hi` (a bar is visible at its
+  end: reads compare the `end_time` column, like the gateway); a read is answered only for the item's
   own instrument and timeframe (the series its evaluation was scheduled for - so a per-instrument
   entitlement in the gateway could never be bypassed through another item's window), and only if its
   as-of-clamped window lies inside (the supervisor clamps `end` to the item's timestamp itself, exactly
@@ -20,7 +21,7 @@ still goes to gateway-fn. Nothing here can widen what a script reads:
   of the invocation token.
 
 Wire (`data`, a JSON string): {"v": 1, "tenant": str, "market": [{"instrument_key", "timeframe",
-"hi", "complete", "n", "cols": base64(float64 x 6n: time, open, high, low, close, volume)}],
+"hi", "complete", "n", "cols": base64(float64 x 7n: time, end_time, open, high, low, close, volume)}],
 "outputs": [{"script_id", "version", "instrument_key", "timeframe", "params_hash", "time", "value",
 "timestamp", "metadata"}]}. Runs in the trusted supervisor only (never inside the sandbox).
 """
@@ -40,8 +41,8 @@ from typing import Any
 
 from . import protocol
 
-WIRE_VERSION = 1
-CANDLE_COLUMNS = ("time", "open", "high", "low", "close", "volume")
+WIRE_VERSION = 2  # 2: windows carry each bar's end, and a bar is visible at its end (bartime.py)
+CANDLE_COLUMNS = ("time", "end_time", "open", "high", "low", "close", "volume")  # gateway-fn's columns
 MAX_TIME_ABS = 1e11  # the gateway's range for time parameters
 # below 2**32 s (year 2106) distinct microseconds are distinct float64s, so comparing floats rounded to
 # microseconds is comparing PostgreSQL timestamps; beyond it the read goes to the gateway
@@ -71,7 +72,7 @@ class _Window:
     """One candle window, decoded on its first read (most requests read a window several times, some
     never): the handler only checks the envelope, the read path the rows."""
 
-    __slots__ = ("complete", "hi", "hi_us", "instrument_key", "n", "raw", "timeframe", "times", "view")
+    __slots__ = ("complete", "ends", "hi", "hi_us", "instrument_key", "n", "raw", "timeframe", "view")
 
     def __init__(self, raw: dict) -> None:
         try:
@@ -87,35 +88,37 @@ class _Window:
                 or abs(self.hi) >= MAX_FAST_TIME:
             raise PrefetchError("invalid market window bounds")
         self.hi_us = epoch_us(self.hi)
-        self.times: array | None = None
+        self.ends: array | None = None
         self.view: memoryview | None = None
 
     def _decode(self) -> tuple[array, memoryview] | None:
-        if self.times is None:
+        """(the bars' ends, the raw columns), or None when the window is not well formed."""
+        if self.ends is None:
             try:
                 blob = base64.b64decode(self.raw, validate=True)
             except (binascii.Error, ValueError):
                 return None
-            if len(blob) != 8 * 6 * self.n:
+            if len(blob) != 8 * len(CANDLE_COLUMNS) * self.n:
                 return None
-            times = array("d")
-            times.frombytes(blob[: 8 * self.n])
+            starts, ends = array("d"), array("d")
+            starts.frombytes(blob[: 8 * self.n])
+            ends.frombytes(blob[8 * self.n: 16 * self.n])
             prev = -math.inf
-            for t in times:  # increasing, finite, not after the window's as-of
-                if not prev < t < MAX_FAST_TIME:
+            for start, end in zip(starts, ends, strict=True):  # increasing, finite, not after the as-of
+                if not (prev < end < MAX_FAST_TIME and start < end):
                     return None
-                prev = t
-            if self.n and epoch_us(times[-1]) > self.hi_us:
+                prev = end
+            if self.n and epoch_us(ends[-1]) > self.hi_us:
                 return None
-            self.times, self.view = times, memoryview(blob)
-        return self.times, self.view  # type: ignore[return-value]
+            self.ends, self.view = ends, memoryview(blob)
+        return self.ends, self.view  # type: ignore[return-value]
 
     def frame(self, lo: int, hi: int, head: dict) -> bytes:
         """Rows [lo, hi) as the binary reply the supervisor would build from the gateway's columns."""
         assert self.view is not None
         n, k, view = self.n, hi - lo, self.view
         spec = [[name, k] for name in CANDLE_COLUMNS]
-        blob = b"".join(view[8 * (c * n + lo): 8 * (c * n + hi)] for c in range(6))
+        blob = b"".join(view[8 * (c * n + lo): 8 * (c * n + hi)] for c in range(len(CANDLE_COLUMNS)))
         return protocol.binary_frame({"ok": head, "f64": spec}, blob)
 
 
@@ -197,7 +200,7 @@ class Prefetched:
         decoded = w._decode()
         if decoded is None:
             return None
-        times = decoded[0]
+        times = decoded[0]  # the bars' ends: what the gateway compares with end and start
         idx = bisect_right(times, end_us / 1_000_000)  # the float the gateway's timestamp compare means
         after = bisect_right(times, epoch_us(as_of) / 1_000_000) - idx  # candles between end and as-of
         if start is None:

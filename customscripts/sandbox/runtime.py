@@ -90,7 +90,11 @@ def _f64_columns(spec: Any, blob: memoryview) -> dict:
 
 
 class Bars:
-    """Columnar market data: bars.close, bars["close"], len(bars); columns are numpy arrays."""
+    """Columnar market data: bars.close, bars["close"], len(bars); columns are numpy arrays.
+    `bars.time` (also `bars.start`) is each bar's start, `bars.end_time` (`bars.end`) its end: the
+    moment its close became known, never after the execution's as-of time."""
+
+    ALIASES = {"start": "time", "end": "end_time"}
 
     def __init__(self, payload: dict, columns: dict | None = None) -> None:
         self.instrument_key = payload.get("instrument_key")
@@ -104,6 +108,7 @@ class Bars:
 
     def __getattr__(self, name: str) -> Any:
         cols = self.__dict__.get("columns", {})
+        name = name if name in cols else self.ALIASES.get(name, name)
         if name in cols:
             return cols[name]
         raise AttributeError(name)

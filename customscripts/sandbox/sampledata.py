@@ -1,7 +1,8 @@
 """SampleDataSource: real OHLCV sample data (the CSVs shipped with the `backtesting` package).
 
 Why: tests and `customscripts run` need realistic bars without the local stack. It honours the
-as-of contract exactly like the gateway: nothing with time > end is ever returned.
+as-of contract exactly like the gateway: a bar is returned only when its end (`end_time`,
+customscripts/bartime.py) is at or before `end`, and metrics are stamped with their bar's end.
 Instruments: GOOG (1d, 2004-2013), EURUSD (1h), BTCUSD (1mo). Bar time = the CSV index (UTC).
 """
 
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from customscripts.bartime import bar_end
 
 from .datasource import DataAccessError, DataDenied, DependencyUnavailable
 
@@ -50,10 +53,9 @@ class _Series:
                     rows.append((_parse_time(row[0]), *(float(x) for x in row[1:6])))
         rows.sort()
         arr = np.array(rows, dtype=np.float64)
-        self.time = arr[:, 0]
-        self.cols = {"time": arr[:, 0], "open": arr[:, 1], "high": arr[:, 2], "low": arr[:, 3],
-                     "close": arr[:, 4], "volume": arr[:, 5]}
-        self.time_list = self.time.tolist()
+        self.time = np.array([bar_end(t, timeframe) for t in arr[:, 0]], dtype=np.float64)  # visible from
+        self.cols = {"time": arr[:, 0], "end_time": self.time, "open": arr[:, 1], "high": arr[:, 2],
+                     "low": arr[:, 3], "close": arr[:, 4], "volume": arr[:, 5]}
         self.metrics = self._metrics()
 
     def _metrics(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -114,6 +116,7 @@ class SampleDataSource:
         return {k: tf for k, (_n, tf) in SAMPLES.items()}
 
     def latest_time(self, instrument_key: str) -> float:
+        """The end of the newest bar: the earliest as-of time that sees every bar."""
         return float(self._series(instrument_key).time[-1])
 
     def get_market_data(self, instrument_key: str, timeframe: str, *, limit: int | None = None,

@@ -91,9 +91,10 @@ def latest(cfg: Settings, tenant: str, instrument: str, timeframe: str, script_i
 
 
 def subscribe(caller: Any, script_id: str, instrument: str = "GOOG", timeframe: str = "1d", **body: Any):
-    """POST /scripts/{id}/subscribe as `caller` (registry_support.Caller); the response."""
+    """POST /scripts/{id}/subscribe as `caller` (registry_support.Caller); the response. No backfill
+    unless asked (`backfill=N`): these tests follow live events."""
     return caller.call("POST", f"/scripts/{script_id}/subscribe",
-                       {"instrument_key": instrument, "timeframe": timeframe, **body})
+                       {"instrument_key": instrument, "timeframe": timeframe, "backfill": 0, **body})
 
 
 def realtime_audit(cfg: Settings, tenant: str, script_ids: list[str], expect: int,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from customscripts.bartime import bar_end
 from customscripts.marketdata.loader import read_csv, sample_csv
 from tests.integration.registry_support import LISTS, Caller, error_code
 from tests.waiting import wait_until
@@ -93,7 +94,8 @@ def test_rsi_on_goog_equals_an_independent_implementation(alice, uid):
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "ok", body
-    bars = [row for row in read_csv(sample_csv("GOOG.csv")) if row.time.timestamp() <= AS_OF][-200:]
+    # the bars that have closed by AS_OF: each is visible from its end (customscripts/bartime.py)
+    bars = [row for row in read_csv(sample_csv("GOOG.csv")) if bar_end(row.time.timestamp(), "1d") <= AS_OF][-200:]
     expected = reference_rsi([float(row.close) for row in bars], 14)
     assert body["output"]["metadata"] == {"bars": 200}
     assert math.isclose(body["output"]["value"], expected, rel_tol=1e-9)

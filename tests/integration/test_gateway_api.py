@@ -83,17 +83,27 @@ def _get(gateway, path, token, **params):
 
 
 def test_market_reads_never_pass_the_as_of_time(gateway, data):
-    token = _token(data, as_of=T0 + 60 * 4 + 30)  # between bar 4 and bar 5
+    """A bar is visible from its end: as of 4.5 minutes the bar started at 4 minutes (closing at 5) is
+    not there yet (bartime.py); `start`/`end` bound the bars' ends too."""
+    token = _token(data, as_of=T0 + 60 * 4 + 30)  # inside bar 4, after the end of bar 3
     body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m").json()
-    assert body["columns"]["time"] == [T0 + 60 * i for i in range(5)]
-    assert body["columns"]["close"] == [100.5 + i for i in range(5)]
+    assert body["columns"]["time"] == [T0 + 60 * i for i in range(4)]
+    assert body["columns"]["end_time"] == [T0 + 60 * i for i in range(1, 5)]
+    assert body["columns"]["close"] == [100.5 + i for i in range(4)]
     # an explicit end in the future is clamped to as-of; start/limit still apply
     body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m",
                 start=T0 + 60, end=T0 + 10_000, limit=2).json()
-    assert body["columns"]["time"] == [T0 + 60, T0 + 120]
+    assert body["columns"]["end_time"] == [T0 + 60, T0 + 120]
     body = _get(gateway, "/data/market", token, instrument_key=data["instrument"], timeframe="1m",
                 limit=2).json()
-    assert body["columns"]["time"] == [T0 + 180, T0 + 240]
+    assert body["columns"]["time"] == [T0 + 120, T0 + 180]
+    at_end = _token(data, as_of=T0 + 60 * 5)  # bar 4's end: now it is there
+    body = _get(gateway, "/data/market", at_end, instrument_key=data["instrument"], timeframe="1m", limit=1).json()
+    assert body["columns"]["time"] == [T0 + 240]
+    just_before = _token(data, as_of=T0 + 60 * 5 - 1e-6)
+    body = _get(gateway, "/data/market", just_before, instrument_key=data["instrument"], timeframe="1m",
+                limit=1).json()
+    assert body["columns"]["time"] == [T0 + 180]
 
 
 def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
@@ -119,12 +129,12 @@ def test_cached_market_windows_see_candles_inserted_later(stack, gateway, data):
              for q in reads]
     assert after[0]["columns"]["time"] == [T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
     assert after[1]["columns"]["time"][-3:] == after[0]["columns"]["time"] and len(after[1]["columns"]["time"]) == 12
-    assert after[2]["columns"]["time"] == [T0 + 60 * 8, T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
+    assert after[2]["columns"]["time"] == [T0 + 60 * 7, T0 + 60 * 8, T0 + 60 * 8 + 30, T0 + 60 * 9, T0 + 60 * 15]
     assert after[3] == first[3]  # [start, its only row] holds no new candle: unchanged
     # as-of still holds for cached windows: an earlier as-of never sees the late candles
     early = _token(data, as_of=T0 + 60 * 8 + 10)
     body = _get(gateway, "/data/market", early, instrument_key=instrument, timeframe="1m", limit=3).json()
-    assert body["columns"]["time"] == [T0 + 60 * 6, T0 + 60 * 7, T0 + 60 * 8]
+    assert body["columns"]["time"] == [T0 + 60 * 5, T0 + 60 * 6, T0 + 60 * 7]
 
 
 def _columns(gateway, path, token, **params):
@@ -151,11 +161,11 @@ def test_columns_replies_carry_exactly_the_json_numbers(gateway, data):
         for _ in range(2):  # the second read is served from the window cache
             as_json = _get(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **query).json()
             as_f64 = _columns(gateway, "/data/market", token, instrument_key=instrument, timeframe="1m", **query)
-            assert as_f64 == as_json and as_json["columns"]["time"][-1] <= T0 + 60 * 6 + 5
+            assert as_f64 == as_json and as_json["columns"]["end_time"][-1] <= T0 + 60 * 6 + 5
     as_json = _get(gateway, "/data/metrics", token, instrument_key=instrument, name="test.m").json()
     assert _columns(gateway, "/data/metrics", token, instrument_key=instrument, name="test.m") == as_json
     empty = _columns(gateway, "/data/market", token, instrument_key=f"NONE{data['uid']}", timeframe="1m")
-    assert empty["columns"] == {name: [] for name in ("time", "open", "high", "low", "close", "volume")}
+    assert empty["columns"] == {name: [] for name in ("time", "end_time", "open", "high", "low", "close", "volume")}
     # errors stay JSON whatever was asked for
     resp = requests.get(gateway.url + "/data/market", params={"instrument_key": instrument, "timeframe": "daily"},
                         headers={"Authorization": f"Bearer {token}", "Accept": COLUMNS_MEDIA_TYPE}, timeout=10)
@@ -305,7 +315,7 @@ def test_bad_output_parameters(gateway, data):
 def test_unknown_instrument_is_an_empty_series(gateway, data):
     body = _get(gateway, "/data/market", _token(data), instrument_key=f"none{data['uid']}",
                 timeframe="1m").json()
-    assert body["columns"] == {k: [] for k in ("time", "open", "high", "low", "close", "volume")}
+    assert body["columns"] == {k: [] for k in ("time", "end_time", "open", "high", "low", "close", "volume")}
 
 
 def test_healthz(gateway):
@@ -385,7 +395,7 @@ def test_reads_survive_redis_forgetting_the_limiter_script(stack, data):
         params = {"instrument_key": data["instrument"], "timeframe": "1m", "limit": 2}
         assert _get(server, "/data/market", token, **params).status_code == 200
         api.limiter.redis.script_flush()
-        assert _get(server, "/data/market", token, **params).json()["columns"]["time"] == [T0 + 180, T0 + 240]
+        assert _get(server, "/data/market", token, **params).json()["columns"]["time"] == [T0 + 120, T0 + 180]
         assert _get(server, "/data/market", token, **params).status_code == 200
     finally:
         server.stop()

@@ -53,7 +53,8 @@ def test_replay_publishes_candle_closes_once(stack, uid):
     assert subject == f"market.candle.R{uid}~X.1m"
     msgs = _consume(stack, subject, 4)
     bodies = [json.loads(m.data) for m in msgs]
-    assert [b["time"] for b in bodies] == [T0 + 60 * i for i in range(1, 5)]
-    assert bodies[0] == {"instrument_key": instrument, "timeframe": "1m", "time": T0 + 60, "open": 1.0,
-                         "high": 2.0, "low": 0.5, "close": 2.0, "volume": 10.0}
-    assert msgs[0].headers["Nats-Msg-Id"] == msg_id(instrument, "1m", T0 + 60)
+    # start/end select candles by their end: the candle closing at T0 + 60 is the first
+    assert [b["end_time"] for b in bodies] == [T0 + 60 * i for i in range(1, 5)]
+    assert bodies[0] == {"instrument_key": instrument, "timeframe": "1m", "time": T0, "end_time": T0 + 60,
+                         "open": 1.0, "high": 2.0, "low": 0.5, "close": 1.0, "volume": 10.0}
+    assert msgs[0].headers["Nats-Msg-Id"] == msg_id(instrument, "1m", T0)

@@ -48,7 +48,7 @@ def alice(api, uid, stack):
 
 
 def closes(cfg, instrument: str, timeframe: str, start: float, limit: int) -> dict[float, float]:
-    return {c["time"]: float(c["close"]) for c in load_candles(cfg, instrument, timeframe, start, None, limit)}
+    return {c["end_time"]: float(c["close"]) for c in load_candles(cfg, instrument, timeframe, start, None, limit)}
 
 
 # ----------------------------------------------------------------------------- API
@@ -96,7 +96,7 @@ def test_subscription_cap_of_the_tier(alice, uid, stack):
                                                         dataclasses.replace(stack, tiers=tiers))
     principal = decode_token(alice.token)
     for tf in ("1d", "1h"):
-        assert capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": tf})["created"]
+        assert capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": tf, "backfill": 0})["created"]
     from customscripts.errors import Forbidden
 
     with pytest.raises(Forbidden) as err:

@@ -43,7 +43,8 @@ def owner(api, uid, stack):
     caller = Caller(api, f"rt-{uid}", f"rt-tenant-{uid}")
     sid = caller.sid(f"close-{uid}")
     caller.create_published(sid, LAST_CLOSE)
-    resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d"})
+    resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d",
+                                                             "backfill": 0})
     assert resp.status_code == 201, resp.text
     yield caller, sid
     drop_subscriptions(stack, caller.tenant)
@@ -64,7 +65,7 @@ def wait_for_rows(cfg, tenant: str, sid: str, at_least: int, attempts: int = 600
 
 
 def assert_exactly_once(cfg, tenant: str, sid: str, candles: list[dict]) -> None:
-    expected = {c["time"]: float(c["close"]) for c in candles}
+    expected = {c["end_time"]: float(c["close"]) for c in candles}  # events happen at bar ends
     stored = rows(cfg, tenant, sid)
     assert len(stored) == len(expected)
     assert {t: float(v) for t, *_rest, v in stored} == expected
@@ -87,7 +88,7 @@ def test_killed_scheduler_restarts_without_loss_or_duplicates(rt, owner, stack):
     finally:
         proc.kill()  # SIGKILL mid-stream: no chance to ack what it was working on
         proc.wait(timeout=30)
-    replay("GOOG", "1d", start=candles[FIRST]["time"], limit=SECOND, cfg=rt)
+    replay("GOOG", "1d", start=candles[FIRST]["end_time"], limit=SECOND, cfg=rt)  # by bar end
     # Run until the stream is drained: events the killed replica had stored but not acknowledged come
     # back once their ack wait has passed (rows already written are no measure of what was acked),
     # and it is their redelivery that completes their Redis part.

@@ -87,7 +87,7 @@ def subscribed(caller: Caller, script_id: str, **body) -> None:
 
 
 def closes(cfg, n: int = EVENTS) -> dict[float, float]:
-    return {c["time"]: float(c["close"]) for c in load_candles(cfg, "GOOG", "1d", START, None, n)}
+    return {c["end_time"]: float(c["close"]) for c in load_candles(cfg, "GOOG", "1d", START, None, n)}
 
 
 def assert_published_once(cfg, tenant: str, sid: str, expected: dict[float, float], phash: str = params_hash({})):

@@ -26,7 +26,7 @@ DAY = 86400.0
 def goog_times(stack) -> list[float]:
     load_sample_data(stack, echo=lambda _m: None)
     with db.pool(stack.pg_reader_dsn).connection() as conn:
-        return [r[0] for r in conn.execute("SELECT extract(epoch FROM time)::float8 FROM candles WHERE "
+        return [r[0] for r in conn.execute("SELECT extract(epoch FROM end_time)::float8 FROM candles WHERE "
                                            "instrument_key = 'GOOG' AND timeframe = '1d' ORDER BY time")]
 
 
@@ -111,7 +111,8 @@ def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
         caller.create_published(base, BASE)
         caller.create_published(dep, DEPENDENT.format(base=base), depends_on=[f"{base}@1"])
         for sid in (base, dep):
-            resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d"})
+            resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d",
+                                                                     "backfill": 0})
             assert resp.status_code == 201, resp.text
         evaluator = build_evaluator(stack)
         evaluator.prefetch = prefetch
@@ -131,7 +132,7 @@ def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
 
 def _last_closes(stack, n: int) -> list[tuple[float]]:
     with db.pool(stack.pg_reader_dsn).connection() as conn:
-        return conn.execute("SELECT extract(epoch FROM time)::float8 FROM candles WHERE instrument_key = 'GOOG' "
+        return conn.execute("SELECT extract(epoch FROM end_time)::float8 FROM candles WHERE instrument_key = 'GOOG' "
                             "AND timeframe = '1d' ORDER BY time DESC LIMIT %s", (n,)).fetchall()[::-1]
 
 

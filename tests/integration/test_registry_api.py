@@ -244,6 +244,7 @@ ROUTES = [
     ("GET", "/scripts/{sid}/versions"),
     ("GET", "/scripts/{sid}/versions/1"),
     ("POST", "/scripts/{sid}/marketplace/subscribe"),
+    ("POST", "/scripts/{sid}/series"),
     ("POST", "/scripts"),
 ]
 
@@ -371,7 +372,7 @@ def test_openapi_lists_exactly_the_routes(base, alice):
                                            "/scripts/{script_id}/execute", "/scripts/{script_id}/subscribe",
                                            "/scripts/{script_id}/subscriptions/{subscription_id}",
                                            "/subscriptions", "/signals/{instrument_key}/custom/{script_id}",
-                                           "/executions/{call_id}"})
+                                           "/executions/{call_id}", "/scripts/{script_id}/series"})
     assert "unchanged" in doc["paths"]["/scripts/{script_id}/publish"]["post"]["summary"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 

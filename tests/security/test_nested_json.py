@@ -114,7 +114,7 @@ def test_nesting_within_the_limit_never_500s_downstream(world, uid):
         resp = owner.call("POST", f"/scripts/{sid}/execute", {"instrument_key": "GOOG", "timeframe": "1d", **body})
         assert resp.status_code in (200, 422), resp.text[:300]
     sub = owner.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d",
-                                                         "params": params})
+                                                         "params": params, "backfill": 0})
     assert sub.status_code < 500, sub.text[:300]
     if sub.status_code in (200, 201):  # leave no live subscription behind
         owner.call("DELETE", f"/scripts/{sid}/subscriptions/{sub.json()['id']}")

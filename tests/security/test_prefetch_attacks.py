@@ -19,7 +19,7 @@ import pytest
 from customscripts.outputs import params_hash
 from customscripts.sandbox import ExecutionRequest, SampleDataSource
 from customscripts.sandbox.invocation import mint_invocation_token, sign_prefetch
-from customscripts.sandbox.prefetch import Prefetched
+from customscripts.sandbox.prefetch import WIRE_VERSION, Prefetched
 from tests.script_function import configure, script_handler
 
 from .conftest import GOOG_TS, make_supervisor
@@ -29,9 +29,10 @@ MARKER = 99999.0  # close of every prefetched candle after the item's as-of time
 
 
 def goog_window(hi: float, n: int, *, future: int = 0, key: str = "GOOG") -> dict:
-    """A window of n daily candles ending at hi, plus `future` candles after hi marked MARKER."""
+    """A window of n daily candles, the last ending at hi, plus `future` candles after hi marked MARKER."""
     times = [hi - DAY * (n - 1 - i) for i in range(n)] + [hi + DAY * (i + 1) for i in range(future)]
-    cols = array("d", times)
+    cols = array("d", [t - DAY for t in times])  # starts; the ends (what as-of reads compare) follow
+    cols.extend(times)
     for _ in range(5):
         cols.extend([1.0] * n + [MARKER] * future)
     return {"instrument_key": key, "timeframe": "1d", "hi": times[-1], "complete": False, "n": len(times),
@@ -54,7 +55,7 @@ def test_prefetched_candles_after_the_as_of_time_are_never_visible(guards: bool)
     """A window reaching past the item's as-of (as a stale or forged prefetch might): the supervisor
     clamps every read to the item's timestamp; what the window cannot answer goes to the data source."""
     ts = GOOG_TS - 30 * DAY
-    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "market": [goog_window(ts, 300, future=30)]}),
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [goog_window(ts, 300, future=30)]}),
                            tenant="t1", dependencies=[])
     with make_supervisor(LOOKAHEAD, guards=guards) as sup:
         res = sup.execute(ExecutionRequest("GOOG", "1d", {}, ts, prefetch=pre))
@@ -73,7 +74,8 @@ def run(ctx):
 def test_another_items_window_is_not_served() -> None:
     """A window sent for another item of the batch (another instrument) never answers this item's reads:
     they go to the data source, which decides (here it has no MSFT: the read fails)."""
-    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "market": [goog_window(GOOG_TS, 10, key="MSFT")]}),
+    market = [goog_window(GOOG_TS, 10, key="MSFT")]
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": market}),
                            tenant="t1", dependencies=[])
     with make_supervisor(OTHER_SERIES, guards=False) as sup:
         res = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS, prefetch=pre))
@@ -97,7 +99,7 @@ def test_a_prefetched_output_serves_only_its_own_event() -> None:
     entry = {"script_id": "dep", "version": 1, "instrument_key": "GOOG", "timeframe": "1d",
              "params_hash": params_hash({}), "time": GOOG_TS - DAY, "value": 7.0, "timestamp": GOOG_TS - DAY,
              "metadata": {}}
-    pre = Prefetched.parse(json.dumps({"v": 1, "tenant": "t1", "outputs": [entry]}), tenant="t1",
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "outputs": [entry]}), tenant="t1",
                            dependencies=["dep@1"])
     with make_supervisor(DEPENDENT, guards=False) as sup:
         same = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS - DAY, prefetch=pre))
@@ -133,7 +135,7 @@ def output(script_id: str, version: int = 1, tenant_value: float = 7.0) -> dict:
 def body(fn: str, *, tenant: str = "t1", data_tenant: str | None = None, outputs: list | None = None,
          sign_secret: str | None = None, sign_fn: str | None = None) -> dict:
     items = [{"instrument_key": "GOOG", "timeframe": "1d", "params": {}, "timestamp": GOOG_TS}]
-    data = json.dumps({"v": 1, "tenant": data_tenant or tenant, "outputs": outputs or [output("dep")]})
+    data = json.dumps({"v": WIRE_VERSION, "tenant": data_tenant or tenant, "outputs": outputs or [output("dep")]})
     return {"items": items, "execution_token": "not-a-valid-execution-token",
             "prefetch": sign_prefetch(sign_fn or fn, tenant, items, "not-a-valid-execution-token", data,
                                       secret=sign_secret)}
@@ -158,8 +160,8 @@ def test_handler_uses_a_platform_signed_prefetch(handler: ModuleType, fn: str) -
 def test_prefetch_cannot_be_forged_with_only_an_invocation_token(handler: ModuleType, fn: str) -> None:
     forged = body(fn, sign_secret="attacker-guess")
     assert call(handler, fn, forged)["error"]["code"] == "invalid_prefetch"
-    unsigned = {**body(fn), "prefetch": {"data": json.dumps({"v": 1, "tenant": "t1", "outputs": [output("dep")]}),
-                                         "exp": 2**31, "mac": ""}}
+    data = json.dumps({"v": WIRE_VERSION, "tenant": "t1", "outputs": [output("dep")]})
+    unsigned = {**body(fn), "prefetch": {"data": data, "exp": 2**31, "mac": ""}}
     assert call(handler, fn, unsigned)["error"]["code"] == "invalid_prefetch"
     replayed = body(fn)  # a genuine prefetch, re-used with other items
     replayed["items"][0]["timestamp"] = GOOG_TS + DAY

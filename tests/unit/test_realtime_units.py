@@ -28,14 +28,21 @@ from customscripts.sandbox.invocation import sign_prefetch, verify_prefetch
 
 
 def test_candle_close_and_timer_events_parse():
+    """A candle close happens at the bar's end: that is the event's time (ctx.timestamp, the outputs' stamp)."""
     candle = {"instrument_key": "GOOG", "timeframe": "1d", "time": 1357084800.0, "close": 1.0}
-    assert parse_event("market.candle.GOOG.1d", json.dumps(candle).encode()) == [Event("GOOG", "1d", 1357084800.0)]
+    closes_at = [Event("GOOG", "1d", 1357084800.0 + 86400)]
+    assert parse_event("market.candle.GOOG.1d", json.dumps(candle).encode()) == closes_at
+    with_end = {**candle, "end_time": 1357084800.0 + 86400}
+    assert parse_event("market.candle.GOOG.1d", json.dumps(with_end).encode()) == closes_at
+    monthly = {"instrument_key": "BTCUSD", "timeframe": "1mo", "time": datetime(2012, 1, 31, tzinfo=UTC).timestamp()}
+    assert parse_event("s", json.dumps(monthly).encode())[0].time == datetime(2012, 2, 1, tzinfo=UTC).timestamp()
     tick = parse_event("market.candle._timer.1m", json.dumps({"timer": True, "timeframe": "1m", "time": 60}).encode())
     assert tick == [Event("", "1m", 60.0)]
 
 
 @pytest.mark.parametrize("body", [b"[]", b'{"instrument_key": "../x", "timeframe": "1d", "time": 1}',
-                                  b'{"instrument_key": "GOOG", "timeframe": "1d", "time": "NaN"}'])
+                                  b'{"instrument_key": "GOOG", "timeframe": "1d", "time": "NaN"}',
+                                  b'{"instrument_key": "GOOG", "timeframe": "1d", "time": 0, "end_time": 0}'])
 def test_malformed_events_are_rejected(body):
     with pytest.raises((ValueError, Unprocessable, KeyError)):
         parse_event("s", body)
@@ -64,7 +71,9 @@ T0 = 1_600_000_000.0
 
 
 def window(times: list[float], hi: float, complete: bool, key: str = "GOOG") -> Window:
-    cols = array("d", times)
+    """Daily candles ending at `times` (what as-of reads compare) and starting a day before."""
+    cols = array("d", [t - DAY for t in times])
+    cols.extend(times)
     for c in range(5):
         cols.extend(float(c * 1000 + i) for i in range(len(times)))
     return Window(key, "1d", hi, len(times), complete, cols.tobytes())
@@ -116,9 +125,11 @@ def test_market_prefetch_answers_exactly_what_the_gateway_would_or_nothing():
             raise AssertionError("an invalid window must go to the gateway (422)")
         head, cols = decode_frame(frame)
         assert head["ok"] == {"instrument_key": "GOOG", "timeframe": "1d", "as_of": as_of}
-        assert cols["time"] == gateway_reference(db_times, limit, start, end)
-        assert all(t <= as_of + 1e-6 for t in cols["time"])  # never after the as-of time
-        first = times.index(cols["time"][0]) if cols["time"] else 0
+        ends = cols["end_time"]  # bars are read by their end (the gateway's `end_time` compare)
+        assert ends == gateway_reference(db_times, limit, start, end)
+        assert cols["time"] == [t - DAY for t in ends]
+        assert all(t <= as_of + 1e-6 for t in ends)  # never a bar ending after the as-of time
+        first = times.index(ends[0]) if ends else 0
         assert cols["close"] == [3000.0 + first + i for i in range(len(cols["time"]))]
     assert served > 200  # and it does answer the covered ones
 
@@ -260,7 +271,7 @@ def test_trimmed_windows_keep_the_newest_candles_and_are_never_complete():
 def test_window_wire_round_trip_uses_gateway_timestamps():
     hi = datetime(2021, 1, 1, tzinfo=UTC).timestamp()
     w = sp._Window(window([hi - DAY, hi], hi, True).wire())
-    assert w._decode() is not None and list(w.times) == [hi - DAY, hi]
+    assert w._decode() is not None and list(w.ends) == [hi - DAY, hi]
     with pytest.raises(sp.PrefetchError):
         sp._Window({**window([hi], hi, True).wire(), "hi": math.nan})
     assert sp._Window(window([hi + DAY], hi, True).wire())._decode() is None  # a row after the as-of
