@@ -238,6 +238,12 @@ class Settings:
     # names in the function's status (the local provider does), else always through the gateway.
     function_url_template: str = field(default_factory=lambda: _env("CS_FUNCTION_URL_TEMPLATE", ""))
 
+    # The CLI and customscripts.client: the public API's URL (empty: the local stack's registry-fn)
+    # and the caller's bearer token, from CS_TOKEN or else the file CS_TOKEN_FILE.
+    api_url: str = field(default_factory=lambda: _env("CS_API_URL", ""))
+    api_token: str = field(default_factory=lambda: _env("CS_TOKEN", ""))
+    api_token_file: str = field(default_factory=lambda: _env("CS_TOKEN_FILE", "~/.config/customscripts/token"))
+
     # Sandbox
     isolation_mode: str = field(default_factory=lambda: _env("CS_ISOLATION", "bwrap"))  # bwrap | process
     sandbox_prefork: int = field(default_factory=lambda: _env_int("CS_SANDBOX_PREFORK", 2))
