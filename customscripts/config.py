@@ -71,6 +71,7 @@ BASE_MODULES = frozenset(
         "dataclasses",
         "enum",
         "numpy",
+        "pandas",  # disarmed: no file, network or eval access (sandbox/pandas_guard.py)
     }
 )
 
