@@ -130,7 +130,7 @@ def scripts_show(api: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return info
     if args.source:
-        return info.get("source") or "(the source is shown to the owner only)"
+        return (info.get("source") or "(the source is shown to the owner only)").rstrip("\n")
     perms = info.get("permissions") or {}
     shared = [f"{k}={','.join(map(str, v))}" for k, v in perms.items() if isinstance(v, list) and v]
     pairs = [("id", info.get("script_id")), ("name", info.get("name")), ("version", info.get("version")),
@@ -302,10 +302,11 @@ def signals(api: Client, args: argparse.Namespace) -> Any:
     out = _fields([("indicator", info.get("indicator")), ("value", info.get("value")),
                    ("as of", _when(info.get("timestamp"))), ("metadata", info.get("metadata") or None)])
     hist = info.get("history") or {}
-    if hist.get("timestamp"):
-        rows = [{"time": _when(t), "value": v} for t, v in zip(hist["timestamp"], hist.get("value") or [],
-                                                                strict=False)]
-        out += "\n\n" + table(rows, [("time", "TIME"), ("value", "VALUE")])
+    times = hist.get("time") or hist.get("timestamp")
+    if times:
+        rows = [{"time": _when(t), "value": v, "version": ver} for t, v, ver in
+                zip(times, hist.get("value") or [], hist.get("version") or [None] * len(times), strict=False)]
+        out += "\n\n" + table(rows, [("time", "TIME"), ("value", "VALUE"), ("version", "VERSION")])
     return out
 
 
@@ -342,7 +343,7 @@ def run_verb(handler: Handler, args: argparse.Namespace) -> int:
         out = handler(api, args)
     except ApiError as exc:
         hint = " (no token: set CS_TOKEN or run `customscripts token --save`)" if exc.status == 401 and not tok else ""
-        print(f"error: {exc.status} {exc.code}: {exc.message}{hint}", file=sys.stderr)
+        print(f"error: {exc.status} {exc.code}: {exc.message}{_detail(exc.details)}{hint}", file=sys.stderr)
         return 1
     except TransportError as exc:
         print(f"error: {exc} (is the stack up? `customscripts up`)", file=sys.stderr)
@@ -366,6 +367,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, [], argparse.SUPPRESS) or action.help is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def _detail(details: Any) -> str:
+    """The first validation problems of a 422, on the same line: `(body.timestamp: ...)`."""
+    if not isinstance(details, list):
+        return ""
+    parts = [f"{'.'.join(map(str, d.get('loc') or [])) or 'body'}: {d.get('msg')}" for d in details[:2]
+             if isinstance(d, dict) and d.get("msg")]
+    return f" ({'; '.join(parts)})".replace("\n", " ") if parts else ""
 
 
 def _api_options() -> argparse.ArgumentParser:
