@@ -15,7 +15,7 @@ in the manner of minio's S3Error or redis-py's exception classes. Answers are th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -179,9 +179,8 @@ class Client:
                  "cursor": cursor, **{k: ("true" if v else "false") for k, v in flags.items() if v is not None}}
         return self.request("GET", "/scripts", query=query)
 
-    def iter_scripts(self, **filters: Any):
-        """Every page of list_scripts, script by script."""
-        cursor = None
+    def iter_scripts(self, *, cursor: str | None = None, **filters: Any) -> Iterator[JSON]:
+        """Every page of list_scripts (from `cursor` on), script by script."""
         for _ in range(10_000):  # bounded: a page is at least one script
             page = self.list_scripts(cursor=cursor, **filters)
             yield from page["scripts"]
