@@ -168,9 +168,9 @@ def _flag(req: Request, name: str) -> bool | None:
     raw = req.query.get(name)
     if raw is None:
         return None
-    if raw not in ("true", "false", "1", "0"):
+    if raw not in ("true", "false"):
         raise Unprocessable(f"{name} must be true or false", code="invalid_parameter")
-    return raw in ("true", "1")
+    return raw == "true"
 
 
 @route("GET", "/scripts")
