@@ -388,8 +388,8 @@ def test_concurrent_publishes_make_one_version(alice, uid):
 
 
 def test_undeclared_methods_are_405_with_allow(alice, uid):
-    for method, path, allow in [("OPTIONS", "/scripts", "GET, POST"), ("DELETE", f"/scripts/x-{uid}", "GET, PATCH, PUT"),
-                                ("TRACE", "/scripts", None)]:
+    for method, path, allow in [("OPTIONS", "/scripts", "GET, POST"),
+                                ("DELETE", f"/scripts/x-{uid}", "GET, PATCH, PUT"), ("TRACE", "/scripts", None)]:
         resp = alice.call(method, path)
         assert resp.status_code == 405 and error_code(resp) == "method_not_allowed"
         assert resp.headers.get("Allow")  # TRACE is refused by Flask itself, still with Allow + JSON
