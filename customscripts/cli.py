@@ -65,6 +65,19 @@ def _load_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """Publish sample candle closes on NATS, as the market feed would: the scheduler evaluates the
+    subscriptions they make due."""
+    from customscripts.cli_scripts import when
+    from customscripts.marketdata.replayer import replay
+
+    result = replay(args.instrument, args.timeframe, start=when(args.start) if args.start else None,
+                    limit=args.limit, rate=args.rate)
+    print(f"replayed {result.published} {args.instrument} {args.timeframe} candle closes"
+          f"{f' ({result.duplicates} already sent)' if result.duplicates else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customscripts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
     p.set_defaults(func=_test)
+
+    p = sub.add_parser("replay", help="publish sample candle closes on NATS (the realtime scheduler evaluates them)")
+    p.add_argument("instrument", help="GOOG, EURUSD or BTCUSD")
+    p.add_argument("timeframe", help="1d, 1h or 1mo (the sample's)")
+    p.add_argument("--start", help="from (epoch or ISO date; default the first sample bar)")
+    p.add_argument("--limit", type=int, default=10, help="candles (default 10)")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as acked)")
+    p.set_defaults(func=_replay)
 
     # The author's verbs over the public API (cli_scripts.py).
     from customscripts.cli_scripts import add_api_parsers

@@ -67,8 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
     with Supervisor(source, output_schema=schema, limits=SandboxLimits.from_tier(tier),
                     isolation=args.isolation, data=data, filename=args.script.name, prefork=1) as sup:
         res = sup.execute(ExecutionRequest(args.instrument, timeframe, dict(args.param), ts))
-        if args.plot:
-            _plot(sup, args, timeframe, ts)
+        plotted = _plot(sup, args, timeframe, ts) if args.plot else None
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -82,10 +81,12 @@ def run_command(args: argparse.Namespace) -> int:
         if res.error:
             print(res.error.get("traceback") or f"{res.error.get('type')}: {res.error.get('message')}")
         print(f"duration_ms={res.duration_ms} cpu_ms={res.cpu_ms} memory_mb={res.memory_mb}")
+    if plotted:
+        print(plotted, file=sys.stderr if args.json else sys.stdout)
     return 0 if res.ok else 1
 
 
-def _plot(sup: Any, args: argparse.Namespace, timeframe: str, ts: float) -> None:
+def _plot(sup: Any, args: argparse.Namespace, timeframe: str, ts: float) -> str:
     """Run the script as of each of the last `--bars` bars (the moment each became visible) and draw
     it over them; matplotlib runs here, on the trusted side, never in the sandbox."""
     from customscripts import plots
@@ -104,7 +105,7 @@ def _plot(sup: Any, args: argparse.Namespace, timeframe: str, ts: float) -> None
             bar.advance(len(chunk))
     out = plots.plot_indicator(cols, points, args.plot, pane=args.pane,
                                title=f"{args.script.name}  {args.instrument} {timeframe}  {dict(args.param) or ''}")
-    print(f"plot: {out} ({len(points)} of {len(visible_at)} bars with an output)", file=sys.stderr)
+    return f"plot: {out} ({len(points)} of {len(visible_at)} bars with an output)"
 
 
 def main(argv: list[str] | None = None) -> int:

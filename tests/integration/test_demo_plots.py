@@ -80,3 +80,25 @@ def test_plot_overlays_price_scaled_outputs_and_puts_others_below(tmp_path):
     for name, points in (("over", sma), ("below", rsi), ("dict", [(ti, {"a": 1.0, "b": None}) for ti in t])):
         out = plots.plot_indicator(bars, points, tmp_path / f"{name}.png", title=name)
         assert png_size(out) == EXPECTED_SIZE
+
+
+@pytest.mark.parametrize("example, pane_rows", [("sma.py", 1), ("rsi.py", 2)])
+def test_run_plot_draws_the_script_over_or_below_the_candles(tmp_path, example, pane_rows):
+    """`customscripts run FILE --plot`: the script runs in the sandbox at each bar, the plot is drawn
+    on this side; an SMA lives on the price scale (over the candles), an RSI in a pane below."""
+    from customscripts.demo import EXAMPLES
+
+    out = tmp_path / "plot.png"
+    exe = Path(sys.executable).with_name("customscripts")
+    proc = subprocess.run([str(exe), "run", str(EXAMPLES / example), "--plot", str(out), "--bars", "60"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"plot: {out} (60 of 60 bars with an output)" in proc.stdout
+    check_plot(out)
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(out)[..., :3]
+    column = pixels[:, int(pixels.shape[1] * 0.5)]
+    dark = np.flatnonzero((column < 0.25).all(axis=-1))  # frame lines (and title text) down the middle
+    groups = len(np.flatnonzero(np.diff(dark) > 20)) + 1
+    assert groups <= 2 if pane_rows == 1 else groups >= 3, groups  # a second axes adds its own frame
