@@ -89,11 +89,11 @@ def sandbox_row(name: str, source: str, limits: SandboxLimits, isolation: str | 
     started = time.perf_counter()
     with Supervisor(source, limits=limits, isolation=isolation, data=data, prefork=1) as sup:
         ready_ms = (time.perf_counter() - started) * 1000
+        zygote_rss = zygote_rss_mb(sup)  # before any execution: the zygote and its idle pre-forked child
         req = ExecutionRequest("GOOG", "1d", {}, ts)
         first = sup.execute(req)
         assert first.ok, first.to_dict()
         preloaded = "pandas" in (sup.zygote_info.get("preloaded") or [])
-        zygote_rss = zygote_rss_mb(sup)
         paced, mem = [], []
         for _ in range(n):
             t = time.perf_counter()
