@@ -24,6 +24,7 @@ from .conftest import GOOG_TS, Listener, make_supervisor, request
 from .test_sandbox_attacks import NOT_OK, Case, _host_secrets, _render
 
 pytestmark = pytest.mark.security
+BOTH_MODES = pytest.mark.parametrize("guards", [True, False], ids=["all_layers", "os_layers_only"])
 
 
 class _Touch:
@@ -108,26 +109,12 @@ def run(ctx):
     return 1
 """),
     # --- network ---------------------------------------------------------------------------------
-    Case("read_csv_url", """
+    *[Case(f"{reader}_url", f"""
 import pandas as pd
 def run(ctx):
-    return len(pd.read_csv("http://127.0.0.1:@PORT@/x.csv"))
-"""),
-    Case("read_json_url", """
-import pandas as pd
-def run(ctx):
-    return len(pd.read_json("http://127.0.0.1:@PORT@/x.json"))
-"""),
-    Case("read_html_url", """
-import pandas as pd
-def run(ctx):
-    return len(pd.read_html("http://127.0.0.1:@PORT@/"))
-"""),
-    Case("read_parquet_url", """
-import pandas as pd
-def run(ctx):
-    return len(pd.read_parquet("http://127.0.0.1:@PORT@/x.parquet"))
-"""),
+    return len(pd.{reader}("http://127.0.0.1:@PORT@/x"))
+""") for reader in ("read_csv", "read_json", "read_html", "read_xml", "read_parquet", "read_feather", "read_orc",
+                    "read_excel", "read_stata", "read_sas", "read_table", "read_fwf")],
     Case("io_parsers_class_url", """
 import pandas as pd
 def run(ctx):
@@ -211,11 +198,7 @@ def _render_case(src: str, listener: Listener, marker: str) -> str:
     return _render(src, listener, marker).replace("@PAYLOAD@", payload)
 
 
-@pytest.fixture(params=["all_layers", "os_layers_only"])
-def guards(request: pytest.FixtureRequest) -> bool:
-    return request.param == "all_layers"
-
-
+@BOTH_MODES
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_pandas_route_is_contained(case: Case, guards: bool, listener: Listener, tmp_path) -> None:
     if case.policy_only and not guards:
@@ -248,7 +231,7 @@ def run(ctx):
 """
 
 
-@pytest.mark.parametrize("guards", [True, False], ids=["all_layers", "os_layers_only"])
+@BOTH_MODES
 def test_bars_df_is_a_utc_frame_in_the_sandbox(guards: bool) -> None:
     with make_supervisor(BARS_DF, guards=guards, memory_mb=512) as sup:
         res = sup.execute(request())
@@ -284,7 +267,7 @@ def run(ctx):
 """
 
 
-@pytest.mark.parametrize("guards", [True, False], ids=["all_layers", "os_layers_only"])
+@BOTH_MODES
 def test_everyday_pandas_works_in_the_sandbox(guards: bool) -> None:
     with make_supervisor(EVERYDAY_PANDAS, guards=guards, memory_mb=512) as sup:
         res = sup.execute(request())
