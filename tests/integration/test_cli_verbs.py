@@ -13,6 +13,7 @@ import pytest
 
 from customscripts import cli
 from customscripts.client import local_token
+from tests.integration.realtime_support import drop_subscriptions
 from tests.integration.registry_support import LISTS
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
@@ -39,8 +40,10 @@ class Cli:
 
 
 @pytest.fixture
-def author(api, capsys, uid) -> Cli:
-    return Cli(api, capsys, local_token(f"author-{uid}", f"fund-{uid}"))
+def author(api, stack, capsys, uid):
+    """One author in a tenant of their own; its subscriptions are dropped afterwards."""
+    yield Cli(api, capsys, local_token(f"author-{uid}", f"fund-{uid}"))
+    drop_subscriptions(stack, f"fund-{uid}")
 
 
 def one_error_line(err: str, status: int, code: str) -> None:

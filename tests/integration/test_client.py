@@ -18,6 +18,7 @@ from customscripts.client import (
 )
 from customscripts.config import Settings
 from customscripts.plots import points_from_series
+from tests.integration.realtime_support import drop_subscriptions
 from tests.integration.registry_support import LISTS
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
@@ -55,10 +56,17 @@ def test_scripts_drafts_versions_and_listing(api, uid):
     assert me.deprecate(sid, 1, undo=True)["deprecated"] is False
 
 
-def test_execute_store_subscribe_signal_and_series(api, stack, uid):
+@pytest.fixture
+def tenant(stack, uid):
+    """A tenant whose subscriptions are dropped afterwards, whatever the test did."""
+    yield f"fund-{uid}"
+    drop_subscriptions(stack, f"fund-{uid}")
+
+
+def test_execute_store_subscribe_signal_and_series(api, stack, uid, tenant):
     from customscripts.realtime.scheduler import Event, build_evaluator
 
-    me = client(api, f"author-{uid}", f"fund-{uid}")
+    me = client(api, f"author-{uid}", tenant)
     sid = me.create_script(f"sma-{uid}", SMA)["script_id"]
     me.publish(sid)
     result = me.execute(sid, **GOOG, timestamp=AT, store=True)

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from customscripts.realtime.scheduler import Event, build_evaluator
+from tests.integration.realtime_support import drop_subscriptions
 from tests.integration.registry_support import LISTS, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
@@ -132,9 +133,18 @@ def test_listing_needs_a_token_and_the_feature(api, uid):
     assert resp.status_code == 403 and error_code(resp) == "tier_not_allowed"
 
 
-def test_deprecated_versions_take_no_new_subscriptions_and_running_ones_go_on(api, stack, uid):
-    owner = Caller(api, f"owner-{uid}", f"acme-{uid}")
-    member = Caller(api, f"member-{uid}", f"acme-{uid}", teams=(f"quants-{uid}",))
+@pytest.fixture
+def tenant(stack, uid):
+    """A tenant of its own whose subscriptions are dropped afterwards (they pin function slots and
+    would be evaluated on other tests' events)."""
+    name = f"acme-{uid}"
+    yield name
+    drop_subscriptions(stack, name)
+
+
+def test_deprecated_versions_take_no_new_subscriptions_and_running_ones_go_on(api, stack, uid, tenant):
+    owner = Caller(api, f"owner-{uid}", tenant)
+    member = Caller(api, f"member-{uid}", tenant, teams=(f"quants-{uid}",))
     sid = owner.create_published(f"dep-{uid}", permissions={"teams": [f"quants-{uid}"]})["script_id"]
     running = member.call("POST", f"/scripts/{sid}/subscribe", GOOG)
     assert running.status_code == 201, running.text
