@@ -128,9 +128,22 @@ def _version_arg(text: str) -> tuple[str, int]:
     return script_id, int(version)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """Publish sample candle closes on NATS, as the market feed would: the scheduler evaluates the
+    subscriptions they make due."""
+    from customscripts.cli_scripts import when
+    from customscripts.marketdata.replayer import replay
+
+    result = replay(args.instrument, args.timeframe, start=when(args.start) if args.start else None,
+                    limit=args.limit, rate=args.rate)
+    print(f"replayed {result.published} {args.instrument} {args.timeframe} candle closes"
+          f"{f' ({result.duplicates} already sent)' if result.duplicates else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customscripts", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("up", help="start the local stack (installs missing packages)")
     p.add_argument("--only", nargs="*", help="start only these services")
     p.set_defaults(func=_up)
@@ -143,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         func=_demo)
     sub.add_parser("load-data", help="load the sample market data and derived metrics (idempotent)").set_defaults(
         func=_load_data)
-    p = sub.add_parser("scheduler", help="run a realtime scheduler replica in the foreground")
+    # Wrapped tools parse their own arguments, --help included (add_help=False passes it through).
+    p = sub.add_parser("scheduler", help="run a realtime scheduler replica in the foreground", add_help=False)
     p.add_argument("scheduler_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_scheduler)
-    p = sub.add_parser("provider", help="run the local OpenFaaS-compatible provider in the foreground")
+    p = sub.add_parser("provider", help="run the local OpenFaaS-compatible provider in the foreground",
+                       add_help=False)
     p.add_argument("provider_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_provider)
     p = sub.add_parser("build", help="build images: registry-fn, gateway-fn and script versions (podman locally)")
@@ -162,16 +177,38 @@ def build_parser() -> argparse.ArgumentParser:
     from customscripts.cli_run import add_run_parser
 
     add_run_parser(sub)
-    p = sub.add_parser("test", help="start the local stack and run the test suite")
+    p = sub.add_parser("test", help="start the local stack and run the test suite (arguments go to pytest)",
+                       add_help=False)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
     p.set_defaults(func=_test)
+
+    p = sub.add_parser("replay", help="publish sample candle closes on NATS (the realtime scheduler evaluates them)")
+    p.add_argument("instrument", help="GOOG, EURUSD or BTCUSD")
+    p.add_argument("timeframe", help="1d, 1h or 1mo (the sample's)")
+    p.add_argument("--start", help="from (epoch or ISO date; default the first sample bar)")
+    p.add_argument("--limit", type=int, default=10, help="candles (default 10)")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as acked)")
+    p.set_defaults(func=_replay)
+
+    # The author's verbs over the public API (cli_scripts.py).
+    from customscripts.cli_scripts import add_api_parsers
+
+    add_api_parsers(sub)
     return parser
 
 
+# Long-running services log JSON lines (with call ids); every other command is interactive: plain
+# warnings only, so log lines never mix into its human output.
+SERVICE_COMMANDS = frozenset({"provider", "scheduler"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    logs.setup()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command in SERVICE_COMMANDS:
+        logs.setup()
+    else:
+        logs.setup_console()
     passthrough = {"test": "pytest_args", "scheduler": "scheduler_args", "provider": "provider_args"}
     if args.command in passthrough:  # everything after the command belongs to the wrapped tool
         setattr(args, passthrough[args.command], [*extra, *(getattr(args, passthrough[args.command]) or [])])

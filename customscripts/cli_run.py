@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+PLOT_BATCH = 20  # executions per sandboxed child when plotting (one principal: the local author)
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -20,7 +23,12 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("run", help="run a script file locally in the sandbox against sample data")
+    from customscripts.cli_scripts import HelpFormatter
+
+    p = subparsers.add_parser("run", help="run a script file locally in the sandbox against sample data",
+                              description="Run a script file locally, in the same sandbox as production, against "
+                                          "the sample market data; --plot draws it over the candles.",
+                              formatter_class=HelpFormatter)
     p.add_argument("script", type=Path)
     p.add_argument("--instrument", default="GOOG", help="GOOG (1d), EURUSD (1h) or BTCUSD (1mo)")
     p.add_argument("--timeframe", default=None, help="defaults to the sample's native timeframe")
@@ -30,6 +38,11 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument("--schema", type=Path, default=None, help="output JSON Schema file")
     p.add_argument("--tier", default="pro")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also run the script at each of the last --bars bar ends and draw candles with its output")
+    p.add_argument("--bars", type=int, default=120, help="bars in the plot")
+    p.add_argument("--pane", choices=("auto", "overlay", "below"), default="auto",
+                   help="the output over the candles, in a pane below, or whichever fits its scale")
     p.set_defaults(func=run_command)
     return p
 
@@ -54,6 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
     with Supervisor(source, output_schema=schema, limits=SandboxLimits.from_tier(tier),
                     isolation=args.isolation, data=data, filename=args.script.name, prefork=1) as sup:
         res = sup.execute(ExecutionRequest(args.instrument, timeframe, dict(args.param), ts))
+        plotted = _plot(sup, args, timeframe, ts) if args.plot else None
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -67,7 +81,31 @@ def run_command(args: argparse.Namespace) -> int:
         if res.error:
             print(res.error.get("traceback") or f"{res.error.get('type')}: {res.error.get('message')}")
         print(f"duration_ms={res.duration_ms} cpu_ms={res.cpu_ms} memory_mb={res.memory_mb}")
+    if plotted:
+        print(plotted, file=sys.stderr if args.json else sys.stdout)
     return 0 if res.ok else 1
+
+
+def _plot(sup: Any, args: argparse.Namespace, timeframe: str, ts: float) -> str:
+    """Run the script as of each of the last `--bars` bars (the moment each became visible) and draw
+    it over them; matplotlib runs here, on the trusted side, never in the sandbox."""
+    from customscripts import plots
+    from customscripts.progress import Progress
+    from customscripts.sandbox import ExecutionRequest
+
+    cols, visible_at = plots.sample_window(args.instrument, timeframe, ts, args.bars)
+    points = []
+    with Progress(len(visible_at), f"running {args.script.name} over {len(visible_at)} bars") as bar:
+        for start in range(0, len(visible_at), PLOT_BATCH):
+            chunk = range(start, min(start + PLOT_BATCH, len(visible_at)))
+            results = sup.execute_batch([ExecutionRequest(args.instrument, timeframe, dict(args.param),
+                                                          visible_at[i]) for i in chunk])
+            points += [(cols["time"][i], r.output.get("value")) for i, r in zip(chunk, results, strict=True)
+                       if r.ok and r.output]
+            bar.advance(len(chunk))
+    out = plots.plot_indicator(cols, points, args.plot, pane=args.pane,
+                               title=f"{args.script.name}  {args.instrument} {timeframe}  {dict(args.param) or ''}")
+    return f"plot: {out} ({len(points)} of {len(visible_at)} bars with an output)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,7 @@ BASE_MODULES = frozenset(
         "dataclasses",
         "enum",
         "numpy",
+        "pandas",  # disarmed: no file, network or eval access (sandbox/pandas_guard.py)
     }
 )
 
@@ -259,6 +260,12 @@ class Settings:
     # "http://{name}.openfaas-fn:8080" (its Service) on Kubernetes. Empty: the address the gateway
     # names in the function's status (the local provider does), else always through the gateway.
     function_url_template: str = field(default_factory=lambda: _env("CS_FUNCTION_URL_TEMPLATE", ""))
+
+    # The CLI and customscripts.client: the public API's URL (empty: the local stack's registry-fn)
+    # and the caller's bearer token, from CS_TOKEN or else the file CS_TOKEN_FILE.
+    api_url: str = field(default_factory=lambda: _env("CS_API_URL", ""))
+    api_token: str = field(default_factory=lambda: _env("CS_TOKEN", ""))
+    api_token_file: str = field(default_factory=lambda: _env("CS_TOKEN_FILE", "~/.config/customscripts/token"))
 
     # Sandbox
     isolation_mode: str = field(default_factory=lambda: _env("CS_ISOLATION", "bwrap"))  # bwrap | process

@@ -38,6 +38,26 @@ def setup(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """One short line for a person: `warning: message` (errors keep their traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_console(level: str = "WARNING") -> None:
+    """Interactive commands (demo, run, the API verbs): no JSON log lines among their output, only
+    warnings and errors, plainly. Services keep `setup()`'s JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
 def get(name: str) -> logging.Logger:
     return logging.getLogger(name)
 

@@ -124,11 +124,16 @@ def load_csv(path: Path, instrument_key: str, timeframe: str, cfg: Settings | No
 
 def load_sample_data(cfg: Settings | None = None, echo: Callable[[str], None] = print) -> dict:
     """The CLI hook (`customscripts load-data`, `up`, demo): the three sample series + derived metrics."""
+    from customscripts.progress import Progress
+
     cfg = cfg or settings()
     report: dict[str, dict[str, int]] = {}
+    with Progress(len(SAMPLES), "[data] loading the sample data") as bar:  # drawn on a terminal only
+        for name, instrument_key, timeframe in SAMPLES:
+            report[f"{instrument_key}/{timeframe}"] = load_csv(sample_csv(name), instrument_key, timeframe, cfg)
+            bar.advance()
     for name, instrument_key, timeframe in SAMPLES:
-        result = load_csv(sample_csv(name), instrument_key, timeframe, cfg)
-        report[f"{instrument_key}/{timeframe}"] = result
+        result = report[f"{instrument_key}/{timeframe}"]
         echo(f"[data] {instrument_key:7} {timeframe:3} {result['rows']:5} bars from {name}: "
              f"{result['candles_inserted']} new candles, {result['metrics_inserted']} new derived metrics")
     return report

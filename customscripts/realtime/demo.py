@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
-import requests
 
 from customscripts.auth import issue_user_token
+from customscripts.client import ApiError, Client
 from customscripts.config import Settings, settings
 from customscripts.marketdata.replayer import replay
 from customscripts.realtime.publisher import stream_key
@@ -37,19 +37,12 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
     cfg = dataclasses.replace(base, nats_stream=f"DEMO{uid.upper()}", nats_subject_prefix=f"demo{uid}.candle",
                               scheduler_durable=f"demo-{uid}")
     user, tenant, sid = f"demo-{uid}", f"demo-tenant-{uid}", f"rsi-live-{uid}"
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {issue_user_token(user, tenant, 'pro')}"
-    api = cfg.registry_url
-    r = http.post(f"{api}/scripts", json={"name": "RSI (live)", "script_id": sid, "source": EXAMPLE.read_text(),
-                                          "runtime_mode": "realtime"}, timeout=30)
-    r.raise_for_status()
-    http.post(f"{api}/scripts/{sid}/publish", timeout=30).raise_for_status()
-    sub = http.post(f"{api}/scripts/{sid}/subscribe", json={"instrument_key": instrument_key,
-                                                            "timeframe": timeframe, "params": {"period": 14},
-                                                            "backfill": 0},  # the demo shows live outputs
-                    timeout=30)
-    sub.raise_for_status()
-    echo(f"[realtime] subscribed {sid}@1 on {instrument_key} {timeframe} (subscription {sub.json()['id']})")
+    api = Client(cfg.registry_url, issue_user_token(user, tenant, "pro"))
+    api.create_script(sid, EXAMPLE.read_text(), name="RSI (live)", runtime_mode="realtime")
+    api.publish(sid)
+    sub = api.subscribe(sid, instrument_key=instrument_key, timeframe=timeframe, params={"period": 14},
+                         backfill=0)  # the demo shows live outputs
+    echo(f"[realtime] subscribed {sid}@1 on {instrument_key} {timeframe} (subscription {sub['id']})")
     evaluator = build_evaluator(cfg)
     scheduler = Scheduler(evaluator, cfg)
     worker = threading.Thread(target=lambda: asyncio.run(scheduler.run(until=lambda s: s.events >= limit,
@@ -71,10 +64,14 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
                 seen += 1
     worker.join(timeout=60)
     evaluator.close()
-    signal = http.get(f"{api}/signals/{instrument_key}/custom/{sid}",
-                      params={"timeframe": timeframe, "params": json.dumps({"period": 14}), "history": 3}, timeout=30)
-    echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid} -> {signal.status_code} {signal.text[:300]}")
-    http.delete(f"{api}/scripts/{sid}/subscriptions/{sub.json()['id']}", timeout=30)
+    try:
+        signal = api.signal(instrument_key, sid, timeframe=timeframe, params={"period": 14}, history=3)
+        kept = len((signal.get("history") or {}).get("value") or [])
+        echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: value {signal['value']:.2f} as of "
+             f"{datetime.fromtimestamp(signal['timestamp'], UTC).date()}, the last {kept} from its history")
+    except ApiError as exc:
+        echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: {exc}")
+    api.unsubscribe(sid, sub["id"])
     _drop_stream(cfg)
     return 0 if seen == limit else 1
 

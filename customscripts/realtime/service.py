@@ -145,6 +145,7 @@ class RealtimeService:
             audit(status="denied", detail=exc.message[:500])
             raise
         self._check_params(script_id, version, body.params, closure)
+        self.registry.check_subscribable(script_id, version)
         functions = sorted({function_name(sid, ver) for sid, ver in closure})
         try:
             sub, created = self.store.add(

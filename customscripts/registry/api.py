@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from customscripts import logs
+from customscripts import ids, logs
 from customscripts.auth import Principal, principal_from_request
 from customscripts.errors import BadRequest, ServiceUnavailable, Unauthorized, Unprocessable
 from customscripts.execution import ExecuteBody, ExecutionResponse, StoredExecution
@@ -21,10 +21,13 @@ from customscripts.http import Context, Event, Request, Response, RouteHandler, 
 from customscripts.permissions import tier_of
 from customscripts.registry.models import (
     MAX_SOURCE_BYTES,
+    DeprecateBody,
+    Deprecation,
     DraftCreate,
     DraftUpdate,
     ErrorBody,
     PublishResult,
+    ScriptList,
     ScriptMeta,
     ScriptView,
     Subscription,
@@ -151,8 +154,72 @@ def list_versions(req: Request) -> Response:
     principal = _caller(req)
     script_id = _script_id(req, principal)
     rows = service().list_versions(principal, script_id)
-    return json_response({"script_id": script_id, "versions": [
-        {**r.as_json(), "function_url": function_url(r.script_id, r.version)} for r in rows]})
+    deprecated = service().catalog.deprecations([script_id])
+    versions = [{**r.as_json(), **_deprecation(deprecated.get((r.script_id, r.version))),
+                 "function_url": function_url(r.script_id, r.version)} for r in rows]
+    return json_response({"script_id": script_id, "versions": versions})
+
+
+def _deprecation(found: tuple[Any, str | None] | None) -> dict[str, Any]:
+    return {"deprecated_at": found[0].isoformat(), "deprecation_reason": found[1]} if found else {}
+
+
+_LIST_FILTERS = {"limit", "cursor", "owner", "mine", "status", "runtime_mode", "marketplace", "q"}
+
+
+def _flag(req: Request, name: str) -> bool | None:
+    raw = req.query.get(name)
+    if raw is None:
+        return None
+    if raw not in ("true", "false"):
+        raise Unprocessable(f"{name} must be true or false", code="invalid_parameter")
+    return raw == "true"
+
+
+@route("GET", "/scripts")
+def list_scripts(req: Request) -> Response:
+    """Own, shared and entitled marketplace scripts; filters and a cursor (registry/service.py)."""
+    principal = _caller(req)
+    unknown = sorted(set(req.query) - _LIST_FILTERS)
+    if unknown:
+        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
+    q = req.query
+    raw_limit = q.get("limit", "50")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 200):
+        raise Unprocessable("limit must be an integer from 1 to 200", code="invalid_parameter")
+    choices = {"status": ("draft", "published", "deprecated"), "runtime_mode": ("onetime", "realtime")}
+    for name, allowed in choices.items():
+        if q.get(name) is not None and q.get(name) not in allowed:
+            raise Unprocessable(f"{name} must be one of {', '.join(allowed)}", code="invalid_parameter")
+    text = q.get("q")
+    if text is not None and (len(text) > 100 or not text.isprintable()):
+        raise Unprocessable("q must be printable text of at most 100 characters", code="invalid_parameter")
+    owner = principal.user_id if _flag(req, "mine") else q.get("owner")
+    if owner is not None:
+        ids.owner_id(owner)
+    items, cursor = service().list_scripts(
+        principal, limit=int(raw_limit), cursor=q.get("cursor"), owner_id=owner, runtime_mode=q.get("runtime_mode"),
+        marketplace=_flag(req, "marketplace"), status=q.get("status"), text=text)
+    return json_response({"scripts": items, "next_cursor": cursor})
+
+
+def _deprecate(req: Request, deprecated: bool) -> Response:
+    principal = _caller(req)
+    script_id = _script_id(req, principal)
+    has_body = bool((req.event.body or b"").strip())
+    reason = _body(req, DeprecateBody).reason if deprecated and has_body else None
+    return json_response(service().deprecate(principal, script_id, req.params["version"], deprecated=deprecated,
+                                             reason=reason, call_id=req.call_id))
+
+
+@route("POST", "/scripts/{script_id}/versions/{version}/deprecate")
+def deprecate_version(req: Request) -> Response:
+    return _deprecate(req, True)
+
+
+@route("DELETE", "/scripts/{script_id}/versions/{version}/deprecation")
+def undeprecate_version(req: Request) -> Response:
+    return _deprecate(req, False)
 
 
 @route("GET", "/scripts/{script_id}/versions/{version}")
@@ -351,12 +418,12 @@ def openapi() -> dict[str, Any]:
     from customscripts.series import SeriesBody, SeriesResponse
 
     _, defs = models_json_schema(
-        [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody, SeriesBody)
+        [(m, "validation" if m in (DraftCreate, DraftUpdate, ExecuteBody, SubscribeBody, SeriesBody, DeprecateBody)
           else "serialization")
          for m in (DraftCreate, DraftUpdate, ScriptMeta, ScriptView, VersionView, PublishResult, VersionList,
-                   Subscription,
-                   ErrorBody, ExecuteBody, ExecutionResponse, StoredExecution, SubscribeBody, SubscriptionView,
-                   SubscriptionList, SignalView, SeriesBody, SeriesResponse)],
+                   Subscription, ErrorBody, ExecuteBody, ExecutionResponse, StoredExecution, SubscribeBody,
+                   SubscriptionView, SubscriptionList, SignalView, SeriesBody, SeriesResponse, ScriptList,
+                   DeprecateBody, Deprecation)],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
@@ -427,6 +494,7 @@ def openapi() -> dict[str, Any]:
     }
     paths.update(_realtime_paths(sid))
     paths.update(_history_paths(sid))
+    paths.update(_author_paths(sid, paths["/scripts"]))
     paths.update(_function_url_paths())
     return {
         "openapi": "3.1.0",
@@ -534,3 +602,40 @@ def _history_paths(sid: list[dict[str, Any]]) -> dict[str, Any]:
         "published (the script's history stays realtime's). Checks as execute (403, 404, 422, 429).",
         {"200": _json("SeriesResponse", "One output per bar end of this page.")},
         params=sid, body="SeriesBody", errors=("400", "401", "403", "404", "409", "422", "429", "502"))}}
+
+
+def _author_paths(sid: list[dict[str, Any]], scripts_path: dict[str, Any]) -> dict[str, Any]:
+    """GET /scripts and version deprecation (issue 16)."""
+    def q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+    flag = {"type": "string", "enum": ["true", "false"]}
+    version = [*sid, {"name": "version", "in": "path", "required": True,
+                      "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"}, "description": "Version."}]
+    listing = _operation(
+        "listScripts", "The scripts the caller may see, in id order: their own (drafts included), those shared "
+        "with them inside their tenant (teams, orgs, users), and marketplace scripts they are subscribed to. "
+        "Another tenant's private script never appears. Pages may be shorter than `limit`; continue with "
+        "`next_cursor` until it is null.",
+        {"200": _json("ScriptList", "One page of scripts.")},
+        params=[q("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size (default 50)."),
+                q("cursor", _SCRIPT_ID_PARAM["schema"], "`next_cursor` of the previous page."),
+                q("owner", {"type": "string", "maxLength": 128}, "Only this owner's scripts."),
+                q("mine", flag, "Only the caller's own scripts."),
+                q("status", {"type": "string", "enum": ["draft", "published", "deprecated"]}, "Script state."),
+                q("runtime_mode", {"type": "string", "enum": ["onetime", "realtime"]}, "Runtime mode."),
+                q("marketplace", flag, "Only listed (true) or unlisted (false) scripts."),
+                q("q", {"type": "string", "maxLength": 100}, "Text in the name or id.")],
+        errors=("400", "401", "403", "422"))
+    deprecate = _operation(
+        "deprecateVersion", "Deprecate a published version (owner): new subscriptions to it answer 409 "
+        "`version_deprecated`; running subscriptions and executes go on; listings show it.",
+        {"200": _json("Deprecation", "The version's deprecation.")}, params=version,
+        errors=("400", "401", "403", "404", "422"))
+    deprecate["requestBody"] = {"required": False,
+                                "content": {"application/json": {"schema": _ref("DeprecateBody")}}}
+    undo = _operation("undeprecateVersion", "Withdraw a version's deprecation (owner).",
+                      {"200": _json("Deprecation", "The version, no longer deprecated.")}, params=version)
+    return {"/scripts": {**scripts_path, "get": listing},
+            "/scripts/{script_id}/versions/{version}/deprecate": {"post": deprecate},
+            "/scripts/{script_id}/versions/{version}/deprecation": {"delete": undo}}

@@ -75,7 +75,7 @@ _VERSION_SELECT = (
 
 # Published version rows kept per process. Nothing updates a script_versions row once inserted (a
 # version is immutable; scripts.owner_id/tenant, joined in, never change), so a cached row is exact.
-# A future "deprecate" must clear it (`forget_version`). Cleared wholesale when full.
+# Deprecation lives in columns this cache does not hold (`deprecations`). Cleared wholesale when full.
 VERSION_CACHE_SIZE = 8192
 
 
@@ -265,6 +265,54 @@ class Catalog:
         self._remember(found)
         out.update({(v.script_id, v.version): v for v in found})
         return out
+
+    # ----------------------------------------------------------------- listing and deprecation
+
+    def listing_candidates(self, tenant: str, user_id: str, *, after: str, limit: int, owner_id: str | None = None,
+                           runtime_mode: str | None = None, marketplace: bool | None = None,
+                           text: str | None = None) -> list[ScriptRow]:
+        """Scripts of the caller's tenant and those they hold a marketplace subscription for, in id
+        order after `after`: the rows GET /scripts may show, before each passes the visibility check
+        (RegistryService). Other tenants' scripts without the caller's subscription are never read."""
+        with self._conn(None) as c:
+            rows = c.execute(
+                f"SELECT {_SCRIPT_COLS} FROM scripts WHERE script_id > %(after)s"
+                " AND (tenant = %(tenant)s OR script_id IN (SELECT script_id FROM marketplace_subscriptions"
+                "      WHERE user_id = %(user)s AND tenant = %(tenant)s))"
+                " AND (%(owner)s::text IS NULL OR owner_id = %(owner)s)"
+                " AND (%(mode)s::text IS NULL OR runtime_mode = %(mode)s)"
+                " AND (%(listed)s::boolean IS NULL OR marketplace = %(listed)s)"
+                " AND (%(text)s::text IS NULL OR strpos(lower(name), %(text)s) > 0"
+                "      OR strpos(script_id, %(text)s) > 0)"
+                " ORDER BY script_id LIMIT %(limit)s",
+                {"after": after, "tenant": tenant, "user": user_id, "owner": owner_id, "mode": runtime_mode,
+                 "listed": marketplace, "text": text.lower() if text else None, "limit": limit},
+            ).fetchall()
+        return [ScriptRow(*r) for r in rows]
+
+    def deprecations(self, script_ids: list[str]) -> dict[tuple[str, int], tuple[datetime, str | None]]:
+        """(script_id, version) -> (deprecated_at, reason) of the deprecated versions of these scripts.
+        Read live (not from the version cache): deprecation is the one change a version row sees."""
+        if not script_ids:
+            return {}
+        with self._conn(None) as c:
+            rows = c.execute(
+                "SELECT script_id, version, deprecated_at, deprecation_reason FROM script_versions"
+                " WHERE script_id = ANY(%s) AND deprecated_at IS NOT NULL",
+                (script_ids,),
+            ).fetchall()
+        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+    def set_deprecated(self, script_id: str, version: int, deprecated: bool, reason: str | None) -> bool:
+        """Mark or unmark a version deprecated; False when the version does not exist."""
+        with self._conn(None) as c:
+            row = c.execute(
+                "UPDATE script_versions SET deprecated_at = CASE WHEN %(on)s"
+                " THEN coalesce(deprecated_at, now()) END, deprecation_reason = CASE WHEN %(on)s THEN %(reason)s END"
+                " WHERE script_id = %(sid)s AND version = %(ver)s RETURNING version",
+                {"on": deprecated, "reason": reason, "sid": script_id, "ver": version},
+            ).fetchone()
+        return row is not None
 
     # ----------------------------------------------------------------- marketplace
 

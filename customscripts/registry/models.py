@@ -237,11 +237,51 @@ class VersionSummary(BaseModel):
     runtime_mode: RuntimeMode
     depends_on: list[str]
     created_at: datetime
+    deprecated_at: datetime | None = Field(default=None, description="Set once deprecated: no new subscriptions.")
+    deprecation_reason: str | None = None
 
 
 class VersionList(BaseModel):
     script_id: str
     versions: list[VersionSummary]
+
+
+class DeprecateBody(BaseModel):
+    """POST /scripts/{id}/versions/{n}/deprecate body (optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class Deprecation(BaseModel):
+    script_id: str
+    version: int
+    deprecated: bool
+    deprecated_at: datetime | None = None
+    reason: str | None = None
+
+
+class ScriptListItem(BaseModel):
+    """One script in GET /scripts: what the caller may see of it, and how they come to see it."""
+
+    script_id: str
+    name: str
+    owner_id: str
+    tenant: str
+    runtime_mode: RuntimeMode
+    marketplace: bool
+    latest_version: int | None
+    status: Literal["draft", "published", "deprecated"] = Field(
+        description="draft: nothing published; deprecated: the latest version is deprecated.")
+    access: Literal["owner", "shared", "marketplace"]
+    deprecated_versions: list[int]
+    updated_at: datetime
+
+
+class ScriptList(BaseModel):
+    scripts: list[ScriptListItem]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
 
 
 class Subscription(BaseModel):

@@ -44,6 +44,8 @@ Version = int | str  # a published number or "draft"
 
 # Closures of published versions kept per process (each a handful of pairs); cleared when full.
 CLOSURE_CACHE_SIZE = 4096
+# GET /scripts reads at most this many chunks of candidates per page before answering with a cursor.
+LISTING_MAX_CHUNKS = 20
 
 
 def parse_version(value: object) -> Version:
@@ -391,6 +393,83 @@ class RegistryService:
         number = parse_version(version)
         return (self.store.get_meta(row.owner_id, row.script_id, number),
                 self.store.get_source(row.owner_id, row.script_id, number))
+
+    # ----------------------------------------------------------------- listing and deprecation
+
+    def _listed_access(self, principal: Principal, row: ScriptRow, current: VersionRow | None,
+                       subscribed: bool) -> str | None:
+        """How the caller comes to see `row` in GET /scripts, or None: the same visibility and use
+        checks as every read (`_visible`, then `check_can_use_now` on the current policy)."""
+        if is_owner(principal, row):
+            return "owner"
+        if current is None:
+            return None
+        try:
+            self._visible(principal, row)
+            check_can_use_now(principal, current, current, subscribed=subscribed, cfg=self.cfg)
+        except (NotFound, Denied):
+            return None
+        return "shared" if row.tenant == principal.tenant else "marketplace"
+
+    def list_scripts(self, principal: Principal, *, limit: int = 50, cursor: str | None = None,
+                     owner_id: str | None = None, runtime_mode: str | None = None, marketplace: bool | None = None,
+                     status: str | None = None, text: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """The scripts the caller may see, in id order: their own (drafts included), those shared with
+        them in their tenant, and marketplace scripts they are entitled to. Candidates come from the
+        caller's tenant and marketplace subscriptions only; each then passes `_listed_access`.
+        Returns (items, next cursor or None at the end)."""
+        tier_of(principal, self.cfg)
+        after = ids.script_id(cursor) if cursor is not None else ""
+        items: list[dict[str, Any]] = []
+        chunk = max(limit, 50)
+        for _ in range(LISTING_MAX_CHUNKS):
+            rows = self.catalog.listing_candidates(principal.tenant, principal.user_id, after=after, limit=chunk,
+                                                   owner_id=owner_id, runtime_mode=runtime_mode,
+                                                   marketplace=marketplace, text=text)
+            foreign = [r.script_id for r in rows if not is_owner(principal, r)]
+            subs = self._subscribed(principal, foreign)
+            current = self._current(set(foreign))
+            deprecated = self.catalog.deprecations([r.script_id for r in rows if r.latest_version])
+            for row in rows:
+                after = row.script_id
+                access = self._listed_access(principal, row, current.get(row.script_id), row.script_id in subs)
+                if access is None:
+                    continue
+                old = sorted(v for sid, v in deprecated if sid == row.script_id)
+                state = ("draft" if not row.latest_version else
+                         "deprecated" if row.latest_version in old else "published")
+                if status is not None and state != status:
+                    continue
+                items.append({"script_id": row.script_id, "name": row.name, "owner_id": row.owner_id,
+                              "tenant": row.tenant, "runtime_mode": row.runtime_mode,
+                              "marketplace": row.marketplace, "latest_version": row.latest_version,
+                              "status": state, "access": access, "deprecated_versions": old,
+                              "updated_at": row.updated_at.isoformat()})
+                if len(items) == limit:
+                    return items, row.script_id
+            if len(rows) < chunk:
+                return items, None
+        return items, after  # scanned enough for one page: the caller continues from here
+
+    def deprecate(self, principal: Principal, script_id: str, version: object, *, deprecated: bool = True,
+                  reason: str | None = None, call_id: str | None = None) -> dict[str, Any]:
+        """Mark a published version deprecated (owner): no new subscriptions to it; running ones go on."""
+        tier_of(principal, self.cfg)
+        row = self._owned(principal, script_id)
+        number = ids.version(version)
+        if not self.catalog.set_deprecated(row.script_id, number, deprecated, reason):
+            raise NotFound(f"version {row.script_id}@{number} not found", code="version_not_found")
+        self._audit(principal, "deprecate" if deprecated else "undeprecate", row.script_id, number, call_id)
+        when, why = self.catalog.deprecations([row.script_id]).get((row.script_id, number), (None, None))
+        return {"script_id": row.script_id, "version": number, "deprecated": when is not None,
+                "deprecated_at": when.isoformat() if when else None, "reason": why}
+
+    def check_subscribable(self, script_id: str, version: int) -> None:
+        """409 for a deprecated version: nothing new subscribes to it."""
+        found = self.catalog.deprecations([script_id]).get((script_id, version))
+        if found is not None:
+            raise Conflict(f"version {script_id}@{version} is deprecated{': ' + found[1] if found[1] else ''}; "
+                           "subscribe to a newer version", code="version_deprecated")
 
 
 def _code_sha(source: str) -> str:

@@ -50,7 +50,7 @@ def third_party_paths(modules: list[str]) -> list[tuple[str, str]]:
     out = []
     purelib = Path(sysconfig.get_paths()["purelib"])
     for mod in modules:
-        for name in (mod, f"{mod}.libs"):
+        for name in (mod, f"{mod}.libs", f"{mod}.py"):
             p = purelib / name
             if p.exists():
                 out.append((str(p), f"{SANDBOX_SITE}/{name}"))

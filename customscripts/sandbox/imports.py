@@ -25,6 +25,8 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
+from . import pandas_guard
+
 ALLOWED_DUNDERS = frozenset({"__init__", "__name__", "__doc__", "__len__", "__call__", "__iter__",
                              "__next__", "__getitem__", "__setitem__", "__contains__", "__repr__",
                              "__str__", "__eq__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__",
@@ -48,9 +50,14 @@ BLOCKED_MODULE_ATTRS: dict[str, frozenset[str]] = {
     "functools": frozenset({"_lru_cache_wrapper"}),
     "dataclasses": frozenset({"_create_fn", "sys"}),
     "json": frozenset({"scanner", "decoder"}),
+    "pandas": pandas_guard.BLOCKED_FUNCTIONS | pandas_guard.BLOCKED_METHODS,
 }
 BLOCKED_SUBMODULES = frozenset({"numpy.ctypeslib", "numpy.f2py", "numpy.distutils", "numpy.testing",
-                                "numpy.lib.format", "numpy.lib.npyio"})
+                                "numpy.lib.format", "numpy.lib.npyio", *pandas_guard.BLOCKED_SUBMODULES})
+# Function and class objects defined in a blocked submodule are refused wherever a script finds them
+# (pandas re-exports its readers at the top level; other modules import them by name).
+_ORIGIN_CHECKED = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+_BLOCKED_PREFIXES = tuple(b + "." for b in BLOCKED_SUBMODULES)
 
 
 class SandboxViolation(ImportError):
@@ -128,10 +135,28 @@ def imported_roots(source: str) -> list[str]:
     return sorted(names)
 
 
+def _blocked_module(name: str) -> bool:
+    return name in BLOCKED_SUBMODULES or name.startswith(_BLOCKED_PREFIXES)
+
+
 def _root_allowed(name: str, allowed: frozenset[str]) -> bool:
-    if name in BLOCKED_SUBMODULES or any(name.startswith(b + ".") for b in BLOCKED_SUBMODULES):
+    if _blocked_module(name):
         return False
     return name.split(".", 1)[0] in allowed
+
+
+def _blocked_member(root: str, name: str) -> bool:
+    """A member of an allowlisted module that leads to code execution, files or the network."""
+    return name in BLOCKED_MODULE_ATTRS.get(root, ()) or (root == "pandas" and name.startswith("read_"))
+
+
+def _blocked_origin(value: Any) -> bool:
+    """A function or class defined in a blocked submodule (wherever the script found it)."""
+    if not isinstance(value, _ORIGIN_CHECKED):
+        return False
+    module = type.__getattribute__(value, "__module__") if isinstance(value, type) else \
+        getattr(value, "__module__", None)
+    return isinstance(module, str) and "." in module and _blocked_module(module)
 
 
 def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
@@ -146,7 +171,7 @@ def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
             raise SandboxViolation(f"access to module {modname!r} is not allowed")
         if name is not None:
             root = modname.split(".", 1)[0]
-            if name in BLOCKED_MODULE_ATTRS.get(root, ()) or _bad_name(name):
+            if _blocked_member(root, name) or _bad_name(name):
                 raise SandboxViolation(f"{modname}.{name} is not allowed in scripts")
 
     def cs_getattr(obj: Any, name: str, *default: Any) -> Any:
@@ -164,6 +189,8 @@ def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
             raise
         if isinstance(value, types.ModuleType):
             check_module(value, None)
+        elif _blocked_origin(value):
+            raise SandboxViolation(f"{name!r} is not allowed in scripts")
         return value
 
     def cs_hasattr(obj: Any, name: str) -> bool:
@@ -192,15 +219,19 @@ def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
         root = name.split(".", 1)[0]
         for item in fromlist or ():
             if not isinstance(item, str) or item == "*" or _bad_name(item) or \
-                    item in BLOCKED_MODULE_ATTRS.get(root, ()) or \
+                    _blocked_member(root, item) or \
                     not _root_allowed(f"{name}.{item}", allowed):
                 raise SandboxViolation(f"from {name} import {item} is not allowed")
+        if root == "pandas":
+            pandas_guard.load()  # pandas enters a script only disarmed
         mod = real_import(name, None, None, fromlist, 0)
         if fromlist:
             for item in fromlist:
                 value = real_getattr(mod, item, None)
                 if isinstance(value, types.ModuleType):
                     check_module(value, None)
+                elif _blocked_origin(value):
+                    raise SandboxViolation(f"from {name} import {item} is not allowed")
         return mod
 
     safe = {k: v for k, v in vars(builtins).items() if k not in REMOVED_BUILTINS}
@@ -210,14 +241,39 @@ def make_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
     return safe
 
 
-def preload(allowed_modules: Iterable[str]) -> list[str]:
-    """Import allowlisted modules in the zygote so children start warm; returns what loaded."""
+# Allowlisted modules preloaded only into the zygotes of scripts that use them: pandas adds ~45 MB
+# to a zygote and makes every fork slower (bench/bench_pandas_zygote.py, README), which scripts that
+# never touch it should not pay. A script that reaches it some other way imports it in its child.
+LAZY_MODULES = frozenset({"pandas"})
+
+
+def modules_used(source: str) -> set[str]:
+    """The lazily preloaded modules a script uses: imported, or pandas through `bars.df`."""
+    used = set(imported_roots(source)) & LAZY_MODULES
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return used
+    if any(isinstance(node, ast.Attribute) and node.attr == "df" for node in ast.walk(tree)):
+        used.add("pandas")
+    return used
+
+
+def preload(allowed_modules: Iterable[str], source: str | None = None) -> list[str]:
+    """Import allowlisted modules in the zygote so children start warm; returns what loaded. Modules
+    of LAZY_MODULES only when the script (`source`) uses them."""
     import importlib
 
     loaded = []
+    wanted = modules_used(source) if source is not None else set(LAZY_MODULES)
     for name in sorted(allowed_modules):
+        if name in LAZY_MODULES and name not in wanted:
+            continue
         try:
-            importlib.import_module(name)
+            if name == "pandas":
+                pandas_guard.load()
+            else:
+                importlib.import_module(name)
             loaded.append(name)
         except Exception:
             continue

@@ -2,7 +2,8 @@
 
 Why here: everything the user's code can touch lives in this module, inside the sandbox. Nothing in it
 is trusted by the supervisor - results are re-validated there - so this code only aims at good
-error messages (trimmed tracebacks, clear types) and bounded logs. Stdlib + numpy only.
+error messages (trimmed tracebacks, clear types) and bounded logs. Stdlib + numpy (+ pandas, disarmed, for
+`Bars.df`).
 """
 
 from __future__ import annotations
@@ -125,6 +126,21 @@ class Bars:
     def keys(self) -> list[str]:
         return list(self.columns)
 
+    @property
+    def df(self) -> Any:
+        """The columns as a pandas DataFrame indexed by each bar's time (a UTC DatetimeIndex named
+        `time`); other time columns (`end_time`) become UTC datetimes too. pandas comes disarmed
+        (sandbox/pandas_guard.py). Built on each access: keep it in a variable."""
+        from .pandas_guard import load
+
+        pd = load()
+        cols = dict(self.columns)
+        times = cols.pop("time", None)
+        for name in [k for k in cols if k.endswith("_time")]:
+            cols[name] = pd.to_datetime(cols[name], unit="s", utc=True)
+        index = None if times is None else pd.DatetimeIndex(pd.to_datetime(times, unit="s", utc=True), name="time")
+        return pd.DataFrame(cols, index=index)
+
     def __repr__(self) -> str:
         return f"Bars({self.instrument_key!r}, {self.timeframe!r}, n={len(self)})"
 
@@ -201,6 +217,9 @@ def to_jsonable(value: Any, depth: int = 0) -> Any:
             if value.size > 100_000:
                 raise TypeError("numpy array output too large")
             return to_jsonable(value.tolist(), depth + 1)
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, pd.Series):  # a column's values, like a numpy array
+        return to_jsonable(value.to_numpy(), depth + 1)
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():

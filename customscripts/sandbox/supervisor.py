@@ -66,7 +66,8 @@ from .results import ExecutionResult, InvalidOutput, OutputValidator
 
 log = logs.get("customscripts.sandbox")
 
-THIRD_PARTY = ["numpy"]          # allowlisted heavy modules bound into the sandbox and preloaded
+# allowlisted heavy modules bound into the sandbox (read-only) and preloaded, with what they import
+THIRD_PARTY = ["numpy", "pandas", "dateutil", "six"]
 ZYGOTE_START_TIMEOUT_S = 20.0
 EXIT_REPORT_TIMEOUT_S = 5.0
 MAX_MARKET_LIMIT = 5000

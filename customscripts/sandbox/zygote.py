@@ -69,7 +69,7 @@ class Zygote:
         if self.bpf_child:
             self.filter = seccomp.Prepared(self.bpf_child)
         allowed = frozenset(self.limits["allowed_modules"])
-        preloaded = imports.preload(allowed)
+        preloaded = imports.preload(allowed, self.init["source"])
         guards = bool(self.init.get("guards", True))
         code = None
         compile_error = None

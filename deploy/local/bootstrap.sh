@@ -53,8 +53,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -e "$stamp" ]; then
   echo "[bootstrap] installing the customscripts package and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
-  .venv/bin/python -m pip install -q -e "$root[dev]" 2>&1 | grep -v -i warning || true
+  # PYTHONWARNINGS reaches setuptools in pip's build subprocess: no "!!" notice boxes among the output
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e "$root[dev]" 2>&1 | grep -v -i warning || true
   .venv/bin/python -c 'import customscripts, minio, psycopg, nats, pytest' 
   rm -f .venv/.installed-*; touch "$stamp"
 fi

@@ -8,6 +8,7 @@ from typing import Any
 import requests
 
 from customscripts.auth import issue_user_token
+from customscripts.client import Client
 from customscripts.registry.namespace import qualify
 
 RUN_OK = "def run(ctx):\n    return 1.0\n"
@@ -45,6 +46,11 @@ class Caller:
             kwargs["json"] = body
         return requests.request(method, self.base + path, **kwargs)
 
+    @property
+    def client(self) -> Client:
+        """The typed client (customscripts.client) for this caller."""
+        return Client(self.base, self.token, timeout=30)
+
     def sid(self, chosen: str) -> str:
         """The platform-wide id of a script id this caller chooses (registry/namespace.py)."""
         return qualify(chosen, self.tenant)
@@ -57,11 +63,11 @@ class Caller:
         return self.call("POST", f"/scripts/{script_id}/publish")
 
     def create_published(self, script_id: str, source: str = RUN_OK, **fields: Any) -> dict:
-        created = self.create(script_id, source, **fields)
-        assert created.status_code == 201, created.text
-        published = self.publish(script_id)
-        assert published.status_code == 201, published.text
-        return published.json()
+        """Create and publish a new script; an API error raises (customscripts.client.ApiError)."""
+        self.client.create_script(script_id, source, name=f"script {script_id}", **fields)
+        published = self.client.publish(script_id)
+        assert not published["unchanged"], published
+        return published
 
 
 def error_code(resp: requests.Response) -> str:

@@ -372,7 +372,9 @@ def test_openapi_lists_exactly_the_routes(base, alice):
                                            "/scripts/{script_id}/execute", "/scripts/{script_id}/subscribe",
                                            "/scripts/{script_id}/subscriptions/{subscription_id}",
                                            "/subscriptions", "/signals/{instrument_key}/custom/{script_id}",
-                                           "/executions/{call_id}", "/scripts/{script_id}/series"})
+                                           "/executions/{call_id}", "/scripts/{script_id}/series",
+                                           "/scripts/{script_id}/versions/{version}/deprecate",
+                                           "/scripts/{script_id}/versions/{version}/deprecation"})
     assert "unchanged" in doc["paths"]["/scripts/{script_id}/publish"]["post"]["summary"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
@@ -390,8 +392,8 @@ def test_concurrent_publishes_make_one_version(alice, uid):
 
 
 def test_undeclared_methods_are_405_with_allow(alice, uid):
-    for method, path, allow in [("OPTIONS", "/scripts", "POST"), ("DELETE", f"/scripts/x-{uid}", "GET, PATCH, PUT"),
-                                ("TRACE", "/scripts", None)]:
+    for method, path, allow in [("OPTIONS", "/scripts", "GET, POST"),
+                                ("DELETE", f"/scripts/x-{uid}", "GET, PATCH, PUT"), ("TRACE", "/scripts", None)]:
         resp = alice.call(method, path)
         assert resp.status_code == 405 and error_code(resp) == "method_not_allowed"
         assert resp.headers.get("Allow")  # TRACE is refused by Flask itself, still with Allow + JSON
