@@ -272,12 +272,14 @@ def _series_points(result: dict[str, Any]) -> list[tuple[float, Any]]:
 
 def subscribe(api: Client, args: argparse.Namespace) -> Any:
     sub = api.subscribe(args.script_id, instrument_key=args.instrument, timeframe=args.timeframe,
-                        params=dict(args.param), version=args.version)
+                        params=dict(args.param), version=args.version, backfill=args.backfill)
     if args.json:
         return sub
     verb = "subscribed" if sub.get("created") else "already subscribed"
+    filled = sub.get("backfill") or {}
+    history = f"; {filled['published']} past outputs backfilled" if isinstance(filled.get("published"), int) else ""
     return (f"{verb}: #{sub['id']} {sub['script_id']} v{sub['version']} on {sub['instrument_key']} "
-            f"{sub['timeframe']} params {_cell(sub.get('params') or {})}")
+            f"{sub['timeframe']} params {_cell(sub.get('params') or {})}{history}")
 
 
 def unsubscribe(api: Client, args: argparse.Namespace) -> Any:
@@ -475,6 +477,8 @@ def add_api_parsers(sub: argparse._SubParsersAction) -> None:
     p = _verb(sub, "subscribe", subscribe, "evaluate a script on every candle close (realtime)", api)
     p.add_argument("script_id")
     _run_options(p)
+    p.add_argument("--backfill", type=int, default=None, metavar="N",
+                   help="first fill the history with the outputs at the last N bar ends (default: your tier's)")
     p = _verb(sub, "unsubscribe", unsubscribe, "delete one of your realtime subscriptions", api)
     p.add_argument("script_id")
     p.add_argument("subscription_id")
