@@ -70,15 +70,23 @@ ON CONFLICT DO NOTHING;
 -- Script outputs: every row is a realtime publish stamped with its event, the bar's start; it moves
 -- to the bar's end (the event time the scheduler now gives, so a redelivered event still finds it).
 CREATE TEMP TABLE outputs_moved ON COMMIT DROP AS
-SELECT cs_bar_end(time, timeframe) AS time, tenant, instrument_key, timeframe, script_id, version, params_hash,
+SELECT COALESCE(cs_bar_end(time, timeframe), time) AS time, tenant, instrument_key, timeframe, script_id, version, params_hash,
        value, value_json, metadata, status, call_id, created_at
 FROM script_outputs;
 DELETE FROM script_outputs;
 INSERT INTO script_outputs (time, tenant, instrument_key, timeframe, script_id, version, params_hash,
                             value, value_json, metadata, status, call_id, created_at)
-SELECT * FROM outputs_moved WHERE time IS NOT NULL
+SELECT * FROM outputs_moved
 ON CONFLICT ON CONSTRAINT script_outputs_event_key DO NOTHING;
 
--- Dead letters name their evaluation by its event time: the same move.
-UPDATE realtime_dead_letters SET event_time = cs_bar_end(event_time, timeframe)
-WHERE cs_bar_end(event_time, timeframe) IS NOT NULL;
+-- Dead letters name their evaluation by its event time: the same move, all rows at once (one row's new
+-- time is often another's old one, which a row-by-row UPDATE under the unique key would refuse).
+CREATE TEMP TABLE dead_letters_moved ON COMMIT DROP AS
+SELECT id, at, tenant, user_id, script_id, version, params_hash, instrument_key, timeframe,
+       COALESCE(cs_bar_end(event_time, timeframe), event_time) AS event_time, reason, error, attempts, call_id
+FROM realtime_dead_letters;
+DELETE FROM realtime_dead_letters;
+INSERT INTO realtime_dead_letters (id, at, tenant, user_id, script_id, version, params_hash, instrument_key,
+                                   timeframe, event_time, reason, error, attempts, call_id)
+SELECT * FROM dead_letters_moved
+ON CONFLICT ON CONSTRAINT realtime_dead_letters_evaluation DO NOTHING;

@@ -70,6 +70,27 @@ def test_migration_moves_old_stamps_to_bar_ends(scratch):
         ts(2012, 6, 6)
 
 
+def test_migration_moves_consecutive_and_unknown_stamps_without_losing_a_row(scratch):
+    """Consecutive daily bars: one row's new time is the next row's old one (a row-by-row UPDATE under
+    the unique key refuses that). A timeframe the rule does not know keeps its time: nothing is lost."""
+    conn = scratch
+    days = [ts(2011, 1, 4), ts(2011, 1, 5), ts(2011, 1, 6)]
+    for day in days:
+        conn.execute("INSERT INTO realtime_dead_letters (tenant, user_id, script_id, version, params_hash,"
+                     " instrument_key, timeframe, event_time, reason, error, attempts)"
+                     " VALUES ('t', 'u', 's', 1, 'h', 'GOOG', '1d', %s, 'invocation_failed', 'x', 1)", (day,))
+        conn.execute("INSERT INTO script_outputs (time, tenant, instrument_key, timeframe, script_id, version,"
+                     " params_hash, value) VALUES (%s, 't', 'GOOG', '1d', 's', 1, 'h', 1.0)", (day,))
+    conn.execute("INSERT INTO script_outputs (time, tenant, instrument_key, timeframe, script_id, version,"
+                 " params_hash, value) VALUES (%s, 't', 'GOOG', 'tick', 's', 1, 'h', 9.0)", (days[0],))
+    with conn.transaction():
+        conn.execute((MIGRATIONS_DIR / "010_bar_end.sql").read_text())
+    moved = [ts(2011, 1, 5), ts(2011, 1, 6), ts(2011, 1, 7)]
+    assert [r[0] for r in conn.execute("SELECT event_time FROM realtime_dead_letters ORDER BY 1")] == moved
+    assert conn.execute("SELECT timeframe, time FROM script_outputs ORDER BY timeframe, time").fetchall() == \
+        [("1d", t) for t in moved] + [("tick", days[0])]
+
+
 def test_sql_bar_end_equals_the_python_rule(stack):
     rng = random.Random(10)
     cases = [(rng.uniform(0, 4.1e9), rng.choice(["1s", "30s", "1m", "15m", "1h", "4h", "1d", "3d", "1w", "2w",
