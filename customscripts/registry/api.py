@@ -200,6 +200,8 @@ def list_scripts(req: Request) -> Response:
     items, cursor = service().list_scripts(
         principal, limit=int(raw_limit), cursor=q.get("cursor"), owner_id=owner, runtime_mode=q.get("runtime_mode"),
         marketplace=_flag(req, "marketplace"), status=q.get("status"), text=text)
+    for item in items:
+        item["function_url"] = function_url(item["script_id"], item["latest_version"])
     return json_response({"scripts": items, "next_cursor": cursor})
 
 

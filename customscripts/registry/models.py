@@ -277,6 +277,8 @@ class ScriptListItem(BaseModel):
     access: Literal["owner", "shared", "marketplace"]
     deprecated_versions: list[int]
     updated_at: datetime
+    function_url: str | None = Field(default=None, description="The latest version's function URL (see "
+                                     "VersionSummary.function_url); null for a draft.")
 
 
 class ScriptList(BaseModel):

@@ -173,3 +173,14 @@ def test_async_invocation_calls_back_with_the_same_answer(world: World) -> None:
     assert answer["output"] == sync["output"]
     assert {k.lower(): v for k, v in headers.items()}.get("x-call-id") == call_id
     assert [r[1] for r in audit_rows(world.cfg, call_id, 1, patience_s=30)] == ["ok"]
+
+
+def test_the_version_and_the_listing_name_the_function_url(world: World) -> None:
+    url = fn_url(world, world.private)
+    owner = world.owner
+    assert owner.call("GET", f"/scripts/{world.private}/versions/1").json()["function_url"] == url
+    assert [v["function_url"] for v in owner.call("GET", f"/scripts/{world.private}/versions").json()["versions"]] \
+        == [url]
+    listed = {s["script_id"]: s for s in owner.call("GET", "/scripts?mine=true&limit=200").json()["scripts"]}
+    assert listed[world.private]["function_url"] == url
+    assert listed[world.revoked]["function_url"].endswith(function_name(world.revoked, 2))  # the latest
