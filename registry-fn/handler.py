@@ -2,8 +2,15 @@
 package reaches the build context at function/customscripts (stack.yml configuration.copy) and
 index.py puts function/ first on sys.path."""
 
+import importlib
+
 from customscripts.registry.api import handle as _handle
 from customscripts.registry.audit import exit_cleanly_on_sigterm
+
+# The routes' own modules, imported now: a requirement missing from function/requirements.txt stops the
+# function at its start, not at its first request.
+for _module in ("customscripts.execution", "customscripts.realtime.service", "customscripts.series"):
+    importlib.import_module(_module)
 
 exit_cleanly_on_sigterm()  # index.py imports this module in its main thread: queued audit rows get written
 

@@ -35,7 +35,7 @@ from customscripts.sandbox.datasource import DataSource
 from customscripts.sandbox.invocation import function_request_proof, verify_invocation_token, verify_prefetch
 from customscripts.sandbox.limits import SandboxLimits
 from customscripts.sandbox.prefetch import Prefetched, PrefetchError
-from customscripts.sandbox.supervisor import THIRD_PARTY, ExecutionRequest, IsolationUnavailable, Supervisor
+from customscripts.sandbox.supervisor import ExecutionRequest, IsolationUnavailable, Supervisor
 
 if TYPE_CHECKING:
     from customscripts.gateway.client import GatewayClient
@@ -44,8 +44,9 @@ MAX_BODY = 8 * 1024 * 1024  # a realtime batch with prefetched windows
 LIMIT_KEYS = frozenset({"timeout_ms", "memory_mb", "cpu_seconds", "max_output_bytes", "max_log_bytes"})
 HEALTH_PATHS = ("/_/health", "/healthz")
 # What the sandbox loads in its own processes (zygote, children), so an import here would not show it
-# missing: the allowlisted third-party modules it preloads, seccomp, and output-schema validation.
-SANDBOX_MODULES = (*THIRD_PARTY, "pyseccomp", "jsonschema")
+# missing: the allowlisted third-party packages scripts use (their own dependencies come with them),
+# seccomp, and output-schema validation.
+SANDBOX_MODULES = ("numpy", "pandas", "pyseccomp", "jsonschema")
 log = logs.get("customscripts.script_fn")
 
 _sample_data: DataSource | None = None
