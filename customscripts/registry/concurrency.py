@@ -132,3 +132,13 @@ class ExecuteSlots:
             yield
         finally:
             self._local.release()
+
+    @contextlib.contextmanager
+    def hold(self, principal: Principal, tier: Tier, lease_s: float, call_id: str) -> Iterator[None]:
+        """Hold a lease and a place in this process for the body of the `with`; both always returned."""
+        lease = self.acquire(principal, tier, lease_s, call_id)
+        try:
+            with self.in_process():
+                yield
+        finally:
+            self.release(lease)
