@@ -146,7 +146,7 @@ def test_deprecated_versions_take_no_new_subscriptions_and_running_ones_go_on(ap
     owner = Caller(api, f"owner-{uid}", tenant)
     member = Caller(api, f"member-{uid}", tenant, teams=(f"quants-{uid}",))
     sid = owner.create_published(f"dep-{uid}", permissions={"teams": [f"quants-{uid}"]})["script_id"]
-    running = member.call("POST", f"/scripts/{sid}/subscribe", GOOG)
+    running = member.call("POST", f"/scripts/{sid}/subscribe", GOOG | {"backfill": 0})  # published by AT below
     assert running.status_code == 201, running.text
     # only the owner deprecates; other tenants do not even learn the script exists
     resp = member.call("POST", f"/scripts/{sid}/versions/1/deprecate", {})
