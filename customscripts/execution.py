@@ -318,15 +318,19 @@ class Executor:
             self._audit(grant, status="denied", detail=exc.message[:500])
             raise
         self._check_params(script_id, version, body.params)
-        lease_s = wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
         try:
-            lease = self.slots.acquire(principal, tier_of(principal, self.cfg), lease_s, call_id)
+            lease = self.slots.acquire(principal, tier_of(principal, self.cfg), self._lease_s(script_id, version),
+                                       call_id)
         except ApiError as exc:
             self.refused(grant, exc)
             raise
         scope = Scope(principal.user_id, principal.tenant, principal.tier)
         token = self.invoker.execution_token(script_id, version, scope, grant.as_of, closure, call_id)
         return dataclasses.replace(grant, token=token), lease
+
+    def _lease_s(self, script_id: str, version: int) -> float:
+        """How long an execute's lease (and a function URL's grant) lasts: its wall timeout plus slack."""
+        return wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
 
     def refused(self, grant: ExecuteGrant, exc: ApiError) -> None:
         """Audit an authorised execute that failed before it had a result (limits, the function)."""
@@ -369,10 +373,9 @@ class Executor:
             raise Unprocessable(f"this function URL serves version {number} of {script_id} only",
                                 code="wrong_version", details={"version": number})
         grant, lease = self.authorise(principal, script_id, {**raw_body, "version": number}, call_id)
-        lease_s = wall_timeout_s(self.invoker.version(script_id, number)[0], self.cfg) + self.cfg.execute_lease_slack_s
         claims = {**dataclasses.asdict(grant), "token": "", "fn": function,
                   "lease": {"member": lease.member, "keys": list(lease.keys)}}
-        return {"execution_token": grant.token, "grant": seal_grant(claims, lease_s),
+        return {"execution_token": grant.token, "grant": seal_grant(claims, self._lease_s(script_id, number)),
                 "execution": {"instrument_key": grant.instrument_key, "timeframe": grant.timeframe,
                               "params": grant.params, "timestamp": grant.as_of}}
 

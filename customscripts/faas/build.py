@@ -224,6 +224,28 @@ def render_stack_function(name: str, *, stack_path: Path | None = None, template
     return BuildResult(name, functions_dir / name, context_hash, context_hash, rebuilt=rebuilt)
 
 
+def read_stamp(context: Path) -> dict[str, Any]:
+    """The build stamp a render left in the context ({} when there is none)."""
+    try:
+        data = json.loads((context / BUILD_STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def context_sha256(context: Path) -> str:
+    """The context's content hash: the renderer's stamp when it wrote one, else over its files."""
+    stamped = read_stamp(context).get("context_sha256")
+    if isinstance(stamped, str) and stamped:
+        return stamped
+    digest = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = path.relative_to(context).as_posix()
+        if rel != BUILD_STAMP:
+            digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def remove_context(script_id: str, version: int, functions_dir: Path | None = None) -> None:
     functions_dir = functions_dir or settings().functions_dir
     name = function_name(script_id, version)

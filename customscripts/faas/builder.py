@@ -15,7 +15,6 @@ script version, what `build.deployment()` deploys).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 
 from customscripts.config import Settings, settings
 from customscripts.faas import images
-from customscripts.faas.build import BUILD_STAMP, image_ref
+from customscripts.faas.build import context_sha256, image_ref, read_stamp
 
 Progress = Callable[[str], None]
 LOG_LIMIT = 64 * 1024  # the tail of a build log kept on the version
@@ -70,31 +69,10 @@ class Builder(Protocol):
 # --------------------------------------------------------------------------- naming
 
 
-def _stamp(context: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((context / BUILD_STAMP).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def context_sha256(context: Path) -> str:
-    """The context's content hash: the renderer's stamp when it wrote one, else over its files."""
-    stamped = _stamp(context).get("context_sha256")
-    if isinstance(stamped, str) and stamped:
-        return stamped
-    digest = hashlib.sha256()
-    for path in sorted(p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        rel = path.relative_to(context).as_posix()
-        if rel != BUILD_STAMP:
-            digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def image_for_context(context: Path, image_prefix: str | None = None) -> str:
     """The image a context is built into: a script version's `<prefix>/<fn>:<code sha[:12]>` (its
     stamp names both), any other context's `<prefix>/<folder name>:<context sha[:12]>`."""
-    stamp = _stamp(context)
+    stamp = read_stamp(context)
     name, code = stamp.get("function"), stamp.get("code_sha256")
     if isinstance(name, str) and isinstance(code, str) and name and code:
         return image_ref(name, code, image_prefix)
@@ -307,7 +285,7 @@ class KubernetesJobBuilder:
 
     def build(self, context: Path, image: str, *, progress: Progress = _noop) -> BuildOutcome:
         started = time.monotonic()
-        function = _stamp(context).get("function") or context.name
+        function = read_stamp(context).get("function") or context.name
         context_hash = context_sha256(context)
         job_name = _job_name(function, context_hash)
         ns = self.cfg.build_namespace

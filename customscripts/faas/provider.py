@@ -75,8 +75,8 @@ from customscripts import logs
 from customscripts.config import settings
 from customscripts.errors import ApiError
 from customscripts.faas import cpugroups
-from customscripts.faas.build import BUILD_STAMP, TENANT_ANNOTATION
 from customscripts.faas.build import LABEL as LABEL_PREFIX
+from customscripts.faas.build import TENANT_ANNOTATION, context_sha256
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION, is_dns1123, label_value
 from customscripts.faas.venvs import EnvironmentBuildFailed, Environments
 from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse, parse_json
@@ -363,7 +363,7 @@ class Provider:
             self._save()
             changed = previous is not None and previous["spec"] != spec
             running = self.processes.get(name)
-            if running is not None and running.context != _context_hash(self.source_dir(spec)):
+            if running is not None and running.context != context_sha256(self.source_dir(spec)):
                 changed = True  # the same deployment of new code (a new image under the same tag)
         if changed:
             self.stop_function(name)  # the next call starts the new code
@@ -502,14 +502,14 @@ class Provider:
             os.close(rfd)
         logs.event(log, "function started", function=name, pid=proc.pid, port=port,
                    cold_start_ms=round((time.monotonic() - started) * 1000, 1))
-        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, context=_context_hash(folder))
+        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, context=context_sha256(folder))
 
     def _start_container(self, name: str, spec: dict[str, Any], folder: Path) -> FunctionProcess:
         """The function as a container of its image (faas/containers.py): a script function without a
         network, serving on a socket file and reaching gateway-fn through another; a platform function
         on the host's loopback, as under the process runtime."""
         from customscripts.faas import containers, images
-        from customscripts.faas.builder import BuildFailed, PodmanBuilder, context_sha256
+        from customscripts.faas.builder import BuildFailed, PodmanBuilder
 
         engine = images.require_engine()
         image = spec["image"]
@@ -569,7 +569,7 @@ class Provider:
         logs.event(log, "function started", function=name, pid=proc.pid, image=image, runtime="container",
                    address=unix_path or port, cold_start_ms=round((time.monotonic() - started) * 1000, 1))
         return FunctionProcess(name=name, proc=proc, port=port, spec=spec, unix_path=unix_path, forwards=forwards,
-                               context=_context_hash(folder))
+                               context=context_sha256(folder))
 
     def _service_address(self, spec: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
         """The loopback port callers may reach the function at directly; none for a container that
@@ -874,14 +874,6 @@ class Provider:
 
 
 # --------------------------------------------------------------------------- HTTP front end
-
-
-def _context_hash(folder: Path) -> str:
-    """The build context's hash, from its stamp (faas/build.py writes it with every render)."""
-    try:
-        return str(json.loads((folder / BUILD_STAMP).read_text()).get("context_sha256") or "")
-    except (OSError, ValueError):
-        return ""
 
 
 def _image_context(engine: Any, image: str) -> str | None:
