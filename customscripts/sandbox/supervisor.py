@@ -24,25 +24,21 @@ only, bounded nesting: protocol.loads_strict), and only `call` and `item` messag
 child might claim is never read. Any exception of the supervisor's own while serving a child ends
 that child (killed, and gone before the next execution starts). Reads count against the wall
 timeout: the data source gets the time that is left (datasource.read_deadline).
+
+Where the parts live: the process handles (zygote, children, what the kernel says about them) in
+children.py, the answering of read calls in reads.py; this module is the drive loop and the verdict.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import queue
-import select
 import signal
-import socket
-import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from customscripts import logs
@@ -50,52 +46,16 @@ from customscripts.config import settings
 
 from . import bwrap, protocol
 from . import seccomp as seccomp_mod
-from .datasource import (
-    ColumnFrames,
-    DataAccessError,
-    DataDenied,
-    DataSource,
-    DataSourceUnavailable,
-    DeadlineExceeded,
-    DependencyUnavailable,
-    read_deadline,
-)
+from .children import EXIT_REPORT_TIMEOUT_S, Child, ExitReport, IsolationUnavailable, Zygote
+from .datasource import DataSource
 from .limits import SandboxLimits
-from .prefetch import Prefetched, params_hash
+from .reads import ExecutionRequest, answer_frame, apply_data_failure
 from .results import ExecutionResult, InvalidOutput, OutputValidator
 
 log = logs.get("customscripts.sandbox")
 
-# allowlisted heavy modules bound into the sandbox (read-only) and preloaded, with what they import
-THIRD_PARTY = ["numpy", "pandas", "dateutil", "six"]
-ZYGOTE_START_TIMEOUT_S = 20.0
-EXIT_REPORT_TIMEOUT_S = 5.0
-MAX_MARKET_LIMIT = 5000
 ISOLATION_MODES = ("bwrap", "process")
-PF_EXITING = 0x4  # include/linux/sched.h: set at the start of do_exit, before the task releases anything
-BINARY_FNS = frozenset({"market", "metric"})  # replies the child turns into numpy columns (Bars)
-
-
-class IsolationUnavailable(RuntimeError):
-    """A configured isolation layer is missing; the message names the layer. Never run weaker."""
-
-    def __init__(self, layer: str, detail: str) -> None:
-        super().__init__(f"isolation layer {layer!r} unavailable: {detail}")
-        self.layer = layer
-
-
-@dataclass
-class ExecutionRequest:
-    instrument_key: str
-    timeframe: str
-    params: dict
-    timestamp: float
-    data: DataSource | None = None
-    prefetch: Prefetched | None = None  # reads the scheduler sent along; answered here when covered
-
-    def wire(self) -> dict:
-        return {"instrument_key": self.instrument_key, "timeframe": self.timeframe,
-                "params": self.params or {}, "timestamp": float(self.timestamp)}
+__all__ = ["ExecutionRequest", "IsolationUnavailable", "Supervisor", "compiled_seccomp"]
 
 
 _BPF: tuple[bytes, bytes] | None = None
@@ -112,273 +72,6 @@ def compiled_seccomp() -> tuple[bytes, bytes]:
             except seccomp_mod.SeccompUnavailable as exc:
                 raise IsolationUnavailable("seccomp", str(exc)) from exc
         return _BPF
-
-
-class _Child:
-    __slots__ = ("cpu0", "hostpid", "pid", "pidfd", "sock")
-
-    def __init__(self, pid: int, sock: socket.socket, pidfd: int) -> None:
-        self.pid = pid  # as the zygote sees it (its pid namespace under bwrap)
-        self.sock = sock
-        self.pidfd = pidfd
-        self.hostpid = _host_pid(pidfd) if pidfd >= 0 else None  # as this process sees it
-        self.cpu0: float | None = None
-
-    def kill(self) -> None:
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-
-    def cpu_s(self) -> float | None:
-        """The child's CPU time (user+system) from the kernel's per-process CPU clock."""
-        if self.hostpid is None:
-            return None
-        try:
-            return time.clock_gettime(((~self.hostpid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, SCHED)
-        except OSError:
-            return None
-
-    def peak_rss_kb(self) -> int | None:
-        """The child's peak RSS (VmHWM) from the host's /proc, read from outside while it is alive; None
-        once it has exited (a zombie has no memory map: then wait4's figure is used). The pidfd is
-        checked after the read, so a reused pid is never measured."""
-        if self.hostpid is None:
-            return None
-        try:
-            with open(f"/proc/{self.hostpid}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"VmHWM:"):
-                        kb = int(line.split()[1])
-                        return None if self.exited() else kb
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
-
-    def exited(self) -> bool:
-        """True once the kernel reports the child exited (its pidfd is readable)."""
-        return self.exited_within(0.0)
-
-    def exited_within(self, timeout_s: float) -> bool:
-        """Wait up to timeout_s for the child's exit; True once the kernel reports it."""
-        if self.pidfd < 0:
-            return False
-        poller = select.poll()  # not select(): pidfds can be numbered above FD_SETSIZE
-        poller.register(self.pidfd, select.POLLIN)
-        with contextlib.suppress(OSError):
-            return bool(poller.poll(int(timeout_s * 1000)))
-        return False
-
-    def gone(self) -> bool:
-        """After SIGKILL: the child will never run another instruction of its own - it has exited, or
-        it is inside do_exit (PF_EXITING, set before it releases files or memory). Pid reuse is ruled
-        out by checking the pidfd after reading /proc: a pid is only reused after the exit the pidfd
-        reports."""
-        if self.exited():
-            return True
-        if self.hostpid is None:
-            return False
-        try:
-            with open(f"/proc/{self.hostpid}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            state, flags = fields[0], int(fields[6])
-        except (OSError, ValueError, IndexError):
-            return self.exited()
-        if self.exited():
-            return True
-        return state in (b"Z", b"X", b"x") or bool(flags & PF_EXITING)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        if self.pidfd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.pidfd)
-            self.pidfd = -1
-
-
-def _host_pid(pidfd: int) -> int | None:
-    """The pid of a pidfd's process in this process's pid namespace (/proc/self/fdinfo, Linux >= 5.4)."""
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pid:"):
-                    pid = int(line.split()[1])
-                    return pid if pid > 0 else None
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-class _ExitInfo:
-    __slots__ = ("maxrss_kb", "status", "stime", "utime")
-
-    def __init__(self, msg: dict) -> None:
-        self.status = int(msg.get("status", 0))
-        self.utime = float(msg.get("utime", 0.0))
-        self.stime = float(msg.get("stime", 0.0))
-        self.maxrss_kb = int(msg.get("maxrss_kb", 0))
-
-    @property
-    def cpu_ms(self) -> float:
-        return round((self.utime + self.stime) * 1000, 3)
-
-    @property
-    def memory_mb(self) -> float:
-        return round(self.maxrss_kb / 1024, 2)
-
-
-class _Zygote:
-    """One zygote process plus the reader thread of its control socket."""
-
-    def __init__(self, *, source: str, filename: str, limits: SandboxLimits, isolation: str, guards: bool,
-                 bpf: tuple[bytes, bytes]) -> None:
-        self.cpu_s = float(limits.cpu_seconds)
-        self.ready: queue.Queue[_Child] = queue.Queue()
-        self.exits: dict[int, _ExitInfo] = {}
-        self.waiters: dict[int, queue.Queue[_Child]] = {}
-        self.cond = threading.Condition()
-        self.alive = False
-        self.tmpdir: tempfile.TemporaryDirectory | None = None
-        parent_ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ctl = parent_ctl
-        if isolation == "bwrap":
-            py = bwrap.zygote_argv(child_ctl.fileno(), sandbox=True)
-            argv = bwrap.build_argv(py, tmp_size_mb=limits.tmp_size_mb, third_party=THIRD_PARTY)
-            env = {"PATH": "/usr/bin:/bin"}
-            tmp_dir = "/tmp"
-        else:
-            argv = bwrap.zygote_argv(child_ctl.fileno(), sandbox=False)
-            self.tmpdir = tempfile.TemporaryDirectory(prefix="cs-sbx-")
-            tmp_dir = self.tmpdir.name
-            env = {"PATH": "/nonexistent", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                   "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TMPDIR": tmp_dir, "HOME": tmp_dir}
-        init = {"source": source, "filename": filename, "limits": limits.to_wire(), "guards": guards,
-                "bpf_zygote": bpf[0].hex(), "bpf_child": bpf[1].hex(), "tmp_dir": tmp_dir,
-                "own_user_namespace": isolation == "process"}
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, pass_fds=(child_ctl.fileno(),), env=env,
-                                         close_fds=True, start_new_session=True)
-        except OSError as exc:
-            child_ctl.close()
-            parent_ctl.close()
-            raise IsolationUnavailable(isolation, f"cannot start zygote: {exc}") from exc
-        child_ctl.close()
-        self.isolation = isolation
-        self.stderr_tail: list[str] = []
-        threading.Thread(target=self._drain_stderr, name="sbx-zygote-stderr", daemon=True).start()
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(protocol.dumps(init))
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        self.info: dict = {}
-
-    def wait_ready(self) -> None:
-        """Block until the zygote has preloaded and compiled (it boots while the caller does other
-        work, e.g. compiling the output schema)."""
-        isolation = self.isolation
-        self.ctl.settimeout(ZYGOTE_START_TIMEOUT_S)
-        try:
-            msg, _ = protocol.recv_packet(self.ctl)
-        except (OSError, protocol.ProtocolError) as exc:
-            self.kill()
-            detail = " | ".join(self.stderr_tail[-5:]) or str(exc)
-            layer = "bubblewrap" if isolation == "bwrap" else "process"
-            raise IsolationUnavailable(layer, f"zygote failed to start: {detail}") from exc
-        self.ctl.settimeout(None)
-        if msg.get("error"):
-            self.kill()
-            raise IsolationUnavailable("private-tmp", str(msg["error"])[:500])
-        self.info = msg
-        if not msg.get("baseline_vm"):
-            # no /proc inside (root mode): measure the zygote's address space from the host side
-            zpid = bwrap.descendant_leaf(self.proc.pid) if isolation == "bwrap" else self.proc.pid
-            vm = bwrap.host_vm_bytes(zpid) if zpid else 0
-            self.info["baseline_vm"] = vm
-            if vm:
-                protocol.send_packet(self.ctl, {"op": "config", "baseline_vm": vm})
-        self.alive = True
-        threading.Thread(target=self._read_loop, name="sbx-zygote-ctl", daemon=True).start()
-
-    def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()[:2000]
-            self.stderr_tail = ([*self.stderr_tail, line])[-50:]
-            logs.event(log, "zygote stderr", line=line)
-
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                msg, fds = protocol.recv_packet(self.ctl)
-                op = msg.get("op")
-                if op == "spawned" and fds:
-                    child = _Child(int(msg["pid"]), socket.socket(fileno=fds[0]), fds[1] if len(fds) > 1 else -1)
-                    waiter = self.waiters.pop(int(msg.get("tag", 0)), None)
-                    (waiter or self.ready).put(child)
-                elif op == "exited":
-                    with self.cond:
-                        self.exits[int(msg["pid"])] = _ExitInfo(msg)
-                        if len(self.exits) > 10_000:  # never-collected entries (children closed unused)
-                            for pid in list(self.exits)[:5000]:
-                                self.exits.pop(pid, None)
-                        self.cond.notify_all()
-                else:
-                    for fd in fds:
-                        os.close(fd)
-        except (OSError, protocol.ProtocolError):
-            pass
-        finally:
-            with self.cond:
-                self.alive = False
-                self.cond.notify_all()
-
-    def request_spawn(self, tag: int = 0, cpu_s: float | None = None) -> None:
-        self.ctl.send(protocol.SPAWN.pack(b"S", tag, self.cpu_s if cpu_s is None else cpu_s))
-
-    def spawn_now(self, tag: int, cpu_s: float, timeout: float = 10.0) -> _Child:
-        q: queue.Queue[_Child] = queue.Queue()
-        self.waiters[tag] = q
-        self.request_spawn(tag, cpu_s)
-        return q.get(timeout=timeout)
-
-    def wait_exit(self, pid: int, timeout: float = EXIT_REPORT_TIMEOUT_S) -> _ExitInfo | None:
-        """The child's wait4 status and rusage, reported by the zygote once it has reaped it."""
-        try:
-            protocol.send_packet(self.ctl, {"op": "watch", "pid": pid})
-        except OSError:
-            return None
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while pid not in self.exits:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.alive:
-                    return None
-                self.cond.wait(left)
-            return self.exits.pop(pid)
-
-    def kill(self) -> None:
-        self.alive = False
-        with contextlib.suppress(OSError):
-            protocol.send_packet(self.ctl, {"op": "exit"})
-        with contextlib.suppress(OSError):
-            self.ctl.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.ctl.close()
-        while True:
-            try:
-                self.ready.get_nowait().close()
-            except queue.Empty:
-                break
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        with contextlib.suppress(Exception):
-            self.proc.wait(timeout=5)
-        if self.tmpdir is not None:
-            with contextlib.suppress(OSError):
-                self.tmpdir.cleanup()
 
 
 class Supervisor:
@@ -405,10 +98,10 @@ class Supervisor:
         self._tag = 0
         self._owed = 0
         self._closed = False
-        self._dying: list[_Child] = []  # killed after answering; must be gone before the next child runs
+        self._dying: list[Child] = []  # killed after answering; must be gone before the next child runs
         self._check_layers()
         self._bpf = compiled_seccomp()
-        self._zygote: _Zygote | None = None
+        self._zygote: Zygote | None = None
         self._launch_zygote()  # it boots (bwrap, python, numpy, compile) while we compile the schema
         try:
             self.validator = OutputValidator(output_schema, self.limits.max_output_bytes)
@@ -435,7 +128,7 @@ class Supervisor:
     def _launch_zygote(self) -> None:
         self._owed = 0
         self._release_dying()
-        self._zygote = _Zygote(source=self.source, filename=self.filename, limits=self.limits,
+        self._zygote = Zygote(source=self.source, filename=self.filename, limits=self.limits,
                                isolation=self.isolation, guards=self.guards, bpf=self._bpf)
 
     def _finish_zygote(self) -> None:
@@ -446,7 +139,7 @@ class Supervisor:
         logs.event(log, "sandbox zygote ready", isolation=self.isolation, guards=self.guards,
                    preloaded=self._zygote.info.get("preloaded"))
 
-    def _zyg(self) -> _Zygote:
+    def _zyg(self) -> Zygote:
         if self._closed:
             raise RuntimeError("supervisor is closed")
         if self._zygote is None or not self._zygote.alive or self._zygote.proc.poll() is not None:
@@ -513,7 +206,7 @@ class Supervisor:
                 return
             self._owed -= 1
 
-    def _take_child(self, n_items: int) -> _Child:
+    def _take_child(self, n_items: int) -> Child:
         for attempt in range(2):
             zyg = self._zyg()
             try:
@@ -549,7 +242,7 @@ class Supervisor:
             child.close()
         self._dying.clear()
 
-    def _drive(self, child: _Child, reqs: list[ExecutionRequest], cache: dict[tuple, bytes]
+    def _drive(self, child: Child, reqs: list[ExecutionRequest], cache: dict[tuple, bytes]
                ) -> list[ExecutionResult]:
         """Run reqs in child until done or the child dies; returns results for the items it finished
         (at least one: the item that timed out or crashed it). Whatever happens here, the child is
@@ -585,7 +278,8 @@ class Supervisor:
                     calls += 1
                     if calls > self.max_calls:
                         raise protocol.ProtocolError("too many data calls")
-                    reply = self._answer_frame(msg, reqs[len(results)], data_failures, cache, deadline)
+                    req = reqs[len(results)]
+                    reply = answer_frame(msg, req, req.data or self.data, data_failures, cache, deadline)
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         raise TimeoutError
@@ -668,7 +362,7 @@ class Supervisor:
             if info is not None:
                 self._classify_death(failure, info, killed_by_us)
             if data_failures and failure.status == "error":
-                self._apply_data_failure(failure, data_failures)
+                apply_data_failure(failure, data_failures)
             results.append(failure)
             logs.event(log, "sandbox execution failed", status=failure.status,
                        error=(failure.error or {}).get("message"))
@@ -700,7 +394,7 @@ class Supervisor:
         for res in results:
             res.memory_mb = mem
 
-    def _classify_death(self, res: ExecutionResult, info: _ExitInfo, killed_by_us: bool) -> None:
+    def _classify_death(self, res: ExecutionResult, info: ExitReport, killed_by_us: bool) -> None:
         st = info.status
         if os.WIFSIGNALED(st):
             sig = os.WTERMSIG(st)
@@ -716,141 +410,6 @@ class Supervisor:
         elif os.WIFEXITED(st) and os.WEXITSTATUS(st) != 0 and res.status == "error":
             res.error = {"type": "SandboxError",
                          "message": f"sandboxed process exited with status {os.WEXITSTATUS(st)}", "traceback": ""}
-
-    # -- data calls ------------------------------------------------------------------------------
-    def _answer_frame(self, msg: dict, req: ExecutionRequest, failures: list[BaseException],
-                      cache: dict[tuple, bytes], deadline: float) -> bytes:
-        """The encoded reply to one read call; successful replies are cached for the request (key:
-        data source, call, arguments after the as-of clamp). `deadline` (perf_counter) is the item's
-        wall-time end: the data source gets what is left of it (TimeoutError once it is spent)."""
-        fn = msg.get("fn")
-        args = msg.get("args")
-        source = req.data or self.data
-        key: tuple | None = None
-        if isinstance(args, dict) and isinstance(fn, str):
-            try:
-                key = (id(source), fn, float(req.timestamp), _freeze(args))
-            except TypeError:
-                key = None
-            if key is not None and key in cache:
-                return cache[key]
-        if req.prefetch is not None and isinstance(args, dict):
-            data = self._prefetched(fn, args, req, req.prefetch)
-            if data is not None:
-                if key is not None:
-                    cache[key] = data
-                return data
-        token = read_deadline.set(time.monotonic() + (deadline - time.perf_counter()))
-        try:
-            reply = self._answer(msg, req, failures)
-        finally:
-            read_deadline.reset(token)
-        if isinstance(reply, bytes):  # a columns frame from the source, ready for the child
-            data = reply
-        elif "ok" not in reply:
-            return protocol.frame(reply, allow_nan=True)
-        else:
-            data = (_binary_reply(reply["ok"]) if fn in BINARY_FNS else None) or protocol.frame(reply, allow_nan=True)
-        if key is not None:
-            cache[key] = data
-        return data
-
-    @staticmethod
-    def _prefetched(fn: Any, args: dict, req: ExecutionRequest, pre: Prefetched) -> bytes | None:
-        """The reply from the request's prefetch when it certainly equals the data source's answer
-        (same argument checks and as-of clamp as `_answer`); None sends the read to the data source."""
-        try:
-            if fn == "market":
-                key, tf = _s(args.get("instrument_key"), 64), _s(args.get("timeframe"), 16)
-                if (key, tf) != (req.instrument_key, req.timeframe):
-                    return None  # only the item's own series: what its evaluation was scheduled for
-                limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
-                end = req.timestamp if end is None else min(end, req.timestamp)  # as-of: never later
-                return pre.market_frame(key, tf, limit=limit, start=start, end=end, as_of=float(req.timestamp))
-            if fn == "script_output" and args.get("history") is None:
-                sid, key = _s(args.get("script_id"), 128), _s(args.get("instrument_key"), 64)
-                tf = _s(args.get("timeframe"), 16)
-                params = args.get("params")
-                if params is not None and not isinstance(params, dict):
-                    return None
-                hit = pre.script_output(sid, key, tf, params_hash(params), float(req.timestamp))
-                return None if hit is None else protocol.frame({"ok": hit}, allow_nan=True)
-        except (ValueError, TypeError, OverflowError):
-            return None
-        return None
-
-    def _answer(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> dict | bytes:
-        """The reply to one read call: {"ok": ...} or {"err": ...}, or a complete binary frame when
-        the source answers market and metric reads as columns (`ColumnFrames`, e.g. GatewayClient)."""
-        source = req.data or self.data
-        fn = msg.get("fn")
-        args = msg.get("args")
-        if source is None:
-            return {"err": {"kind": "data_error", "message": "no data source configured"}}
-        if not isinstance(args, dict):
-            return {"err": {"kind": "data_error", "message": "invalid arguments"}}
-        try:
-            if fn == "market":
-                key, tf = _s(args.get("instrument_key"), 64), _s(args.get("timeframe"), 16)
-                limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
-                end = req.timestamp if end is None else min(end, req.timestamp)  # as-of: never later
-                if _frames(type(source)):
-                    return _columns_frame(source.market_columns(key, tf, limit=limit, start=start, end=end))
-                return {"ok": source.get_market_data(key, tf, limit=limit, start=start, end=end)}
-            if fn == "metric":
-                key, name = _s(args.get("instrument_key"), 64), _s(args.get("name"), 64)
-                limit, start, end = _limit(args.get("limit")), _num(args.get("start")), _num(args.get("end"))
-                end = req.timestamp if end is None else min(end, req.timestamp)
-                if _frames(type(source)):
-                    return _columns_frame(source.metric_columns(key, name, limit=limit, start=start, end=end))
-                return {"ok": source.get_metric(key, name, limit=limit, start=start, end=end)}
-            if fn == "script_output":
-                sid, key = _s(args.get("script_id"), 128), _s(args.get("instrument_key"), 64)
-                tf = _s(args.get("timeframe"), 16)
-                params = args.get("params")
-                if params is not None and not isinstance(params, dict):
-                    raise ValueError("params must be an object")
-                history = args.get("history")
-                if history is not None:
-                    history = _limit(history)
-                return {"ok": source.get_script_output(sid, key, tf, params=params, history=history)}
-            raise ValueError(f"unknown read call {fn!r}")
-        except DeadlineExceeded:
-            raise TimeoutError from None  # the read would outlast the execution's wall timeout
-        except (ValueError, OverflowError) as exc:
-            return {"err": {"kind": "data_error", "message": f"invalid read call: {exc}"}}
-        except DependencyUnavailable as exc:
-            failures.append(exc)
-            return {"err": {"kind": "dependency_unavailable", "message": str(exc)}}
-        except DataDenied as exc:
-            failures.append(exc)
-            return {"err": {"kind": "denied", "message": str(exc) or "read denied"}}
-        except DataAccessError as exc:
-            failures.append(exc)
-            return {"err": {"kind": "data_error", "message": str(exc)}}
-        except Exception as exc:
-            logs.event(log, "data source failed", error=repr(exc))
-            failures.append(DataAccessError(f"data source failed: {type(exc).__name__}"))
-            return {"err": {"kind": "data_error", "message": "data source failed"}}
-
-    def _apply_data_failure(self, res: ExecutionResult, failures: list[BaseException]) -> None:
-        """The supervisor, not the child, decides: the data failure it saw explains the error."""
-        for exc in failures:
-            if isinstance(exc, DataDenied):
-                res.status = "denied"
-                res.error = {"type": "DataDenied", "message": str(exc) or "read denied",
-                             "traceback": (res.error or {}).get("traceback", "")}
-                return
-        for exc in failures:
-            if isinstance(exc, DependencyUnavailable):
-                res.status = "dependency_failed"
-                res.error = {"type": "DependencyUnavailable", "message": str(exc), "dependency": exc.script_id,
-                             "traceback": (res.error or {}).get("traceback", "")}
-                return
-        exc = failures[-1]
-        res.error = {"type": "DataAccessError", "message": str(exc),
-                     "traceback": (res.error or {}).get("traceback", "")}
-        res.retryable = isinstance(exc, DataSourceUnavailable)  # by type, from what this side saw
 
     def _item_result(self, msg: dict, req: ExecutionRequest, failures: list[BaseException]) -> ExecutionResult:
         stdout = _bounded(msg.get("stdout"), self.limits.max_log_bytes)
@@ -870,93 +429,14 @@ class Supervisor:
         status = "invalid_output" if kind == "invalid_output" else "error"
         res = ExecutionResult(status=status, error=error, stdout=stdout, stderr=stderr)
         if failures and status == "error":
-            self._apply_data_failure(res, failures)
+            apply_data_failure(res, failures)
         return res
-
-
-def _freeze(value: Any, depth: int = 0) -> Any:
-    """A hashable form of JSON call arguments (TypeError if too deep)."""
-    if depth > 8:
-        raise TypeError("arguments nested too deeply")
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), _freeze(v, depth + 1)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("[", *(_freeze(v, depth + 1) for v in value))
-    return (type(value).__name__, value)
-
-
-def _binary_reply(payload: Any) -> bytes | None:
-    """{"columns": {name: numbers}, ...} -> a binary frame the child maps with numpy.frombuffer; None
-    when the payload is not purely numeric columns (then it goes as JSON)."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("columns"), dict):
-        return None
-    head = {k: v for k, v in payload.items() if k != "columns"}
-    body = protocol.columns_payload(head, payload["columns"])
-    return None if body is None else _child_frame(body)
-
-
-@functools.cache
-def _frames(source_type: type) -> bool:
-    """Whether a data source type answers with columns payloads (Protocol isinstance, once per type)."""
-    return issubclass(source_type, ColumnFrames)
-
-
-def _columns_frame(columns_body: bytes) -> bytes:
-    frame = _child_frame(columns_body)
-    if frame is None:
-        raise DataAccessError("the data source sent a malformed columns reply")
-    return frame
-
-
-def _child_frame(columns_body: bytes | bytearray) -> bytes | None:
-    """A columns payload (protocol.columns_payload: the data source's head + "f64" spec + columns) as
-    the child's reply frame {"ok": head, "f64": spec} + the same columns; None if it is malformed."""
-    try:
-        split = protocol.split_binary(bytearray(columns_body) if isinstance(columns_body, bytes) else columns_body)
-    except (ValueError, struct.error):
-        return None
-    if split is None or not isinstance(split[0], dict):
-        return None
-    head, blob = split
-    spec = head.pop("f64", None)
-    try:
-        if not isinstance(spec, list) or sum(int(n) for _, n in spec) * 8 != len(blob):
-            return None
-    except (TypeError, ValueError):
-        return None
-    return protocol.binary_frame({"ok": head, "f64": spec}, bytes(blob))
 
 
 def _bounded(value: Any, limit: int) -> str:
     if not isinstance(value, str):
         return ""
     return value if len(value) <= limit else value[:limit] + "...[truncated]"
-
-
-def _s(value: Any, maxlen: int) -> str:
-    if not isinstance(value, str) or not value or len(value) > maxlen:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
-def _num(value: Any) -> float | None:
-    """A finite float or None: NaN or an infinity would defeat every comparison and clamp after it."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expected a number")
-    number = float(value)  # OverflowError for an int beyond float: an invalid read call too
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-def _limit(value: Any) -> int:
-    if value is None:
-        return 200
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("limit must be a positive integer")
-    return min(value, MAX_MARKET_LIMIT)
 
 
 def python_executable() -> str:

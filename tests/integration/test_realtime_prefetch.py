@@ -17,7 +17,7 @@ from customscripts.realtime.prefetch import MarketWindows, encode, output_entry
 from customscripts.sandbox import protocol
 from customscripts.sandbox.datasource import DependencyUnavailable
 from customscripts.sandbox.prefetch import Prefetched
-from customscripts.sandbox.supervisor import _binary_reply
+from customscripts.sandbox.reads import _binary_reply
 
 DAY = 86400.0
 
