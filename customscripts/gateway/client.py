@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from urllib.parse import urlencode
 import requests
 
 from customscripts.http import Headers, KeepAlivePool, RawReply
+from customscripts.retry import RetryPolicy
 from customscripts.sandbox.datasource import (
     DataAccessError,
     DataDenied,
@@ -37,6 +37,7 @@ from customscripts.sandbox.datasource import (
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, columns_payload
 
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+TRANSIENT_RETRY = RetryPolicy(attempts=4, backoff_s=0.05, max_backoff_s=1.0)
 
 
 class DataRequestError(DataAccessError, ValueError):
@@ -74,14 +75,12 @@ def _error_message(response: RawReply) -> str:
 class GatewayClient:
     """Data client for one execution: `get_market_data`, `get_metric`, `get_script_output`."""
 
-    def __init__(self, base_url: str, token: str, *, attempts: int = 4, backoff_s: float = 0.05,
-                 max_backoff_s: float = 1.0, retry_after_cap_s: float = 5.0,
+    def __init__(self, base_url: str, token: str, *, retry: RetryPolicy = TRANSIENT_RETRY,
+                 retry_after_cap_s: float = 5.0,
                  timeout: tuple[float, float] = (1.0, 10.0), session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.base_url = base_url.rstrip("/")
-        self.attempts = max(1, attempts)
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.retry = retry
         self.retry_after_cap_s = retry_after_cap_s
         self.timeout = timeout
         self.sleep = sleep
@@ -153,11 +152,6 @@ class GatewayClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential with equal jitter: half the step fixed, half random, so callers spread out."""
-        step = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
-        return step / 2 + random.uniform(0, step / 2)
-
     def _send(self, path: str, params: dict[str, Any], headers: dict[str, str],
               timeout: tuple[float, float]) -> RawReply:
         """One GET; connection failures and timeouts raise OSError/HTTPException (retried by _fetch)."""
@@ -201,7 +195,7 @@ class GatewayClient:
         last = "no attempt made"
         limited = False
         deadline = read_deadline.get()
-        for attempt in range(self.attempts):
+        for attempt in range(1, self.retry.attempts + 1):
             wait: float | None = None
             limited = False
             timeout = self.timeout
@@ -227,8 +221,8 @@ class GatewayClient:
                     after = _retry_after(response)
                     if after is not None:
                         wait = min(after, self.retry_after_cap_s)
-            if attempt + 1 < self.attempts:
-                pause = wait if wait is not None else self._backoff(attempt)
+            if not self.retry.gives_up(attempt):
+                pause = wait if wait is not None else self.retry.pause(attempt)
                 if deadline is not None and time.monotonic() + pause >= deadline:
                     raise DeadlineExceeded(f"{call} did not finish within the execution's time: {last}")
                 self.retries += 1
@@ -236,7 +230,7 @@ class GatewayClient:
         # refused for the caller's own rate limit: the script's quota, not an outage (not retryable)
         error = DataAccessError if limited else DataSourceUnavailable
         raise error(f"data gateway at {self.base_url} unavailable for {call}: {last} "
-                    f"(gave up after {self.attempts} attempts)")
+                    f"(gave up after {self.retry.attempts} attempts)")
 
     def _raise_final(self, call: str, response: RawReply, script_id: str | None) -> None:
         status, message = response.status, _error_message(response)

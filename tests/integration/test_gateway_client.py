@@ -13,6 +13,7 @@ from customscripts.gateway.client import GatewayClient
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import LocalServer, json_response
 from customscripts.marketdata.loader import load_sample_data
+from customscripts.retry import RetryPolicy
 from customscripts.sandbox.datasource import (
     ColumnFrames,
     DataAccessError,
@@ -129,7 +130,7 @@ def test_transient_failures_are_retried_then_succeed(api, token):
         bars = client.get_market_data("GOOG", "1d", limit=10)
         assert len(bars["columns"]["time"]) == 10
         assert handler.calls == 3 and client.retries == 2
-        assert 0 < sleeps[0] <= client.backoff_s and sleeps[1] == 0.25  # backoff, then Retry-After capped
+        assert 0 < sleeps[0] <= client.retry.backoff_s and sleeps[1] == 0.25  # backoff, then Retry-After capped
     finally:
         server.stop()
 
@@ -138,7 +139,7 @@ def test_gateway_stopped_mid_run_is_retried_then_reported_clearly(api, token):
     handler = Counting(api)
     server = LocalServer(handler).start()
     sleeps: list[float] = []
-    client = _client(server.url, token, sleeps, attempts=4, backoff_s=0.01)
+    client = _client(server.url, token, sleeps, retry=RetryPolicy(attempts=4, backoff_s=0.01))
     assert len(client.get_market_data("GOOG", "1d", limit=5)["columns"]["time"]) == 5  # the run starts fine
     stop_like_a_crash(server)  # ... then the gateway goes away
     before = client.requests_sent
@@ -157,7 +158,7 @@ def test_gateway_answering_503_forever_fails_after_bounded_attempts(api, token):
     server = LocalServer(handler).start()
     sleeps: list[float] = []
     try:
-        client = _client(server.url, token, sleeps, attempts=3)
+        client = _client(server.url, token, sleeps, retry=RetryPolicy(attempts=3))
         with pytest.raises(DataSourceUnavailable, match="503 unavailable: down"):
             client.get_metric("GOOG", "derived.return_1")
         assert handler.calls == 3 and len(sleeps) == 2
@@ -172,7 +173,7 @@ def test_own_rate_limit_exhausted_is_not_an_outage(api, token):
     handler = Counting(api, faults=[limited] * 10)
     server = LocalServer(handler).start()
     try:
-        client = _client(server.url, token, [], attempts=3, retry_after_cap_s=0.0)
+        client = _client(server.url, token, [], retry=RetryPolicy(attempts=3), retry_after_cap_s=0.0)
         with pytest.raises(DataAccessError, match="rate_limited") as err:
             client.get_market_data("GOOG", "1d")
         assert not isinstance(err.value, DataSourceUnavailable)
