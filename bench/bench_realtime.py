@@ -65,17 +65,18 @@ def setup(n_instruments: int, reads: bool) -> tuple[object, list[str], list[dict
     src = READS if reads else NO_READS
     from customscripts.registry.models import DraftCreate
 
-    def publish(sid: str, source: str, deps: list[str]) -> None:
-        svc.registry.create_draft(principal, DraftCreate(name=sid, script_id=sid, source=source, depends_on=deps))
+    def publish(name: str, source: str, deps: list[str]) -> str:
+        """Create and publish; the platform-wide script id (the registry qualifies the chosen one)."""
+        sid = svc.registry.create_draft(principal, DraftCreate(name=name, script_id=name, source=source,
+                                                               depends_on=deps)).script_id
         svc.registry.publish(principal, sid)
+        return sid
 
-    chain = [f"b{uid}-c0", f"b{uid}-c1", f"b{uid}-c2"]
-    publish(chain[0], src["base"], [])
-    publish(chain[1], f"def run(ctx):\n    return get_script_output('{chain[0]}')['value'] * 2\n", [f"{chain[0]}@1"])
-    publish(chain[2], f"def run(ctx):\n    return get_script_output('{chain[1]}')['value'] + 1\n", [f"{chain[1]}@1"])
-    plain = [f"b{uid}-p{i}" for i in range(7)]
-    for sid in plain:
-        publish(sid, src["plain"], [])
+    c0 = publish(f"b{uid}-c0", src["base"], [])
+    c1 = publish(f"b{uid}-c1", f"def run(ctx):\n    return get_script_output('{c0}')['value'] * 2\n", [f"{c0}@1"])
+    c2 = publish(f"b{uid}-c2", f"def run(ctx):\n    return get_script_output('{c1}')['value'] + 1\n", [f"{c1}@1"])
+    chain = [c0, c1, c2]
+    plain = [publish(f"b{uid}-p{i}", src["plain"], []) for i in range(7)]
     subs = []
     for key in instruments:
         for sid in chain + plain:
