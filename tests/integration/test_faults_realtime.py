@@ -204,7 +204,8 @@ def test_dependency_read_at_an_event_never_returns_an_older_point(owner, stack, 
 
 # ----------------------------------------------------------------------------- graceful shutdown
 
-SLOW = "import time\n\ndef run(ctx):\n    time.sleep(0.4)\n    return float(get_market_data(limit=1).close[-1])\n"
+SLOW = ("def run(ctx):\n    n = 0\n    for _ in range(3_000_000):\n        n += 1\n"  # ~0.3 s of CPU per item
+        "    return float(get_market_data(limit=1).close[-1])\n")
 
 
 def test_sigterm_stops_an_idle_and_a_busy_replica_within_the_grace_and_loses_nothing(rt, owner, stack, uid):
@@ -223,7 +224,7 @@ def test_sigterm_stops_an_idle_and_a_busy_replica_within_the_grace_and_loses_not
     try:
         wait_until(lambda: len(rows(stack, owner.tenant, sid)) >= 1, timeout=60, interval=0.05)
     finally:
-        code = stop_replica(busy, timeout=30)  # mid-batch: the 0.4 s items outlast the 1 s grace
+        code = stop_replica(busy, timeout=30)  # mid-batch: three 0.3 s items outlast the 1 s grace
     assert code == 0
     run_scheduler(rt, events=10**9, idle_exit_s=2 * rt.scheduler_ack_wait_s)  # another replica drains
     stored = {t: float(v) for t, _i, _p, v in rows(stack, owner.tenant, sid)}
