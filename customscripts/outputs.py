@@ -6,8 +6,9 @@ returns only once the rows are on disk, whatever the cluster's `synchronous_comm
 the publisher marks the event done in Redis and the scheduler acknowledges it right after.
 The data gateway reads it through `latest`/`history` with its read-only pool; every read is scoped to
 one tenant and bounded by an as-of time, so a replay sees what realtime saw; a realtime evaluation's
-read of a dependency must cover the series up to its event (`complete`, MissingOutputs). One-time executes with `store: true` keep their result in `onetime_results`
-(`OnetimeResults`), keyed by tenant and call id, which no script ever reads.
+read of a dependency must cover the series up to its event (`complete`, MissingOutputs). One-time
+executes with `store: true` keep their result in `onetime_results` (`OnetimeResults`), keyed by tenant
+and call id, which no script ever reads.
 """
 
 from __future__ import annotations
