@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -29,6 +30,16 @@ def isolated(cfg: Settings, uid: str) -> Settings:
     """Own stream, subjects and durable consumer: no other test's events reach this test's scheduler."""
     return dataclasses.replace(cfg, nats_stream=f"RT{uid.upper()}", nats_subject_prefix=f"rt{uid}.candle",
                                scheduler_durable=f"rt-{uid}", scheduler_ack_wait_s=4)
+
+
+@contextlib.contextmanager
+def isolated_stream(cfg: Settings, uid: str, **changes: Any) -> Iterator[Settings]:
+    """`isolated` settings (with `changes`) whose stream is deleted afterwards."""
+    own = dataclasses.replace(isolated(cfg, uid), **changes)
+    try:
+        yield own
+    finally:
+        delete_stream(own)
 
 
 def env_for(cfg: Settings) -> dict[str, str]:

@@ -7,7 +7,6 @@ and NATS are tests/integration/test_realtime_failures.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from datetime import UTC, datetime
@@ -21,10 +20,9 @@ from customscripts.outputs import OutputRow, OutputStore, params_hash
 from customscripts.realtime.publisher import Publisher
 from customscripts.realtime.scheduler import Event, build_evaluator
 from tests.integration.realtime_support import (
-    delete_stream,
     drop_subscriptions,
     fault_replay,
-    isolated,
+    isolated_stream,
     kill_service,
     publish_candles,
     restore_service,
@@ -44,9 +42,8 @@ REPLAY = 45  # candles per fault test (bench/bench_faults.py replays 200)
 
 @pytest.fixture
 def rt(stack, uid):
-    cfg = dataclasses.replace(isolated(stack, uid), scheduler_fetch_batch=3)
-    yield cfg
-    delete_stream(cfg)
+    with isolated_stream(stack, uid, scheduler_fetch_batch=3) as cfg:
+        yield cfg
 
 
 @pytest.fixture
