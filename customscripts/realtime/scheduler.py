@@ -23,7 +23,12 @@ name, so they share the work):
    event's value — and the others in the background;
 6. a dependent of a dependency that did not produce an ok output for this event is
    `dependency_failed` and is never invoked (it would otherwise read the previous event's value);
-7. only after every output and dead letter is recorded are the NATS messages acknowledged.
+7. only after every output and dead letter is recorded — committed synchronously, on disk (see
+   publisher.py) — are the NATS messages acknowledged.
+
+Stopping (SIGTERM, `Scheduler.stop`): nothing more is fetched; the batch under way gets
+`scheduler_stop_grace_s` to finish and be acknowledged, else its messages are naked (redelivered to
+another replica at once; publishing is idempotent) and the process leaves without waiting for it.
 
 Batching. Items of one invocation run in one sandboxed child, one after another, and share its module
 state. So a child holds the items of one principal (user and tier: the group key), and of one
