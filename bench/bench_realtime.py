@@ -11,23 +11,25 @@ Prints two figures (DESIGN §5 targets: >= 5,000 evaluations/s, p99 <= 500 ms):
 Synthetic instruments SYN000..SYN099 are the real GOOG daily candles loaded under other keys.
 
     .venv/bin/python bench/bench_realtime.py [--instruments 100] [--ticks 20] [--paced 20] [--reads]
-                                             [--no-prefetch]
+                                             [--no-prefetch] [--commit-cost]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 
-from customscripts import localstack
+from customscripts import localstack, outputs
 from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
@@ -66,17 +68,16 @@ def setup(n_instruments: int, reads: bool) -> tuple[object, list[str], list[dict
     from customscripts.registry.models import DraftCreate
 
     def publish(name: str, source: str, deps: list[str]) -> str:
-        """Publish version 1; returns the script's platform-wide id (its tenant's namespace prefixed)."""
-        meta = svc.registry.create_draft(principal, DraftCreate(name=name, script_id=name, source=source,
-                                                                depends_on=deps))
-        svc.registry.publish(principal, meta.script_id)
-        return meta.script_id
+        """Create and publish; the platform-wide script id (the registry qualifies the chosen one)."""
+        sid = svc.registry.create_draft(principal, DraftCreate(name=name, script_id=name, source=source,
+                                                               depends_on=deps)).script_id
+        svc.registry.publish(principal, sid)
+        return sid
 
-    chain = [publish(f"b{uid}-c0", src["base"], [])]
-    chain.append(publish(f"b{uid}-c1", f"def run(ctx):\n    return get_script_output('{chain[0]}')['value'] * 2\n",
-                         [f"{chain[0]}@1"]))
-    chain.append(publish(f"b{uid}-c2", f"def run(ctx):\n    return get_script_output('{chain[1]}')['value'] + 1\n",
-                         [f"{chain[1]}@1"]))
+    c0 = publish(f"b{uid}-c0", src["base"], [])
+    c1 = publish(f"b{uid}-c1", f"def run(ctx):\n    return get_script_output('{c0}')['value'] * 2\n", [f"{c0}@1"])
+    c2 = publish(f"b{uid}-c2", f"def run(ctx):\n    return get_script_output('{c1}')['value'] + 1\n", [f"{c1}@1"])
+    chain = [c0, c1, c2]
     plain = [publish(f"b{uid}-p{i}", src["plain"], []) for i in range(7)]
     subs = []
     for key in instruments:
@@ -137,6 +138,28 @@ def run_phase(cfg, instruments: list[str], times: list[float], interval: float |
             "time_in_s": {k: round(v, 2) for k, v in timings.items()}}
 
 
+@contextlib.contextmanager
+def commits(mode: str) -> Iterator[None]:
+    """`async commit`: the publisher's history writes commit as they did before issue 13 (the
+    session's default, here forced off), to measure what the synchronous commit costs in the same run."""
+    if mode != "async commit":
+        yield
+        return
+    durable = outputs.durable
+
+    @contextlib.contextmanager
+    def lazy(pool):
+        with pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            yield conn
+
+    outputs.durable = lazy
+    try:
+        yield
+    finally:
+        outputs.durable = durable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instruments", type=int, default=100)
@@ -146,6 +169,9 @@ def main() -> None:
     parser.add_argument("--reads", action="store_true", help="every script reads market data")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="send nothing along with the batches: every read goes through gateway-fn")
+    parser.add_argument("--commit-cost", action="store_true",
+                        help="run the sustained and paced phases twice, interleaved: with the history writes "
+                             "committed asynchronously (as before issue 13) and durably (synchronous commit)")
     args = parser.parse_args()
     _principal, instruments, subs = setup(args.instruments, args.reads)
     uid = uuid.uuid4().hex[:8]
@@ -154,16 +180,21 @@ def main() -> None:
     with psycopg.connect(cfg.pg_dsn) as conn:
         days = [r[0] for r in conn.execute(
             "SELECT extract(epoch FROM time)::float8 FROM candles WHERE instrument_key = 'GOOG' AND timeframe = '1d'"
-            " ORDER BY time DESC LIMIT %s", (1 + args.ticks + args.paced,))][::-1]
+            " ORDER BY time DESC LIMIT %s", (1 + (2 if args.commit_cost else 1) * (args.ticks + args.paced),))][::-1]
     pf = not args.no_prefetch
     print(f"subscriptions: {len(subs)} ({args.instruments} instruments x 10 scripts, chain of 3); "
           f"data reads per evaluation: {'yes' if args.reads else 'no'}; prefetch: {'on' if pf else 'off'}")
     warm = run_phase(cfg, instruments, days[:1], None, pf)
     print("warm-up (deploys the functions):", json.dumps(warm))
-    sustained = run_phase(cfg, instruments, days[1:1 + args.ticks], None, pf)
-    print("sustained:", json.dumps(sustained))
-    paced = run_phase(cfg, instruments, days[1 + args.ticks:], args.interval, pf)
-    print(f"paced (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
+    rest = days[1:]
+    for mode in (("async commit", "durable") if args.commit_cost else ("",)):
+        label = f" [{mode}]" if mode else ""
+        with commits(mode):
+            sustained = run_phase(cfg, instruments, rest[:args.ticks], None, pf)
+            print(f"sustained{label}:", json.dumps(sustained))
+            paced = run_phase(cfg, instruments, rest[args.ticks:args.ticks + args.paced], args.interval, pf)
+            print(f"paced{label} (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
+        rest = rest[args.ticks + args.paced:]
     with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (subs[0]["tenant"],))
 

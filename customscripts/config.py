@@ -387,6 +387,10 @@ class Settings:
         default_factory=lambda: _env_float("CS_SCHEDULER_BREAKER_COOLDOWN_S", 10.0))
     scheduler_breaker_cooldown_max_s: float = field(
         default_factory=lambda: _env_float("CS_SCHEDULER_BREAKER_COOLDOWN_MAX_S", 300.0))
+    # After SIGTERM a replica fetches nothing more and gives its batch under way this long to finish
+    # (acknowledged); past it the batch's events are handed back (nak, redelivered to another replica
+    # at once) and it exits: well inside Kubernetes' 30 s grace.
+    scheduler_stop_grace_s: float = field(default_factory=lambda: _env_float("CS_SCHEDULER_STOP_GRACE_S", 10.0))
 
     tiers: dict[str, Tier] = field(default_factory=_load_tiers)
 

@@ -118,7 +118,7 @@ def _pg_prepare(cfg: Settings, data: Path) -> None:
             f"unix_socket_directories = '{data}'\n"
             "max_connections = 200\n"
             "shared_buffers = 256MB\n"
-            "synchronous_commit = off\n"
+            "synchronous_commit = on\n"
             "fsync = on\n"
         )
 
@@ -142,7 +142,10 @@ def _run_as(argv: list[str], user: str | None) -> None:
 def _pg_start(cfg: Settings, data: Path) -> list[str]:
     bindir = _pg_bindir()
     assert bindir is not None
-    return [str(bindir / "postgres"), "-D", str(data / "pgdata"), "-p", str(cfg.pg_port)]
+    # synchronous_commit on the command line too: clusters made when the local default was `off` get the
+    # safe default without being re-initialised (a commit that returned is on disk; README "Durability")
+    return [str(bindir / "postgres"), "-D", str(data / "pgdata"), "-p", str(cfg.pg_port),
+            "-c", "synchronous_commit=on"]
 
 
 def _pg_ready(cfg: Settings) -> bool:

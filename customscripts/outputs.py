@@ -1,10 +1,14 @@
 """Script output history (`script_outputs`) and stored one-time results (`onetime_results`).
 
 Only the realtime publisher writes `script_outputs`, through `OutputStore.write_many`: the realtime
-publish is the value of record for its event. The data gateway reads it through `latest`/`history`
-with its read-only pool; every read is scoped to one tenant and bounded by an as-of time, so a replay
-sees what realtime saw. One-time executes with `store: true` keep their result in `onetime_results`
-(`OnetimeResults`), keyed by tenant and call id, which no script ever reads.
+publish is the value of record for its event. Its writes commit synchronously (`durable`): the commit
+returns only once the rows are on disk, whatever the cluster's `synchronous_commit` default, because
+the publisher marks the event done in Redis and the scheduler acknowledges it right after.
+The data gateway reads it through `latest`/`history` with its read-only pool; every read is scoped to
+one tenant and bounded by an as-of time, so a replay sees what realtime saw; a realtime evaluation's
+read of a dependency must cover the series up to its event (`complete`, MissingOutputs). One-time
+executes with `store: true` keep their result in `onetime_results` (`OnetimeResults`), keyed by tenant
+and call id, which no script ever reads.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from customscripts import ids
@@ -82,6 +88,46 @@ def _split_value(value: Any) -> tuple[float | None, str | None]:
     return None, json.dumps(value, allow_nan=False)
 
 
+@contextmanager
+def durable(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A transaction whose commit returns only once it is on disk (`synchronous_commit = on` for it,
+    whatever the cluster or session default): what an acknowledgement is allowed to rely on."""
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = on")
+        yield conn
+
+
+class MissingOutputs(LookupError):
+    """A read of a dependency's outputs whose window lacks a bar's output (`bars`, epoch seconds): its
+    newest point is older than the series' last bar end as of the read, or a bar in it has no output
+    (still being published by another replica, or never). Presented as it is, an older point would
+    pass for the current one."""
+
+    def __init__(self, script_id: str, bars: Sequence[float]) -> None:
+        shown = ", ".join(datetime.fromtimestamp(t, tz=UTC).isoformat() for t in bars[:3])
+        super().__init__(f"dependency {script_id!r} has no output for bar end(s) {shown}"
+                         f"{' ...' if len(bars) > 3 else ''}")
+        self.script_id = script_id
+        self.bars = list(bars)
+
+
+# The series' bar ends in [lo, hi] (bartime: a bar exists from its end) that have no ok output of the
+# script: a window read must cover every one of them between its oldest point and the last bar end.
+_MISSING_BARS = """
+SELECT extract(epoch FROM c.end_time)::float8 FROM candles c
+WHERE c.instrument_key = %s AND c.timeframe = %s AND c.end_time >= %s AND c.end_time <= %s
+  AND NOT EXISTS (SELECT 1 FROM script_outputs o
+                  WHERE o.tenant = %s AND o.script_id = %s AND o.instrument_key = c.instrument_key
+                    AND o.timeframe = c.timeframe AND o.params_hash = %s AND o.time = c.end_time
+                    AND o.status = 'ok' AND (%s::int[] IS NULL OR o.version = ANY(%s::int[])))
+ORDER BY c.end_time LIMIT 10
+"""
+_LAST_BAR_END = """
+SELECT extract(epoch FROM max(end_time))::float8 FROM candles
+WHERE instrument_key = %s AND timeframe = %s AND end_time <= %s
+"""
+
+
 class OutputStore:
     """Batched idempotent writes and tenant-scoped as-of reads of script outputs."""
 
@@ -89,7 +135,9 @@ class OutputStore:
         self.pool = pool
 
     def write_many(self, rows: Iterable[OutputRow]) -> int:
-        """Insert rows in one statement; rows already present (same event) are skipped. Returns inserted."""
+        """Insert rows in one statement, durably (see `durable`); rows already present (same event) are
+        skipped, missing ones written again, so a retry restores a row whatever Redis says. Returns
+        how many were inserted."""
         cols: list[list[Any]] = [[] for _ in range(12)]
         for row in rows:
             value, value_json = _split_value(row.value)
@@ -103,17 +151,21 @@ class OutputStore:
                 col.append(val)
         if not cols[0]:
             return 0
-        with self.pool.connection() as conn:
-            cur = conn.execute(_INSERT, cols)
-            return cur.rowcount
+        with durable(self.pool) as conn:
+            return conn.execute(_INSERT, cols).rowcount
 
     def latest(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
-               as_of: float | datetime, versions: Sequence[int] | None = None) -> dict[str, Any] | None:
-        """The newest output at or before `as_of` (of the given versions, or any), in indicator shape."""
+               as_of: float | datetime, versions: Sequence[int] | None = None, *,
+               complete: bool = False) -> dict[str, Any] | None:
+        """The newest output at or before `as_of` (of the given versions, or any), in indicator shape.
+        `complete`: it must be the output of the series' last bar end as of then, else MissingOutputs."""
         rows = self._select(tenant, script_id, instrument_key, timeframe, params_hash, versions,
                             start=None, end=as_of, limit=1, newest_first=True)
         if not rows:
             return None
+        if complete:
+            self._check_complete(tenant, script_id, instrument_key, timeframe, params_hash, versions,
+                                 rows[0][0], None, as_of)
         time, version, value, value_json, metadata = rows[0]
         return {"value": value if value is not None else value_json, "timestamp": time,
                 "metadata": metadata or {}, "version": version}
@@ -121,8 +173,11 @@ class OutputStore:
     def history(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
                 *, as_of: float | datetime, start: float | datetime | None = None,
                 end: float | datetime | None = None, limit: int = 200,
-                versions: Sequence[int] | None = None) -> dict[str, list[Any]]:
-        """Outputs in time order, columnar; with `start` the first `limit` from it, else the last `limit`."""
+                versions: Sequence[int] | None = None, complete: bool = False) -> dict[str, list[Any]]:
+        """Outputs in time order, columnar; with `start` the first `limit` from it, else the last `limit`.
+        `complete`: every bar end of the series from the window's oldest point to its last bar end
+        (as of the bound; the newest point when a `start` window is full) must have its output, else
+        MissingOutputs: a gap would shift every later point by one bar."""
         limit = max(1, min(int(limit), MAX_HISTORY))
         bound = to_datetime(as_of)
         if end is not None:
@@ -131,6 +186,10 @@ class OutputStore:
                             start=start, end=bound, limit=limit, newest_first=start is None)
         if start is None:
             rows.reverse()
+        if complete and rows:
+            full = start is not None and len(rows) == limit
+            self._check_complete(tenant, script_id, instrument_key, timeframe, params_hash, versions,
+                                 rows[-1][0], rows[0][0], rows[-1][0] if full else bound)
         columns: dict[str, list[Any]] = {"time": [], "value": [], "metadata": [], "version": []}
         for time, version, value, value_json, metadata in rows:
             columns["time"].append(time)
@@ -138,6 +197,23 @@ class OutputStore:
             columns["metadata"].append(metadata or {})
             columns["version"].append(version)
         return columns
+
+    def _check_complete(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
+                        versions: Sequence[int] | None, newest: float, oldest: float | None,
+                        bound: float | datetime) -> None:
+        """Raise MissingOutputs unless the outputs cover the series' bar ends in [oldest, last bar end
+        as of `bound`] (`oldest` None: only that last bar end). The candles say which bar ends exist."""
+        with self.pool.connection() as conn:
+            last = conn.execute(_LAST_BAR_END, (instrument_key, timeframe, to_datetime(bound))).fetchone()[0]
+            if last is None or (oldest is None and newest >= last):
+                return
+            lo = to_datetime(last if oldest is None else oldest)
+            wanted = None if versions is None else list(versions)
+            missing = [r[0] for r in conn.execute(_MISSING_BARS, (
+                instrument_key, timeframe, lo, to_datetime(last), tenant, script_id, params_hash,
+                wanted, wanted)).fetchall()]
+        if missing:
+            raise MissingOutputs(script_id, missing)
 
     def _select(self, tenant: str, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
                 versions: Sequence[int] | None, *, start: float | datetime | None, end: float | datetime,

@@ -52,7 +52,7 @@ from customscripts.http import (
     json_response,
     python3_http_result,
 )
-from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash_from_query
+from customscripts.outputs import MAX_HISTORY, MissingOutputs, OutputStore, params_hash_from_query
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, pack_columns
 
 DEFAULT_LIMIT = 200
@@ -433,6 +433,19 @@ class GatewayApi:
         timeframe = ids.timeframe(_required(q, "timeframe"))
         return instrument, timeframe, params_hash_from_query(q)
 
+    @staticmethod
+    def _complete(claims: ExecutionClaims, script_id: str) -> bool:
+        """Whether a read of `script_id`'s outputs must cover its series up to the as-of bar: a realtime
+        evaluation (the scheduler's token: the event's time) reading another script, its dependency.
+        Never an older point presented as the current one (customscripts/outputs.py MissingOutputs)."""
+        return claims.realtime and script_id != claims.script_id
+
+    @staticmethod
+    def _missing(exc: MissingOutputs) -> NotFound:
+        """`no_output`: the execution fails with `dependency_failed` naming the dependency."""
+        return NotFound(str(exc), code="no_output",
+                        details={"script_id": exc.script_id, "missing_bar_ends": exc.bars})
+
     def script_latest(self, req: Request, claims: ExecutionClaims) -> Response:
         script_id, versions = self._script_scope(req, claims)
         q = req.query
@@ -441,7 +454,9 @@ class GatewayApi:
         store = OutputStore(self.pool)
         try:
             latest = store.latest(claims.tenant, script_id, instrument, timeframe, phash, claims.as_of,
-                                  versions)
+                                  versions, complete=self._complete(claims, script_id))
+        except MissingOutputs as exc:
+            raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
                                      headers={"Retry-After": "1"}) from None
@@ -461,7 +476,10 @@ class GatewayApi:
         store = OutputStore(self.pool)
         try:
             columns = store.history(claims.tenant, script_id, instrument, timeframe, phash, as_of=end,
-                                    start=start, limit=limit, versions=versions)
+                                    start=start, limit=limit, versions=versions,
+                                    complete=self._complete(claims, script_id))
+        except MissingOutputs as exc:
+            raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
                                      headers={"Retry-After": "1"}) from None

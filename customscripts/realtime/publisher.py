@@ -5,10 +5,17 @@ Key scheme (the built-in indicators' shape, with the tenant first so no read pat
           a hash with `timestamp` and `payload` (`{"value","timestamp","metadata"}` as JSON)
   stream  `signals:stream:{tenant}:{instrument_key}:{timeframe}` (XADD, capped), fields
           `indicator` (`custom:{script_id}`), `params_hash`, `payload`
-Order: history first (idempotent insert), then Redis (a Lua script that publishes each output only
-the first time its event is seen - one call per REDIS_CHUNK outputs, so a wave of thousands costs a few
-round trips and no per-command client overhead), and only then is the event acknowledged upstream.
+Order: history first (idempotent insert, committed synchronously: on disk before the commit returns,
+whatever the cluster's default), then Redis (a Lua script that publishes each output only the first
+time its event is seen - one call per REDIS_CHUNK outputs, so a wave of thousands costs a few round
+trips and no per-command client overhead), and only then is the event acknowledged upstream.
 A retry of the same event therefore leaves one row, one stream message and the newest latest value.
+
+Acknowledged => durable. The `seen` marker is set only after the rows' commit returned, so it never
+covers a row that is not on disk; a retry writes the rows first whatever Redis says (a row that is
+missing is inserted again, one that exists is left), then skips the stream message of what was seen.
+A retry after the rows committed but before Redis ran publishes the Redis part then. Dead letters
+commit the same way before their events are acknowledged.
 
 Dead letters: an evaluation the platform could not complete after its bounded retries is recorded in
 `realtime_dead_letters` (migration 008) instead of being published, before its events are
@@ -23,7 +30,7 @@ from typing import NamedTuple
 
 import redis
 
-from customscripts.outputs import OutputRow, OutputStore, to_datetime
+from customscripts.outputs import OutputRow, OutputStore, durable, to_datetime
 
 STREAM_MAXLEN = 10_000
 SEEN_TTL_S = 7 * 24 * 3600
@@ -128,7 +135,7 @@ class Publisher:
         their events stay unacknowledged rather than vanish unrecorded."""
         if not letters:
             return
-        with self.outputs.pool.connection() as conn, conn.cursor() as cur:
+        with durable(self.outputs.pool) as conn, conn.cursor() as cur:
             cur.executemany(_DEAD_LETTER_SQL, [(*d[:7], to_datetime(d.time), *d[8:]) for d in letters])
 
     def latest(self, tenant: str, instrument_key: str, timeframe: str, script_id: str,

@@ -23,7 +23,12 @@ name, so they share the work):
    event's value — and the others in the background;
 6. a dependent of a dependency that did not produce an ok output for this event is
    `dependency_failed` and is never invoked (it would otherwise read the previous event's value);
-7. only after every output and dead letter is recorded are the NATS messages acknowledged.
+7. only after every output and dead letter is recorded — committed synchronously, on disk (see
+   publisher.py) — are the NATS messages acknowledged.
+
+Stopping (SIGTERM, `Scheduler.stop`): nothing more is fetched; the batch under way gets
+`scheduler_stop_grace_s` to finish and be acknowledged, else its messages are naked (redelivered to
+another replica at once; publishing is idempotent) and the process leaves without waiting for it.
 
 Batching. Items of one invocation run in one sandboxed child, one after another, and share its module
 state. So a child holds the items of one principal (user and tier: the group key), and of one
@@ -929,7 +934,24 @@ class Scheduler:
         self.cfg = cfg or settings()
         self.evaluator = evaluator
         self.stats = RunStats()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # set by SIGTERM (`stop`): fetch nothing more, then exit
+        self._stop_at: float | None = None
+        self.handed_back = 0  # events of a batch naked at shutdown because it outlasted the grace
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM): the batch under way gets `scheduler_stop_grace_s` to finish, then
+        its events are handed back; nothing new is fetched. Safe from a signal handler."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        self.stopping.set()
+
+    def _grace_left(self) -> float | None:
+        """Seconds the batch under way may still take (None: not stopping)."""
+        if not self.stopping.is_set():
+            return None
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        return self._stop_at + self.cfg.scheduler_stop_grace_s - time.monotonic()
 
     async def _connect(self):
         import nats
@@ -998,9 +1020,20 @@ class Scheduler:
             if timer_task is not None:
                 timer_task.cancel()
             if nc is not None:
-                with contextlib.suppress(Exception):
-                    await nc.drain()
+                await self._disconnect(nc, psub)
         return self.stats
+
+    @staticmethod
+    async def _disconnect(nc, psub) -> None:
+        """Bounded goodbye: acks and naks already sent are flushed, then the connection closes. (A
+        `drain` waits out the pull subscription's outstanding fetch, ~30 s.)"""
+        with contextlib.suppress(Exception):
+            if psub is not None:
+                await asyncio.wait_for(psub.unsubscribe(), timeout=2.0)
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout=3.0)
 
     async def _handle(self, loop: asyncio.AbstractEventLoop, msgs: list) -> None:
         events: list[Event] = []
@@ -1016,16 +1049,25 @@ class Scheduler:
                     await msg.term()
         if not good:
             return
-        work = loop.run_in_executor(None, self.evaluator.process, events)
+        work = _in_daemon_thread(loop, self.evaluator.process, events)
         try:
             # a long batch (slow scripts) keeps its messages: tell JetStream we are still on them
+            beat = max(self.cfg.scheduler_ack_wait_s / 3, 0.5)
+            last_beat = time.monotonic()
             while True:
-                done, _ = await asyncio.wait({work}, timeout=max(self.cfg.scheduler_ack_wait_s / 3, 0.5))
+                grace = self._grace_left()
+                done, _ = await asyncio.wait({work}, timeout=beat if grace is None else max(0.0, min(beat, grace, 0.2)))
                 if done:
                     break
-                for m in good:
-                    with contextlib.suppress(Exception):
-                        await m.in_progress()
+                grace = self._grace_left()
+                if grace is not None and grace <= 0:
+                    await self._hand_back(good)
+                    return
+                if time.monotonic() - last_beat >= beat:
+                    last_beat = time.monotonic()
+                    for m in good:
+                        with contextlib.suppress(Exception):
+                            await m.in_progress()
             report = work.result()
         except Exception as exc:
             self.stats.retries += 1
@@ -1063,6 +1105,16 @@ class Scheduler:
                    prefetched_reads=report.prefetched_reads,
                    timings_ms={k: round(v * 1000, 1) for k, v in report.timings_s.items()})
 
+    async def _hand_back(self, msgs: list) -> None:
+        """Stopping and the batch under way outlasted the grace: its events go back to JetStream now
+        (nak without delay: another replica takes them at once). Whatever the batch still publishes
+        is idempotent, so the redelivery publishes each output once."""
+        self.handed_back += len(msgs)
+        for m in msgs:
+            with contextlib.suppress(Exception):
+                await m.nak()
+        logs.event(log, "stopping: batch handed back unfinished", events=len(msgs))
+
     async def _timers(self, js) -> None:
         """Publish a tick per configured timeframe boundary (deduplicated by JetStream across replicas)."""
         frames = [ids.timeframe(tf.strip()) for tf in self.cfg.scheduler_timers.split(",") if tf.strip()]
@@ -1079,6 +1131,31 @@ class Scheduler:
                                          stream=self.cfg.nats_stream,
                                          headers={"Nats-Msg-Id": f"timer:{tf}:{boundary:.0f}"})
             await asyncio.sleep(1.0)
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """`fn(*args)` on a daemon thread, as an asyncio future: a batch handed back at shutdown must not
+    hold the process (the loop's default executor is joined when asyncio.run ends)."""
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name="cs-sched-batch", daemon=True).start()
+    return future
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
@@ -1137,6 +1214,8 @@ def latency_summary(latencies: Iterable[float]) -> dict[str, float]:
 def run_scheduler(argv: list[str] | None = None) -> int:
     """CLI hook (`customscripts scheduler ...`, `python -m scheduler.main`): run one replica."""
     import argparse
+    import os
+    import sys
 
     parser = argparse.ArgumentParser(prog="customscripts scheduler",
                                      description="Realtime scheduler: JetStream candle closes -> published outputs.")
@@ -1152,15 +1231,23 @@ def run_scheduler(argv: list[str] | None = None) -> int:
 
     evaluator = build_evaluator(cfg)
     scheduler = Scheduler(evaluator, cfg)
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     try:
         stats = asyncio.run(scheduler.run(max_events=args.max_events, idle_exit_s=args.idle_exit))
     except KeyboardInterrupt:
         return 0
     finally:
-        evaluator.close()
+        if not scheduler.handed_back:
+            evaluator.close()
     logs.event(log, "scheduler stopped", events=stats.events, evaluations=stats.evaluations,
-               statuses=dict(stats.statuses), retries=stats.retries, **latency_summary(stats.latencies_s))
+               statuses=dict(stats.statuses), retries=stats.retries, handed_back=scheduler.handed_back,
+               **latency_summary(stats.latencies_s))
+    if scheduler.handed_back:
+        # its events are back in JetStream; the abandoned batch's invocation threads would hold the
+        # interpreter's exit until their deadlines, so leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

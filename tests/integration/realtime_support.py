@@ -4,6 +4,7 @@ and readers for what got published (rows, stream messages, latest values)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,7 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -27,6 +30,16 @@ def isolated(cfg: Settings, uid: str) -> Settings:
     """Own stream, subjects and durable consumer: no other test's events reach this test's scheduler."""
     return dataclasses.replace(cfg, nats_stream=f"RT{uid.upper()}", nats_subject_prefix=f"rt{uid}.candle",
                                scheduler_durable=f"rt-{uid}", scheduler_ack_wait_s=4)
+
+
+@contextlib.contextmanager
+def isolated_stream(cfg: Settings, uid: str, **changes: Any) -> Iterator[Settings]:
+    """`isolated` settings (with `changes`) whose stream is deleted afterwards."""
+    own = dataclasses.replace(isolated(cfg, uid), **changes)
+    try:
+        yield own
+    finally:
+        delete_stream(own)
 
 
 def env_for(cfg: Settings) -> dict[str, str]:
@@ -187,3 +200,202 @@ class FunctionKiller:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- fault injection
+# Shared by tests/integration/test_faults_realtime.py and bench/bench_faults.py: a realtime replay of
+# real sample candles through a chain A <- B <- C (three subscriptions), one component SIGKILLed
+# mid-replay and restored, then every event checked against the no-fault reference computation.
+
+CHAIN_A = "def run(ctx):\n    return float(get_market_data(limit=3).close[-1])\n"
+CHAIN_B = "def run(ctx):\n    return get_script_output({a!r})['value'] * 2\n"
+CHAIN_C = "def run(ctx):\n    return get_script_output({b!r})['value'] + 1\n"
+SERVICES = ("redis", "postgres", "nats", "s3")  # the stack's own processes (pid files in .state/run)
+PLATFORM_FUNCTIONS = ("gateway-fn", "registry-fn")  # run by the provider, restarted by it
+
+
+def chain_reference(closes: dict[float, float]) -> dict[str, dict[float, float]]:
+    """What A, B and C compute at every event with no fault at all."""
+    return {"a": dict(closes), "b": {t: c * 2 for t, c in closes.items()},
+            "c": {t: c * 2 + 1 for t, c in closes.items()}}
+
+
+def kill_service(cfg: Settings, name: str) -> None:
+    """SIGKILL a stack service's whole process group (PostgreSQL: postmaster and every backend, nothing
+    flushed), and wait until its port is free."""
+    from customscripts import localstack
+
+    pid = localstack.running_pid(cfg, name)
+    assert pid is not None, f"{name} is not running"
+    os.killpg(pid, signal.SIGKILL)
+    port = next(s.port for s in localstack.services(cfg) if s.name == name)
+
+    def gone() -> bool:  # every process of the group reaped (a zombie postmaster still holds its lock file)
+        localstack._alive(pid)  # reaps our own child
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.getpgid(int(entry)) == pid:
+                        return False
+        return not localstack._port_open(port)
+
+    assert wait_until(gone, timeout=30, interval=0.05), f"{name} did not die"
+
+
+def restore_service(cfg: Settings, name: str) -> None:
+    """Start a killed stack service again (the same code as `customscripts up --only NAME`)."""
+    from customscripts import localstack
+
+    localstack.up(cfg, only={name})
+
+
+def kill_function(name: str) -> int:
+    """SIGKILL every process of one function this checkout's provider runs (once); the provider
+    restarts it (a service at once, a script function on its next call). Returns how many it killed."""
+    killer = FunctionKiller(name)
+    killed = 0
+    for pid in killer._pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def scheduler_replica(cfg: Settings, log_path: str | None = None, **env: str) -> subprocess.Popen:
+    """One scheduler replica as its own process (what SIGKILL and SIGTERM are sent to)."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen([sys.executable, "-m", "customscripts.realtime.scheduler"],
+                                env={**env_for(cfg), **env}, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log_path:
+            out.close()
+
+
+def stop_replica(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM and a bounded wait (Kubernetes' grace); SIGKILL after it. The exit code, or None when
+    it had to be killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        return None
+
+
+@dataclasses.dataclass
+class ChainOutcome:
+    """What a replay left, per script of the chain: events expected, rows, duplicates, gaps, wrong values."""
+
+    events: int
+    rows: dict[str, int]
+    duplicates: dict[str, int]  # stream messages beyond one per event
+    gaps: dict[str, int]  # events without a row or without a stream message
+    wrong: dict[str, list]  # (time, stored, expected) where a value differs from the reference
+    latest_ok: dict[str, bool]  # Redis' latest value is the last event's correct value
+
+    @property
+    def exact(self) -> bool:
+        return (all(n == self.events for n in self.rows.values()) and not any(self.duplicates.values())
+                and not any(self.gaps.values()) and not any(self.wrong.values()) and all(self.latest_ok.values()))
+
+
+def chain_outcome(cfg: Settings, tenant: str, sids: dict[str, str], instrument: str, timeframe: str,
+                  reference: dict[str, dict[float, float]]) -> ChainOutcome:
+    from customscripts.outputs import params_hash
+
+    events = len(reference["a"])
+    out = ChainOutcome(events, {}, {}, {}, {}, {})
+    for name, sid in sids.items():
+        expected = reference[name]
+        stored = {t: float(v) for t, _i, _p, v in rows(cfg, tenant, sid)}
+        counts = stream_counts(cfg, tenant, instrument, timeframe, sid)
+        out.rows[name] = len(stored)
+        out.duplicates[name] = sum(n - 1 for n in counts.values() if n > 1)
+        out.gaps[name] = sum(1 for t in expected if t not in stored or counts.get(t, 0) == 0)
+        out.wrong[name] = [(t, stored[t], v) for t, v in expected.items() if t in stored and stored[t] != v]
+        last = max(expected)
+        value = latest(cfg, tenant, instrument, timeframe, sid, params_hash({}))
+        out.latest_ok[name] = bool(value) and value["timestamp"] == last and value["value"] == expected[last]
+    return out
+
+
+FAULTS = ("none", "scheduler", "replica", "redis", "postgres", "nats", "s3", "function", "gateway-fn",
+          "registry-fn")
+
+
+@dataclasses.dataclass
+class FaultRun:
+    fault: str
+    outcome: ChainOutcome
+    recovery_s: float  # from the kill until the chain's last script published again (0: never stalled)
+    replicas_exited: bool  # every replica left stopped on SIGTERM within the grace
+
+
+def _count(cfg: Settings, tenant: str, sid: str) -> int:
+    try:
+        with psycopg.connect(cfg.pg_dsn, connect_timeout=2) as conn:
+            return conn.execute("SELECT count(*) FROM script_outputs WHERE tenant = %s AND script_id = %s",
+                                (tenant, sid)).fetchone()[0]
+    except psycopg.Error:
+        return -1  # PostgreSQL is down: unknown
+
+
+def fault_replay(cfg: Settings, caller: Any, fault: str, candles: list[dict], log_path: str | None = None,
+                 settle_s: float = 120.0) -> FaultRun:
+    """Subscribe `caller` (registry_support.Caller) to A <- B <- C on the candles' series, publish every
+    candle to JetStream, run scheduler replicas (two for `replica`), SIGKILL `fault` once a third of
+    the events are published, restore it, and wait (bounded) until every event is published; then
+    stop the replicas with SIGTERM and compare everything with the reference computation."""
+    from customscripts.faas.naming import function_name
+
+    assert fault in FAULTS, fault
+    instrument, timeframe = candles[0]["instrument_key"], candles[0]["timeframe"]
+    sids: dict[str, str] = {}
+    for name, source in (("a", CHAIN_A), ("b", CHAIN_B), ("c", CHAIN_C)):
+        sid = caller.sid(f"chain-{name}-{cfg.scheduler_durable[-6:]}")
+        caller.create_published(sid, source.format(a=sids.get("a"), b=sids.get("b")),
+                                depends_on=[f"{sids[d]}@1" for d in {"b": ["a"], "c": ["b"]}.get(name, [])])
+        sids[name] = sid
+    for sid in sids.values():
+        resp = subscribe(caller, sid, instrument, timeframe)
+        assert resp.status_code == 201, resp.text
+    reference = chain_reference({c["end_time"]: float(c["close"]) for c in candles})
+    publish_candles(cfg, candles)
+    replicas = [scheduler_replica(cfg, log_path) for _ in range(2 if fault == "replica" else 1)]
+    n = len(candles)
+    recovery = 0.0
+    try:
+        wait_until(lambda: _count(cfg, caller.tenant, sids["c"]) >= n // 3, timeout=120, interval=0.02)
+        before = _count(cfg, caller.tenant, sids["c"])
+        killed_at = time.monotonic()
+        if fault in ("scheduler", "replica"):
+            replicas[0].kill()
+            replicas[0].wait(timeout=10)
+            if fault == "scheduler":
+                replicas.append(scheduler_replica(cfg, log_path))
+        elif fault in SERVICES:
+            kill_service(cfg, fault)
+            time.sleep(1.0)  # down for a while: the replicas keep trying meanwhile
+            restore_service(cfg, fault)
+        elif fault == "function":
+            kill_function(function_name(sids["a"], 1))
+        elif fault in PLATFORM_FUNCTIONS:
+            kill_function(fault)
+        if fault != "none":
+            progressed = wait_until(lambda: _count(cfg, caller.tenant, sids["c"]) > before or before >= n,
+                                    timeout=settle_s, interval=0.02)
+            recovery = time.monotonic() - killed_at if progressed and before < n else 0.0
+        wait_until(lambda: chain_outcome(cfg, caller.tenant, sids, instrument, timeframe, reference).exact,
+                   timeout=settle_s, interval=0.25)
+    finally:
+        codes = [stop_replica(p) for p in replicas if p.poll() is None]
+        if fault in SERVICES:
+            from customscripts import localstack
+
+            if not localstack.running_pid(cfg, fault):
+                restore_service(cfg, fault)
+    outcome = chain_outcome(cfg, caller.tenant, sids, instrument, timeframe, reference)
+    return FaultRun(fault, outcome, round(recovery, 2), all(c is not None for c in codes))
