@@ -329,3 +329,36 @@ def test_every_answered_execute_is_audited_once_whatever_is_killed(fault: str, w
     assert report.answered_ok > 0, report
     if fault in SERVICES:
         assert localstack.status(stack)[fault]["healthy"], f"{fault} is not back"
+
+
+SPIN = ("def run(ctx):\n    n = 0\n    for i in range(20_000_000):  # about a second: the database dies meanwhile\n"
+        "        n += i\n    return float(ctx.params['k'])\n")
+
+
+def test_no_execute_is_answered_as_done_while_its_row_cannot_be_committed(stack: Settings, api: str):
+    """PostgreSQL dies while the script runs and stays down until the executes are answered: neither
+    path may answer 200 (no row can be durable); they answer 503 `audit_unavailable` after
+    CS_AUDIT_WAIT_S (or `backend_unavailable` had the registry needed the database before running).
+    The row is kept and written once the database is back: never twice."""
+    w = Workload.create(stack, api)
+    owner, sid = w.owner, w.owner.sid(f"spin-{uuid.uuid4().hex[:8]}")
+    owner.create_published(sid, SPIN)
+    spin = Workload(stack, owner, sid)
+    assert spin.send(5, "execute").value == 5.0  # deployed and warm
+    outcomes: list[Outcome] = []
+    threads = [threading.Thread(target=lambda via=via: outcomes.append(spin.send(7, via)))
+               for via in ("execute", "function_url")]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # both are running their script by now
+        _kill_service(stack, "postgres")
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        restore_service(stack, "postgres")
+    assert len(outcomes) == 2
+    for o in outcomes:
+        assert o.http == 503 and o.code in ("audit_unavailable", "backend_unavailable"), o
+    assert all(len(r) == 1 for r in audit_rows(stack, [o.call_id for o in outcomes]).values())
+    assert {o.via for o in probe(spin) if o.status == "ok"} == {"execute", "function_url"}
