@@ -296,6 +296,12 @@ class Settings:
     # cold start and a short queue at the function, short enough that a crashed replica's leases
     # are back soon.
     execute_lease_slack_s: float = field(default_factory=lambda: _env_float("CS_EXECUTE_LEASE_SLACK_S", 30.0))
+    # Answered means audited (registry/audit.py): an execute waits at most this long for its audit
+    # row's durable commit, then answers 503 `audit_unavailable` instead (the database is down).
+    audit_wait_s: float = field(default_factory=lambda: _env_float("CS_AUDIT_WAIT_S", 5.0))
+    # "0": the previous behaviour, the row queued and the answer sent before its commit (a crash can
+    # lose a few ms of rows). Only for bench/bench_execute.py's same-run comparison.
+    audit_durable: bool = field(default_factory=lambda: _env("CS_AUDIT_DURABLE", "1") != "0")
 
     # CPU weight of one tenant's script functions together, locally (faas/cpugroups.py); 1024 is one
     # busy process's weight. Default: a whole machine's worth, so an idle machine is all a tenant's.

@@ -5,8 +5,10 @@ short-lived tokens; one-time executes (`execute`) and the realtime scheduler bot
 Order for a one-time execute: body and as-of time (422; no time after the server's now),
 permissions and tier (403, nothing started), dependency closure, params against `input_schema`
 (422), a concurrency slot (429/503, registry/concurrency.py), tokens, invoke, validate, store,
-audit. Every attempt — denied and throttled ones included — leaves an audit row, written off the
-request path (registry/audit.py).
+audit. Every attempt — denied and throttled ones included — leaves an audit row, durable before the
+attempt is answered (registry/audit.py group-commits the rows of concurrent executes); when it cannot
+be recorded the answer is 503 `audit_unavailable`. On a function URL the row is durable before
+`complete` answers the function, so before the user's answer too.
 
 History: a one-time execute never writes `script_outputs`, the Redis latest value or the signal
 stream. Those belong to the realtime publisher, the value of record for its event; a one-time
@@ -42,6 +44,7 @@ from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import MAX_JSON_DEPTH, json_depth
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
+from customscripts.registry.audit import AuditRow
 from customscripts.registry.catalog import ScriptRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
 from customscripts.registry.models import ScriptMeta
@@ -403,10 +406,16 @@ class Executor:
         finally:
             self.slots.release(Lease(str(lease_claims["member"]), tuple(lease_claims["keys"])))
 
-    def _audit(self, grant: ExecuteGrant, **row: Any) -> None:
-        self.registry.catalog.audit(action="execute", script_id=grant.script_id, version=grant.version,
-                                    user_id=grant.user_id, tenant=grant.tenant, call_id=grant.call_id,
-                                    params_hash=grant.params_hash, wait=False, **row)
+    def _audit(self, grant: ExecuteGrant, *, status: str, **fields: Any) -> None:
+        """The attempt's audit row, committed durably before the caller answers (AuditUnavailable,
+        503, if it cannot be in CS_AUDIT_WAIT_S); shares its commit with concurrent executes."""
+        row = AuditRow(grant.call_id, grant.script_id, grant.version, grant.user_id, grant.tenant, "execute",
+                       status, params_hash=grant.params_hash, **fields)
+        writer = self.registry.catalog.audit_log
+        if self.cfg.audit_durable:
+            writer.write(row, self.cfg.audit_wait_s)
+        else:
+            writer.submit(row)
 
     def stored(self, principal: Principal, call_id: str) -> dict[str, Any]:
         """A stored one-time result, for callers of its tenant who may still use its script version;

@@ -1,15 +1,25 @@
 """The audit trail: one row per execution (one-time and realtime, denied ones included) and per
 registry action.
 
-Why a writer thread: an execution's row is known only once the function has answered, and waiting
-for its INSERT would put a database round trip (~0.3 ms on the dev machine) on every one-time
-execute. `AuditWriter.submit` queues the row and returns; a daemon thread inserts whatever has
-queued up (within LINGER_S) in one batch. Nothing is dropped: while the database is unreachable the rows wait (and
-are retried with backoff); past `max_pending` waiting rows the caller inserts its own row
-synchronously, so a request then fails as it did before rather than losing its row. The queue is
-flushed at interpreter exit, and `exit_cleanly_on_sigterm` makes SIGTERM (how a function replica
-is stopped) an orderly exit. A process killed outright loses at most the rows of the last few
-milliseconds. Registry actions that run in a transaction write their row inside it (`insert`).
+Answered means audited. A one-time execute's row must be durable before its answer leaves
+registry-fn (README "Audit guarantee"): `AuditWriter.write` queues the row and waits until the
+writer thread has committed it with `synchronous_commit = on` (whatever the cluster's default), so a
+process or database crash right after the answer cannot lose it. Group commit keeps that cheap:
+the thread takes every row queued by then into one INSERT/COPY and one commit, and every caller
+waiting on that batch is released by the same commit; rows that arrive while a commit is running
+share the next one. A lone execute so pays about one synchronous commit round trip and never
+lingers. If the row is not committed within the caller's wait (the database is down), `write`
+raises `AuditUnavailable` (503 `audit_unavailable`): the execute is not answered as if it had been
+recorded. The row stays queued and is written when the database is back (an attempt is recorded
+even so, unless the process dies first).
+
+`submit` is the asynchronous form (realtime evaluations, from the scheduler): the row is queued and
+the caller goes on; the thread lingers up to LINGER_S for more rows to share the insert. Nothing is
+dropped: while the database is unreachable the rows wait (retried with backoff); past `max_pending`
+waiting rows the caller inserts its own row synchronously, so a request then fails as it did before
+rather than losing its row. The queue is flushed at interpreter exit, and `exit_cleanly_on_sigterm`
+makes SIGTERM (how a function replica is stopped) an orderly exit. Registry actions that run in a
+transaction write their row inside it (`insert`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import psycopg
 import psycopg_pool
 
 from customscripts import logs
+from customscripts.errors import ServiceUnavailable
 
 log = logs.get("customscripts.audit")
 
@@ -34,6 +45,9 @@ BATCH_ROWS = 500
 LINGER_S = 0.05  # a row waits at most this long for others to share its INSERT
 MAX_PENDING = 10_000
 RETRY_MAX_S = 2.0
+RETRY_WAITED_MAX_S = 0.2  # while a caller waits on its row: retry soon after the database is back
+CONNECT_TIMEOUT_S = 1.0  # a pooled connection not handed out by then: the attempt failed, retry
+DURABLE_SQL = "SET LOCAL synchronous_commit = on"  # this transaction's commit waits for the WAL flush
 
 
 class AuditRow(NamedTuple):
@@ -56,6 +70,12 @@ INSERT_SQL = f"INSERT INTO audit ({', '.join(AuditRow._fields)}) VALUES ({', '.j
 COPY_SQL = f"COPY audit ({', '.join(AuditRow._fields)}) FROM STDIN"
 
 
+class AuditUnavailable(ServiceUnavailable):
+    """An execute's audit row could not be made durable in time: it is not answered as recorded."""
+
+    code = "audit_unavailable"
+
+
 def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
     """Insert rows on this connection (inside the caller's transaction, if any); many by COPY, which
     keeps thousands of realtime evaluations a second cheap for the database."""
@@ -69,7 +89,8 @@ def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
 
 
 class AuditWriter:
-    """Rows submitted here reach the audit table shortly after, in batches, in submission order."""
+    """Rows reach the audit table in batches, in submission order, each batch in one durable commit:
+    `write` waits for its row's commit, `submit` does not."""
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, *, max_pending: int = MAX_PENDING,
                  batch_rows: int = BATCH_ROWS, linger_s: float = LINGER_S) -> None:
@@ -80,17 +101,52 @@ class AuditWriter:
         self._flushing = 0
         self._pending: deque[AuditRow] = deque()
         self._writing = 0
+        self._queued = 0  # rows ever queued; a row's ticket is the count after it
+        self._committed = 0  # of those, rows committed (in queue order: a failed batch goes back first)
+        self._waiting = 0  # callers of write() waiting on their commit
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def submit(self, row: AuditRow) -> None:
+        """Queue the row and return; it is written shortly after (realtime evaluations)."""
         with self._cond:
-            if len(self._pending) + self._writing < self.max_pending:
-                self._pending.append(row)
-                self._start()
-                self._cond.notify_all()
+            if self._queue(row) is not None:
                 return
         self._write([row])  # back-pressure: the database is behind or down; this caller waits for it
+
+    def write(self, row: AuditRow, timeout: float) -> None:
+        """Return once the row is committed durably, sharing the commit with whatever else is queued;
+        `AuditUnavailable` if that takes longer than `timeout` (the row stays queued)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            ticket = self._queue(row)
+            if ticket is not None:
+                self._waiting += 1
+                try:
+                    while self._committed < ticket:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise AuditUnavailable("the audit row could not be recorded; the execute is not "
+                                                   "answered", headers={"Retry-After": "1"})
+                        self._cond.wait(left)
+                    return
+                finally:
+                    self._waiting -= 1
+        try:  # back-pressure, as in submit
+            self._write([row])
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise AuditUnavailable(f"the audit row could not be recorded: {type(exc).__name__}",
+                                   headers={"Retry-After": "1"}) from None
+
+    def _queue(self, row: AuditRow) -> int | None:
+        """Append under the lock; the row's ticket, or None when the queue is full."""
+        if len(self._pending) + self._writing >= self.max_pending:
+            return None
+        self._pending.append(row)
+        self._queued += 1
+        self._start()
+        self._cond.notify_all()
+        return self._queued
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every submitted row is written; False if that took longer than `timeout`."""
@@ -123,7 +179,9 @@ class AuditWriter:
             logs.event(log, "audit rows not written at exit", logging.ERROR, rows=self.pending)
 
     def _write(self, rows: list[AuditRow]) -> None:
-        with self.pool.connection() as conn:
+        """One transaction, committed synchronously whatever the cluster's default."""
+        with self.pool.connection(timeout=CONNECT_TIMEOUT_S) as conn, conn.transaction():
+            conn.execute(DURABLE_SQL)
             insert(conn, rows)
 
     def _run(self) -> None:
@@ -132,8 +190,10 @@ class AuditWriter:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                if len(self._pending) < self.batch_rows and not self._flushing:
-                    self._cond.wait(self.linger_s)  # let a few more rows join this insert
+                if len(self._pending) < self.batch_rows and not (self._flushing or self._waiting):
+                    # nobody waits on these rows: let a few more join this insert (a caller of
+                    # write() never lingers; rows queued while a commit runs share the next one)
+                    self._cond.wait(self.linger_s)
                 rows = [self._pending.popleft() for _ in range(min(self.batch_rows, len(self._pending)))]
                 self._writing = len(rows)
             try:
@@ -144,13 +204,16 @@ class AuditWriter:
             with self._cond:
                 if failed is not None:
                     self._pending.extendleft(reversed(rows))  # first in, first written, when it is back
+                else:
+                    self._committed += len(rows)
                 self._writing = 0
                 self._cond.notify_all()
+                waited = self._waiting > 0
             if failed is None:
                 delay = 0.05
                 continue
             logs.event(log, "audit insert failed; retrying", logging.WARNING, rows=len(rows), error=str(failed))
-            time.sleep(delay)
+            time.sleep(min(delay, RETRY_WAITED_MAX_S) if waited else delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
 
