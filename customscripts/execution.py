@@ -30,7 +30,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from referencing.exceptions import Unresolvable
 
-from customscripts import ids, logs
+from customscripts import ids, logs, metrics
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
@@ -404,6 +404,7 @@ class Executor:
             self.slots.release(Lease(str(lease_claims["member"]), tuple(lease_claims["keys"])))
 
     def _audit(self, grant: ExecuteGrant, **row: Any) -> None:
+        metrics.observe_execute(grant.tier, **row)  # every attempt, by status and tier (customscripts/metrics.py)
         self.registry.catalog.audit(action="execute", script_id=grant.script_id, version=grant.version,
                                     user_id=grant.user_id, tenant=grant.tenant, call_id=grant.call_id,
                                     params_hash=grant.params_hash, wait=False, **row)
