@@ -232,3 +232,35 @@ def test_readiness_fails_when_the_database_is_unreachable(stack):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_status_prints_health_and_the_key_figures(alice, uid, stack):
+    sid = alice.sid(f"status-{uid}")
+    alice.create_published(sid, SCRIPT)
+    _execute(alice, sid)
+    result = subprocess.run([sys.executable, "-m", "customscripts.cli", "status"], capture_output=True, text=True,
+                            timeout=120)
+    # (exit 1 would only mean some component of another test is not ready: what is checked is the report)
+    assert result.returncode in (0, 1) and not result.stderr.strip(), result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name in ("provider", "gateway-fn", function_name(sid, 1)):
+        assert any(line.split()[:2] == [name, "ready"] for line in lines), (name, result.stdout)
+    figures = dict(line.strip().split(": ", 1) for line in lines if line.startswith("  ") and ": " in line)
+    assert "ok" in figures["executes by status"], result.stdout
+    assert "script" in figures["deployed functions"] and "platform" in figures["deployed functions"]
+    for key in ("dead letters", "gateway reads", "cold starts"):
+        assert key in figures
+
+
+def test_status_says_clearly_when_a_component_is_down(stack):
+    """The report of a stack whose provider does not answer (its port closed; the shared stack untouched)."""
+    import dataclasses
+
+    from customscripts import status
+
+    report = status.report(dataclasses.replace(stack, provider_port=_free_port()))
+    assert report["services"]["provider"]["healthy"] is False
+    assert report["components"]["provider"]["state"] == "down"
+    text = status.render(report)
+    assert "provider" in text and "DOWN" in text and "does not answer" in text
+    assert not status.healthy(report)
