@@ -92,11 +92,17 @@ def _recording_activity(handle: Callable[[Any, Any], Any], path: str) -> Callabl
 def _serve_ops(handler: Any) -> int:
     """Start the function's ops listener (/metrics, /healthz, /readyz: customscripts/metrics.py) on
     CS_FN_METRICS_ADDR:CS_FN_METRICS_PORT, as the component and with the readiness checks its handler module
-    names (COMPONENT, READINESS); its port, 0 when switched off (a port below 0)."""
+    names (COMPONENT, READINESS); its port, 0 when switched off (a port below 0). Every platform handler
+    names its COMPONENT and must have prometheus-client; any other python3-http handler gets the listener
+    only where its environment has it."""
+    import importlib.util
+
     from customscripts.config import settings
 
     cfg = settings()
     if cfg.fn_metrics_port < 0:
+        return 0
+    if not hasattr(handler, "COMPONENT") and importlib.util.find_spec("prometheus_client") is None:
         return 0
     from customscripts import metrics
 
