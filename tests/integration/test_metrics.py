@@ -264,3 +264,25 @@ def test_status_says_clearly_when_a_component_is_down(stack):
     text = status.render(report)
     assert "provider" in text and "DOWN" in text and "does not answer" in text
     assert not status.healthy(report)
+
+
+def test_gateway_rate_limit_refusals_are_counted(stack, uid):
+    """Reads over the smallest tier's burst at the real gateway-fn: the refusals show as 429s of their route and
+    in cs_gateway_rate_limited_total (by source, never by caller)."""
+    from customscripts.gateway.tokens import mint_execution_token
+
+    tier = min(stack.tiers.values(), key=lambda t: t.burst)
+    token = mint_execution_token(user=f"u-{uid}", tenant=f"t-{uid}", script_id=f"s-{uid}", version=1, deps=[],
+                                 as_of=AS_OF, tier=tier.name)
+    ops = _ops(stack, "gateway-fn")
+    before = scrape(ops)
+    statuses = [requests.get(f"{stack.data_gateway_url}/data/market", params={"instrument_key": "GOOG",
+                                                                             "timeframe": "1d", "limit": 5},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+                for _ in range(tier.burst + 5)]
+    assert 429 in statuses and 200 in statuses, statuses
+    after = scrape(ops)
+    refused = statuses.count(429)
+    assert _moved(before, after, "cs_gateway_rate_limited_total", source="onetime") >= 1
+    assert _moved(before, after, "cs_http_requests_total", component="gateway-fn", route="/data/market",
+                  code="429") == refused
