@@ -20,9 +20,11 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    report = localstack.status()
-    print(json.dumps(report, indent=2))
-    return 0 if all(s["healthy"] for s in report.values()) else 1
+    from customscripts import status
+
+    report = status.report()
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return 0 if status.healthy(report) else 1
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -150,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop what `up` started; data is kept")
     p.add_argument("--only", nargs="*")
     p.set_defaults(func=_down)
-    sub.add_parser("status", help="health of each local service").set_defaults(func=_status)
+    p = sub.add_parser("status", help="health of each local service and component, and the key figures of their "
+                                      "/metrics")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=_status)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
     sub.add_parser("demo", help="bring the stack up and run the example scripts on real sample data").set_defaults(
         func=_demo)

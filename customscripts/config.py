@@ -366,6 +366,16 @@ class Settings:
     scheduler_metrics_port: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_METRICS_PORT", 0))
     # where scheduler/main.py serves them: loopback locally, all interfaces in a pod (Prometheus scrapes it)
     scheduler_metrics_addr: str = field(default_factory=lambda: _env("CS_SCHEDULER_METRICS_ADDR", "127.0.0.1"))
+    # Every function process's ops listener (/metrics, /healthz, /readyz; customscripts/metrics.py), never the
+    # port callers reach through the gateway: 9464 on all interfaces in a pod (stack.yml and script
+    # functions' deployments set both; Prometheus finds it by the pod's prometheus.io/* annotations). The
+    # local provider gives each process a free loopback port instead (0) and names it in the FunctionStatus;
+    # below 0: no ops listener.
+    fn_metrics_port: int = field(default_factory=lambda: _env_int("CS_FN_METRICS_PORT", 0))
+    fn_metrics_addr: str = field(default_factory=lambda: _env("CS_FN_METRICS_ADDR", "127.0.0.1"))
+    # the port a function pod's ops listener has (what registry-fn gives every script function it deploys,
+    # with the pod's prometheus.io/* annotations)
+    pod_metrics_port: int = field(default_factory=lambda: _env_int("CS_POD_METRICS_PORT", 9464))
     scheduler_timer_subject: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMER_SUBJECT", "cs.timer"))
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
     # Failures stay inside their function and tenant (customscripts/realtime/scheduler.py, "Failures"):

@@ -32,7 +32,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from referencing.exceptions import Unresolvable
 
-from customscripts import ids, logs
+from customscripts import ids, logs, metrics
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
@@ -411,6 +411,7 @@ class Executor:
         503, if it cannot be in CS_AUDIT_WAIT_S); shares its commit with concurrent executes."""
         row = AuditRow(grant.call_id, grant.script_id, grant.version, grant.user_id, grant.tenant, "execute",
                        status, params_hash=grant.params_hash, **fields)
+        metrics.observe_execute(grant.tier, status=status, **fields)  # every attempt, by status and tier
         writer = self.registry.catalog.audit_log
         if self.cfg.audit_durable:
             writer.write(row, self.cfg.audit_wait_s)

@@ -27,6 +27,7 @@ import re
 import select
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ def error_response(exc: ApiError) -> Response:
 
 
 _PARAM = re.compile(r"\{(\w+)\}")
+# Set by customscripts.metrics.register in a process that serves metrics: called with the route template a
+# request matched ("unmatched" for none), its HTTP status and the seconds inside the handler.
+request_observer: Callable[[str, int, float], None] | None = None
 
 
 class Router:
@@ -187,12 +191,14 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[tuple[str, re.Pattern[str], RouteHandler]] = []
+        self._templates: dict[re.Pattern[str], str] = {}
 
     def route(self, method: str, template: str) -> Callable[[RouteHandler], RouteHandler]:
         pattern = re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", template) + "$")
 
         def register(func: RouteHandler) -> RouteHandler:
             self._routes.append((method.upper(), pattern, func))
+            self._templates[pattern] = template
             return func
 
         return register
@@ -200,12 +206,23 @@ class Router:
     def dispatch(self, event: Event) -> Response:
         call_id = _header(event.headers, "X-Call-Id") or uuid.uuid4().hex
         token = logs.call_id_var.set(call_id)
+        started = time.perf_counter()
         try:
             response = self._dispatch(event, call_id)
         finally:
             logs.call_id_var.reset(token)
+        if request_observer is not None:
+            request_observer(self.template(event.path or "/"), int(response.get("statusCode", 200)),
+                             time.perf_counter() - started)
         response.setdefault("headers", {})["X-Call-Id"] = call_id
         return response
+
+    def template(self, path: str) -> str:
+        """The route template `path` matches (a bounded label), "unmatched" for none."""
+        for _, pattern, _ in self._routes:
+            if pattern.match(path):
+                return self._templates[pattern]
+        return "unmatched"
 
     def _dispatch(self, event: Event, call_id: str) -> Response:
         path = event.path or "/"

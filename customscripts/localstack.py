@@ -252,12 +252,13 @@ def _provider_ready(cfg: Settings) -> bool:
         return False
 
 
-def _scheduler_port(cfg: Settings) -> int:
+def scheduler_port(cfg: Settings) -> int:
+    """Where the local scheduler serves /metrics, /healthz and /readyz."""
     return cfg.scheduler_metrics_port or 9464
 
 
 def _scheduler_start(cfg: Settings, data: Path) -> list[str]:
-    return [sys.executable, "-m", "customscripts.realtime.scheduler", "--metrics-port", str(_scheduler_port(cfg))]
+    return [sys.executable, "-m", "customscripts.realtime.scheduler", "--metrics-port", str(scheduler_port(cfg))]
 
 
 def _scheduler_env(cfg: Settings) -> dict[str, str]:
@@ -272,7 +273,7 @@ def _scheduler_ready(cfg: Settings) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{_scheduler_port(cfg)}/metrics", timeout=0.5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port(cfg)}/healthz", timeout=0.5) as r:
             return r.status == 200
     except OSError:
         return False
@@ -289,7 +290,7 @@ def services(cfg: Settings) -> list[Service]:
         Service("s3", int(cfg.s3_endpoint.rsplit(":", 1)[1]), _s3_start, _s3_ready),
         Service("provider", cfg.provider_port, _provider_start, _provider_ready),
         # the realtime scheduler: `customscripts up --only scheduler` (not part of a plain `up`)
-        Service("scheduler", _scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True,
+        Service("scheduler", scheduler_port(cfg), _scheduler_start, _scheduler_ready, optional=True,
                 env=_scheduler_env),
     ]
 

@@ -4,6 +4,7 @@ index.py puts function/ first on sys.path."""
 
 import importlib
 
+from customscripts.metrics import dependency_checks
 from customscripts.registry.api import handle as _handle
 from customscripts.registry.audit import exit_cleanly_on_sigterm
 
@@ -13,6 +14,9 @@ for _module in ("customscripts.execution", "customscripts.realtime.service", "cu
     importlib.import_module(_module)
 
 exit_cleanly_on_sigterm()  # index.py imports this module in its main thread: queued audit rows get written
+
+# its ops listener (/metrics, /healthz, /readyz: faas/runner.py, customscripts/metrics.py) and what readiness checks
+COMPONENT, READINESS = "registry-fn", dependency_checks("postgres", "redis")
 
 
 def handle(event, context):

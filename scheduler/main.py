@@ -24,11 +24,11 @@ def main(argv: list[str]) -> int:
     cfg = settings()
     cfg.require(*SCHEDULER_SECRETS)
     if cfg.scheduler_metrics_port and not any(arg.startswith("--metrics-port") for arg in argv):
-        from prometheus_client import start_http_server
+        from customscripts.realtime import metrics
 
-        # the realtime metrics live in the default registry; served on CS_SCHEDULER_METRICS_ADDR (0.0.0.0
-        # in a pod, so Prometheus and the kubelet's probes reach it)
-        start_http_server(cfg.scheduler_metrics_port, addr=cfg.scheduler_metrics_addr)
+        # /metrics, /healthz, /readyz on CS_SCHEDULER_METRICS_ADDR (0.0.0.0 in a pod, so Prometheus and the
+        # kubelet's probes reach it)
+        metrics.serve(cfg.scheduler_metrics_port, cfg.scheduler_metrics_addr)
     return run_scheduler(argv)
 
 

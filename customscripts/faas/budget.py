@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from customscripts import logs
+from customscripts import logs, metrics
 from customscripts.config import settings
 from customscripts.errors import ServiceUnavailable, TooManyRequests
 from customscripts.faas.client import FunctionNotFound, OpenFaaSClient
@@ -319,12 +319,15 @@ class FunctionBudget:
                     with contextlib.suppress(FunctionNotFound):
                         self.client.delete(victim)
                     self.forget(victim)
+                    metrics.BUDGET_EVICTIONS.labels("lru").inc()
             current = self.deployed()
+            metrics.BUDGET_DEPLOYED.set(len(current))
             if name not in current:
                 self._drop_untracked(current, name, pinned_any)
                 logs.event(log, "deploying function", function=name, tenant=tenant)
                 try:
                     deploy_fn()
+                    metrics.BUDGET_DEPLOYS.inc()
                 except BaseException:
                     self.lru.release(tenant, name, pinned=name in pinned_any)
                     raise
@@ -343,3 +346,4 @@ class FunctionBudget:
             with contextlib.suppress(FunctionNotFound):
                 self.client.delete(victim)
             self.forget(victim)
+            metrics.BUDGET_EVICTIONS.labels("untracked").inc()

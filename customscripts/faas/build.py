@@ -258,6 +258,19 @@ def image_ref(name: str, code_hash: str, image_prefix: str | None = None) -> str
     return f"{prefix}/{name}:{code_hash[:12]}"
 
 
+def pod_metrics_env() -> dict[str, str]:
+    """A function pod's ops listener (/metrics, /healthz, /readyz; faas/runner.py): every interface of the pod,
+    CS_POD_METRICS_PORT. Never the gateway's port 8080, so nothing a caller sends through /function/<name>
+    reaches it. The local provider gives each process a loopback port instead."""
+    return {"CS_FN_METRICS_PORT": str(settings().pod_metrics_port), "CS_FN_METRICS_ADDR": "0.0.0.0"}
+
+
+def pod_metrics_annotations() -> dict[str, str]:
+    """How Prometheus finds a function pod's metrics (faas-netes copies a function's annotations to its pods)."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings().pod_metrics_port),
+            "prometheus.io/path": "/metrics"}
+
+
 def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code_hash: str, tier: str,
                context_hash: str | None = None, templates_dir: Path | None = None,
                gateway_url: str | None = None, isolation: str | None = None,
@@ -290,6 +303,7 @@ def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code
             "CS_TIER": tier,
             "prefix_logs": "false",  # of-watchdog: keep our JSON log lines intact
             "exec_timeout": f"{timeout_s + 30}s",  # batches run several evaluations per call
+            **pod_metrics_env(),
             **(env or {}),
         },
         "secrets": [INVOCATION_SECRET],
@@ -302,7 +316,7 @@ def deployment(script_id: str, version: int, *, owner_id: str, tenant: str, code
             "com.openfaas.scale.min": "1",
             "com.openfaas.scale.max": "5",
         },
-        "annotations": annotations,
+        "annotations": {**annotations, **pod_metrics_annotations()},
         "limits": {"memory": tier_cfg.function_memory, "cpu": tier_cfg.function_cpu},
         "requests": {"memory": tier_cfg.function_memory, "cpu": tier_cfg.function_cpu},
         "readOnlyRootFilesystem": True,

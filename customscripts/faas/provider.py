@@ -8,7 +8,7 @@ It answers the same routes, bodies and status codes as the CE gateway + faas-net
   /system/info, /system/namespaces                                                              basic auth
   /function/{name}[/path]  any method, proxied to the function process (X-Call-Id, X-Start-Time)
   /async-function/{name}   POST -> 202, run in the background, result POSTed to X-Callback-Url
-  /healthz
+  /healthz, /readyz, /metrics  the provider's own health and metrics (customscripts/metrics.py)
 
 Basic auth is the stack's own random password (secret `basic-auth-password`: `customscripts up`
 writes it to `.state/secrets/basic-auth-password`, mode 0600); with no password configured every
@@ -71,7 +71,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from customscripts import logs
+from customscripts import logs, metrics
 from customscripts.config import settings
 from customscripts.errors import ApiError
 from customscripts.faas import cpugroups
@@ -82,6 +82,10 @@ from customscripts.faas.venvs import EnvironmentBuildFailed, Environments
 from customscripts.http import ClientConnection, HandlerServer, Headers, KeepAlivePool, RawResponse, parse_json
 
 log = logs.get("customscripts.faas.provider")
+
+# the loopback port of a running function's ops listener (/metrics, /healthz, /readyz: customscripts/metrics.py),
+# named in its FunctionStatus as the Service port is; a pod's is CS_FN_METRICS_PORT (prometheus.io/port)
+METRICS_PORT_ANNOTATION = "com.customscripts.local.metrics-port"
 
 PROVIDER_NAME = "customscripts-local"
 VERSION = "0.1.0"
@@ -176,6 +180,7 @@ class FunctionProcess:
     inflight: int = 0
     unix_path: str | None = None  # a container without a network serves on this socket file
     context: str = ""  # the build context's hash it was started from (a new one restarts it)
+    metrics_port: int = 0  # its ops listener (0: none, e.g. a container without a network)
     forwards: list[Any] = field(default_factory=list)  # its socket files to its peers (containers.SocketForward)
     pool: KeepAlivePool = field(init=False)
 
@@ -247,6 +252,7 @@ class Provider:
         self._async_workers = async_workers
         self._stopping = threading.Event()
         self._server: HandlerServer | None = None
+        self.health: metrics.Health | None = None
         self._threads: list[threading.Thread] = []
         self._callbacks = requests.Session()
         self._load()
@@ -404,7 +410,9 @@ class Provider:
                 "secrets": spec.get("secrets") or [],
                 "labels": spec.get("labels") or {},
                 "annotations": {**(spec.get("annotations") or {}),
-                                SERVICE_PORT_ANNOTATION: self._service_address(spec, entry)},
+                                SERVICE_PORT_ANNOTATION: self._service_address(spec, entry),
+                                **({METRICS_PORT_ANNOTATION: str(fp.metrics_port)}
+                                   if running and fp is not None and fp.metrics_port else {})},
                 "limits": spec.get("limits"),
                 "requests": spec.get("requests"),
                 "readOnlyRootFilesystem": bool(spec.get("readOnlyRootFilesystem", False)),
@@ -452,6 +460,9 @@ class Provider:
             "CS_SECRETS_DIR": str(secrets_dir),
             "CS_FUNCTION_NAME": name,
             "HOSTNAME": name,
+            # many functions share this host's loopback: each ops listener on a free port, named in its status
+            "CS_FN_METRICS_PORT": "0",
+            "CS_FN_METRICS_ADDR": self.host,
         }
         if spec.get("readOnlyRootFilesystem"):
             env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing is written next to the code
@@ -497,12 +508,23 @@ class Provider:
                                     stderr=subprocess.STDOUT, pass_fds=(wfd,), start_new_session=True)
         os.close(wfd)
         try:
-            port = self._await_port(proc, rfd, name, logpath, log_start)
+            port, metrics_port = self._await_port(proc, rfd, name, logpath, log_start)
         finally:
             os.close(rfd)
-        logs.event(log, "function started", function=name, pid=proc.pid, port=port,
+        self._cold_started(spec, started)
+        logs.event(log, "function started", function=name, pid=proc.pid, port=port, metrics_port=metrics_port,
                    cold_start_ms=round((time.monotonic() - started) * 1000, 1))
-        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, context=context_sha256(folder))
+        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, context=context_sha256(folder),
+                               metrics_port=metrics_port)
+
+    @staticmethod
+    def _kind(spec: Mapping[str, Any]) -> str:
+        """platform or script (a bounded metric label, never the function's name)."""
+        return "platform" if (spec.get("labels") or {}).get(f"{LABEL_PREFIX}.kind") == "platform" else "script"
+
+    def _cold_started(self, spec: Mapping[str, Any], started: float) -> None:
+        metrics.PROVIDER_COLD_STARTS.labels(self._kind(spec)).inc()
+        metrics.PROVIDER_COLD_START_SECONDS.labels(self._kind(spec)).observe(time.monotonic() - started)
 
     def _start_container(self, name: str, spec: dict[str, Any], folder: Path) -> FunctionProcess:
         """The function as a container of its image (faas/containers.py): a script function without a
@@ -522,7 +544,8 @@ class Provider:
         for path in (secrets_dir, *secrets_dir.iterdir()):  # the container's non-root user reads them
             os.chmod(path, 0o755 if path.is_dir() else 0o444)  # (run/<name>/ stays private on the host)
         env = {**(spec.get("envVars") or {}), "fprocess": spec.get("envProcess") or "python index.py",
-               "CS_FUNCTION_NAME": name, "HOSTNAME": name, "PYTHONUNBUFFERED": "1"}
+               "CS_FUNCTION_NAME": name, "HOSTNAME": name, "PYTHONUNBUFFERED": "1",
+               "CS_FN_METRICS_PORT": "-1"}  # no ops listener: nothing on the host could reach it
         platform = (spec.get("labels") or {}).get(f"{LABEL_PREFIX}.kind") == "platform"
         socket_dir: Path | None = None
         forwards: list[Any] = []
@@ -566,6 +589,7 @@ class Provider:
                 forward.close()
             containers.remove_container(engine, self.state_key, name)
             raise
+        self._cold_started(spec, started)
         logs.event(log, "function started", function=name, pid=proc.pid, image=image, runtime="container",
                    address=unix_path or port, cold_start_ms=round((time.monotonic() - started) * 1000, 1))
         return FunctionProcess(name=name, proc=proc, port=port, spec=spec, unix_path=unix_path, forwards=forwards,
@@ -611,7 +635,9 @@ class Provider:
             self._cpu_groups[tenant] = group
         return self._cpu_groups[tenant]
 
-    def _await_port(self, proc: subprocess.Popen, rfd: int, name: str, logpath: Path, log_start: int) -> int:
+    def _await_port(self, proc: subprocess.Popen, rfd: int, name: str, logpath: Path, log_start: int
+                    ) -> tuple[int, int]:
+        """The ports the function writes once it listens: served, then its ops listener's (faas/runner.py)."""
         deadline = time.monotonic() + self.start_timeout
         data = b""
         while time.monotonic() < deadline:
@@ -620,7 +646,8 @@ class Provider:
                 chunk = os.read(rfd, 64)
                 data += chunk
                 if data.endswith(b"\n"):
-                    return int(data)
+                    ports = [int(p) for p in data.split()]
+                    return ports[0], (ports[1] if len(ports) > 1 else 0)
                 if not chunk:  # writer closed without a port: the process failed to start
                     break
             if proc.poll() is not None:
@@ -707,6 +734,26 @@ class Provider:
                 logs.event(log, "service function failed to start", logging.ERROR, function=name,
                            error=str(exc))
 
+    def _services_running(self) -> None:
+        """Readiness: every deployment with a service port (gateway-fn) has a running process."""
+        with self._lock:
+            wanted = [n for n, e in self.deployments.items() if self.service_port(e["spec"]) is not None]
+            down = [n for n in wanted if not (n in self.processes and self.processes[n].alive())]
+        if down:
+            raise RuntimeError(f"not running: {', '.join(sorted(down))}")
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Deployed and running functions by kind (platform, script): the provider's function gauges."""
+        out = {"deployed": {"platform": 0, "script": 0}, "running": {"platform": 0, "script": 0}}
+        with self._lock:
+            for name, entry in self.deployments.items():
+                kind = self._kind(entry["spec"])
+                out["deployed"][kind] += 1
+                fp = self.processes.get(name)
+                if fp is not None and fp.alive():
+                    out["running"][kind] += 1
+        return out
+
     def _called_directly_s(self, name: str) -> float:
         """Seconds since the function last served a call that bypassed this gateway (its own record)."""
         try:
@@ -725,7 +772,9 @@ class Provider:
                         and self.service_port(fp.spec) is None and self._called_directly_s(n) >= self.idle_s]
             for name in idle:
                 logs.event(log, "function idle; stopping", function=name)
-                self.stop_function(name)
+                fp = self.processes.get(name)
+                if fp is not None and self.stop_function(name):
+                    metrics.PROVIDER_IDLE_STOPS.labels(self._kind(fp.spec)).inc()
             self._keep_services()
 
     # ------------------------------------------------------------------ invocation
@@ -845,6 +894,8 @@ class Provider:
                    threading.Thread(target=self._reap_idle, name="provider-idle", daemon=True)]
         threads += [threading.Thread(target=self._async_worker, name=f"provider-async-{i}", daemon=True)
                     for i in range(self._async_workers)]
+        self.health = metrics.register("provider", {"service functions": self._services_running})
+        metrics.watch_provider(self)
         self._keep_services()
         for thread in threads:
             thread.start()
@@ -959,10 +1010,12 @@ class _Front:
                 if method in ("GET", "HEAD"):
                     return _reply(200, "OK")
                 return _reply(405, "Method Not Allowed\n")
+            if path in ("/metrics", "/readyz") and self.provider.health is not None:
+                return metrics.ops_response(self.provider.health, method, path)  # type: ignore[return-value]
             if path.startswith("/function/"):
-                return self._invoke(call, path[len("/function/"):])
+                return self._counted("sync", self._invoke(call, path[len("/function/"):]))
             if path.startswith("/async-function/"):
-                return self._invoke_async(call, path[len("/async-function/"):])
+                return self._counted("async", self._invoke_async(call, path[len("/async-function/"):]))
             if path.startswith("/system/"):
                 denied = self._unauthorised(call)
                 return denied if denied is not None else self._system(call)
@@ -972,6 +1025,11 @@ class _Front:
         except Exception as exc:  # never let one request take the server down
             log.exception("provider error on %s %s", method, path)
             return _reply(500, f"internal error: {exc}\n")
+
+    @staticmethod
+    def _counted(kind: str, reply: RawResponse) -> RawResponse:
+        metrics.PROVIDER_INVOCATIONS.labels(kind, str(reply[0])).inc()
+        return reply
 
     def _unauthorised(self, call: _Call) -> RawResponse | None:
         if self.provider.authorised(call.headers.get("Authorization")):

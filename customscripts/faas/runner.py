@@ -10,7 +10,9 @@ Where it listens: CS_FN_LISTEN (`host:port` or `unix:/path`), else 127.0.0.1:500
 upstream. Under the local provider (CS_FN_READY_FD set) it listens on CS_FN_PORT and writes the port to
 that file descriptor once the server listens, so the provider needs no readiness polling; calls that
 reach the function directly mark CS_FN_ACTIVITY_FILE for the provider's idle reaper, and the process
-exits when the provider goes away. A script function first joins its tenant's CPU group (CS_CPU_GROUP,
+exits when the provider goes away. Every function also serves its ops routes (/metrics, /healthz,
+/readyz) on a listener of its own (`_serve_ops`), whose port follows the served one on that descriptor.
+A script function first joins its tenant's CPU group (CS_CPU_GROUP,
 faas/cpugroups.py). A handler that cannot be imported (a missing requirement or file) ends the process
 with one line naming what is missing and exit status 3.
 """
@@ -87,6 +89,28 @@ def _recording_activity(handle: Callable[[Any, Any], Any], path: str) -> Callabl
     return recorded
 
 
+def _serve_ops(handler: Any) -> int:
+    """Start the function's ops listener (/metrics, /healthz, /readyz: customscripts/metrics.py) on
+    CS_FN_METRICS_ADDR:CS_FN_METRICS_PORT, as the component and with the readiness checks its handler module
+    names (COMPONENT, READINESS); its port, 0 when switched off (a port below 0). Every platform handler
+    names its COMPONENT and must have prometheus-client; any other python3-http handler gets the listener
+    only where its environment has it."""
+    import importlib.util
+
+    from customscripts.config import settings
+
+    cfg = settings()
+    if cfg.fn_metrics_port < 0:
+        return 0
+    if not hasattr(handler, "COMPONENT") and importlib.util.find_spec("prometheus_client") is None:
+        return 0
+    from customscripts import metrics
+
+    server = metrics.serve(getattr(handler, "COMPONENT", "script-function"), cfg.fn_metrics_port,
+                           cfg.fn_metrics_addr, getattr(handler, "READINESS", None))
+    return server.port
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -104,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except HandlerImportError as exc:
         print(f"function {os.environ.get('CS_FUNCTION_NAME') or args[0]} cannot start: {exc}", file=sys.stderr)
         return HANDLER_IMPORT_FAILED
+    try:
+        ops_port = _serve_ops(handler)
+    except ModuleNotFoundError as exc:
+        print(f"function {os.environ.get('CS_FUNCTION_NAME') or args[0]} cannot start: module {exc.name!r} is not "
+              "installed in the function's environment: list it in its requirements.txt", file=sys.stderr)
+        return HANDLER_IMPORT_FAILED
     handle = handler.handle
     activity = os.environ.get("CS_FN_ACTIVITY_FILE")
     if activity:
@@ -116,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     server = HandlerServer.for_handler(handle, listen=listen, threads=threads, idle_timeout=120, name="fn")
     if ready_fd is not None:
         fd = int(ready_fd)
-        os.write(fd, f"{server.port}\n".encode())
+        os.write(fd, f"{server.port} {ops_port}\n".encode())
         os.close(fd)
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):

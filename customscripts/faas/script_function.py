@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from customscripts import logs
+from customscripts import logs, metrics
 from customscripts.config import settings
 from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from customscripts.http import parse_json
@@ -225,9 +225,10 @@ class ScriptFunction:
             raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
         run = granted["execution"]
         data = self._data_source(granted["execution_token"], {})
-        result = sup.execute(ExecutionRequest(run["instrument_key"], run["timeframe"], run["params"],
-                                              float(run["timestamp"]), data=data)).to_dict()
-        return _forward(self._registry("complete", {"grant": granted["grant"], "result": result}, call_id))
+        ran = sup.execute(ExecutionRequest(run["instrument_key"], run["timeframe"], run["params"],
+                                           float(run["timestamp"]), data=data))
+        metrics.observe_function_results([ran], "function_url")
+        return _forward(self._registry("complete", {"grant": granted["grant"], "result": ran.to_dict()}, call_id))
 
     def _registry(self, step: str, body: dict, call_id: str, user_token: str | None = None) -> Any:
         """POST gateway-fn's /functions/<this>/<step> (forwarded to the registry) with this function's proof."""
@@ -245,7 +246,24 @@ class ScriptFunction:
             raise ServiceUnavailable(f"gateway-fn unreachable: {type(exc).__name__}", code="registry_unavailable",
                                      headers={"Retry-After": "1"}) from None
 
+    def readiness(self) -> dict[str, metrics.Check]:
+        """What this function needs to serve: its sandbox's zygote and gateway-fn (its one data path)."""
+        def sandbox() -> None:
+            sup = self.supervisor
+            if sup is None or not sup.zygote_alive:
+                raise RuntimeError("the sandbox's zygote is not running")
+
+        return {"sandbox": sandbox, **metrics.dependency_checks("gateway-fn")}
+
     def handle(self, event: Any, context: Any) -> dict:
+        """python3-http `handle`, counted by request kind and status (cs_function_requests_total)."""
+        reply = self._handle(event, context)
+        auth = (event.headers.get("Authorization", "") or "") if event.headers else ""
+        kind = "function_url" if auth.lower().startswith("bearer ") and auth.count(".") == 2 else "invocation"
+        metrics.FUNCTION_REQUESTS.labels(kind, str(reply.get("statusCode", 200))).inc()
+        return reply
+
+    def _handle(self, event: Any, context: Any) -> dict:
         call_id = event.headers.get("X-Call-Id", "-") if event.headers else "-"
         logs.call_id_var.set(call_id)
         try:
@@ -277,12 +295,15 @@ class ScriptFunction:
                 prefetch = self._prefetch(body, claims)
                 reqs = [self._item(x, body.get("execution_token"), clients, prefetch) for x in items]
                 results = sup.execute_batch(reqs)
+                metrics.observe_function_results(results, "batch")
                 out = {"results": [r.to_dict() for r in results]}
                 if prefetch is not None:
                     out["prefetched_reads"] = prefetch.hits  # reads that did not need gateway-fn
                     out["prefetch_bars"] = prefetch.bars  # candles the reads needed: sizes the next windows
             else:
-                out = sup.execute(self._item(body, None, clients)).to_dict()
+                result = sup.execute(self._item(body, None, clients))
+                metrics.observe_function_results([result], "execute")
+                out = result.to_dict()
             logs.event(log, "executed", user=claims.get("user"), items=len(out.get("results", [1])),
                        prefetched_reads=prefetch.hits if prefetch is not None else 0)
             return _json(200, out)

@@ -28,7 +28,7 @@ import psycopg
 import psycopg_pool
 import redis
 
-from customscripts import db, ids
+from customscripts import db, ids, metrics
 from customscripts.config import Settings, settings
 from customscripts.errors import (
     ApiError,
@@ -291,6 +291,7 @@ class GatewayApi:
         if len(self._refused) >= REFUSED_CALLERS:
             self._refused.clear()
         self._refused[caller] = time.monotonic() + max(decision.retry_after_s, 0.001)
+        metrics.GATEWAY_RATE_LIMITED.labels("realtime" if caller[3] else "onetime").inc()
         raise_if_refused(decision)
 
     def _verify(self, req: Request) -> ExecutionClaims:

@@ -170,6 +170,12 @@ class Supervisor:
         self.close()
 
     @property
+    def zygote_alive(self) -> bool:
+        """Whether the warm zygote runs now; read-only (a readiness probe must not restart it)."""
+        zyg = self._zygote
+        return zyg is not None and zyg.alive and zyg.proc.poll() is None
+
+    @property
     def zygote_info(self) -> dict:
         return dict(self._zyg().info)
 

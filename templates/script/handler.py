@@ -8,3 +8,6 @@ from customscripts.faas.script_function import ScriptFunction
 
 function = ScriptFunction.start(Path(__file__).resolve().parent)
 handle = function.handle
+# its ops listener (faas/runner.py): cs_component_up{component="script-function"}; ready when its sandbox and
+# gateway-fn answer
+COMPONENT, READINESS = "script-function", function.readiness()

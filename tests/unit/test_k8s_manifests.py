@@ -224,6 +224,10 @@ def test_scheduler_deployment(docs: dict[str, list[dict[str, Any]]]) -> None:
     assert "/" in registry and tag and tag != "latest", c["image"]
     assert dep["spec"]["replicas"] >= 2, "replicas share the durable consumer"
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)
+    # liveness on the ops listener's /healthz, readiness on /readyz (PostgreSQL, Redis, NATS: customscripts/metrics.py)
+    assert c["livenessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert meta["annotations"]["prometheus.io/path"] == "/metrics"
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     (port,) = c["ports"]
     annotations = meta["annotations"]
@@ -416,6 +420,7 @@ def _expected_data_clients(overlay: str) -> dict[tuple[str, int], set[str]]:
                                 "customscripts-build-worker"} | sample,
         ("redis", 6379): {"registry-fn", "gateway-fn", "customscripts-scheduler"},
         ("nats", 4222): {"customscripts-scheduler"} | sample,
+        ("nats", 8222): {"customscripts-scheduler"},  # /jsz: the consumer backlog gauges (customscripts/metrics.py)
         ("minio", 9000): {"registry-fn", "customscripts-scheduler", "image-builder", "customscripts-build-worker"},
     }
 
@@ -445,13 +450,18 @@ def test_the_platform_paths_are_open(docs: dict[str, list[dict[str, Any]]], over
     paths = [("openfaas-gateway", "registry-fn", 8080), ("openfaas-gateway", script.name, 8080),
              ("registry-fn", script.name, 8080), ("customscripts-scheduler", script.name, 8080),
              (script.name, "gateway-fn", 8080), ("registry-fn", "openfaas-gateway", 8080),
-             ("customscripts-scheduler", "openfaas-gateway", 8080), ("prometheus", "customscripts-scheduler", 9464)]
+             ("customscripts-scheduler", "openfaas-gateway", 8080), ("prometheus", "customscripts-scheduler", 9464),
+             ("prometheus", "registry-fn", 9464), ("prometheus", "gateway-fn", 9464), ("prometheus", script.name, 9464)]
     for src, dst, port in paths:
         assert cluster.connects(pods[src], pods[dst], port), (src, dst, port)
     closed = [(script.name, "registry-fn", 8080), (script.name, "openfaas-gateway", 8080),
               (script.name, "timescaledb", 5432), ("someone-elses-function", script.name, 8080),
               ("script-named-registry", "timescaledb", 5432), ("fake-platform-fn", "redis", 6379),
               ("image-builder", "timescaledb", 5432), ("gateway-fn", script.name, 8080)]
+    # a function's ops listener (/metrics) is Prometheus' alone: no caller's path through the gateway reaches it
+    closed += [(src, dst, 9464) for src in ("openfaas-gateway", "openfaas-queue-worker", "someone-elses-function",
+                                            "registry-fn", "gateway-fn", "customscripts-scheduler")
+               for dst in ("registry-fn", "gateway-fn", script.name) if src != dst]
     for src, dst, port in closed:
         assert not cluster.connects(pods[src], pods[dst], port), (src, dst, port)
 
@@ -461,3 +471,22 @@ def test_every_namespace_of_ours_denies_by_default(docs: dict[str, list[dict[str
     for namespace in ("openfaas-fn", "customscripts", "customscripts-data", "customscripts-build"):
         deny = one(docs[overlay], "NetworkPolicy", "default-deny", namespace)["spec"]
         assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+def test_every_function_pod_is_scraped_on_its_ops_listener() -> None:
+    """registry-fn, gateway-fn (stack.yml) and every script function (customscripts.faas.build.deployment) serve
+    /metrics, /healthz, /readyz on CS_FN_METRICS_PORT on all the pod's interfaces, and their pods carry the
+    prometheus.io annotations naming that port (faas-netes copies a function's annotations to its pods); it is
+    never the watchdog's 8080, which the gateway proxies callers to."""
+    bodies = [*stack_deployments(local=False), *_script_bodies()]
+    assert {b["service"] for b in bodies} >= {"registry-fn", "gateway-fn"}
+    for body in bodies:
+        meta, spec = pod_template(faas_netes_pod(body))
+        (c,) = containers(spec)
+        env = {e["name"]: e["value"] for e in c["env"]}
+        annotations = meta["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", body["service"]
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert annotations["prometheus.io/port"] == env["CS_FN_METRICS_PORT"] == "9464", body["service"]
+        assert env["CS_FN_METRICS_ADDR"] == "0.0.0.0"
+        assert int(env["CS_FN_METRICS_PORT"]) not in {p["containerPort"] for p in c["ports"]}
