@@ -2,7 +2,7 @@
 registry action.
 
 Answered means audited. A one-time execute's row must be durable before its answer leaves
-registry-fn (README "Audit guarantee"): `AuditWriter.write` queues the row and waits until the
+registry-fn (README "Audit: answered means audited"): `AuditWriter.write` queues the row and waits until the
 writer thread has committed it with `synchronous_commit = on` (whatever the cluster's default), so a
 process or database crash right after the answer cannot lose it. Group commit keeps that cheap:
 the thread takes every row queued by then into one INSERT/COPY and one commit, and every caller
@@ -126,8 +126,8 @@ class AuditWriter:
                     while self._committed < ticket:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise AuditUnavailable("the audit row could not be recorded; the execute is not "
-                                                   "answered", headers={"Retry-After": "1"})
+                            raise AuditUnavailable("this execute's audit row could not be recorded in time "
+                                                   "(database unavailable); retry", headers={"Retry-After": "1"})
                         self._cond.wait(left)
                     return
                 finally:
