@@ -208,48 +208,43 @@ class Router:
         token = logs.call_id_var.set(call_id)
         started = time.perf_counter()
         try:
-            response = self._dispatch(event, call_id)
+            response, template = self._dispatch(event, call_id)
         finally:
             logs.call_id_var.reset(token)
         if request_observer is not None:
-            request_observer(self.template(event.path or "/"), int(response.get("statusCode", 200)),
-                             time.perf_counter() - started)
+            request_observer(template, int(response.get("statusCode", 200)), time.perf_counter() - started)
         response.setdefault("headers", {})["X-Call-Id"] = call_id
         return response
 
-    def template(self, path: str) -> str:
-        """The route template `path` matches (a bounded label), "unmatched" for none."""
-        for _, pattern, _ in self._routes:
-            if pattern.match(path):
-                return self._templates[pattern]
-        return "unmatched"
-
-    def _dispatch(self, event: Event, call_id: str) -> Response:
+    def _dispatch(self, event: Event, call_id: str) -> tuple[Response, str]:
+        """The response and the route template it came from (a bounded metric label; "unmatched": none)."""
         path = event.path or "/"
         allowed: list[str] = []
+        template = "unmatched"
         for method, pattern, func in self._routes:
             match = pattern.match(path)
             if not match:
                 continue
             allowed.append(method)
+            template = self._templates[pattern]
             if method != event.method.upper():
                 continue
             try:
-                return func(Request(event, match.groupdict(), call_id))
+                return func(Request(event, match.groupdict(), call_id)), template
             except ApiError as exc:
-                return error_response(exc)
+                return error_response(exc), template
             except RecursionError:
                 # Input nested past what some recursive code can take: the caller's to fix, not a 500.
                 log.warning("recursion limit hit on %s %s", event.method, path)
-                return error_response(BadRequest("request is nested too deeply to process",
-                                                 code="json_too_deep", details={"max_depth": MAX_JSON_DEPTH}))
+                return error_response(BadRequest("request is nested too deeply to process", code="json_too_deep",
+                                                 details={"max_depth": MAX_JSON_DEPTH})), template
             except Exception:
                 log.exception("unhandled error on %s %s", event.method, path)
-                return error_response(ApiError("internal error"))
+                return error_response(ApiError("internal error")), template
         if allowed:
             return error_response(MethodNotAllowed(f"{event.method} not allowed on {path}",
-                                                   headers={"Allow": ", ".join(sorted(set(allowed)))}))
-        return error_response(NotFound(f"no route for {path}", code="no_route"))
+                                                   headers={"Allow": ", ".join(sorted(set(allowed)))})), template
+        return error_response(NotFound(f"no route for {path}", code="no_route")), template
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

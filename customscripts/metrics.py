@@ -136,13 +136,13 @@ def component() -> str:
 def bounded(value: Any, known: Iterable[str]) -> str:
     """`value` as a label when it is one of `known`, else `other`: no caller can grow a label's values."""
     text = str(value)
-    return text if text in set(known) else OTHER
+    return text if text in known else OTHER
 
 
-def _tiers() -> tuple[str, ...]:
+def _tiers() -> Mapping[str, Any]:
     from customscripts.config import settings
 
-    return tuple(settings().tiers)
+    return settings().tiers
 
 
 def observe_execute(tier: str, status: Any = None, duration_ms: Any = None, cpu_ms: Any = None,
