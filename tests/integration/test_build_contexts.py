@@ -20,8 +20,8 @@ import pytest
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
 from customscripts.faas.runner import HANDLER_IMPORT_FAILED
-from customscripts.faas.venvs import Environments
 from customscripts.http import KeepAlivePool
+from customscripts.local.venvs import Environments
 
 SCRIPT = "def run(ctx):\n    return 1.0\n"
 

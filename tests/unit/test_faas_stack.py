@@ -12,7 +12,7 @@ import yaml
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
-from customscripts.faas.provider import validate_deployment
+from customscripts.local.deployments import validate_deployment
 
 SCHEMA = json.loads((Path(__file__).parent / "stack_schema.json").read_text())
 STACK = REPO_ROOT / "stack.yml"
