@@ -30,12 +30,12 @@ from collections.abc import Callable
 
 import requests
 
-from customscripts import localstack
 from customscripts.auth import issue_user_token
 from customscripts.config import Settings, settings
 from customscripts.faas.build import stack_deployments
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.http import KeepAlivePool
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data, read_csv, sample_csv
 
 SCRIPT = """

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's tests/ helpers
 
-from customscripts import localstack
 from customscripts.config import settings
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data
 from customscripts.marketdata.replayer import load_candles
 from tests.integration.realtime_support import (

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's tests package
 
-from customscripts import localstack
 from customscripts.config import settings
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data
 from tests.integration.test_faults_execute import FAULTS, SERVICES, Workload, restore_service, run_fault
 

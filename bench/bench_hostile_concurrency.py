@@ -24,10 +24,10 @@ import uuid
 
 import requests
 
-from customscripts import localstack
 from customscripts.auth import issue_user_token
 from customscripts.config import settings
 from customscripts.http import KeepAlivePool
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data
 
 VICTIM = """

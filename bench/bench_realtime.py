@@ -29,9 +29,10 @@ from collections.abc import Iterator
 
 import psycopg
 
-from customscripts import localstack, outputs
+from customscripts import outputs
 from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
 from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
 from customscripts.realtime.scheduler import Scheduler, build_evaluator, latency_summary

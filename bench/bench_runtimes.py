@@ -23,11 +23,11 @@ import uuid
 import requests
 from bench_execute import BASELINE, SCRIPT, pct
 
-from customscripts import localstack
 from customscripts.auth import issue_user_token
 from customscripts.config import settings
 from customscripts.faas import images
 from customscripts.http import KeepAlivePool
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data, read_csv, sample_csv
 
 BODY = {"instrument_key": "GOOG", "timeframe": "1d", "timestamp": 1356998400.0}

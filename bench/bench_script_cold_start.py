@@ -25,7 +25,7 @@ import requests
 
 from customscripts.config import settings
 from customscripts.faas import build
-from customscripts.faas.venvs import Environments
+from customscripts.local.venvs import Environments
 from customscripts.sandbox.invocation import mint_invocation_token
 from customscripts.sandbox.sampledata import SampleDataSource
 

@@ -23,10 +23,10 @@ import psycopg
 import requests
 
 import customscripts
-from customscripts import localstack
 from customscripts.auth import issue_user_token
 from customscripts.config import settings
 from customscripts.http import KeepAlivePool
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_sample_data
 
 

@@ -6,21 +6,26 @@ import argparse
 import json
 import sys
 
-from customscripts import localstack, logs
+from customscripts import logs
+from customscripts.config import settings
 
 
 def _up(args: argparse.Namespace) -> int:
-    localstack.up(only=set(args.only) if args.only else None)
+    from customscripts.local import stack
+
+    stack.up(only=set(args.only) if args.only else None)
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
-    localstack.down(only=set(args.only) if args.only else None)
+    from customscripts.local import stack
+
+    stack.down(only=set(args.only) if args.only else None)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from customscripts import status
+    from customscripts.local import status
 
     report = status.report()
     print(json.dumps(report, indent=2) if args.json else status.render(report))
@@ -28,7 +33,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    localstack.bootstrap_database(localstack.settings())
+    from customscripts import db
+
+    for name in db.create_and_migrate(settings()):
+        print(f"migration applied: {name}")
     return 0
 
 
@@ -36,13 +44,15 @@ def _test(args: argparse.Namespace) -> int:
     """Bring the stack up, then run pytest; extra arguments go to pytest."""
     import subprocess
 
-    localstack.up()
+    from customscripts.local import stack
+
+    stack.up()
     argv = [sys.executable, "-m", "pytest", *(args.pytest_args or [])]
-    return subprocess.call(argv, cwd=str(localstack.repo_root()))
+    return subprocess.call(argv, cwd=str(stack.repo_root()))
 
 
 def _provider(args: argparse.Namespace) -> int:
-    from customscripts.faas import provider
+    from customscripts.local import provider
 
     return provider.main(args.provider_args)
 
@@ -54,15 +64,16 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from customscripts.demo import run_demo
+    from customscripts.local.demo import run_demo
 
     return run_demo()
 
 
 def _load_data(args: argparse.Namespace) -> int:
+    from customscripts.local import stack
     from customscripts.marketdata.loader import load_sample_data
 
-    localstack.up(only={"postgres"})
+    stack.up(only={"postgres"})
     load_sample_data()
     return 0
 
@@ -74,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
     from customscripts.faas import buildqueue
     from customscripts.faas.builder import PLATFORM_FUNCTIONS, BuildFailed, build_platform, builder_for
 
-    cfg = localstack.settings()
+    cfg = settings()
     kind = args.builder or (cfg.builder if cfg.builder not in ("", "none") else "podman")
     builder = builder_for(dataclasses.replace(cfg, builder=kind))
 

@@ -314,8 +314,8 @@ class Settings:
     # (recently executed) at once; 0: a third of the budget. See customscripts/faas/budget.py.
     function_tenant_share_setting: int = field(default_factory=lambda: _env_int("CS_FUNCTION_TENANT_SHARE", 0))
     function_idle_s: int = field(default_factory=lambda: _env_int("CS_FUNCTION_IDLE_S", 300))
-    # How the local provider runs functions (faas/provider.py): `process` (each from its build context,
-    # in a venv of its own requirements) or `container` (each a container of its image, faas/containers.py;
+    # How the local provider runs functions (local/provider.py): `process` (each from its build context,
+    # in a venv of its own requirements) or `container` (each a container of its image, local/containers.py;
     # falls back to process, saying so, where no container engine can run).
     provider_runtime: str = field(default_factory=lambda: _env("CS_PROVIDER_RUNTIME", "process"))
     image_prefix: str = field(default_factory=lambda: _env("CS_IMAGE_PREFIX", "registry.local/customscripts"))
@@ -498,7 +498,7 @@ class Settings:
 
 
 OPENFAAS_SECRETS_DIR = Path("/var/openfaas/secrets")
-STACK_SECRETS_DIR = "secrets"  # under the state folder: the local stack's own secrets (localstack.py)
+STACK_SECRETS_DIR = "secrets"  # under the state folder: the local stack's own secrets (local/stack.py)
 
 
 def _secrets_folder() -> Path:

@@ -51,6 +51,17 @@ def migrate(cfg: Settings | None = None) -> list[str]:
     return applied
 
 
+def create_and_migrate(cfg: Settings | None = None) -> list[str]:
+    """Create the database when it is missing, then `migrate` (idempotent): `customscripts migrate`, the
+    cluster's migration Job, and the local stack's `up`."""
+    cfg = cfg or settings()
+    admin_dsn = cfg.pg_dsn.replace(f"dbname={cfg.pg_db}", "dbname=postgres")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (cfg.pg_db,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(cfg.pg_db)))
+    return migrate(cfg)
+
+
 def _ensure_reader_role(conn: psycopg.Connection, cfg: Settings) -> None:
     """The data gateway's read-only role: SELECT on the data tables, nothing else."""
     role = sql.Identifier(cfg.pg_reader_user)

@@ -12,7 +12,7 @@ from customscripts.config import Settings, settings
 @pytest.fixture(scope="session")
 def stack() -> Settings:
     """Real PostgreSQL, Redis, NATS and S3 on loopback, started by the same code as `customscripts up`."""
-    from customscripts import localstack
+    from customscripts.local import stack as localstack
 
     cfg = settings()
     localstack.up(cfg)

@@ -3,7 +3,8 @@
 A build context is laid out exactly as `faas-cli build --shrinkwrap` lays it out (docs/openfaas.md
 §3.2, §4.1): the language template (`templates/python3-http/`) is copied to the root, the function's
 handler folder is overlaid into `function/`, and every `configuration.copy` path (the `customscripts`
-package, as in stack.yml) lands in `function/<path>`. For a script version the handler folder is
+package, as in stack.yml) lands in `function/<path>`, less `customscripts/local/` (LOCAL_ONLY): the
+local provider, stack and demo, which no image runs. For a script version the handler folder is
 `templates/script/` plus the version's `script.py` and `meta.json` (`render_context`); for registry-fn
 and gateway-fn it is the stack's handler folder (`render_stack_function`). Every context lands in
 `functions/<fn-name>/` (CS_FUNCTIONS_DIR). The result is a plain Docker build context any builder can
@@ -40,6 +41,10 @@ LANGUAGE = "python3-http"  # the one language template every function is built f
 SCRIPT_HANDLER = "script"  # templates/script/: the handler folder of every script version
 # Mirrors `configuration.copy` in stack.yml: the shared package travels inside every build context.
 COPY_PATHS = ("customscripts",)
+# Never in a build context, whatever the copy paths say: the local-only subpackage (the local provider,
+# the local stack, the demo) that no image needs. templates/python3-http/.dockerignore says the same to a
+# plain `faas-cli build`, whose shrinkwrap copies the whole package.
+LOCAL_ONLY = ("customscripts/local",)
 DEFAULT_FPROCESS = "python index.py"
 INVOCATION_SECRET = "invocation-secret"
 LABEL = "com.customscripts"
@@ -125,7 +130,13 @@ def _plan(template_dir: Path, handler_dir: Path, extra: Mapping[str, bytes], cop
         else:
             for path in _files(src):
                 plan[f"function/{rel}/{path.relative_to(src).as_posix()}"] = path
-    return plan
+    return {dest: item for dest, item in plan.items() if not _local_only(dest)}
+
+
+def _local_only(dest: str) -> bool:
+    """Whether a context path is under LOCAL_ONLY (as the handler's copy: function/customscripts/local/...)."""
+    rel = dest.removeprefix("function/")
+    return any(rel == path or rel.startswith(path + "/") for path in LOCAL_ONLY)
 
 
 def _plan_hash(plan: Mapping[str, Path | bytes]) -> str:

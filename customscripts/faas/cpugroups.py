@@ -9,7 +9,9 @@ control group of CPU weight `CS_TENANT_CPU_SHARES`, so under contention a tenant
 share however many functions it keeps busy, and when the machine is idle a tenant still uses it all.
 
 cgroup v1 (`cpu.shares`) and v2 (`cpu.weight`) are both handled; where neither can be written (not
-root, no delegation) the provider says so once and functions run without (`available()` is False).
+root, no delegation) the provider says so once and functions run without (`tenant_group` returns None).
+It lives here, not in customscripts/local/, because the function side (`join`, called by faas/runner.py
+when the provider names a group in CS_CPU_GROUP) runs from the build context, which has no local/.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ from customscripts import ids
 # A function's own loopback port in the local provider (its stand-in for a Kubernetes Service): set
 # by a deployment that must always run there (gateway-fn), reported in every FunctionStatus.
 SERVICE_PORT_ANNOTATION = "com.customscripts.local.service-port"
+# The loopback port of a running function's ops listener (/metrics, /healthz, /readyz), named in its
+# FunctionStatus as the Service port is; a pod's is CS_FN_METRICS_PORT (prometheus.io/port).
+METRICS_PORT_ANNOTATION = "com.customscripts.local.metrics-port"
 
 MAX_NAME = 63
 PREFIX = "cs"

@@ -223,7 +223,7 @@ def chain_reference(closes: dict[float, float]) -> dict[str, dict[float, float]]
 def kill_service(cfg: Settings, name: str) -> None:
     """SIGKILL a stack service's whole process group (PostgreSQL: postmaster and every backend, nothing
     flushed), and wait until its port is free."""
-    from customscripts import localstack
+    from customscripts.local import stack as localstack
 
     pid = localstack.running_pid(cfg, name)
     assert pid is not None, f"{name} is not running"
@@ -244,7 +244,7 @@ def kill_service(cfg: Settings, name: str) -> None:
 
 def restore_service(cfg: Settings, name: str) -> None:
     """Start a killed stack service again (the same code as `customscripts up --only NAME`)."""
-    from customscripts import localstack
+    from customscripts.local import stack as localstack
 
     localstack.up(cfg, only={name})
 
@@ -393,7 +393,7 @@ def fault_replay(cfg: Settings, caller: Any, fault: str, candles: list[dict], lo
     finally:
         codes = [stop_replica(p) for p in replicas if p.poll() is None]
         if fault in SERVICES:
-            from customscripts import localstack
+            from customscripts.local import stack as localstack
 
             if not localstack.running_pid(cfg, fault):
                 restore_service(cfg, fault)

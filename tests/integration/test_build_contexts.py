@@ -3,7 +3,8 @@
 
 So what would break an image breaks here: every requirement each function lists is needed (removing
 any one of them stops the function from starting, with a line naming the module), the platform package
-is imported from the context's own copy, and a context without that copy does not start.
+is imported from the context's own copy, and a context without that copy does not start. The copy
+leaves out `customscripts/local/` (faas/build.py LOCAL_ONLY): every function serves without it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
 from customscripts.faas.runner import HANDLER_IMPORT_FAILED
-from customscripts.faas.venvs import Environments
 from customscripts.http import KeepAlivePool
+from customscripts.local.venvs import Environments
 
 SCRIPT = "def run(ctx):\n    return 1.0\n"
 
@@ -96,6 +97,10 @@ def test_function_serves_from_its_context_with_its_own_package_copy(kind: str, t
                                                                     environments: Environments,
                                                                     stop: list[subprocess.Popen]) -> None:
     context = _context(kind, tmp_path)
+    package = context / "function" / "customscripts"
+    # the local-only subpackage (local provider, local stack, demo) is not in any image, so not here
+    assert (package / "faas" / "runner.py").is_file() and not (package / "local").exists()
+    assert not [p for p in context.rglob("*") if "local" in p.relative_to(context).parts]
     sock = tmp_path / "fn.sock"
     proc = _start(context, sock, environments)
     stop.append(proc)

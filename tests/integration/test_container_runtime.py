@@ -15,11 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from customscripts import localstack
 from customscripts.bartime import bar_end
 from customscripts.config import Settings
-from customscripts.faas import containers, images
+from customscripts.faas import images
 from customscripts.faas.naming import function_name
+from customscripts.local import containers
+from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import read_csv, sample_csv
 from tests.integration.registry_support import Caller
 from tests.integration.test_execute_e2e import AS_OF, RSI_SCRIPT, reference_rsi

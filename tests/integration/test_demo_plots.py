@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from customscripts import plots
-from customscripts.demo import DEMO_SCRIPTS
+from customscripts.local.demo import DEMO_SCRIPTS
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_plot_overlays_price_scaled_outputs_and_puts_others_below(tmp_path):
 def test_run_plot_draws_the_script_over_or_below_the_candles(tmp_path, example, pane_rows):
     """`customscripts run FILE --plot`: the script runs in the sandbox at each bar, the plot is drawn
     on this side; an SMA lives on the price scale (over the candles), an RSI in a pane below."""
-    from customscripts.demo import EXAMPLES
+    from customscripts.local.demo import EXAMPLES
 
     out = tmp_path / "plot.png"
     exe = Path(sys.executable).with_name("customscripts")

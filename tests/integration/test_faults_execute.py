@@ -35,10 +35,10 @@ import psycopg
 import pytest
 import requests
 
-from customscripts import localstack
 from customscripts.config import Settings
 from customscripts.execution import THROTTLED
 from customscripts.faas.naming import function_name
+from customscripts.local import stack as localstack
 from tests.integration.realtime_support import FunctionKiller
 from tests.integration.registry_support import Caller
 

@@ -8,7 +8,7 @@ import psycopg
 import redis
 from minio import Minio
 
-from customscripts import localstack
+from customscripts.local import stack as localstack
 
 
 def test_every_service_is_healthy(stack):

@@ -17,8 +17,8 @@ import requests
 
 from customscripts import metrics
 from customscripts.faas.naming import function_name
+from customscripts.local.status import Samples, function_ops_urls, probe, scrape, total
 from customscripts.marketdata.replayer import replay
-from customscripts.status import Samples, function_ops_urls, probe, scrape, total
 from tests.integration.realtime_support import delete_stream, drop_subscriptions, env_for, isolated, subscribe
 from tests.integration.registry_support import Caller
 from tests.integration.test_execute_e2e import AS_OF
@@ -256,7 +256,7 @@ def test_status_says_clearly_when_a_component_is_down(stack):
     """The report of a stack whose provider does not answer (its port closed; the shared stack untouched)."""
     import dataclasses
 
-    from customscripts import status
+    from customscripts.local import status
 
     report = status.report(dataclasses.replace(stack, provider_port=_free_port()))
     assert report["services"]["provider"]["healthy"] is False

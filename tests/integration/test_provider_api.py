@@ -26,8 +26,8 @@ from customscripts.faas import build
 from customscripts.faas.budget import FunctionBudget
 from customscripts.faas.client import FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
-from customscripts.faas.provider import Provider
 from customscripts.http import Event, LocalServer
+from customscripts.local.provider import Provider
 from tests.waiting import wait_until
 
 ECHO_HANDLER = '''

@@ -19,7 +19,7 @@ import redis
 from customscripts.faas.budget import BudgetExhausted, FunctionBudget, RedisLru, TenantShareFull
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.faas.naming import function_name
-from customscripts.faas.provider import Provider
+from customscripts.local.provider import Provider
 from tests.integration.test_provider_api import AUTH, make_template, version_spec
 
 BUDGET = 4

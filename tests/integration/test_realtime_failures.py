@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from customscripts import localstack
+from customscripts.local import stack as localstack
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.realtime.scheduler import RunStats
 from tests.integration.realtime_support import (

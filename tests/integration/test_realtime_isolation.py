@@ -21,9 +21,9 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from customscripts import localstack
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.faas.naming import function_name
+from customscripts.local import stack as localstack
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.outputs import params_hash
 from customscripts.realtime.scheduler import Event, build_evaluator

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from customscripts import localstack
-from customscripts.faas.provider import Provider
+from customscripts.local import stack as localstack
+from customscripts.local.provider import Provider
 
 OLD_FIXED_PASSWORD = "local-admin-password"
 

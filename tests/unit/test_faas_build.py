@@ -10,7 +10,7 @@ import pytest
 from customscripts.config import settings
 from customscripts.faas import build
 from customscripts.faas.naming import is_dns1123
-from customscripts.faas.provider import validate_deployment
+from customscripts.local.deployments import validate_deployment
 
 CODE = "def run(ctx):\n    return 1\n"
 META = {"script_id": "rsi", "version": 2, "owner_id": "u1", "runtime_mode": "onetime"}

@@ -12,7 +12,7 @@ import yaml
 from customscripts.config import REPO_ROOT, settings
 from customscripts.faas import build
 from customscripts.faas.naming import SERVICE_PORT_ANNOTATION
-from customscripts.faas.provider import validate_deployment
+from customscripts.local.deployments import validate_deployment
 
 SCHEMA = json.loads((Path(__file__).parent / "stack_schema.json").read_text())
 STACK = REPO_ROOT / "stack.yml"
@@ -99,7 +99,8 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_platform_context_is_the_shrinkwrap_layout(name: str, tmp_path: Path) -> None:
     """What `faas-cli build --shrinkwrap` makes of stack.yml (docs/openfaas.md §3.2): the `lang`
     template at the root, the handler folder overlaid into function/, each `configuration.copy` path
-    at function/<path>; nothing else (but the build stamp)."""
+    at function/<path>; nothing else (but the build stamp), and less the local-only subpackage, which
+    the template's .dockerignore keeps out of a plain faas-cli build's image as well."""
     stack = load(STACK.read_text())
     fn = stack["functions"][name]
     built = build.render_stack_function(name, stack_path=STACK, functions_dir=tmp_path)
@@ -108,6 +109,11 @@ def test_platform_context_is_the_shrinkwrap_layout(name: str, tmp_path: Path) ->
     for rel in stack["configuration"]["copy"]:
         rel = rel.removeprefix("./")
         expected.update({f"function/{rel}/{k}": v for k, v in _tree(REPO_ROOT / rel).items()})
+    local_only = [k for k in expected if k.startswith("function/customscripts/local/")]
+    assert local_only and ".dockerignore" in expected
+    assert "function/customscripts/local" in expected[".dockerignore"].decode().split("\n")
+    for key in local_only:
+        del expected[key]
     got = _tree(built.path)
     assert got.pop(build.BUILD_STAMP)
     assert got.keys() == expected.keys()

@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from customscripts import localstack
 from customscripts.auth import issue_user_token
 from customscripts.client import Client, ClientError, Conflict
 from customscripts.config import Settings, settings
+from customscripts.local import stack
 
-EXAMPLES = Path(__file__).parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_TENANT = "demo-fund"
 DEMO_USER = "quant-1"
 
@@ -124,7 +124,7 @@ def run_demo(cfg: Settings | None = None) -> int:
 
 def _run_demo(cfg: Settings) -> int:
     say("bringing the local stack up")
-    localstack.up(cfg)
+    stack.up(cfg)
     from customscripts.marketdata.loader import load_sample_data
 
     load_sample_data(cfg, echo=lambda msg: say(msg))
@@ -163,7 +163,7 @@ def _run_demo(cfg: Settings) -> int:
         say(f"  plot: {path}")
 
     try:
-        from customscripts.realtime.demo import run_realtime_demo
+        from customscripts.local.realtime_demo import run_realtime_demo
     except ImportError:
         return 0
     say("realtime: replaying GOOG candle closes through NATS JetStream to the scheduler")

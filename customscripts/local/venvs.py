@@ -26,7 +26,7 @@ from pathlib import Path
 from customscripts import logs
 from customscripts.faas.build import file_lock
 
-log = logs.get("customscripts.faas.venvs")
+log = logs.get("customscripts.local.venvs")
 
 REQUIREMENT_FILES = ("requirements.txt", "function/requirements.txt")
 READY = ".ready"

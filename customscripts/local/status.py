@@ -18,9 +18,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from customscripts.config import Settings, settings
+from customscripts.faas.naming import METRICS_PORT_ANNOTATION
+from customscripts.local import stack
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-METRICS_PORT_ANNOTATION = "com.customscripts.local.metrics-port"  # (faas/provider.py, kept import-light)
 
 
 def scrape(base_url: str, timeout: float = 3.0) -> Samples:
@@ -81,22 +82,18 @@ def function_ops_urls(cfg: Settings) -> dict[str, str | None]:
 
 def components(cfg: Settings) -> dict[str, str | None]:
     """Component name (a function's own name for functions) -> its ops base URL (None: not running)."""
-    from customscripts import localstack
-
     found: dict[str, str | None] = {"provider": cfg.provider_url}
     with contextlib.suppress(Exception):  # the provider is down: said by its own line
         found.update(function_ops_urls(cfg))
-    if localstack.running_pid(cfg, "scheduler") is not None:
-        found["scheduler"] = f"http://127.0.0.1:{localstack.scheduler_port(cfg)}"
+    if stack.running_pid(cfg, "scheduler") is not None:
+        found["scheduler"] = f"http://127.0.0.1:{stack.scheduler_port(cfg)}"
     return found
 
 
 def report(cfg: Settings | None = None) -> dict[str, Any]:
     """Services, components (live, ready, their checks) and the key figures."""
-    from customscripts import localstack
-
     cfg = cfg or settings()
-    out: dict[str, Any] = {"services": localstack.status(cfg), "components": {}, "figures": {}}
+    out: dict[str, Any] = {"services": stack.status(cfg), "components": {}, "figures": {}}
     scraped: dict[str, Samples] = {}
     for name, url in components(cfg).items():
         if url is None:

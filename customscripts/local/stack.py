@@ -25,7 +25,7 @@ from pathlib import Path
 from customscripts import logs
 from customscripts.config import REPO_ROOT, STACK_SECRETS_DIR, Settings, settings
 
-log = logs.get("customscripts.localstack")
+log = logs.get("customscripts.local.stack")
 
 DEBIAN_PACKAGES = {
     "postgresql": "postgresql",
@@ -238,7 +238,7 @@ def _s3_ready(cfg: Settings) -> bool:
 
 
 def _provider_start(cfg: Settings, data: Path) -> list[str]:
-    return [sys.executable, "-m", "customscripts.faas.provider", "--host", cfg.provider_host,
+    return [sys.executable, "-m", "customscripts.local.provider", "--host", cfg.provider_host,
             "--port", str(cfg.provider_port)]
 
 
@@ -380,18 +380,10 @@ def stop_service(cfg: Settings, name: str, timeout: float = 30.0) -> bool:
 
 
 def bootstrap_database(cfg: Settings) -> None:
-    """Create the database and apply migrations (idempotent)."""
-    import psycopg
-
-    admin_dsn = cfg.pg_dsn.replace(f"dbname={cfg.pg_db}", "dbname=postgres")
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (cfg.pg_db,)).fetchone()
-        if not exists:
-            conn.execute(f'CREATE DATABASE "{cfg.pg_db}"')
+    """Create the database and apply migrations (idempotent), saying which were applied."""
     from customscripts import db
 
-    applied = db.migrate(cfg)
-    for name in applied:
+    for name in db.create_and_migrate(cfg):
         say(f"migration applied: {name}")
 
 

@@ -33,16 +33,29 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from customscripts import logs
+from customscripts.config import settings
+from customscripts.faas.build import context_sha256
+from customscripts.local.deployments import is_platform
+from customscripts.local.processes import (
+    DEFAULT_FPROCESS,
+    FunctionProcess,
+    FunctionStartError,
+    Runtime,
+    cold_started,
+)
 
-log = logs.get("customscripts.faas.containers")
+log = logs.get("customscripts.local.containers")
 
 SOCKET_DIR = "/run/cs"  # in a script function's container: its own socket and its peers'
 FUNCTION_SOCKET = "fn.sock"
@@ -185,3 +198,115 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
         with contextlib.suppress(OSError):
             src.close()
+
+
+def image_context(engine: Any, image: str) -> str | None:
+    """The build context an image was built from (its com.customscripts.context-sha256 label)."""
+    done = subprocess.run(engine.command("image", "inspect", "--format",
+                                         '{{index .Labels "com.customscripts.context-sha256"}}', image),
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+class ContainerRuntime(Runtime):
+    """Each function a container of its image: a script function without a network, serving on a socket
+    file and reaching gateway-fn through another; a platform function on the host's loopback, as under
+    the process runtime."""
+
+    name = "container"
+
+    def __init__(self, *, host: str, state_dir: Path, secrets: Mapping[str, str], start_timeout: float,
+                 state_key: str) -> None:
+        super().__init__(host=host, state_dir=state_dir, secrets=secrets, start_timeout=start_timeout)
+        from customscripts.faas import images
+
+        self.engine = images.require_engine()
+        self.state_key = state_key
+
+    def direct_address(self, spec: Mapping[str, Any]) -> bool:
+        """A script function's container has no network: it is reached through /function/<name> only."""
+        return is_platform(spec)
+
+    def start(self, name: str, spec: dict[str, Any], folder: Path, *, port: int,
+              gateway_port: int | None = None) -> FunctionProcess:
+        from customscripts.faas.builder import BuildFailed, PodmanBuilder
+
+        image = spec["image"]
+        if image_context(self.engine, image) != context_sha256(folder):  # missing, or built from other code
+            try:
+                PodmanBuilder(self.engine).build(folder, image)
+            except BuildFailed as exc:
+                raise FunctionStartError(name, f"image {image} could not be built: {exc}") from exc
+        secrets_dir = self.secrets_dir(name, spec)
+        for path in (secrets_dir, *secrets_dir.iterdir()):  # the container's non-root user reads them
+            os.chmod(path, 0o755 if path.is_dir() else 0o444)  # (run/<name>/ stays private on the host)
+        env = {**(spec.get("envVars") or {}), "fprocess": spec.get("envProcess") or DEFAULT_FPROCESS,
+               "CS_FUNCTION_NAME": name, "HOSTNAME": name, "PYTHONUNBUFFERED": "1",
+               "CS_FN_METRICS_PORT": "-1"}  # no ops listener: nothing on the host could reach it
+        socket_dir: Path | None = None
+        forwards: list[Any] = []
+        shared: tuple[Path, ...] = ()
+        if is_platform(spec):
+            env["CS_FN_LISTEN"] = f"127.0.0.1:{port}"
+            if env.get("CS_FUNCTIONS_DIR"):  # registry-fn renders build contexts where the provider reads them
+                shared = (Path(env["CS_FUNCTIONS_DIR"]),)
+                shared[0].mkdir(parents=True, exist_ok=True)
+                owner = image_user(self.engine, image)
+                if owner is not None:
+                    os.chown(shared[0], *owner)
+        else:
+            socket_dir = self.run_dir(name) / "sockets"
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            socket_dir.mkdir(parents=True)
+            os.chmod(socket_dir, 0o777)  # the function's user creates its socket here
+            env["CS_FN_LISTEN"] = f"unix:{SOCKET_DIR}/{FUNCTION_SOCKET}"
+            if env.get("CS_GATEWAY_URL") in ("", settings().data_gateway_url) and gateway_port is not None:
+                sock = socket_dir / "gateway-fn.sock"
+                forwards.append(SocketForward(sock, "127.0.0.1", gateway_port))
+                env["CS_GATEWAY_URL"] = "http+unix://" + quote(f"{SOCKET_DIR}/{sock.name}", safe="")
+        remove_container(self.engine, self.state_key, name)
+        argv = run_argv(self.engine, name=name, image=image, spec=spec, env=env, secrets_dir=secrets_dir,
+                        socket_dir=socket_dir, state_key=self.state_key, shared_dirs=shared)
+        logpath = self.log_path(name)
+        started = time.monotonic()
+        with open(logpath, "ab") as logfile:
+            log_start = logfile.tell()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        unix_path = str(socket_dir / FUNCTION_SOCKET) if socket_dir is not None else None
+        port = 0 if unix_path else port
+        try:
+            self._await_listening(proc, name, unix_path, port, logpath, log_start)
+        except BaseException:
+            for forward in forwards:
+                forward.close()
+            remove_container(self.engine, self.state_key, name)
+            raise
+        cold_started(spec, started)
+        logs.event(log, "function started", function=name, pid=proc.pid, image=image, runtime="container",
+                   address=unix_path or port, cold_start_ms=round((time.monotonic() - started) * 1000, 1))
+        return FunctionProcess(name=name, proc=proc, port=port, spec=spec, unix_path=unix_path, forwards=forwards,
+                               context=context_sha256(folder))
+
+    def _await_listening(self, proc: subprocess.Popen, name: str, unix_path: str | None, port: int,
+                         logpath: Path, log_start: int) -> None:
+        """Until the container's server accepts a connection (its process exiting first is a failure)."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            family = socket.AF_UNIX if unix_path else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    probe.connect(unix_path if unix_path else (self.host, port))
+                    return
+            time.sleep(0.02)
+        raise self.failed(proc, name, logpath, log_start)
+
+    def stopped(self, name: str) -> None:
+        remove_container(self.engine, self.state_key, name)
+
+    def close(self) -> None:
+        """Remove this state's containers, and any a killed predecessor left."""
+        remove_containers(self.engine, self.state_key)
