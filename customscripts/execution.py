@@ -36,7 +36,7 @@ from customscripts import ids, logs, metrics
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
-from customscripts.faas.budget import FunctionBudget, RedisLru
+from customscripts.faas.budget import FunctionBudget
 from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.faas.naming import function_name
@@ -483,26 +483,3 @@ def error_detail(error: dict[str, Any] | None) -> str | None:
     if not error:
         return None
     return f"{error.get('type', '')}: {error.get('message', '')}"[:500]
-
-
-@functools.cache
-def default_executor() -> Executor:
-    """One per process: pooled connections, a keep-alive client, the budget's shared LRU in Redis."""
-    import redis
-
-    from customscripts import db
-    from customscripts.registry.api import service
-
-    cfg = settings()
-    client = OpenFaaSClient(cfg.provider_url, cfg.openfaas_user, cfg.openfaas_password)
-    lru = RedisLru(redis.Redis(host=cfg.redis_host, port=cfg.redis_port))
-    budget = FunctionBudget(client, lru=lru, pinned=_pinned_functions)
-    return Executor(Invoker(service(), client, budget, cfg), OnetimeResults(db.pool()), ExecuteSlots(cfg))
-
-
-def _pinned_functions() -> dict[str, set[str]]:
-    """Per tenant, the functions its live subscriptions pin: never evicted by the budget."""
-    from customscripts import db
-    from customscripts.realtime.subscriptions import SubscriptionStore
-
-    return SubscriptionStore(db.pool()).pinned_functions()

@@ -37,7 +37,7 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from customscripts import db, ids, logs
+from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.errors import Forbidden, Unprocessable
 from customscripts.execution import Executor, canonical_hash
@@ -301,19 +301,5 @@ def fetch_series(base_url: str, token: str, script_id: str, body: dict[str, Any]
         if answer["next_start"] is None:
             return outputs
         page = {**page, "start": answer["next_start"]}
-
-
-@functools.cache
-def default_history() -> History:
-    """One per process: the executor's invoker and slots, the read-only pool, the realtime publisher."""
-    import redis
-
-    from customscripts.execution import default_executor
-    from customscripts.outputs import OutputStore
-
-    executor = default_executor()
-    cfg = executor.cfg
-    client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=5, socket_connect_timeout=2)
-    return History(executor, db.pool(cfg.pg_reader_dsn, max_size=2), Publisher(client, OutputStore(db.pool())))
 
 

@@ -1167,21 +1167,19 @@ def timeframe_seconds(tf: str) -> int:
     return int(tf[: -len(unit)]) * _UNITS[unit]
 
 
-def build_evaluator(cfg: Settings | None = None) -> Evaluator:
-    """The production wiring: the one-time executor's Invoker, pooled Postgres, Redis publisher."""
+def build_evaluator(cfg: Settings | None = None, *, invoker: Invoker | None = None) -> Evaluator:
+    """The production wiring of an Evaluator around `invoker`: pooled Postgres, the Redis publisher, the
+    gateway's read-only role for prefetched windows. Without an invoker: the process's (customscripts.app)."""
     import redis
 
     from customscripts import db
-    from customscripts.execution import default_executor
     from customscripts.outputs import OutputStore
 
     cfg = cfg or settings()
-    invoker = default_executor().invoker
-    # The scheduler invokes versions with live subscriptions, which the budget never evicts; a function
-    # that vanished anyway (another replica, a provider restart) answers 404 and Invoker redeploys it.
-    # So re-checking the deployment every 2 s (the budget's default: a Redis lock plus a function list
-    # per version, serialising the invoking threads) buys nothing here.
-    invoker.budget.cache_s = max(invoker.budget.cache_s, BUDGET_RECHECK_S)
+    if invoker is None:
+        from customscripts.app import app
+
+        return app().evaluator(cfg)
     client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=5, socket_connect_timeout=2)
     pool = db.pool()
     market = MarketWindows(db.pool(cfg.pg_reader_dsn, max_size=2))  # the gateway's read-only role

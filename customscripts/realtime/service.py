@@ -34,7 +34,7 @@ import jsonschema
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from customscripts import db, ids
+from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import (
@@ -46,6 +46,7 @@ from customscripts.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
+from customscripts.execution import Invoker
 from customscripts.faas.naming import function_name
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
@@ -59,6 +60,7 @@ from customscripts.realtime.subscriptions import (
     principal_snapshot,
 )
 from customscripts.registry.service import RegistryService
+from customscripts.series import History
 
 
 class SubscribeBody(BaseModel):
@@ -114,9 +116,12 @@ class SignalView(BaseModel):
 
 class RealtimeService:
     def __init__(self, registry: RegistryService, store: SubscriptionStore, outputs: OutputStore,
-                 redis_client: redis.Redis, cfg: Settings | None = None) -> None:
+                 redis_client: redis.Redis, cfg: Settings | None = None, *, invoker: Invoker,
+                 history: History) -> None:
         self.cfg = cfg or settings()
         self.registry = registry
+        self.invoker = invoker  # versions' meta.json (cached) and their params check
+        self.history = history  # backfill on subscribe
         self.store = store
         self.outputs = outputs
         self.redis = redis_client
@@ -181,10 +186,8 @@ class RealtimeService:
         if count:
             # after the row exists: live events from now on are the scheduler's, and an event both
             # reach is published once (customscripts/series.py)
-            from customscripts.series import default_history
-
             try:
-                answer["backfill"] = default_history().backfill(sub, principal, count,
+                answer["backfill"] = self.history.backfill(sub, principal, count,
                                                                 call_id or uuid.uuid4().hex[:16])
             except ApiError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
                 # stands (live events run); subscribing again with `backfill` fills it later
@@ -221,9 +224,7 @@ class RealtimeService:
         return row.latest_version
 
     def _meta(self, script_id: str, version: int):
-        from customscripts.execution import default_executor
-
-        return default_executor().invoker.version(script_id, version)[0]
+        return self.invoker.version(script_id, version)[0]
 
     def _check_params(self, script_id: str, version: int, params: dict[str, Any],
                       closure: list[tuple[str, int]]) -> None:
@@ -299,16 +300,6 @@ def _epoch(query: Mapping[str, str], name: str) -> float | None:
     return value
 
 
-@functools.cache
-def default_service() -> RealtimeService:
-    from customscripts.registry.api import service
-
-    cfg = settings()
-    pool = db.pool()
-    client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=2, socket_connect_timeout=2)
-    return RealtimeService(service(), SubscriptionStore(pool), OutputStore(pool), client, cfg)
-
-
 
 __all__ = [
     "RealtimeService",
@@ -317,5 +308,4 @@ __all__ = [
     "Subscription",
     "SubscriptionList",
     "SubscriptionView",
-    "default_service",
 ]

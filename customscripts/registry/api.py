@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from customscripts import ids, logs
+from customscripts.app import app
 from customscripts.auth import Principal, principal_from_request
 from customscripts.errors import BadRequest, ServiceUnavailable, Unauthorized, Unprocessable
 from customscripts.execution import ExecuteBody, ExecutionResponse, StoredExecution
@@ -34,20 +35,11 @@ from customscripts.registry.models import (
     VersionList,
     VersionView,
 )
-from customscripts.registry.service import RegistryService
 
 M = TypeVar("M", bound=BaseModel)
 
 router = Router()
 log = logs.get("customscripts.registry")
-
-
-@functools.cache
-def service() -> RegistryService:
-    """One service per process (pooled Postgres connections, one minio client)."""
-    svc = RegistryService()
-    svc.store.ensure_bucket()
-    return svc
 
 
 def handle(event: Event, context: Context | None = None) -> Response:
@@ -96,7 +88,7 @@ def _caller(req: Request) -> Principal:
 
 def _script_id(req: Request, principal: Principal) -> str:
     """The path's script id as the platform-wide id (a bare chosen id resolves in the caller's tenant)."""
-    return service().resolve(principal, req.params["script_id"])
+    return app().registry.resolve(principal, req.params["script_id"])
 
 
 def _body(req: Request, model: type[M]) -> M:
@@ -119,7 +111,7 @@ def openapi_route(req: Request) -> Response:
 def create_script(req: Request) -> Response:
     principal = _caller(req)
     body = _body(req, DraftCreate)
-    meta = service().create_draft(principal, body, req.call_id)
+    meta = app().registry.create_draft(principal, body, req.call_id)
     return json_response(meta.model_dump(mode="json"), 201)
 
 
@@ -127,7 +119,7 @@ def _update(req: Request) -> Response:
     principal = _caller(req)
     script_id = _script_id(req, principal)
     body = _body(req, DraftUpdate)
-    meta = service().update_draft(principal, script_id, body, req.call_id)
+    meta = app().registry.update_draft(principal, script_id, body, req.call_id)
     return json_response(meta.model_dump(mode="json"))
 
 
@@ -138,13 +130,13 @@ route("PATCH", "/scripts/{script_id}")(_update)
 @route("GET", "/scripts/{script_id}")
 def get_script(req: Request) -> Response:
     principal = _caller(req)
-    return json_response(service().get(principal, _script_id(req, principal)))
+    return json_response(app().registry.get(principal, _script_id(req, principal)))
 
 
 @route("POST", "/scripts/{script_id}/publish")
 def publish_script(req: Request) -> Response:
     principal = _caller(req)
-    meta, unchanged = service().publish(principal, _script_id(req, principal), req.call_id)
+    meta, unchanged = app().registry.publish(principal, _script_id(req, principal), req.call_id)
     return json_response({**meta.model_dump(mode="json"), "unchanged": unchanged,
                           "function_url": function_url(meta.script_id, meta.version)}, 200 if unchanged else 201)
 
@@ -153,8 +145,8 @@ def publish_script(req: Request) -> Response:
 def list_versions(req: Request) -> Response:
     principal = _caller(req)
     script_id = _script_id(req, principal)
-    rows = service().list_versions(principal, script_id)
-    deprecated = service().catalog.deprecations([script_id])
+    rows = app().registry.list_versions(principal, script_id)
+    deprecated = app().registry.catalog.deprecations([script_id])
     versions = [{**r.as_json(), **_deprecation(deprecated.get((r.script_id, r.version))),
                  "function_url": function_url(r.script_id, r.version)} for r in rows]
     return json_response({"script_id": script_id, "versions": versions})
@@ -197,7 +189,7 @@ def list_scripts(req: Request) -> Response:
     owner = principal.user_id if _flag(req, "mine") else q.get("owner")
     if owner is not None:
         ids.owner_id(owner)
-    items, cursor = service().list_scripts(
+    items, cursor = app().registry.list_scripts(
         principal, limit=int(raw_limit), cursor=q.get("cursor"), owner_id=owner, runtime_mode=q.get("runtime_mode"),
         marketplace=_flag(req, "marketplace"), status=q.get("status"), text=text)
     for item in items:
@@ -210,7 +202,7 @@ def _deprecate(req: Request, deprecated: bool) -> Response:
     script_id = _script_id(req, principal)
     has_body = bool((req.event.body or b"").strip())
     reason = _body(req, DeprecateBody).reason if deprecated and has_body else None
-    return json_response(service().deprecate(principal, script_id, req.params["version"], deprecated=deprecated,
+    return json_response(app().registry.deprecate(principal, script_id, req.params["version"], deprecated=deprecated,
                                              reason=reason, call_id=req.call_id))
 
 
@@ -227,7 +219,7 @@ def undeprecate_version(req: Request) -> Response:
 @route("GET", "/scripts/{script_id}/versions/{version}")
 def get_version(req: Request) -> Response:
     principal = _caller(req)
-    found = service().get_version(principal, _script_id(req, principal), req.params["version"])
+    found = app().registry.get_version(principal, _script_id(req, principal), req.params["version"])
     if isinstance(found.get("version"), int):
         found = {**found, "function_url": function_url(str(found["script_id"]), found["version"])}
     return json_response(found)
@@ -248,7 +240,7 @@ def function_url(script_id: str, version: Any) -> str | None:
 def subscribe(req: Request) -> Response:
     principal = _caller(req)
     script_id = _script_id(req, principal)
-    created = service().subscribe(principal, script_id, req.call_id)
+    created = app().registry.subscribe(principal, script_id, req.call_id)
     body = {"script_id": script_id, "user_id": principal.user_id, "tenant": principal.tenant,
             "created": created}
     return json_response(body, 201 if created else 200)
@@ -256,10 +248,8 @@ def subscribe(req: Request) -> Response:
 
 @route("POST", "/scripts/{script_id}/execute")
 def execute(req: Request) -> Response:
-    from customscripts.execution import default_executor
-
     principal = _caller(req)
-    result = default_executor().execute(principal, _script_id(req, principal), req.json_object(), req.call_id)
+    result = app().executor.execute(principal, _script_id(req, principal), req.json_object(), req.call_id)
     return json_response(result)
 
 
@@ -267,25 +257,21 @@ def execute(req: Request) -> Response:
 def authorise_function_call(req: Request) -> Response:
     """Internal, reached through gateway-fn: a version's function asks whether the user calling its
     function URL may run it (the same checks as execute), with its own proof (invocation secret)."""
-    from customscripts.execution import default_executor
-
     function = _function_request(req, "authorise")
     principal = _caller(req)
     body = req.json_object()
     execute_body = body.get("body")
     if not isinstance(execute_body, dict):
         raise BadRequest("body must be the execute request's JSON object", code="invalid_json")
-    return json_response(default_executor().authorise_function_call(
+    return json_response(app().executor.authorise_function_call(
         principal, function, str(body.get("script_id", "")), body.get("version"), execute_body, req.call_id))
 
 
 @route("POST", "/functions/{function}/complete")
 def complete_function_call(req: Request) -> Response:
     """Internal, reached through gateway-fn: the function's result for a call it was granted."""
-    from customscripts.execution import default_executor
-
     function = _function_request(req, "complete")
-    return json_response(default_executor().complete_function_call(function, req.call_id, req.json_object()))
+    return json_response(app().executor.complete_function_call(function, req.call_id, req.json_object()))
 
 
 def _function_request(req: Request, purpose: str) -> str:
@@ -300,60 +286,48 @@ def _function_request(req: Request, purpose: str) -> str:
 
 @route("GET", "/executions/{call_id}")
 def stored_execution(req: Request) -> Response:
-    from customscripts.execution import default_executor
-
     principal = _caller(req)
-    return json_response(default_executor().stored(principal, req.params["call_id"]))
+    return json_response(app().executor.stored(principal, req.params["call_id"]))
 
 
 @route("POST", "/scripts/{script_id}/subscribe")
 def subscribe_realtime(req: Request) -> Response:
-    from customscripts.realtime.service import default_service
-
     principal = _caller(req)
-    body = default_service().subscribe(principal, _script_id(req, principal), req.json_object(), req.call_id)
+    body = app().realtime.subscribe(principal, _script_id(req, principal), req.json_object(), req.call_id)
     return json_response(body, 201 if body["created"] else 200)
 
 
 @route("DELETE", "/scripts/{script_id}/subscriptions/{subscription_id}")
 def unsubscribe_realtime(req: Request) -> Response:
-    from customscripts.realtime.service import default_service
-
     principal = _caller(req)
-    default_service().unsubscribe(principal, _script_id(req, principal), req.params["subscription_id"],
+    app().realtime.unsubscribe(principal, _script_id(req, principal), req.params["subscription_id"],
                                   req.call_id)
     return {"statusCode": 204, "body": "", "headers": {}}
 
 
 @route("GET", "/subscriptions")
 def list_subscriptions(req: Request) -> Response:
-    from customscripts.realtime.service import default_service
-
     principal = _caller(req)
     unknown = sorted(set(req.query) - {"script_id"})
     if unknown:
         raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
     script_filter = req.query.get("script_id")
     if script_filter is not None:  # present means a filter: an empty or malformed one is a 422
-        script_filter = service().resolve(principal, script_filter)
-    return json_response({"subscriptions": default_service().list(principal, script_filter)})
+        script_filter = app().registry.resolve(principal, script_filter)
+    return json_response({"subscriptions": app().realtime.list(principal, script_filter)})
 
 
 @route("GET", "/signals/{instrument_key}/custom/{script_id}")
 def custom_signal(req: Request) -> Response:
-    from customscripts.realtime.service import default_service
-
     principal = _caller(req)
-    return json_response(default_service().signal(principal, req.params["instrument_key"],
+    return json_response(app().realtime.signal(principal, req.params["instrument_key"],
                                                   _script_id(req, principal), req.query))
 
 
 @route("POST", "/scripts/{script_id}/series")
 def series(req: Request) -> Response:
-    from customscripts.series import default_history
-
     principal = _caller(req)
-    script_id, history = _script_id(req, principal), default_history()
+    script_id, history = _script_id(req, principal), app().history
     history.precheck(principal, script_id, req.call_id)  # 404/403 before the body is read
     return json_response(history.series(principal, script_id, req.json_object(), req.call_id))
 
