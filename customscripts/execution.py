@@ -45,7 +45,6 @@ from customscripts.http import MAX_JSON_DEPTH, json_depth
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
 from customscripts.registry.audit import AuditRow
-from customscripts.registry.catalog import ScriptRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
 from customscripts.registry.models import ScriptMeta
 from customscripts.registry.service import RegistryService
@@ -176,6 +175,25 @@ class Invoker:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         return cls(schema)
+
+    def check_params(self, script_id: str, version: int, params: dict[str, Any], *,
+                     problem: str = "params do not match the script's input_schema",
+                     code: str = "invalid_params", details: dict[str, Any] | None = None) -> None:
+        """params against the version's input_schema: the one check for execute, series and subscribe
+        (422 `code`, `problem` first in the message). A schema that recurses without bound on these
+        params, or whose $ref does not resolve, is the caller's 422 too, never a 500."""
+        details = details or {}
+        try:
+            error = jsonschema.exceptions.best_match(self.params_validator(script_id, version).iter_errors(params))
+        except RecursionError:
+            raise Unprocessable(f"{problem}: the input_schema recurses without end on them", code=code,
+                                details=details or None) from None
+        except Unresolvable as exc:
+            raise Unprocessable(f"{problem}: the input_schema has an unresolvable $ref: {str(exc)[:200]}",
+                                code=code, details=details or None) from None
+        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
+            raise Unprocessable(f"{problem}: {error.message}", code=code,
+                                details={**details, "path": list(error.absolute_path)})
 
     def _deploy(self, script_id: str, version: int) -> None:
         meta, source = self.version(script_id, version)
@@ -309,8 +327,8 @@ class Executor:
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         row = None
         if body.version is None:
-            row = self._script_row(principal, script_id)
-        version = body.version or self._latest(row)
+            row = self.registry.visible_script(principal, script_id, cached=True)
+        version = body.version or self.registry.latest_published(row)
         grant = ExecuteGrant(script_id=script_id, version=version, call_id=call_id, user_id=principal.user_id,
                              tenant=principal.tenant, tier=principal.tier, instrument_key=instrument,
                              timeframe=timeframe, params=body.params, params_hash=params_hash(body.params),
@@ -320,7 +338,7 @@ class Executor:
         except Forbidden as exc:
             self._audit(grant, status="denied", detail=exc.message[:500])
             raise
-        self._check_params(script_id, version, body.params)
+        self.invoker.check_params(script_id, version, body.params)
         try:
             lease = self.slots.acquire(principal, tier_of(principal, self.cfg), self._lease_s(script_id, version),
                                        call_id)
@@ -433,37 +451,6 @@ class Executor:
                 "user_id": found.user_id, "instrument_key": found.instrument_key, "timeframe": found.timeframe,
                 "params_hash": found.params_hash,
                 "output": {"value": found.value, "timestamp": found.as_of, "metadata": found.metadata}}
-
-    def _check_params(self, script_id: str, version: int, params: dict[str, Any]) -> None:
-        """params against the version's input_schema (422). A schema that recurses without bound on
-        these params is the caller's 422 too, never a 500."""
-        try:
-            error = jsonschema.exceptions.best_match(self.invoker.params_validator(script_id, version)
-                                                     .iter_errors(params))
-        except RecursionError:
-            raise Unprocessable("params cannot be checked: the script's input_schema recurses without end on them",
-                                code="invalid_params") from None
-        except Unresolvable as exc:
-            raise Unprocessable(f"params cannot be checked: the script's input_schema has an unresolvable $ref: "
-                                f"{str(exc)[:200]}", code="invalid_params") from None
-        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
-            raise Unprocessable(f"params do not match the script's input_schema: {error.message}",
-                                code="invalid_params", details={"path": list(error.absolute_path)})
-
-    def _script_row(self, principal: Principal, script_id: str) -> ScriptRow:
-        """The catalog row (from the ScriptCache), read once per execute: it names the latest version
-        and check_execution reuses it. Another tenant's private script is a 404 here too (not a 409
-        revealing it exists)."""
-        row = self.registry.catalog.scripts.get(script_id)
-        if row is None:
-            raise NotFound(f"script {script_id} not found", code="script_not_found")
-        return self.registry._visible(principal, row)
-
-    @staticmethod
-    def _latest(row: ScriptRow) -> int:
-        if not row.latest_version:
-            raise Conflict(f"script {row.script_id} has no published version", code="not_published")
-        return row.latest_version
 
 
 # Refusals of the concurrency limits (registry/concurrency.py): audited as `throttled`.

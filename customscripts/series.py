@@ -179,7 +179,7 @@ class History:
         """404 for an unknown or invisible script, 403 without the right to its latest version (the
         script's current policy), before the body is read: nobody learns more from a bad body."""
         tier_of(principal, self.cfg)
-        row = self.executor._script_row(principal, ids.script_id(script_id))
+        row = self.invoker.registry.visible_script(principal, script_id, cached=True)
         if not row.latest_version:
             return
         try:
@@ -205,7 +205,8 @@ class History:
                                 details={"start": body.start, "end": end})
         if tier.max_series_bars < 1:
             raise Forbidden(f"tier {tier.name!r} has no series runs", code="series_not_allowed")
-        version = body.version or self.executor._latest(self.executor._script_row(principal, script_id))
+        registry = self.invoker.registry
+        version = body.version or registry.latest_published(registry.visible_script(principal, script_id, cached=True))
         p_hash = params_hash(body.params)
         audit = functools.partial(self.invoker.registry.catalog.audit, action="series", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
@@ -215,7 +216,7 @@ class History:
         except Forbidden as exc:
             audit(status="denied", detail=exc.message[:500])
             raise
-        self.executor._check_params(script_id, version, body.params)
+        self.invoker.check_params(script_id, version, body.params)
         times = bar_ends(self.reader, instrument, timeframe, body.start, end, tier.max_series_bars + 1)
         page, rest = times[:tier.max_series_bars], times[tier.max_series_bars:]
         sub = Subscription(0, principal.tenant, principal.user_id, script_id, version, instrument, timeframe,

@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -140,7 +139,7 @@ class RealtimeService:
         if body.backfill is not None and body.backfill > tier.max_backfill:
             raise Unprocessable(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
                                 code="backfill_too_large", details={"max_backfill": tier.max_backfill})
-        version = body.version or self._latest(principal, script_id)
+        version = body.version or self.registry.latest_published(self.registry.visible_script(principal, script_id))
         audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
                                   call_id=call_id, params_hash=params_hash(body.params))
@@ -215,32 +214,15 @@ class RealtimeService:
             ids.script_id(script_id)
         return [s.to_dict() for s in self.store.for_user(principal.tenant, principal.user_id, script_id)]
 
-    def _latest(self, principal: Principal, script_id: str) -> int:
-        row = self.registry.catalog.get_script(script_id)
-        if row is None or (row.tenant != principal.tenant and not row.marketplace):
-            raise NotFound(f"script {script_id} not found", code="script_not_found")
-        if not row.latest_version:
-            raise Conflict(f"script {script_id} has no published version", code="not_published")
-        return row.latest_version
-
-    def _meta(self, script_id: str, version: int):
-        return self.invoker.version(script_id, version)[0]
-
     def _check_params(self, script_id: str, version: int, params: dict[str, Any],
                       closure: list[tuple[str, int]]) -> None:
-        meta = self._meta(script_id, version)
-        try:
-            jsonschema.validate(params, meta.input_schema or {})
-        except jsonschema.ValidationError as exc:
-            raise Unprocessable(f"params do not match the script's input_schema: {exc.message}",
-                                code="invalid_params", details={"path": list(exc.absolute_path)}) from None
+        """The subscription's params, and every dependency's: realtime evaluates them with params {}."""
+        self.invoker.check_params(script_id, version, params)
         for sid, ver in closure[:-1]:
-            try:
-                jsonschema.validate({}, self._meta(sid, ver).input_schema or {})
-            except jsonschema.ValidationError as exc:
-                raise Unprocessable(f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, which its "
-                                    f"input_schema rejects: {exc.message}", code="invalid_dependency_params",
-                                    details={"dependency": f"{sid}@{ver}"}) from None
+            self.invoker.check_params(sid, ver, {}, code="invalid_dependency_params",
+                                      problem=f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, "
+                                              "which its input_schema rejects",
+                                      details={"dependency": f"{sid}@{ver}"})
 
     # ----------------------------------------------------------------- signals
 

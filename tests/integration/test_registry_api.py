@@ -407,13 +407,11 @@ def test_storage_outage_is_503_with_json(monkeypatch, stack, alice, uid):
     import urllib3
     from minio import Minio
 
-    from customscripts.registry import api
-
     sid = f"outage-{uid}"
     alice.create_published(sid)
     dead = Minio("127.0.0.1:1", access_key="x", secret_key="y", secure=False,
                  http_client=urllib3.PoolManager(retries=0, timeout=1))
-    monkeypatch.setattr(api, "service", lambda: RegistryService(stack, store=ScriptStore(stack, minio=dead)))
+    monkeypatch.setattr(app(), "registry", RegistryService(stack, store=ScriptStore(stack, minio=dead)))
     resp = alice.call("GET", f"/scripts/{sid}")
     assert resp.status_code == 503 and error_code(resp) == "backend_unavailable"
     assert resp.headers["Retry-After"] == "1"
