@@ -448,9 +448,33 @@ def deploy_platform(cfg: Settings) -> None:
 
     with OpenFaaSClient(cfg.provider_url) as client:
         orchestration = str((client.info().get("provider") or {}).get("orchestration") or "process")
+        names = []
         for body in stack_deployments(environ=stack_environment(cfg, orchestration)):
             client.deploy(body)
+            names.append(body["service"])
             say(f"function {body['service']} deployed at {cfg.provider_url}/function/{body['service']}")
+    for name in names:
+        _warm(cfg, name)
+
+
+PLATFORM_START_TIMEOUT_S = 900.0  # a first start builds the function's environment or image
+
+
+def _warm(cfg: Settings, name: str) -> None:
+    """Start a platform function now, so `up` returns with it serving: its first start builds its
+    environment (process runtime) or image (container runtime), which can outlast a caller's timeout."""
+    import requests
+
+    started = time.monotonic()
+    try:
+        resp = requests.get(f"{cfg.provider_url}/function/{name}/healthz", timeout=PLATFORM_START_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise RuntimeError(f"function {name} did not start: {type(exc).__name__}: {exc}") from None
+    if resp.status_code >= 500 and "Can't reach service" in resp.text:
+        raise RuntimeError(f"function {name} did not start: {resp.text.strip()[:500]}")
+    took = time.monotonic() - started
+    if took > 1:
+        say(f"function {name} started in {took:.0f} s")
 
 
 def up(cfg: Settings | None = None, only: set[str] | None = None) -> None:
