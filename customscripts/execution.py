@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 from referencing.exceptions import Unresolvable
 
 from customscripts import ids, logs, metrics
@@ -42,11 +42,12 @@ from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, N
 from customscripts.faas.naming import function_name
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import MAX_JSON_DEPTH, json_depth
+from customscripts.inputs import parse_body
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
 from customscripts.registry.audit import AuditRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
-from customscripts.registry.models import ScriptMeta
+from customscripts.registry.models import EvaluationTarget, ScriptMeta
 from customscripts.registry.service import RegistryService
 from customscripts.sandbox.invocation import mint_invocation_token, open_grant, seal_grant
 
@@ -56,15 +57,9 @@ STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "de
 ENDPOINT_RETRY_S = 30.0
 
 
-class ExecuteBody(BaseModel):
+class ExecuteBody(EvaluationTarget):
     """POST /scripts/{id}/execute body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=999_999_999)
     timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800, allow_inf_nan=False,
                                     description="As-of epoch seconds, not after the server's now (422 "
                                                 "`timestamp_in_future`); default now. No data after it is "
@@ -315,10 +310,7 @@ class Executor:
         audited here; the lease is the caller's to release (it also expires on its own)."""
         received = time.time()  # the server's now: no as-of time after it
         ids.script_id(script_id)
-        try:
-            body = ExecuteBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "execute body is invalid") from None
+        body = parse_body(ExecuteBody, raw_body, "execute")
         if body.timestamp is not None and body.timestamp > received:
             raise Unprocessable("timestamp is in the future: a one-time execute runs as of now or earlier",
                                 code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})

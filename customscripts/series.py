@@ -35,18 +35,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.errors import Forbidden, Unprocessable
 from customscripts.execution import Executor, canonical_hash
+from customscripts.inputs import parse_body
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.permissions import tier_of
 from customscripts.realtime.prefetch import MarketWindows
 from customscripts.realtime.publisher import DeadLetter, Publisher
 from customscripts.realtime.scheduler import BatchReport, Evaluator, Event
 from customscripts.realtime.subscriptions import Subscription, principal_snapshot
+from customscripts.registry.models import EvaluationTarget
 
 log = logs.get("customscripts.series")
 
@@ -64,15 +66,9 @@ SELECT e FROM (SELECT extract(epoch FROM end_time)::float8 AS e FROM candles
 """
 
 
-class SeriesBody(BaseModel):
+class SeriesBody(EvaluationTarget):
     """POST /scripts/{id}/series body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=999_999_999)
     start: float = Field(ge=0, le=MAX_EPOCH, allow_inf_nan=False,
                          description="Epoch seconds: the first bar end evaluated is at or after it.")
     end: float | None = Field(default=None, ge=0, le=MAX_EPOCH, allow_inf_nan=False,
@@ -194,10 +190,7 @@ class History:
         received = time.time()
         tier = tier_of(principal, self.cfg)
         ids.script_id(script_id)
-        try:
-            body = SeriesBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "series body is invalid") from None
+        body = parse_body(SeriesBody, raw_body, "series")
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         end = received if body.end is None else min(body.end, received)
         if body.start > end:

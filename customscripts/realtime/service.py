@@ -31,14 +31,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import (
     ApiError,
-    BadRequest,
     Conflict,
     Forbidden,
     NotFound,
@@ -47,6 +46,7 @@ from customscripts.errors import (
 )
 from customscripts.execution import Invoker
 from customscripts.faas.naming import function_name
+from customscripts.inputs import check_query, int_param, parse_body, time_param
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
 from customscripts.realtime.publisher import latest_key
@@ -58,18 +58,14 @@ from customscripts.realtime.subscriptions import (
     TenantShareExceeded,
     principal_snapshot,
 )
+from customscripts.registry.models import EvaluationTarget
 from customscripts.registry.service import RegistryService
 from customscripts.series import History
 
 
-class SubscribeBody(BaseModel):
+class SubscribeBody(EvaluationTarget):
     """POST /scripts/{id}/subscribe body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=999_999_999,
                                 description="Published version; default the latest at subscribe time (pinned).")
     backfill: int | None = Field(default=None, ge=0, le=1_000_000,
@@ -131,10 +127,7 @@ class RealtimeService:
                   call_id: str | None = None) -> dict[str, Any]:
         tier = tier_of(principal, self.cfg)
         ids.script_id(script_id)
-        try:
-            body = SubscribeBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "subscribe body is invalid") from None
+        body = parse_body(SubscribeBody, raw_body, "subscribe")
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         if body.backfill is not None and body.backfill > tier.max_backfill:
             raise Unprocessable(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
@@ -231,10 +224,7 @@ class RealtimeService:
         tier_of(principal, self.cfg)
         instrument = ids.instrument_key(instrument_key)
         self.registry.list_versions(principal, script_id)  # 404 invisible, 403 not entitled to any version
-        allowed = {"timeframe", "params", "params_hash", "history", "start", "end"}
-        unknown = sorted(set(query) - allowed)
-        if unknown:
-            raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
+        check_query(query, ("timeframe", "params", "params_hash", "history", "start", "end"))
         timeframe = ids.timeframe(query.get("timeframe") or "")
         phash = params_hash_from_query(query)
         key = latest_key(principal.tenant, instrument, timeframe, script_id, phash)
@@ -251,36 +241,12 @@ class RealtimeService:
                                "indicator": f"custom:{script_id}", "script_id": script_id, "params_hash": phash,
                                "value": payload["value"], "timestamp": payload["timestamp"],
                                "metadata": payload.get("metadata") or {}}
-        history, start, end = query.get("history"), _epoch(query, "start"), _epoch(query, "end")
+        history, start, end = query.get("history"), time_param(query, "start"), time_param(query, "end")
         if history or start is not None or end is not None:
-            limit = _int(history, "history", 1, MAX_HISTORY) if history else 200
+            limit = int_param(query, "history", 1, MAX_HISTORY, 200)
             out["history"] = self.outputs.history(principal.tenant, script_id, instrument, timeframe, phash,
                                                   as_of=time.time(), start=start, end=end, limit=limit)
         return out
-
-
-def _int(raw: str, name: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise Unprocessable(f"{name} must be between {low} and {high}", code="invalid_parameter")
-    return value
-
-
-def _epoch(query: Mapping[str, str], name: str) -> float | None:
-    raw = query.get(name)
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be epoch seconds", code="invalid_parameter") from None
-    if not 0 <= value <= 4_102_444_800:
-        raise Unprocessable(f"{name} out of range", code="invalid_parameter")
-    return value
-
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from customscripts import ids, logs
@@ -19,6 +19,7 @@ from customscripts.auth import Principal, principal_from_request
 from customscripts.errors import BadRequest, ServiceUnavailable, Unauthorized, Unprocessable
 from customscripts.execution import ExecuteBody, ExecutionResponse, StoredExecution
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
+from customscripts.inputs import check_query, parse_body
 from customscripts.permissions import tier_of
 from customscripts.registry.models import (
     MAX_SOURCE_BYTES,
@@ -92,11 +93,7 @@ def _script_id(req: Request, principal: Principal) -> str:
 
 
 def _body(req: Request, model: type[M]) -> M:
-    data = req.json_object()
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise Unprocessable.from_validation(exc, "request body is invalid") from None
+    return parse_body(model, req.json_object(), "request")
 
 
 # ----------------------------------------------------------------- routes
@@ -172,9 +169,7 @@ def _flag(req: Request, name: str) -> bool | None:
 def list_scripts(req: Request) -> Response:
     """Own, shared and entitled marketplace scripts; filters and a cursor (registry/service.py)."""
     principal = _caller(req)
-    unknown = sorted(set(req.query) - _LIST_FILTERS)
-    if unknown:
-        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
+    check_query(req.query, _LIST_FILTERS)
     q = req.query
     raw_limit = q.get("limit", "50")
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 200):
@@ -308,9 +303,7 @@ def unsubscribe_realtime(req: Request) -> Response:
 @route("GET", "/subscriptions")
 def list_subscriptions(req: Request) -> Response:
     principal = _caller(req)
-    unknown = sorted(set(req.query) - {"script_id"})
-    if unknown:
-        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}", code="unknown_parameter")
+    check_query(req.query, ("script_id",))
     script_filter = req.query.get("script_id")
     if script_filter is not None:  # present means a filter: an empty or malformed one is a 422
         script_filter = app().registry.resolve(principal, script_filter)

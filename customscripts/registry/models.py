@@ -301,3 +301,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class EvaluationTarget(BaseModel):
+    """What every evaluation request names (execute, series, subscribe): the series, the params, and
+    optionally the version (default: the latest published)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instrument_key: str = Field(max_length=64)
+    timeframe: str = Field(max_length=8)
+    params: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=999_999_999)
