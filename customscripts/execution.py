@@ -35,7 +35,7 @@ from referencing.exceptions import Unresolvable
 from customscripts import ids, logs, metrics
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from customscripts.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unauthenticated, UpstreamFailed
 from customscripts.faas.budget import FunctionBudget
 from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
@@ -49,12 +49,16 @@ from customscripts.registry.audit import AuditRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
 from customscripts.registry.models import EvaluationTarget, ScriptMeta
 from customscripts.registry.service import RegistryService
+from customscripts.retry import RetryPolicy
 from customscripts.sandbox.invocation import mint_invocation_token, open_grant, seal_grant
 
 log = logs.get("customscripts.execution")
 
 STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
 ENDPOINT_RETRY_S = 30.0
+# A function gone between the budget's check and the call (evicted by another replica, the provider
+# restarted) is redeployed and called once more, at once: nothing to wait for.
+REDEPLOY_RETRY = RetryPolicy(attempts=2, backoff_s=0.0, max_backoff_s=0.0, jitter=False)
 
 
 class ExecuteBody(EvaluationTarget):
@@ -181,14 +185,14 @@ class Invoker:
         try:
             error = jsonschema.exceptions.best_match(self.params_validator(script_id, version).iter_errors(params))
         except RecursionError:
-            raise Unprocessable(f"{problem}: the input_schema recurses without end on them", code=code,
-                                details=details or None) from None
+            raise Invalid(f"{problem}: the input_schema recurses without end on them", code=code,
+                          details=details or None) from None
         except Unresolvable as exc:
-            raise Unprocessable(f"{problem}: the input_schema has an unresolvable $ref: {str(exc)[:200]}",
-                                code=code, details=details or None) from None
+            raise Invalid(f"{problem}: the input_schema has an unresolvable $ref: {str(exc)[:200]}",
+                          code=code, details=details or None) from None
         if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
-            raise Unprocessable(f"{problem}: {error.message}", code=code,
-                                details={**details, "path": list(error.absolute_path)})
+            raise Invalid(f"{problem}: {error.message}", code=code,
+                          details={**details, "path": list(error.absolute_path)})
 
     def _deploy(self, script_id: str, version: int) -> None:
         meta, source = self.version(script_id, version)
@@ -221,7 +225,7 @@ class Invoker:
         address when it is running there (one hop less), else through the gateway, which starts it.
         `timeout`: seconds to wait for the answer (default: the client's invoke timeout)."""
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        for attempt in (1, 2):
+        for attempt in range(1, REDEPLOY_RETRY.attempts + 1):
             name = self.function_for(script_id, version, scope.tenant)
             token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})
             headers = {"Authorization": f"Bearer {token}", "X-Call-Id": call_id,
@@ -241,20 +245,20 @@ class Invoker:
             except FunctionNotFound:
                 self.budget.forget(name)  # evicted by another replica: redeploy once
                 self._endpoints.pop(name, None)
-                if attempt == 2:
-                    raise BadGateway(f"function {name} disappeared twice while invoking",
-                                     code="function_gone") from None
+                if REDEPLOY_RETRY.gives_up(attempt):
+                    raise UpstreamFailed(f"function {name} disappeared twice while invoking",
+                                         code="function_gone") from None
                 continue
             except FaasError as exc:
-                raise BadGateway(f"function {name} could not be reached: {exc}", code="function_unreachable") \
+                raise UpstreamFailed(f"function {name} could not be reached: {exc}", code="function_unreachable") \
                     from None
             if result.status != 200:
-                raise BadGateway(f"function {name} answered {result.status}: {result.body[:300]!r}",
-                                 code="function_error")
+                raise UpstreamFailed(f"function {name} answered {result.status}: {result.body[:300]!r}",
+                                     code="function_error")
             try:
                 return result.json()
             except ValueError:
-                raise BadGateway(f"function {name} answered with invalid JSON", code="function_error") from None
+                raise UpstreamFailed(f"function {name} answered with invalid JSON", code="function_error") from None
         raise AssertionError("unreachable")
 
     def execution_token(self, script_id: str, version: int, scope: Scope, as_of: float,
@@ -268,11 +272,11 @@ class Invoker:
 def check_result(raw: Any) -> dict[str, Any]:
     """The function's result for one item, checked for shape and depth; a malformed one is a 502."""
     if not isinstance(raw, dict) or raw.get("status") not in STATUSES or json_depth(raw) > MAX_JSON_DEPTH:
-        raise BadGateway("script function returned a malformed result", code="function_error")
+        raise UpstreamFailed("script function returned a malformed result", code="function_error")
     if raw["status"] == "ok":
         output = raw.get("output")
         if not isinstance(output, dict) or not {"value", "timestamp"} <= set(output):
-            raise BadGateway("script function returned ok without an output", code="function_error")
+            raise UpstreamFailed("script function returned ok without an output", code="function_error")
     return raw
 
 
@@ -295,7 +299,7 @@ class Executor:
                            "params": grant.params, "timestamp": grant.as_of, "execution_token": grant.token}
                 scope = Scope(grant.user_id, grant.tenant, grant.tier)
                 result = check_result(self.invoker.invoke(script_id, grant.version, payload, scope, call_id))
-        except ApiError as exc:
+        except DomainError as exc:
             self.refused(grant, exc)
             raise
         finally:
@@ -312,8 +316,8 @@ class Executor:
         ids.script_id(script_id)
         body = parse_body(ExecuteBody, raw_body, "execute")
         if body.timestamp is not None and body.timestamp > received:
-            raise Unprocessable("timestamp is in the future: a one-time execute runs as of now or earlier",
-                                code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})
+            raise Invalid("timestamp is in the future: a one-time execute runs as of now or earlier",
+                          code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})
         if body.store:
             ids.call_id(call_id)  # the stored result's key
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
@@ -334,7 +338,7 @@ class Executor:
         try:
             lease = self.slots.acquire(principal, tier_of(principal, self.cfg), self._lease_s(script_id, version),
                                        call_id)
-        except ApiError as exc:
+        except DomainError as exc:
             self.refused(grant, exc)
             raise
         scope = Scope(principal.user_id, principal.tenant, principal.tier)
@@ -345,7 +349,7 @@ class Executor:
         """How long an execute's lease (and a function URL's grant) lasts: its wall timeout plus slack."""
         return wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
 
-    def refused(self, grant: ExecuteGrant, exc: ApiError) -> None:
+    def refused(self, grant: ExecuteGrant, exc: DomainError) -> None:
         """Audit an authorised execute that failed before it had a result (limits, the function)."""
         self._audit(grant, status="throttled" if exc.code in THROTTLED else "error", detail=exc.message[:500])
 
@@ -383,8 +387,8 @@ class Executor:
         if function_name(script_id, number) != function:
             raise Forbidden(f"function {function} does not serve {script_id}@{number}", code="wrong_function")
         if raw_body.get("version") not in (None, number):
-            raise Unprocessable(f"this function URL serves version {number} of {script_id} only",
-                                code="wrong_version", details={"version": number})
+            raise Invalid(f"this function URL serves version {number} of {script_id} only",
+                          code="wrong_version", details={"version": number})
         grant, lease = self.authorise(principal, script_id, {**raw_body, "version": number}, call_id)
         claims = {**dataclasses.asdict(grant), "token": "", "fn": function,
                   "lease": {"member": lease.member, "keys": list(lease.keys)}}
@@ -397,7 +401,7 @@ class Executor:
         audit row and response as the registry's execute; the lease goes back."""
         claims = open_grant(body.get("grant"))
         if claims.get("fn") != function or claims.get("call_id") != call_id:
-            raise Unauthorized("the grant is for another call", code="invalid_grant")
+            raise Unauthenticated("the grant is for another call", code="invalid_grant")
         lease_claims = claims.pop("lease")
         claims.pop("fn")
         claims.pop("exp")
@@ -409,7 +413,7 @@ class Executor:
                 return {"refused": True}
             try:
                 result = check_result(body.get("result"))
-            except ApiError as exc:
+            except DomainError as exc:
                 self.refused(grant, exc)
                 raise
             return self.finish(grant, result)

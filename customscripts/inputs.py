@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from customscripts.errors import BadRequest, Unprocessable
+from customscripts.errors import Invalid, Malformed
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -27,7 +27,7 @@ def parse_body(model: type[M], raw: Any, what: str) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise Unprocessable.from_validation(exc, f"{what} body is invalid") from None
+        raise Invalid.from_validation(exc, f"{what} body is invalid") from None
 
 
 def check_query(query: Mapping[str, str], allowed: Iterable[str]) -> None:
@@ -35,14 +35,14 @@ def check_query(query: Mapping[str, str], allowed: Iterable[str]) -> None:
     accepted = set(allowed)
     unknown = sorted(set(query) - accepted)
     if unknown:
-        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}; "
-                         f"allowed: {', '.join(sorted(accepted))}", code="unknown_parameter")
+        raise Malformed(f"unknown query parameter(s): {', '.join(unknown)[:200]}; "
+                        f"allowed: {', '.join(sorted(accepted))}", code="unknown_parameter")
 
 
 def required_param(query: Mapping[str, str], name: str) -> str:
     value = query.get(name)
     if value is None or value == "":
-        raise BadRequest(f"missing query parameter {name!r}", code="missing_parameter")
+        raise Malformed(f"missing query parameter {name!r}", code="missing_parameter")
     return value
 
 
@@ -57,11 +57,11 @@ def time_param(query: Mapping[str, str], name: str, *, low: float = 0.0, high: f
         try:
             parsed = datetime.fromisoformat(raw)
         except ValueError:
-            raise BadRequest(f"{name} must be epoch seconds or ISO 8601, got {raw[:40]!r}",
-                             code="invalid_parameter") from None
+            raise Malformed(f"{name} must be epoch seconds or ISO 8601, got {raw[:40]!r}",
+                            code="invalid_parameter") from None
         value = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
     if not math.isfinite(value) or not low <= value <= high:
-        raise Unprocessable(f"{name} out of range: {raw[:40]!r}", code="invalid_parameter")
+        raise Invalid(f"{name} out of range: {raw[:40]!r}", code="invalid_parameter")
     return value
 
 
@@ -72,7 +72,7 @@ def int_param(query: Mapping[str, str], name: str, low: int, high: int, default:
     try:
         value = int(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}", code="invalid_parameter") from None
+        raise Malformed(f"{name} must be an integer, got {raw[:40]!r}", code="invalid_parameter") from None
     if not low <= value <= high:
-        raise Unprocessable(f"{name} must be between {low} and {high}, got {value}", code="invalid_parameter")
+        raise Invalid(f"{name} must be between {low} and {high}, got {value}", code="invalid_parameter")
     return value

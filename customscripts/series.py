@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from customscripts import ids, logs
 from customscripts.auth import Principal
-from customscripts.errors import Forbidden, Unprocessable
+from customscripts.errors import Forbidden, Invalid
 from customscripts.execution import Executor, canonical_hash
 from customscripts.inputs import parse_body
 from customscripts.outputs import OutputRow, params_hash
@@ -194,8 +194,8 @@ class History:
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         end = received if body.end is None else min(body.end, received)
         if body.start > end:
-            raise Unprocessable("start is after end (or after the server's now)", code="invalid_range",
-                                details={"start": body.start, "end": end})
+            raise Invalid("start is after end (or after the server's now)", code="invalid_range",
+                          details={"start": body.start, "end": end})
         if tier.max_series_bars < 1:
             raise Forbidden(f"tier {tier.name!r} has no series runs", code="series_not_allowed")
         registry = self.invoker.registry

@@ -73,7 +73,7 @@ import requests
 
 from customscripts import logs, metrics
 from customscripts.config import settings
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 from customscripts.faas import cpugroups
 from customscripts.faas.build import LABEL as LABEL_PREFIX
 from customscripts.faas.build import TENANT_ANNOTATION, context_sha256
@@ -1034,7 +1034,7 @@ class _Front:
     def _unauthorised(self, call: _Call) -> RawResponse | None:
         if self.provider.authorised(call.headers.get("Authorization")):
             return None
-        return _reply(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
+        return _reply(401, "Unauthenticated\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
 
     def _system(self, call: _Call) -> RawResponse:
         p = self.provider
@@ -1045,7 +1045,7 @@ class _Front:
             if method in ("POST", "PUT", "DELETE"):
                 try:
                     payload = parse_json(body) if body.strip() else None
-                except ApiError as exc:
+                except DomainError as exc:
                     raise DeployError(f"unable to unmarshal request: {exc.message}") from None
                 if method == "DELETE":
                     return _reply(p.remove(payload))

@@ -30,12 +30,12 @@ import redis
 from customscripts import db, ids, metrics
 from customscripts.config import Settings, settings
 from customscripts.errors import (
-    ApiError,
-    BadGateway,
+    DomainError,
     Forbidden,
+    Invalid,
     NotFound,
-    ServiceUnavailable,
-    Unprocessable,
+    Unavailable,
+    UpstreamFailed,
 )
 from customscripts.gateway.ratelimit import Decision, RateLimiter, raise_if_refused
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
@@ -110,7 +110,7 @@ def _pack(columns: dict[str, list[Any]]) -> tuple[list[list[Any]], bytes]:
     """The float8 columns the store returned (None values are NaN), packed for a columns reply."""
     packed = pack_columns(columns)
     if packed is None:  # the store's float8 arrays are always numeric
-        raise ApiError("market data store returned non-numeric columns")
+        raise DomainError("market data store returned non-numeric columns")
     return packed
 
 
@@ -139,7 +139,7 @@ def _window(query: Mapping[str, str], claims: ExecutionClaims) -> tuple[float | 
     limit = int_param(query, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
     end = claims.as_of if end is None else min(end, claims.as_of)
     if start is not None and start > end:
-        raise Unprocessable("start is after end (or after the execution's as-of time)", code="invalid_window")
+        raise Invalid("start is after end (or after the execution's as-of time)", code="invalid_window")
     return start, end, limit
 
 
@@ -193,12 +193,12 @@ class GatewayApi:
         try:
             reply = pool.request("POST", prefix + path, req.event.body or b"", headers, timeout=(2.0, 30.0))
         except (OSError, http.client.HTTPException) as exc:
-            raise ServiceUnavailable(f"registry unreachable: {type(exc).__name__}", code="registry_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"registry unreachable: {type(exc).__name__}", code="registry_unavailable",
+                              retry_after_s=1) from None
         try:
             body = reply.json()
         except ValueError:
-            raise BadGateway(f"registry answered {reply.status} without JSON", code="registry_error") from None
+            raise UpstreamFailed(f"registry answered {reply.status} without JSON", code="registry_error") from None
         return json_response(body, reply.status, {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"})
 
     @property
@@ -263,8 +263,8 @@ class GatewayApi:
             with self.pool.connection(timeout=5) as conn:
                 return list(conn.cursor(binary=binary).execute(sql, args).fetchall())
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"market data store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"market data store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
 
     def _series(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
                 start: float | None, end: float, limit: int, known_at: str = "time") -> dict[str, list[Any]]:
@@ -338,7 +338,7 @@ class GatewayApi:
         try:
             self._query("SELECT 1", [])
             checks["database"] = "ok"
-        except ApiError as exc:
+        except DomainError as exc:
             checks["database"] = exc.message
         try:
             self.limiter.redis.ping()
@@ -415,8 +415,8 @@ class GatewayApi:
         except MissingOutputs as exc:
             raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"output store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
         if latest is None:
             raise NotFound(f"no output of script {script_id!r} for {instrument} {timeframe} "
                            f"(params_hash {phash}) at or before the execution's as-of time",
@@ -438,8 +438,8 @@ class GatewayApi:
         except MissingOutputs as exc:
             raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"output store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
         return _body({"script_id": script_id, "instrument_key": instrument, "timeframe": timeframe,
                       "params_hash": phash, "as_of": claims.as_of, "columns": columns})
 
@@ -447,7 +447,7 @@ class GatewayApi:
 def _metric_name(value: str) -> str:
     ok = 0 < len(value) <= 128 and value.isascii() and all(c.isalnum() or c in "._-:" for c in value)
     if not ok:
-        raise Unprocessable(f"invalid metric name: {value[:80]!r}", code="invalid_metric_name")
+        raise Invalid(f"invalid metric name: {value[:80]!r}", code="invalid_metric_name")
     return value
 
 

@@ -89,7 +89,7 @@ from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.bartime import bar_end, last_close
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
 from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow, params_hash
@@ -357,7 +357,7 @@ class Evaluator:
              ) -> tuple[dict[Node, Evaluation], dict[Node, list[Node]]]:
         """Due subscriptions (those of the events, or `due` as given: a series or a backfill) →
         evaluations (deduplicated per tenant) and their dependency edges."""
-        allowed: dict[tuple, list[tuple[str, int]] | ApiError] = {}
+        allowed: dict[tuple, list[tuple[str, int]] | DomainError] = {}
         evals: dict[Node, Evaluation] = {}
         deps: dict[Node, list[Node]] = {}
         for event, sub in (self._due(events) if due is None else due):
@@ -366,10 +366,10 @@ class Evaluator:
             if key not in allowed:
                 try:
                     allowed[key] = self.registry.check_execution(principal, sub.script_id, sub.version)
-                except ApiError as exc:  # 403/404/422: this subscriber may not run it any more
+                except DomainError as exc:  # 403/404/422: this subscriber may not run it any more
                     allowed[key] = exc
             closure = allowed[key]
-            if isinstance(closure, ApiError):
+            if isinstance(closure, DomainError):
                 report.statuses["denied"] += 1
                 report.denied.append((sub, principal, closure.message[:500]))
                 metrics.EVALUATIONS.labels("denied").inc()
@@ -682,7 +682,7 @@ class Evaluator:
                                        f"{len(results) if isinstance(results, list) else 'no'} results for "
                                        f"{len(chunk)} items")
             checked = [check_result(r) for r in results]
-        except ApiError as exc:
+        except DomainError as exc:
             # function unreachable / budget full / non-200 / malformed answer or result
             took = time.perf_counter() - started
             raise InvocationFailed(exc.message, deadline=took >= deadline * 0.95) from None

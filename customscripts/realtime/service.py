@@ -37,12 +37,12 @@ from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import (
-    ApiError,
     Conflict,
+    DomainError,
     Forbidden,
+    Invalid,
     NotFound,
-    ServiceUnavailable,
-    Unprocessable,
+    Unavailable,
 )
 from customscripts.execution import Invoker
 from customscripts.faas.naming import function_name
@@ -130,8 +130,8 @@ class RealtimeService:
         body = parse_body(SubscribeBody, raw_body, "subscribe")
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         if body.backfill is not None and body.backfill > tier.max_backfill:
-            raise Unprocessable(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
-                                code="backfill_too_large", details={"max_backfill": tier.max_backfill})
+            raise Invalid(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
+                          code="backfill_too_large", details={"max_backfill": tier.max_backfill})
         version = body.version or self.registry.latest_published(self.registry.visible_script(principal, script_id))
         audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
@@ -181,7 +181,7 @@ class RealtimeService:
             try:
                 answer["backfill"] = self.history.backfill(sub, principal, count,
                                                                 call_id or uuid.uuid4().hex[:16])
-            except ApiError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
+            except DomainError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
                 # stands (live events run); subscribing again with `backfill` fills it later
                 answer["backfill"] = {"requested": count, "bars": 0, "published": 0,
                                       "error": {"code": exc.code, "message": exc.message}}
@@ -194,7 +194,7 @@ class RealtimeService:
         try:
             number = int(subscription_id)
         except ValueError:
-            raise Unprocessable("subscription id must be an integer", code="invalid_subscription_id") from None
+            raise Invalid("subscription id must be an integer", code="invalid_subscription_id") from None
         if not 1 <= number < 2**63 or not self.store.remove(principal.tenant, principal.user_id, number, script_id):
             raise NotFound(f"subscription {subscription_id} not found", code="subscription_not_found")
         self.registry.catalog.audit(action="unsubscribe_realtime", script_id=script_id, version=None,
@@ -231,8 +231,8 @@ class RealtimeService:
         try:
             raw = self.redis.hget(key, "payload")
         except redis.RedisError:
-            raise ServiceUnavailable("signal cache temporarily unavailable", code="cache_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable("signal cache temporarily unavailable", code="cache_unavailable",
+                              retry_after_s=1) from None
         if raw is None:
             raise NotFound(f"no realtime output of {script_id} for {instrument} {timeframe} (params_hash {phash})",
                            code="no_signal")

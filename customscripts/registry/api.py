@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from customscripts import ids, logs
 from customscripts.app import app
 from customscripts.auth import Principal, principal_from_request
-from customscripts.errors import BadRequest, ServiceUnavailable, Unauthorized, Unprocessable
+from customscripts.errors import Invalid, Malformed, Unauthenticated, Unavailable
 from customscripts.http import Context, Event, Request, Response, RouteHandler, Router, json_response
 from customscripts.inputs import check_query, parse_body
 from customscripts.permissions import tier_of
@@ -55,8 +55,8 @@ def _guarded(func: RouteHandler) -> RouteHandler:
             return func(req)
         except _backend_errors() as exc:
             log.warning("registry backend unavailable: %s", type(exc).__name__)
-            raise ServiceUnavailable("registry storage temporarily unavailable", code="backend_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable("registry storage temporarily unavailable", code="backend_unavailable",
+                              retry_after_s=1) from None
 
     return wrapper
 
@@ -151,7 +151,7 @@ def _flag(req: Request, name: str) -> bool | None:
     if raw is None:
         return None
     if raw not in ("true", "false"):
-        raise Unprocessable(f"{name} must be true or false", code="invalid_parameter")
+        raise Invalid(f"{name} must be true or false", code="invalid_parameter")
     return raw == "true"
 
 
@@ -163,14 +163,14 @@ def list_scripts(req: Request) -> Response:
     q = req.query
     raw_limit = q.get("limit", "50")
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 200):
-        raise Unprocessable("limit must be an integer from 1 to 200", code="invalid_parameter")
+        raise Invalid("limit must be an integer from 1 to 200", code="invalid_parameter")
     choices = {"status": ("draft", "published", "deprecated"), "runtime_mode": ("onetime", "realtime")}
     for name, allowed in choices.items():
         if q.get(name) is not None and q.get(name) not in allowed:
-            raise Unprocessable(f"{name} must be one of {', '.join(allowed)}", code="invalid_parameter")
+            raise Invalid(f"{name} must be one of {', '.join(allowed)}", code="invalid_parameter")
     text = q.get("q")
     if text is not None and (len(text) > 100 or not text.isprintable()):
-        raise Unprocessable("q must be printable text of at most 100 characters", code="invalid_parameter")
+        raise Invalid("q must be printable text of at most 100 characters", code="invalid_parameter")
     owner = principal.user_id if _flag(req, "mine") else q.get("owner")
     if owner is not None:
         ids.owner_id(owner)
@@ -247,7 +247,7 @@ def authorise_function_call(req: Request) -> Response:
     body = req.json_object()
     execute_body = body.get("body")
     if not isinstance(execute_body, dict):
-        raise BadRequest("body must be the execute request's JSON object", code="invalid_json")
+        raise Malformed("body must be the execute request's JSON object", code="invalid_json")
     return json_response(app().executor.authorise_function_call(
         principal, function, str(body.get("script_id", "")), body.get("version"), execute_body, req.call_id))
 
@@ -265,7 +265,7 @@ def _function_request(req: Request, purpose: str) -> str:
 
     function = verify_function_request(req.header("X-Function-Proof"), purpose, req.call_id, req.event.body or b"")
     if function != req.params["function"]:
-        raise Unauthorized("the proof is for another function", code="invalid_function_request")
+        raise Unauthenticated("the proof is for another function", code="invalid_function_request")
     return function
 
 

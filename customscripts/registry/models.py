@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from customscripts import ids
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 
 MAX_SOURCE_BYTES = 256 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -30,7 +30,7 @@ _TEXT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]*\Z")
 def _as_value_error(func, value: Any) -> Any:
     try:
         return func(value)
-    except ApiError as exc:
+    except DomainError as exc:
         raise ValueError(exc.message) from None
 
 

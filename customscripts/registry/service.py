@@ -16,7 +16,7 @@ from typing import Any
 from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.errors import Conflict, Forbidden, Invalid, NotFound
 from customscripts.faas import buildqueue
 from customscripts.permissions import (
     Denied,
@@ -355,7 +355,7 @@ class RegistryService:
                 continue
             row = graph.get(node)
             if row is None:
-                raise Unprocessable(f"dependency {node[0]}@{node[1]} is missing", code="dependency_missing")
+                raise Invalid(f"dependency {node[0]}@{node[1]} is missing", code="dependency_missing")
             stack.append((node, True))
             for dep in reversed(row.depends_on):
                 pair = parse_dependency(dep)
