@@ -37,8 +37,7 @@ class Principal:
 
 
 def _unauthorized(message: str) -> Unauthenticated:
-    challenge = {"WWW-Authenticate": 'Bearer realm="customscripts"'}
-    return Unauthenticated(message, code="unauthorized", headers=challenge)
+    return Unauthenticated(message, code="unauthorized")
 
 
 def _str_set(claims: dict[str, Any], name: str) -> frozenset[str]:

@@ -197,12 +197,17 @@ HTTP_STATUS: tuple[tuple[type[DomainError], int], ...] = (
 )
 
 
+BEARER_CHALLENGE = 'Bearer realm="customscripts"'  # RFC 6750: how a 401 says which credentials it wants
+
+
 def http_status(exc: DomainError) -> int:
     return next(status for cls, status in HTTP_STATUS if isinstance(exc, cls))
 
 
 def error_response(exc: DomainError) -> Response:
     headers = {} if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = BEARER_CHALLENGE
     return json_response(exc.body(), http_status(exc), headers)
 
 
@@ -268,8 +273,9 @@ class Router:
                 log.exception("unhandled error on %s %s", event.method, path)
                 return error_response(DomainError("internal error")), template
         if allowed:
-            return error_response(MethodNotAllowed(f"{event.method} not allowed on {path}",
-                                                   headers={"Allow": ", ".join(sorted(set(allowed)))})), template
+            reply = error_response(MethodNotAllowed(f"{event.method} not allowed on {path}"))
+            reply["headers"]["Allow"] = ", ".join(sorted(set(allowed)))
+            return reply, template
         return error_response(NotFound(f"no route for {path}", code="no_route")), template
 
 
