@@ -45,7 +45,6 @@ from customscripts.http import MAX_JSON_DEPTH, json_depth
 from customscripts.inputs import parse_body
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
-from customscripts.registry.audit import AuditRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
 from customscripts.registry.models import EvaluationTarget, ScriptMeta
 from customscripts.registry.service import RegistryService
@@ -421,16 +420,11 @@ class Executor:
             self.slots.release(Lease(str(lease_claims["member"]), tuple(lease_claims["keys"])))
 
     def _audit(self, grant: ExecuteGrant, *, status: str, **fields: Any) -> None:
-        """The attempt's audit row, committed durably before the caller answers (AuditUnavailable,
-        503, if it cannot be in CS_AUDIT_WAIT_S); shares its commit with concurrent executes."""
-        row = AuditRow(grant.call_id, grant.script_id, grant.version, grant.user_id, grant.tenant, "execute",
-                       status, params_hash=grant.params_hash, **fields)
+        """The attempt's audit row, committed durably before the caller answers (Catalog.audit)."""
         metrics.observe_execute(grant.tier, status=status, **fields)  # every attempt, by status and tier
-        writer = self.registry.catalog.audit_log
-        if self.cfg.audit_durable:
-            writer.write(row, self.cfg.audit_wait_s)
-        else:
-            writer.submit(row)
+        self.registry.catalog.audit(action="execute", script_id=grant.script_id, version=grant.version,
+                                    user_id=grant.user_id, tenant=grant.tenant, status=status, call_id=grant.call_id,
+                                    params_hash=grant.params_hash, **fields)
 
     def stored(self, principal: Principal, call_id: str) -> dict[str, Any]:
         """A stored one-time result, for callers of its tenant who may still use its script version;

@@ -183,7 +183,7 @@ class History:
         except Forbidden as exc:  # an attempt: audited like a denied execute
             self.invoker.registry.catalog.audit(action="series", script_id=script_id, version=row.latest_version,
                                                 user_id=principal.user_id, tenant=principal.tenant, status="denied",
-                                                call_id=call_id, detail=exc.message[:500], wait=False)
+                                                call_id=call_id, detail=exc.message[:500])
             raise
 
     def series(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
@@ -203,7 +203,7 @@ class History:
         p_hash = params_hash(body.params)
         audit = functools.partial(self.invoker.registry.catalog.audit, action="series", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
-                                  call_id=call_id, params_hash=p_hash, wait=False)
+                                  call_id=call_id, params_hash=p_hash)
         try:
             self.invoker.registry.check_execution(principal, script_id, version)
         except Forbidden as exc:
