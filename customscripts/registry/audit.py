@@ -39,6 +39,7 @@ import psycopg_pool
 from customscripts import logs
 from customscripts.errors import Unavailable
 from customscripts.retry import RetryPolicy
+from customscripts.text import storable
 
 log = logs.get("customscripts.audit")
 
@@ -82,6 +83,8 @@ class AuditUnavailable(Unavailable):
 def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
     """Insert rows on this connection (inside the caller's transaction, if any); many by COPY, which
     keeps thousands of realtime evaluations a second cheap for the database."""
+    # a script's error text may hold what PostgreSQL cannot (customscripts/text.py)
+    rows = [row if storable(row.detail) is row.detail else row._replace(detail=storable(row.detail)) for row in rows]
     with conn.cursor() as cur:
         if len(rows) == 1:
             cur.execute(INSERT_SQL, rows[0])
