@@ -30,13 +30,13 @@ from collections.abc import Iterator
 import psycopg
 
 from customscripts import outputs
+from customscripts.app import app
 from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
 from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
 from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
 from customscripts.realtime.scheduler import Scheduler, build_evaluator, latency_summary
-from customscripts.realtime.service import default_service
 
 # The bench's one tenant subscribes to 10 versions: more than its default share of the function
 # budget (a third of it, customscripts/faas/budget.py), so it is given that share here.
@@ -64,7 +64,7 @@ def setup(n_instruments: int, reads: bool) -> tuple[object, list[str], list[dict
             load_rows(conn, key, "1d", rows)
     uid = uuid.uuid4().hex[:8]
     principal = decode_token(issue_user_token(f"bench-{uid}", f"bench-{uid}", "pro"))
-    svc = default_service()
+    svc = app().realtime
     src = READS if reads else NO_READS
     from customscripts.registry.models import DraftCreate
 

@@ -16,7 +16,7 @@ import jwt
 
 from customscripts import ids
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError, Unauthorized
+from customscripts.errors import DomainError, Unauthenticated
 from customscripts.http import Request
 
 _REQUIRED_CLAIMS = ("sub", "tenant", "tier", "exp")
@@ -36,9 +36,8 @@ class Principal:
     orgs: frozenset[str] = field(default_factory=frozenset)
 
 
-def _unauthorized(message: str) -> Unauthorized:
-    challenge = {"WWW-Authenticate": 'Bearer realm="customscripts"'}
-    return Unauthorized(message, code="unauthorized", headers=challenge)
+def _unauthorized(message: str) -> Unauthenticated:
+    return Unauthenticated(message, code="unauthorized")
 
 
 def _str_set(claims: dict[str, Any], name: str) -> frozenset[str]:
@@ -49,7 +48,7 @@ def _str_set(claims: dict[str, Any], name: str) -> frozenset[str]:
     for item in raw:
         try:
             out.add(ids.tenant_id(item))  # same shape as tenant ids: ASCII, no '/', no '..'
-        except ApiError:
+        except DomainError:
             raise _unauthorized(f"token claim {name!r} holds an invalid id") from None
     return frozenset(out)
 
@@ -60,7 +59,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         user_id = ids.owner_id(claims.get("sub"))
         tenant = ids.tenant_id(claims.get("tenant"))
         tier = ids.tenant_id(claims.get("tier"))
-    except ApiError:
+    except DomainError:
         raise _unauthorized("token has invalid sub, tenant or tier claims") from None
     return Principal(
         user_id=user_id,

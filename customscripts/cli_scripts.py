@@ -2,7 +2,9 @@
 `execute`, `series`, `subscribe|unsubscribe|subscriptions`, `signals`, `marketplace subscribe`, `token`.
 
 Why a module of its own: cli.py only wires verbs; these all speak to the API through
-customscripts.client. People get tables and short lines; `--json` prints the API's answer as is, for
+customscripts.client. Why one module: every verb is a few lines of argument wiring over the client and
+the same output helpers, one per API operation; split, each part would be a list of the same shape.
+People get tables and short lines; `--json` prints the API's answer as is, for
 machines. An API error is one line on stderr, `error: <status> <code>: <message>`, and exit code 1.
 The token comes from --token, $CS_TOKEN or the file $CS_TOKEN_FILE (~/.config/customscripts/token).
 """

@@ -2,6 +2,9 @@
 
 Every tunable of the platform lives here so that production (OpenFaaS, MinIO, TimescaleDB,
 NATS JetStream) and the local stack differ only in environment, never in code.
+
+Why one module: configuration comes from one place (the house rule), so an operator reads every
+setting, its variable and its default in one file; it is a flat list of fields, not logic.
 """
 
 from __future__ import annotations

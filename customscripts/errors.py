@@ -1,22 +1,28 @@
-"""API errors: each carries its HTTP status and a stable machine-readable code."""
+"""Domain errors: what went wrong, as a type with a stable machine-readable code and a message for
+the caller.
+
+No HTTP here: the API edge maps each type to its status in one table (`http.HTTP_STATUS`), so the
+scheduler, the CLI and the tests handle the same errors without knowing HTTP. Whether trying again
+later may succeed is a type too: `Transient` (an outage, a throttle, a function that could not be
+reached), never a word in a message; `retry_after_s` is the hint for when (HTTP: Retry-After).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class ApiError(Exception):
-    status = 500
+class DomainError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
         self.details = details
-        self.headers = headers or {}
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -25,63 +31,66 @@ class ApiError(Exception):
         return {"error": error}
 
 
-class BadRequest(ApiError):
-    status = 400
+class Transient(DomainError):
+    """May succeed if tried again later (see customscripts/retry.py for how patiently)."""
+
+
+class Malformed(DomainError):
+    """The request is not what the operation reads (not JSON, unknown parameters, wrong kinds)."""
+
     code = "bad_request"
 
 
-class Unauthorized(ApiError):
-    status = 401
+class Unauthenticated(DomainError):
     code = "unauthorized"
 
 
-class Forbidden(ApiError):
-    status = 403
+class Forbidden(DomainError):
     code = "forbidden"
 
 
-class NotFound(ApiError):
-    status = 404
+class NotFound(DomainError):
     code = "not_found"
 
 
-class MethodNotAllowed(ApiError):
-    status = 405
+class MethodNotAllowed(DomainError):
     code = "method_not_allowed"
 
 
-class Conflict(ApiError):
-    status = 409
+class Conflict(DomainError):
     code = "conflict"
 
 
-class PayloadTooLarge(ApiError):
-    status = 413
+class TooLarge(DomainError):
     code = "payload_too_large"
 
 
-class Unprocessable(ApiError):
-    status = 422
+class Invalid(DomainError):
+    """Well-formed, but the values break a rule (a schema, a range, a limit)."""
+
     code = "unprocessable"
 
     @classmethod
-    def from_validation(cls, exc: Any, message: str) -> Unprocessable:
-        """A pydantic ValidationError as a 422 listing where and why (bounded, without the input)."""
+    def from_validation(cls, exc: Any, message: str) -> Invalid:
+        """A pydantic ValidationError as an Invalid listing where and why (bounded, without the input)."""
         details = [{"loc": [str(p) for p in e["loc"]], "msg": str(e["msg"])[:300], "type": e["type"]}
                    for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]]
         return cls(message, code="invalid_body", details=details)
 
 
-class TooManyRequests(ApiError):
-    status = 429
+class Throttled(Transient):
+    """Over a rate or concurrency limit: later, it will be let through."""
+
     code = "rate_limited"
 
 
-class BadGateway(ApiError):
-    status = 502
+class UpstreamFailed(Transient):
+    """A component this operation depends on (a script function, the registry) failed or answered badly."""
+
     code = "bad_gateway"
 
 
-class ServiceUnavailable(ApiError):
-    status = 503
+class Unavailable(Transient):
+    """A backing service (PostgreSQL, Redis, S3, the image builder) cannot be reached just now."""
+
     code = "unavailable"

@@ -29,43 +29,40 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 from referencing.exceptions import Unresolvable
 
 from customscripts import ids, logs, metrics
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
-from customscripts.faas.budget import FunctionBudget, RedisLru
+from customscripts.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unauthenticated, UpstreamFailed
+from customscripts.faas.budget import FunctionBudget
 from customscripts.faas.build import deployment, render_context
 from customscripts.faas.client import AnswerLost, FaasError, FunctionNotFound, NotListening, OpenFaaSClient
 from customscripts.faas.naming import function_name
 from customscripts.gateway.tokens import mint_execution_token
 from customscripts.http import MAX_JSON_DEPTH, json_depth
+from customscripts.inputs import parse_body
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
-from customscripts.registry.audit import AuditRow
-from customscripts.registry.catalog import ScriptRow
 from customscripts.registry.concurrency import ExecuteSlots, Lease
-from customscripts.registry.models import ScriptMeta
+from customscripts.registry.models import EvaluationTarget, ScriptMeta
 from customscripts.registry.service import RegistryService
+from customscripts.retry import RetryPolicy
 from customscripts.sandbox.invocation import mint_invocation_token, open_grant, seal_grant
 
 log = logs.get("customscripts.execution")
 
 STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
 ENDPOINT_RETRY_S = 30.0
+# A function gone between the budget's check and the call (evicted by another replica, the provider
+# restarted) is redeployed and called once more, at once: nothing to wait for.
+REDEPLOY_RETRY = RetryPolicy(attempts=2, backoff_s=0.0, max_backoff_s=0.0, jitter=False)
 
 
-class ExecuteBody(BaseModel):
+class ExecuteBody(EvaluationTarget):
     """POST /scripts/{id}/execute body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=999_999_999)
     timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800, allow_inf_nan=False,
                                     description="As-of epoch seconds, not after the server's now (422 "
                                                 "`timestamp_in_future`); default now. No data after it is "
@@ -177,6 +174,25 @@ class Invoker:
         cls.check_schema(schema)
         return cls(schema)
 
+    def check_params(self, script_id: str, version: int, params: dict[str, Any], *,
+                     problem: str = "params do not match the script's input_schema",
+                     code: str = "invalid_params", details: dict[str, Any] | None = None) -> None:
+        """params against the version's input_schema: the one check for execute, series and subscribe
+        (422 `code`, `problem` first in the message). A schema that recurses without bound on these
+        params, or whose $ref does not resolve, is the caller's 422 too, never a 500."""
+        details = details or {}
+        try:
+            error = jsonschema.exceptions.best_match(self.params_validator(script_id, version).iter_errors(params))
+        except RecursionError:
+            raise Invalid(f"{problem}: the input_schema recurses without end on them", code=code,
+                          details=details or None) from None
+        except Unresolvable as exc:
+            raise Invalid(f"{problem}: the input_schema has an unresolvable $ref: {str(exc)[:200]}",
+                          code=code, details=details or None) from None
+        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
+            raise Invalid(f"{problem}: {error.message}", code=code,
+                          details={**details, "path": list(error.absolute_path)})
+
     def _deploy(self, script_id: str, version: int) -> None:
         meta, source = self.version(script_id, version)
         built = render_context(script_id, version, source, meta.model_dump(mode="json"))
@@ -208,7 +224,7 @@ class Invoker:
         address when it is running there (one hop less), else through the gateway, which starts it.
         `timeout`: seconds to wait for the answer (default: the client's invoke timeout)."""
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        for attempt in (1, 2):
+        for attempt in range(1, REDEPLOY_RETRY.attempts + 1):
             name = self.function_for(script_id, version, scope.tenant)
             token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})
             headers = {"Authorization": f"Bearer {token}", "X-Call-Id": call_id,
@@ -228,20 +244,20 @@ class Invoker:
             except FunctionNotFound:
                 self.budget.forget(name)  # evicted by another replica: redeploy once
                 self._endpoints.pop(name, None)
-                if attempt == 2:
-                    raise BadGateway(f"function {name} disappeared twice while invoking",
-                                     code="function_gone") from None
+                if REDEPLOY_RETRY.gives_up(attempt):
+                    raise UpstreamFailed(f"function {name} disappeared twice while invoking",
+                                         code="function_gone") from None
                 continue
             except FaasError as exc:
-                raise BadGateway(f"function {name} could not be reached: {exc}", code="function_unreachable") \
+                raise UpstreamFailed(f"function {name} could not be reached: {exc}", code="function_unreachable") \
                     from None
             if result.status != 200:
-                raise BadGateway(f"function {name} answered {result.status}: {result.body[:300]!r}",
-                                 code="function_error")
+                raise UpstreamFailed(f"function {name} answered {result.status}: {result.body[:300]!r}",
+                                     code="function_error")
             try:
                 return result.json()
             except ValueError:
-                raise BadGateway(f"function {name} answered with invalid JSON", code="function_error") from None
+                raise UpstreamFailed(f"function {name} answered with invalid JSON", code="function_error") from None
         raise AssertionError("unreachable")
 
     def execution_token(self, script_id: str, version: int, scope: Scope, as_of: float,
@@ -255,11 +271,11 @@ class Invoker:
 def check_result(raw: Any) -> dict[str, Any]:
     """The function's result for one item, checked for shape and depth; a malformed one is a 502."""
     if not isinstance(raw, dict) or raw.get("status") not in STATUSES or json_depth(raw) > MAX_JSON_DEPTH:
-        raise BadGateway("script function returned a malformed result", code="function_error")
+        raise UpstreamFailed("script function returned a malformed result", code="function_error")
     if raw["status"] == "ok":
         output = raw.get("output")
         if not isinstance(output, dict) or not {"value", "timestamp"} <= set(output):
-            raise BadGateway("script function returned ok without an output", code="function_error")
+            raise UpstreamFailed("script function returned ok without an output", code="function_error")
     return raw
 
 
@@ -282,7 +298,7 @@ class Executor:
                            "params": grant.params, "timestamp": grant.as_of, "execution_token": grant.token}
                 scope = Scope(grant.user_id, grant.tenant, grant.tier)
                 result = check_result(self.invoker.invoke(script_id, grant.version, payload, scope, call_id))
-        except ApiError as exc:
+        except DomainError as exc:
             self.refused(grant, exc)
             raise
         finally:
@@ -297,20 +313,17 @@ class Executor:
         audited here; the lease is the caller's to release (it also expires on its own)."""
         received = time.time()  # the server's now: no as-of time after it
         ids.script_id(script_id)
-        try:
-            body = ExecuteBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "execute body is invalid") from None
+        body = parse_body(ExecuteBody, raw_body, "execute")
         if body.timestamp is not None and body.timestamp > received:
-            raise Unprocessable("timestamp is in the future: a one-time execute runs as of now or earlier",
-                                code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})
+            raise Invalid("timestamp is in the future: a one-time execute runs as of now or earlier",
+                          code="timestamp_in_future", details={"timestamp": body.timestamp, "now": received})
         if body.store:
             ids.call_id(call_id)  # the stored result's key
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         row = None
         if body.version is None:
-            row = self._script_row(principal, script_id)
-        version = body.version or self._latest(row)
+            row = self.registry.visible_script(principal, script_id, cached=True)
+        version = body.version or self.registry.latest_published(row)
         grant = ExecuteGrant(script_id=script_id, version=version, call_id=call_id, user_id=principal.user_id,
                              tenant=principal.tenant, tier=principal.tier, instrument_key=instrument,
                              timeframe=timeframe, params=body.params, params_hash=params_hash(body.params),
@@ -320,11 +333,11 @@ class Executor:
         except Forbidden as exc:
             self._audit(grant, status="denied", detail=exc.message[:500])
             raise
-        self._check_params(script_id, version, body.params)
+        self.invoker.check_params(script_id, version, body.params)
         try:
             lease = self.slots.acquire(principal, tier_of(principal, self.cfg), self._lease_s(script_id, version),
                                        call_id)
-        except ApiError as exc:
+        except DomainError as exc:
             self.refused(grant, exc)
             raise
         scope = Scope(principal.user_id, principal.tenant, principal.tier)
@@ -335,7 +348,7 @@ class Executor:
         """How long an execute's lease (and a function URL's grant) lasts: its wall timeout plus slack."""
         return wall_timeout_s(self.invoker.version(script_id, version)[0], self.cfg) + self.cfg.execute_lease_slack_s
 
-    def refused(self, grant: ExecuteGrant, exc: ApiError) -> None:
+    def refused(self, grant: ExecuteGrant, exc: DomainError) -> None:
         """Audit an authorised execute that failed before it had a result (limits, the function)."""
         self._audit(grant, status="throttled" if exc.code in THROTTLED else "error", detail=exc.message[:500])
 
@@ -373,8 +386,8 @@ class Executor:
         if function_name(script_id, number) != function:
             raise Forbidden(f"function {function} does not serve {script_id}@{number}", code="wrong_function")
         if raw_body.get("version") not in (None, number):
-            raise Unprocessable(f"this function URL serves version {number} of {script_id} only",
-                                code="wrong_version", details={"version": number})
+            raise Invalid(f"this function URL serves version {number} of {script_id} only",
+                          code="wrong_version", details={"version": number})
         grant, lease = self.authorise(principal, script_id, {**raw_body, "version": number}, call_id)
         claims = {**dataclasses.asdict(grant), "token": "", "fn": function,
                   "lease": {"member": lease.member, "keys": list(lease.keys)}}
@@ -387,7 +400,7 @@ class Executor:
         audit row and response as the registry's execute; the lease goes back."""
         claims = open_grant(body.get("grant"))
         if claims.get("fn") != function or claims.get("call_id") != call_id:
-            raise Unauthorized("the grant is for another call", code="invalid_grant")
+            raise Unauthenticated("the grant is for another call", code="invalid_grant")
         lease_claims = claims.pop("lease")
         claims.pop("fn")
         claims.pop("exp")
@@ -399,7 +412,7 @@ class Executor:
                 return {"refused": True}
             try:
                 result = check_result(body.get("result"))
-            except ApiError as exc:
+            except DomainError as exc:
                 self.refused(grant, exc)
                 raise
             return self.finish(grant, result)
@@ -407,16 +420,11 @@ class Executor:
             self.slots.release(Lease(str(lease_claims["member"]), tuple(lease_claims["keys"])))
 
     def _audit(self, grant: ExecuteGrant, *, status: str, **fields: Any) -> None:
-        """The attempt's audit row, committed durably before the caller answers (AuditUnavailable,
-        503, if it cannot be in CS_AUDIT_WAIT_S); shares its commit with concurrent executes."""
-        row = AuditRow(grant.call_id, grant.script_id, grant.version, grant.user_id, grant.tenant, "execute",
-                       status, params_hash=grant.params_hash, **fields)
+        """The attempt's audit row, committed durably before the caller answers (Catalog.audit)."""
         metrics.observe_execute(grant.tier, status=status, **fields)  # every attempt, by status and tier
-        writer = self.registry.catalog.audit_log
-        if self.cfg.audit_durable:
-            writer.write(row, self.cfg.audit_wait_s)
-        else:
-            writer.submit(row)
+        self.registry.catalog.audit(action="execute", script_id=grant.script_id, version=grant.version,
+                                    user_id=grant.user_id, tenant=grant.tenant, status=status, call_id=grant.call_id,
+                                    params_hash=grant.params_hash, **fields)
 
     def stored(self, principal: Principal, call_id: str) -> dict[str, Any]:
         """A stored one-time result, for callers of its tenant who may still use its script version;
@@ -433,37 +441,6 @@ class Executor:
                 "user_id": found.user_id, "instrument_key": found.instrument_key, "timeframe": found.timeframe,
                 "params_hash": found.params_hash,
                 "output": {"value": found.value, "timestamp": found.as_of, "metadata": found.metadata}}
-
-    def _check_params(self, script_id: str, version: int, params: dict[str, Any]) -> None:
-        """params against the version's input_schema (422). A schema that recurses without bound on
-        these params is the caller's 422 too, never a 500."""
-        try:
-            error = jsonschema.exceptions.best_match(self.invoker.params_validator(script_id, version)
-                                                     .iter_errors(params))
-        except RecursionError:
-            raise Unprocessable("params cannot be checked: the script's input_schema recurses without end on them",
-                                code="invalid_params") from None
-        except Unresolvable as exc:
-            raise Unprocessable(f"params cannot be checked: the script's input_schema has an unresolvable $ref: "
-                                f"{str(exc)[:200]}", code="invalid_params") from None
-        if error is not None:  # what jsonschema.validate would raise, without re-checking the schema
-            raise Unprocessable(f"params do not match the script's input_schema: {error.message}",
-                                code="invalid_params", details={"path": list(error.absolute_path)})
-
-    def _script_row(self, principal: Principal, script_id: str) -> ScriptRow:
-        """The catalog row (from the ScriptCache), read once per execute: it names the latest version
-        and check_execution reuses it. Another tenant's private script is a 404 here too (not a 409
-        revealing it exists)."""
-        row = self.registry.catalog.scripts.get(script_id)
-        if row is None:
-            raise NotFound(f"script {script_id} not found", code="script_not_found")
-        return self.registry._visible(principal, row)
-
-    @staticmethod
-    def _latest(row: ScriptRow) -> int:
-        if not row.latest_version:
-            raise Conflict(f"script {row.script_id} has no published version", code="not_published")
-        return row.latest_version
 
 
 # Refusals of the concurrency limits (registry/concurrency.py): audited as `throttled`.
@@ -483,26 +460,3 @@ def error_detail(error: dict[str, Any] | None) -> str | None:
     if not error:
         return None
     return f"{error.get('type', '')}: {error.get('message', '')}"[:500]
-
-
-@functools.cache
-def default_executor() -> Executor:
-    """One per process: pooled connections, a keep-alive client, the budget's shared LRU in Redis."""
-    import redis
-
-    from customscripts import db
-    from customscripts.registry.api import service
-
-    cfg = settings()
-    client = OpenFaaSClient(cfg.provider_url, cfg.openfaas_user, cfg.openfaas_password)
-    lru = RedisLru(redis.Redis(host=cfg.redis_host, port=cfg.redis_port))
-    budget = FunctionBudget(client, lru=lru, pinned=_pinned_functions)
-    return Executor(Invoker(service(), client, budget, cfg), OnetimeResults(db.pool()), ExecuteSlots(cfg))
-
-
-def _pinned_functions() -> dict[str, set[str]]:
-    """Per tenant, the functions its live subscriptions pin: never evicted by the budget."""
-    from customscripts import db
-    from customscripts.realtime.subscriptions import SubscriptionStore
-
-    return SubscriptionStore(db.pool()).pinned_functions()

@@ -42,7 +42,21 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from customscripts import logs
-from customscripts.errors import ApiError, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from customscripts.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    Malformed,
+    MethodNotAllowed,
+    NotFound,
+    Throttled,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    UpstreamFailed,
+)
+from customscripts.text import unstorable
 
 MAX_BODY_BYTES = 1 << 20
 # Arrays and objects nested deeper than this are refused at parse time (400 json_too_deep), so no
@@ -97,15 +111,15 @@ class Request:
     def json(self) -> Any:
         body = self.event.body or b""
         if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+            raise TooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
         if not body.strip():
-            raise BadRequest("request body must be a JSON object", code="invalid_json")
+            raise Malformed("request body must be a JSON object", code="invalid_json")
         return parse_json(body)
 
     def json_object(self) -> dict[str, Any]:
         data = self.json()
         if not isinstance(data, dict):
-            raise BadRequest("request body must be a JSON object", code="invalid_json")
+            raise Malformed("request body must be a JSON object", code="invalid_json")
         return data
 
 
@@ -147,6 +161,9 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
+_ESCAPED_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
 def parse_json(data: bytes | str, what: str = "request body", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """JSON sent by an untrusted peer, the one parser for every HTTP body and JSON query parameter.
 
@@ -164,15 +181,19 @@ def parse_json(data: bytes | str, what: str = "request body", max_depth: int = M
     except RecursionError:
         raise _too_deep(what, max_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"{what} is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        raise Malformed(f"{what} is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if opens > max_depth and json_depth(value, max_depth) > max_depth:
         raise _too_deep(what, max_depth)
+    # NUL and lone surrogates only reach a string through an escape: look only when one is there
+    if _ESCAPED_UNSTORABLE.search(data if raw else data.encode("utf-8", "surrogatepass")) and unstorable(value):
+        raise Malformed(f"{what} holds a NUL character or a lone UTF-16 surrogate, which no store can keep",
+                        code="invalid_text")
     return value
 
 
-def _too_deep(what: str, max_depth: int) -> BadRequest:
-    return BadRequest(f"{what} nests arrays/objects more than {max_depth} levels deep", code="json_too_deep",
-                      details={"max_depth": max_depth})
+def _too_deep(what: str, max_depth: int) -> Malformed:
+    return Malformed(f"{what} nests arrays/objects more than {max_depth} levels deep", code="json_too_deep",
+                     details={"max_depth": max_depth})
 
 
 Response = dict[str, Any]
@@ -183,8 +204,26 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return {"statusCode": status, "body": body, "headers": {"Content-Type": "application/json", **(headers or {})}}
 
 
-def error_response(exc: ApiError) -> Response:
-    return json_response(exc.body(), exc.status, exc.headers)
+# The one place a domain error becomes an HTTP status (customscripts/errors.py), most specific first.
+HTTP_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (Malformed, 400), (Unauthenticated, 401), (Forbidden, 403), (NotFound, 404), (MethodNotAllowed, 405),
+    (Conflict, 409), (TooLarge, 413), (Invalid, 422), (Throttled, 429), (UpstreamFailed, 502),
+    (Unavailable, 503), (DomainError, 500),
+)
+
+
+BEARER_CHALLENGE = 'Bearer realm="customscripts"'  # RFC 6750: how a 401 says which credentials it wants
+
+
+def http_status(exc: DomainError) -> int:
+    return next(status for cls, status in HTTP_STATUS if isinstance(exc, cls))
+
+
+def error_response(exc: DomainError) -> Response:
+    headers = {} if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = BEARER_CHALLENGE
+    return json_response(exc.body(), http_status(exc), headers)
 
 
 _PARAM = re.compile(r"\{(\w+)\}")
@@ -238,19 +277,20 @@ class Router:
                 continue
             try:
                 return func(Request(event, match.groupdict(), call_id)), template
-            except ApiError as exc:
+            except DomainError as exc:
                 return error_response(exc), template
             except RecursionError:
                 # Input nested past what some recursive code can take: the caller's to fix, not a 500.
                 log.warning("recursion limit hit on %s %s", event.method, path)
-                return error_response(BadRequest("request is nested too deeply to process", code="json_too_deep",
-                                                 details={"max_depth": MAX_JSON_DEPTH})), template
+                return error_response(Malformed("request is nested too deeply to process", code="json_too_deep",
+                                                details={"max_depth": MAX_JSON_DEPTH})), template
             except Exception:
                 log.exception("unhandled error on %s %s", event.method, path)
-                return error_response(ApiError("internal error")), template
+                return error_response(DomainError("internal error")), template
         if allowed:
-            return error_response(MethodNotAllowed(f"{event.method} not allowed on {path}",
-                                                   headers={"Allow": ", ".join(sorted(set(allowed)))})), template
+            reply = error_response(MethodNotAllowed(f"{event.method} not allowed on {path}"))
+            reply["headers"]["Allow"] = ", ".join(sorted(set(allowed)))
+            return reply, template
         return error_response(NotFound(f"no route for {path}", code="no_route")), template
 
 
@@ -430,7 +470,7 @@ def _read_request(rfile: Any) -> tuple[str, str, str, list[tuple[str, str]]] | N
 
 
 def _read_body(rfile: Any, headers: Headers, max_body: int) -> bytes:
-    """Content-Length or chunked; over `max_body` raises PayloadTooLarge (answered 413)."""
+    """Content-Length or chunked; over `max_body` raises TooLarge (answered 413)."""
     if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
         chunks, total = [], 0
         while True:
@@ -445,7 +485,7 @@ def _read_body(rfile: Any, headers: Headers, max_body: int) -> bytes:
                 return b"".join(chunks)
             total += size
             if total > max_body:
-                raise PayloadTooLarge("request body too large")
+                raise TooLarge("request body too large")
             chunks.append(rfile.read(size))
             rfile.readline(3)
     raw = headers.get("Content-Length")
@@ -458,7 +498,7 @@ def _read_body(rfile: Any, headers: Headers, max_body: int) -> bytes:
     if length < 0:
         raise _BadRequest("malformed Content-Length")
     if length > max_body:
-        raise PayloadTooLarge("request body too large")
+        raise TooLarge("request body too large")
     data = rfile.read(length) if length else b""
     if len(data) != length:
         raise _BadRequest("request body shorter than Content-Length")
@@ -602,7 +642,7 @@ class HandlerServer:
             status, hdrs, data = _error_json(400, "bad_request", f"Bad Request: {exc}")
             conn.sendall(_response_bytes(status, hdrs, data, head=False, close=True))
             return False
-        except PayloadTooLarge:
+        except TooLarge:
             status, hdrs, data = _error_json(413, "payload_too_large", "Request Entity Too Large")
             conn.sendall(_response_bytes(status, hdrs, data, head=False, close=True))
             return False

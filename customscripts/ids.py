@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
-from customscripts.errors import Unprocessable
+from customscripts.errors import Invalid
 
 # ASCII only: no '/', '..', NUL, control characters or unicode look-alikes can pass.
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
@@ -18,7 +18,7 @@ _CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 def _check(pattern: re.Pattern[str], value: object, kind: str) -> str:
     if not isinstance(value, str) or not pattern.match(value) or ".." in value:
         shown = repr(value)[:80]
-        raise Unprocessable(f"invalid {kind}: {shown}", code=f"invalid_{kind}")
+        raise Invalid(f"invalid {kind}: {shown}", code=f"invalid_{kind}")
     return value
 
 
@@ -51,11 +51,11 @@ def call_id(value: object) -> str:
 def version(value: object) -> int:
     """Published versions are positive integers; strings of digits are accepted from URLs."""
     if isinstance(value, bool):
-        raise Unprocessable(f"invalid version: {value!r}", code="invalid_version")
+        raise Invalid(f"invalid version: {value!r}", code="invalid_version")
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
         value = int(value)
     if not isinstance(value, int) or not 1 <= value <= 999_999_999:
-        raise Unprocessable(f"invalid version: {str(value)[:40]!r}", code="invalid_version")
+        raise Invalid(f"invalid version: {str(value)[:40]!r}", code="invalid_version")
     return value
 
 

@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from customscripts import ids
-from customscripts.errors import BadRequest, Unprocessable
+from customscripts.errors import Invalid, Malformed
 from customscripts.http import parse_json
 
 PARAMS_HASH_LEN = 16
@@ -241,19 +241,19 @@ def params_hash_from_query(q: Mapping[str, str]) -> str:
     """`params_hash` as published, or `params` (a JSON object) hashed the same way; default: no params."""
     raw_hash, raw_params = q.get("params_hash"), q.get("params")
     if raw_hash and raw_params:
-        raise BadRequest("give either params or params_hash, not both", code="invalid_parameter")
+        raise Malformed("give either params or params_hash, not both", code="invalid_parameter")
     if raw_hash:
         if len(raw_hash) > 64 or not all(c in "0123456789abcdef" for c in raw_hash):
-            raise Unprocessable(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
+            raise Invalid(f"invalid params_hash: {raw_hash[:80]!r}", code="invalid_parameter")
         return raw_hash
     if raw_params:
         params = parse_json(raw_params, "params")
         if not isinstance(params, dict):
-            raise Unprocessable("params must be a JSON object", code="invalid_parameter")
+            raise Invalid("params must be a JSON object", code="invalid_parameter")
         try:
             return params_hash(params)
         except ValueError as exc:
-            raise Unprocessable(f"params cannot be hashed: {exc}", code="invalid_parameter") from None
+            raise Invalid(f"params cannot be hashed: {exc}", code="invalid_parameter") from None
     return params_hash({})
 
 

@@ -35,18 +35,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from customscripts import db, ids, logs
+from customscripts import ids, logs
 from customscripts.auth import Principal
-from customscripts.errors import Forbidden, Unprocessable
+from customscripts.errors import Forbidden, Invalid
 from customscripts.execution import Executor, canonical_hash
+from customscripts.inputs import parse_body
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.permissions import tier_of
 from customscripts.realtime.prefetch import MarketWindows
 from customscripts.realtime.publisher import DeadLetter, Publisher
 from customscripts.realtime.scheduler import BatchReport, Evaluator, Event
 from customscripts.realtime.subscriptions import Subscription, principal_snapshot
+from customscripts.registry.models import EvaluationTarget
 
 log = logs.get("customscripts.series")
 
@@ -64,15 +66,9 @@ SELECT e FROM (SELECT extract(epoch FROM end_time)::float8 AS e FROM candles
 """
 
 
-class SeriesBody(BaseModel):
+class SeriesBody(EvaluationTarget):
     """POST /scripts/{id}/series body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=999_999_999)
     start: float = Field(ge=0, le=MAX_EPOCH, allow_inf_nan=False,
                          description="Epoch seconds: the first bar end evaluated is at or after it.")
     end: float | None = Field(default=None, ge=0, le=MAX_EPOCH, allow_inf_nan=False,
@@ -179,7 +175,7 @@ class History:
         """404 for an unknown or invisible script, 403 without the right to its latest version (the
         script's current policy), before the body is read: nobody learns more from a bad body."""
         tier_of(principal, self.cfg)
-        row = self.executor._script_row(principal, ids.script_id(script_id))
+        row = self.invoker.registry.visible_script(principal, script_id, cached=True)
         if not row.latest_version:
             return
         try:
@@ -187,35 +183,33 @@ class History:
         except Forbidden as exc:  # an attempt: audited like a denied execute
             self.invoker.registry.catalog.audit(action="series", script_id=script_id, version=row.latest_version,
                                                 user_id=principal.user_id, tenant=principal.tenant, status="denied",
-                                                call_id=call_id, detail=exc.message[:500], wait=False)
+                                                call_id=call_id, detail=exc.message[:500])
             raise
 
     def series(self, principal: Principal, script_id: str, raw_body: dict[str, Any], call_id: str) -> dict:
         received = time.time()
         tier = tier_of(principal, self.cfg)
         ids.script_id(script_id)
-        try:
-            body = SeriesBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "series body is invalid") from None
+        body = parse_body(SeriesBody, raw_body, "series")
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         end = received if body.end is None else min(body.end, received)
         if body.start > end:
-            raise Unprocessable("start is after end (or after the server's now)", code="invalid_range",
-                                details={"start": body.start, "end": end})
+            raise Invalid("start is after end (or after the server's now)", code="invalid_range",
+                          details={"start": body.start, "end": end})
         if tier.max_series_bars < 1:
             raise Forbidden(f"tier {tier.name!r} has no series runs", code="series_not_allowed")
-        version = body.version or self.executor._latest(self.executor._script_row(principal, script_id))
+        registry = self.invoker.registry
+        version = body.version or registry.latest_published(registry.visible_script(principal, script_id, cached=True))
         p_hash = params_hash(body.params)
         audit = functools.partial(self.invoker.registry.catalog.audit, action="series", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
-                                  call_id=call_id, params_hash=p_hash, wait=False)
+                                  call_id=call_id, params_hash=p_hash)
         try:
             self.invoker.registry.check_execution(principal, script_id, version)
         except Forbidden as exc:
             audit(status="denied", detail=exc.message[:500])
             raise
-        self.executor._check_params(script_id, version, body.params)
+        self.invoker.check_params(script_id, version, body.params)
         times = bar_ends(self.reader, instrument, timeframe, body.start, end, tier.max_series_bars + 1)
         page, rest = times[:tier.max_series_bars], times[tier.max_series_bars:]
         sub = Subscription(0, principal.tenant, principal.user_id, script_id, version, instrument, timeframe,
@@ -301,19 +295,5 @@ def fetch_series(base_url: str, token: str, script_id: str, body: dict[str, Any]
         if answer["next_start"] is None:
             return outputs
         page = {**page, "start": answer["next_start"]}
-
-
-@functools.cache
-def default_history() -> History:
-    """One per process: the executor's invoker and slots, the read-only pool, the realtime publisher."""
-    import redis
-
-    from customscripts.execution import default_executor
-    from customscripts.outputs import OutputStore
-
-    executor = default_executor()
-    cfg = executor.cfg
-    client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=5, socket_connect_timeout=2)
-    return History(executor, db.pool(cfg.pg_reader_dsn, max_size=2), Publisher(client, OutputStore(db.pool())))
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from customscripts import logs, metrics
 from customscripts.config import settings
-from customscripts.errors import ServiceUnavailable, TooManyRequests
+from customscripts.errors import Throttled, Unavailable
 from customscripts.faas.client import FunctionNotFound, OpenFaaSClient
 from customscripts.faas.naming import function_name
 
@@ -51,16 +51,16 @@ log = logs.get("customscripts.faas.budget")
 LRU_KEY = "cs:functions:lru"
 LOCK_KEY = "cs:functions:lock"
 KIND_LABEL = "com.customscripts.kind"
-RETRY_AFTER_S = "30"
+RETRY_AFTER_S = 30
 
 Pins = Mapping[str, Iterable[str]]  # tenant -> functions its live subscriptions pin
 
 
-class BudgetExhausted(ServiceUnavailable):
+class BudgetExhausted(Unavailable):
     code = "function_budget_exhausted"
 
 
-class TenantShareFull(TooManyRequests):
+class TenantShareFull(Throttled):
     """The tenant's share of the function budget is all pinned by its own subscriptions."""
 
     code = "tenant_function_share_full"
@@ -210,12 +210,12 @@ class RedisLru:
                 f"tenant {tenant!r} already uses its whole share of {share} script functions for versions "
                 f"its live subscriptions pin ({pins}); unsubscribe from some, or retry later",
                 details={"tenant_function_share": share, "pinned": pins, "function": name},
-                headers={"Retry-After": RETRY_AFTER_S})
+                retry_after_s=RETRY_AFTER_S)
         if verdict == "budget_full":
             raise BudgetExhausted(
                 f"function budget of {budget} is full and every deployed version has live subscriptions; "
                 "raise CS_FUNCTION_BUDGET or retry later",
-                details={"function_budget": budget}, headers={"Retry-After": RETRY_AFTER_S})
+                details={"function_budget": budget}, retry_after_s=RETRY_AFTER_S)
         return [_text(n) for n in reply[1:]]
 
     def release(self, tenant: str, name: str, *, pinned: bool) -> None:
@@ -241,7 +241,7 @@ class RedisLru:
         while not self.redis.set(self.lock_key, token, nx=True, px=self.lock_ttl_ms):
             if time.monotonic() > deadline:
                 raise BudgetExhausted("timed out waiting for the function budget lock",
-                                      headers={"Retry-After": "1"})
+                                      retry_after_s=1)
             time.sleep(0.01)
         try:
             yield

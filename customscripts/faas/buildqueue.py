@@ -25,7 +25,7 @@ import psycopg
 
 from customscripts import logs
 from customscripts.config import Settings, settings
-from customscripts.errors import Conflict, ServiceUnavailable
+from customscripts.errors import Conflict, Unavailable
 from customscripts.faas.builder import Builder, BuildFailed, BuildOutcome, builder_for
 
 log = logs.get("customscripts.faas.buildqueue")
@@ -110,10 +110,10 @@ class BuildQueue:
             raise Conflict(f"the image of {script_id}@{version} could not be built; its build log is on the "
                            "version (GET /scripts/{id}/versions/{n})", code="build_failed",
                            details={"build": found.as_json(with_log=False)})
-        retry = str(max(1, self.cfg.build_retry_after_s))
-        raise ServiceUnavailable(f"the image of {script_id}@{version} is being built ({found.status})",
-                                 code="building", details={"build": found.as_json(with_log=False)},
-                                 headers={"Retry-After": retry})
+        retry = max(1, self.cfg.build_retry_after_s)
+        raise Unavailable(f"the image of {script_id}@{version} is being built ({found.status})",
+                          code="building", details={"build": found.as_json(with_log=False)},
+                          retry_after_s=retry)
 
     def claim(self) -> BuildState | None:
         """The oldest queued build (or one whose worker's lease ran out), now `building` for this worker."""

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from customscripts import logs, metrics
 from customscripts.config import settings
-from customscripts.errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, Unauthorized
-from customscripts.http import parse_json
+from customscripts.errors import DomainError, Malformed, TooLarge, Unauthenticated, Unavailable
+from customscripts.http import error_response, parse_json
 from customscripts.sandbox.datasource import DataSource
 from customscripts.sandbox.invocation import function_request_proof, verify_invocation_token, verify_prefetch
 from customscripts.sandbox.limits import SandboxLimits
@@ -155,13 +155,13 @@ class ScriptFunction:
         """One GatewayClient per distinct execution token in a request (its reads are cached per call)."""
         if token:
             if not isinstance(token, str):
-                raise BadRequest("execution_token must be a string", code="invalid_execution_token")
+                raise Malformed("execution_token must be a string", code="invalid_execution_token")
             if token not in clients:
                 clients[token] = _gateway(token)
             return clients[token]
         if settings().function_sample_data:
             return _sample_source()
-        raise BadRequest("execution_token is required", code="missing_execution_token")
+        raise Malformed("execution_token is required", code="missing_execution_token")
 
     def _prefetch(self, body: dict, claims: dict) -> Prefetched | None:
         """The batch's verified prefetch, or None when it has none (then every read goes to gateway-fn)."""
@@ -170,18 +170,18 @@ class ScriptFunction:
             return None
         tenant = claims.get("tenant")
         if not isinstance(tenant, str) or not tenant:
-            raise Unauthorized("prefetch needs an invocation token bound to a tenant", code="invalid_prefetch")
+            raise Unauthenticated("prefetch needs an invocation token bound to a tenant", code="invalid_prefetch")
         data = verify_prefetch(raw, self.name, tenant, body.get("items"), body.get("execution_token"))
         try:
             return Prefetched.parse(data, tenant=tenant,
                                     dependencies=[str(d) for d in self.meta.get("depends_on") or []])
         except PrefetchError as exc:
-            raise BadRequest(f"invalid prefetch: {exc}", code="invalid_prefetch") from None
+            raise Malformed(f"invalid prefetch: {exc}", code="invalid_prefetch") from None
 
     def _item(self, raw: Any, default_token: Any, clients: dict[str, GatewayClient],
               prefetch: Prefetched | None = None) -> ExecutionRequest:
         if not isinstance(raw, dict):
-            raise BadRequest("each execution must be an object")
+            raise Malformed("each execution must be an object")
         try:
             key, tf = raw["instrument_key"], raw["timeframe"]
             ts = raw["timestamp"]
@@ -189,10 +189,10 @@ class ScriptFunction:
                 raise ValueError("timestamp must be a finite number")
             ts = float(ts)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise BadRequest("instrument_key, timeframe and timestamp (a finite number) are required") from exc
+            raise Malformed("instrument_key, timeframe and timestamp (a finite number) are required") from exc
         params = raw.get("params") or {}
         if not isinstance(key, str) or not isinstance(tf, str) or not isinstance(params, dict):
-            raise BadRequest("invalid execution fields")
+            raise Malformed("invalid execution fields")
         token = raw.get("execution_token") or default_token
         return ExecutionRequest(key, tf, params, ts, data=self._data_source(token, clients), prefetch=prefetch)
 
@@ -205,12 +205,12 @@ class ScriptFunction:
         execution with the execution token it is given, and hands the result back for the registry to
         store, audit and shape. Both requests carry this function's proof (invocation secret)."""
         if event.method != "POST":
-            raise BadRequest("POST the execute request's JSON body")
+            raise Malformed("POST the execute request's JSON body")
         if len(event.body or b"") > MAX_BODY:
-            raise PayloadTooLarge("request body too large")
+            raise TooLarge("request body too large")
         body = parse_json(event.body or b"{}", "body")
         if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object", code="invalid_json")
+            raise Malformed("request body must be a JSON object", code="invalid_json")
         call_id = call_id if call_id and call_id != "-" else str(uuid.uuid4())
         asked = {"script_id": self.meta.get("script_id"), "version": self.meta.get("version"), "body": body}
         reply = self._registry("authorise", asked, call_id, user_token)
@@ -222,7 +222,7 @@ class ScriptFunction:
         except IsolationUnavailable as exc:
             self._registry("complete", {"grant": granted["grant"], "failure": f"sandbox unavailable: {exc}"},
                            call_id)
-            raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
+            raise Unavailable(str(exc), code="sandbox_unavailable") from exc
         run = granted["execution"]
         data = self._data_source(granted["execution_token"], {})
         ran = sup.execute(ExecutionRequest(run["instrument_key"], run["timeframe"], run["params"],
@@ -243,8 +243,8 @@ class ScriptFunction:
         try:
             return pool.request("POST", f"{prefix}/functions/{self.name}/{step}", data, headers, timeout=(2.0, 30.0))
         except (OSError, http.client.HTTPException) as exc:
-            raise ServiceUnavailable(f"gateway-fn unreachable: {type(exc).__name__}", code="registry_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"gateway-fn unreachable: {type(exc).__name__}", code="registry_unavailable",
+                              retry_after_s=1) from None
 
     def readiness(self) -> dict[str, metrics.Check]:
         """What this function needs to serve: its sandbox's zygote and gateway-fn (its one data path)."""
@@ -272,26 +272,26 @@ class ScriptFunction:
             auth = event.headers.get("Authorization", "") or ""
             token = auth[7:] if auth.lower().startswith("bearer ") else event.headers.get("X-Invocation-Token", "")
             if not token:
-                raise Unauthorized("a user token or an invocation token is required", code="unauthorized")
+                raise Unauthenticated("a user token or an invocation token is required", code="unauthorized")
             if token.count(".") == 2:  # a user's JWT: a call on this version's function URL
                 return self._user_call(event, token, call_id)
             claims = verify_invocation_token(token, self.name)
             if event.method != "POST":
-                raise BadRequest("POST an execution or a batch")
+                raise Malformed("POST an execution or a batch")
             if len(event.body or b"") > MAX_BODY:
-                raise PayloadTooLarge("request body too large")
+                raise TooLarge("request body too large")
             body = parse_json(event.body or b"{}", "body")
             try:
                 sup = self.warm()
             except IsolationUnavailable as exc:
-                raise ServiceUnavailable(str(exc), code="sandbox_unavailable") from exc
+                raise Unavailable(str(exc), code="sandbox_unavailable") from exc
             clients: dict[str, GatewayClient] = {}
             prefetch: Prefetched | None = None
             if isinstance(body, dict) and "items" in body:
                 items = body["items"]
                 max_items = settings().sandbox_max_batch
                 if not isinstance(items, list) or not items or len(items) > max_items:
-                    raise BadRequest(f"items must be a list of 1..{max_items} executions")
+                    raise Malformed(f"items must be a list of 1..{max_items} executions")
                 prefetch = self._prefetch(body, claims)
                 reqs = [self._item(x, body.get("execution_token"), clients, prefetch) for x in items]
                 results = sup.execute_batch(reqs)
@@ -307,9 +307,9 @@ class ScriptFunction:
             logs.event(log, "executed", user=claims.get("user"), items=len(out.get("results", [1])),
                        prefetched_reads=prefetch.hits if prefetch is not None else 0)
             return _json(200, out)
-        except ApiError as exc:
-            return {"statusCode": exc.status, "body": json.dumps(exc.body()),
-                    "headers": {"Content-Type": "application/json", **exc.headers}}
+        except DomainError as exc:
+            reply = error_response(exc)
+            return {**reply, "body": json.dumps(reply["body"])}
 
 
 def _require(modules: tuple[str, ...]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import http.client
 import json
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,13 +30,12 @@ import redis
 from customscripts import db, ids, metrics
 from customscripts.config import Settings, settings
 from customscripts.errors import (
-    ApiError,
-    BadGateway,
-    BadRequest,
+    DomainError,
     Forbidden,
+    Invalid,
     NotFound,
-    ServiceUnavailable,
-    Unprocessable,
+    Unavailable,
+    UpstreamFailed,
 )
 from customscripts.gateway.ratelimit import Decision, RateLimiter, raise_if_refused
 from customscripts.gateway.tokens import ExecutionClaims, verify_execution_token
@@ -52,7 +50,9 @@ from customscripts.http import (
     json_response,
     python3_http_result,
 )
+from customscripts.inputs import check_query, int_param, required_param, time_param
 from customscripts.outputs import MAX_HISTORY, MissingOutputs, OutputStore, params_hash_from_query
+from customscripts.sandbox.prefetch import MAX_TIME_ABS  # the range the prefetch answers for too
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, pack_columns
 
 DEFAULT_LIMIT = 200
@@ -110,7 +110,7 @@ def _pack(columns: dict[str, list[Any]]) -> tuple[list[list[Any]], bytes]:
     """The float8 columns the store returned (None values are NaN), packed for a columns reply."""
     packed = pack_columns(columns)
     if packed is None:  # the store's float8 arrays are always numeric
-        raise ApiError("market data store returned non-numeric columns")
+        raise DomainError("market data store returned non-numeric columns")
     return packed
 
 
@@ -132,58 +132,14 @@ def _body(payload: Any, status: int = 200, headers: dict[str, str] | None = None
             "headers": {"Content-Type": "application/json", **(headers or {})}}
 
 
-def _check_params(query: Mapping[str, str], allowed: set[str]) -> None:
-    unknown = sorted(set(query.keys()) - allowed)
-    if unknown:
-        raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(allowed))}", code="unknown_parameter")
-
-
-def _required(query: Mapping[str, str], name: str) -> str:
-    value = query.get(name)
-    if value is None or value == "":
-        raise BadRequest(f"missing query parameter {name!r}", code="missing_parameter")
-    return value
-
-
-def _time_param(query: Mapping[str, str], name: str) -> float | None:
-    """Epoch seconds, or an ISO 8601 timestamp (UTC when it has no offset)."""
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        try:
-            parsed = datetime.fromisoformat(raw)
-        except ValueError:
-            raise BadRequest(f"{name} must be epoch seconds or ISO 8601, got {raw[:40]!r}",
-                             code="invalid_parameter") from None
-        value = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    if not math.isfinite(value) or abs(value) > 1e11:
-        raise Unprocessable(f"{name} out of range: {raw[:40]!r}", code="invalid_parameter")
-    return value
-
-
-def _limit_param(query: Mapping[str, str]) -> int:
-    raw = query.get("limit")
-    if raw is None or raw == "":
-        return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"limit must be an integer, got {raw[:40]!r}", code="invalid_parameter") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise Unprocessable(f"limit must be between 1 and {MAX_LIMIT}, got {value}", code="invalid_parameter")
-    return value
-
-
 def _window(query: Mapping[str, str], claims: ExecutionClaims) -> tuple[float | None, float, int]:
     """(start, end, limit) with end clamped to the token's as-of time: nothing newer is ever read."""
-    start, end, limit = _time_param(query, "start"), _time_param(query, "end"), _limit_param(query)
+    start, end = time_param(query, "start", low=-MAX_TIME_ABS, high=MAX_TIME_ABS), \
+        time_param(query, "end", low=-MAX_TIME_ABS, high=MAX_TIME_ABS)
+    limit = int_param(query, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
     end = claims.as_of if end is None else min(end, claims.as_of)
     if start is not None and start > end:
-        raise Unprocessable("start is after end (or after the execution's as-of time)", code="invalid_window")
+        raise Invalid("start is after end (or after the execution's as-of time)", code="invalid_window")
     return start, end, limit
 
 
@@ -237,12 +193,12 @@ class GatewayApi:
         try:
             reply = pool.request("POST", prefix + path, req.event.body or b"", headers, timeout=(2.0, 30.0))
         except (OSError, http.client.HTTPException) as exc:
-            raise ServiceUnavailable(f"registry unreachable: {type(exc).__name__}", code="registry_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"registry unreachable: {type(exc).__name__}", code="registry_unavailable",
+                              retry_after_s=1) from None
         try:
             body = reply.json()
         except ValueError:
-            raise BadGateway(f"registry answered {reply.status} without JSON", code="registry_error") from None
+            raise UpstreamFailed(f"registry answered {reply.status} without JSON", code="registry_error") from None
         return json_response(body, reply.status, {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"})
 
     @property
@@ -307,8 +263,8 @@ class GatewayApi:
             with self.pool.connection(timeout=5) as conn:
                 return list(conn.cursor(binary=binary).execute(sql, args).fetchall())
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"market data store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"market data store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
 
     def _series(self, table: str, key_sql: str, key_args: list[Any], columns: tuple[str, ...],
                 start: float | None, end: float, limit: int, known_at: str = "time") -> dict[str, list[Any]]:
@@ -382,7 +338,7 @@ class GatewayApi:
         try:
             self._query("SELECT 1", [])
             checks["database"] = "ok"
-        except ApiError as exc:
+        except DomainError as exc:
             checks["database"] = exc.message
         try:
             self.limiter.redis.ping()
@@ -394,9 +350,9 @@ class GatewayApi:
 
     def market(self, req: Request, claims: ExecutionClaims) -> Response:
         q = req.query
-        _check_params(q, {"instrument_key", "timeframe"} | _SERIES_PARAMS)
-        instrument = ids.instrument_key(_required(q, "instrument_key"))
-        timeframe = ids.timeframe(_required(q, "timeframe"))
+        check_query(q, {"instrument_key", "timeframe"} | _SERIES_PARAMS)
+        instrument = ids.instrument_key(required_param(q, "instrument_key"))
+        timeframe = ids.timeframe(required_param(q, "timeframe"))
         start, end, limit = _window(q, claims)
         window = self._market_window(instrument, timeframe, start, end, limit)
         head = {"instrument_key": instrument, "timeframe": timeframe, "as_of": claims.as_of}
@@ -409,9 +365,9 @@ class GatewayApi:
 
     def metrics(self, req: Request, claims: ExecutionClaims) -> Response:
         q = req.query
-        _check_params(q, {"instrument_key", "name"} | _SERIES_PARAMS)
-        instrument = ids.instrument_key(_required(q, "instrument_key"))
-        name = _metric_name(_required(q, "name"))
+        check_query(q, {"instrument_key", "name"} | _SERIES_PARAMS)
+        instrument = ids.instrument_key(required_param(q, "instrument_key"))
+        name = _metric_name(required_param(q, "name"))
         start, end, limit = _window(q, claims)
         columns = self._series("metrics", "instrument_key = %s AND name = %s", [instrument, name],
                                ("time", "value"), start, end, limit)
@@ -430,8 +386,8 @@ class GatewayApi:
         return script_id, versions
 
     def _output_key(self, q: Mapping[str, str]) -> tuple[str, str, str]:
-        instrument = ids.instrument_key(_required(q, "instrument_key"))
-        timeframe = ids.timeframe(_required(q, "timeframe"))
+        instrument = ids.instrument_key(required_param(q, "instrument_key"))
+        timeframe = ids.timeframe(required_param(q, "timeframe"))
         return instrument, timeframe, params_hash_from_query(q)
 
     @staticmethod
@@ -450,7 +406,7 @@ class GatewayApi:
     def script_latest(self, req: Request, claims: ExecutionClaims) -> Response:
         script_id, versions = self._script_scope(req, claims)
         q = req.query
-        _check_params(q, {"instrument_key", "timeframe", "params", "params_hash"})
+        check_query(q, {"instrument_key", "timeframe", "params", "params_hash"})
         instrument, timeframe, phash = self._output_key(q)
         store = OutputStore(self.pool)
         try:
@@ -459,8 +415,8 @@ class GatewayApi:
         except MissingOutputs as exc:
             raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"output store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
         if latest is None:
             raise NotFound(f"no output of script {script_id!r} for {instrument} {timeframe} "
                            f"(params_hash {phash}) at or before the execution's as-of time",
@@ -471,7 +427,7 @@ class GatewayApi:
     def script_history(self, req: Request, claims: ExecutionClaims) -> Response:
         script_id, versions = self._script_scope(req, claims)
         q = req.query
-        _check_params(q, {"instrument_key", "timeframe", "params", "params_hash"} | _SERIES_PARAMS)
+        check_query(q, {"instrument_key", "timeframe", "params", "params_hash"} | _SERIES_PARAMS)
         instrument, timeframe, phash = self._output_key(q)
         start, end, limit = _window(q, claims)
         store = OutputStore(self.pool)
@@ -482,8 +438,8 @@ class GatewayApi:
         except MissingOutputs as exc:
             raise self._missing(exc) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise ServiceUnavailable(f"output store unavailable: {exc}", code="store_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"output store unavailable: {exc}", code="store_unavailable",
+                              retry_after_s=1) from None
         return _body({"script_id": script_id, "instrument_key": instrument, "timeframe": timeframe,
                       "params_hash": phash, "as_of": claims.as_of, "columns": columns})
 
@@ -491,7 +447,7 @@ class GatewayApi:
 def _metric_name(value: str) -> str:
     ok = 0 < len(value) <= 128 and value.isascii() and all(c.isalnum() or c in "._-:" for c in value)
     if not ok:
-        raise Unprocessable(f"invalid metric name: {value[:80]!r}", code="invalid_metric_name")
+        raise Invalid(f"invalid metric name: {value[:80]!r}", code="invalid_metric_name")
     return value
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import redis
 
 from customscripts.config import Settings, Tier
-from customscripts.errors import Forbidden, ServiceUnavailable, TooManyRequests
+from customscripts.errors import Forbidden, Throttled, Unavailable
 
 SCRIPT_FACTOR = 10
 KEY_PREFIX = "cs:rl:gw"
@@ -97,8 +97,8 @@ class RateLimiter:
                              else (tier.rate_per_minute, tier.burst))
         if per_minute <= 0 or burst <= 0:
             kind = "realtime " if realtime else ""
-            raise TooManyRequests(f"tier {tier_name!r} has no {kind}data-gateway allowance", code="rate_limited",
-                                  headers={"Retry-After": "3600"})
+            raise Throttled(f"tier {tier_name!r} has no {kind}data-gateway allowance", code="rate_limited",
+                            retry_after_s=3600)
         rate = per_minute / 60.0
         prefix = f"{KEY_PREFIX}:rt" if realtime else KEY_PREFIX
         keys = [f"{prefix}:user:{tenant}:{user}", f"{prefix}:script:{tenant}:{script_id}"]
@@ -171,12 +171,12 @@ class PendingDecision:
 def raise_if_refused(decision: Decision) -> None:
     if not decision.allowed:
         retry = max(1, math.ceil(decision.retry_after_s))
-        raise TooManyRequests(f"rate limit exceeded; retry after {retry}s", code="rate_limited",
-                              details={"retry_after_s": decision.retry_after_s},
-                              headers={"Retry-After": str(retry)})
+        raise Throttled(f"rate limit exceeded; retry after {retry}s", code="rate_limited",
+                        details={"retry_after_s": decision.retry_after_s},
+                        retry_after_s=retry)
 
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
+def _unavailable(exc: Exception) -> Unavailable:
     """Fail closed but retryable: no unmetered reads."""
-    return ServiceUnavailable(f"rate limiter unavailable: {exc}", code="ratelimit_unavailable",
-                              headers={"Retry-After": "1"})
+    return Unavailable(f"rate limiter unavailable: {exc}", code="ratelimit_unavailable",
+                       retry_after_s=1)

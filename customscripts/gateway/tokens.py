@@ -18,7 +18,7 @@ import jwt
 
 from customscripts import ids
 from customscripts.config import Settings, settings
-from customscripts.errors import Unauthorized
+from customscripts.errors import Unauthenticated
 
 AUDIENCE = "customscripts-gateway"
 ISSUER = "customscripts"
@@ -117,14 +117,14 @@ def verify_execution_token(token: str | None, cfg: Settings | None = None) -> Ex
     """Check signature, expiry, audience and shape; any failure is 401 with the reason."""
     cfg = cfg or settings()
     if not token:
-        raise Unauthorized("missing execution token (Authorization: Bearer ...)", code="missing_token")
+        raise Unauthenticated("missing execution token (Authorization: Bearer ...)", code="missing_token")
     try:
         claims = jwt.decode(token, _key(cfg), algorithms=["HS256"], audience=AUDIENCE,
                             issuer=ISSUER, options={"require": ["exp", "iat", "sub", "aud", "iss"]})
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("execution token expired", code="token_expired") from None
+        raise Unauthenticated("execution token expired", code="token_expired") from None
     except jwt.PyJWTError as exc:
-        raise Unauthorized(f"invalid execution token: {exc}", code="invalid_token") from None
+        raise Unauthenticated(f"invalid execution token: {exc}", code="invalid_token") from None
     try:
         if claims.get("typ") != TOKEN_TYPE:
             raise ValueError("not an execution token")
@@ -141,4 +141,4 @@ def verify_execution_token(token: str | None, cfg: Settings | None = None) -> Ex
             realtime=claims.get("rt") is True,
         )
     except Exception as exc:  # malformed claims under a valid signature: still not usable
-        raise Unauthorized(f"invalid execution token claims: {exc}", code="invalid_token") from None
+        raise Unauthenticated(f"invalid execution token claims: {exc}", code="invalid_token") from None

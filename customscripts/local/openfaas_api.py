@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import requests
 
 from customscripts import logs, metrics
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 from customscripts.http import Headers, RawResponse, parse_json
 from customscripts.local.deployments import NAMESPACE, DeployError
 from customscripts.local.processes import FunctionStartError
@@ -212,7 +212,7 @@ class GatewayFront:
     def _unauthorised(self, call: Call) -> RawResponse | None:
         if basic_auth_ok(call.headers.get("Authorization"), self.provider.user, self.provider.password):
             return None
-        return reply(401, "Unauthorized\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
+        return reply(401, "Unauthenticated\n", [("WWW-Authenticate", 'Basic realm="Restricted"')])
 
     def _system(self, call: Call) -> RawResponse:
         p = self.provider
@@ -223,7 +223,7 @@ class GatewayFront:
             if method in ("POST", "PUT", "DELETE"):
                 try:
                     payload = parse_json(body) if body.strip() else None
-                except ApiError as exc:
+                except DomainError as exc:
                     raise DeployError(f"unable to unmarshal request: {exc.message}") from None
                 if method == "DELETE":
                     return reply(p.remove(payload))

@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 from customscripts.auth import issue_user_token
-from customscripts.client import ApiError, Client
+from customscripts.client import Client, DomainError
 from customscripts.config import Settings, settings
 from customscripts.marketdata.replayer import replay
 from customscripts.realtime.publisher import stream_key
@@ -69,7 +69,7 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
         kept = len((signal.get("history") or {}).get("value") or [])
         echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: value {signal['value']:.2f} as of "
              f"{datetime.fromtimestamp(signal['timestamp'], UTC).date()}, the last {kept} from its history")
-    except ApiError as exc:
+    except DomainError as exc:
         echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: {exc}")
     api.unsubscribe(sid, sub["id"])
     _drop_stream(cfg)

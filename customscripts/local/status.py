@@ -156,11 +156,12 @@ def render(rep: Mapping[str, Any]) -> str:
         state = "up" if svc["healthy"] else "DOWN"
         lines.append(f"  {name:<12} {state:<10} port {svc['port']}" + (f" pid {svc['pid']}" if svc["pid"] else ""))
     lines.append("components:")
+    width = max([12, *(len(name) for name in rep["components"])])
     for name, comp in rep["components"].items():
         state = comp["state"]
         detail = comp.get("detail") or ", ".join(f"{k} {v}" for k, v in (comp.get("checks") or {}).items())
         shown = state.upper() if state in ("down", "not ready") else state
-        lines.append(f"  {name:<12} {shown:<10} {detail}")
+        lines.append(f"  {name:<{width}} {shown:<10} {detail}")
     lines.append("figures (since each process started):")
     for key, value in rep["figures"].items():
         shown = (", ".join(f"{k} {v:g}" for k, v in value.items()) or "none") if isinstance(value, dict) \

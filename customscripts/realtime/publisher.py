@@ -31,6 +31,7 @@ from typing import NamedTuple
 import redis
 
 from customscripts.outputs import OutputRow, OutputStore, durable, to_datetime
+from customscripts.text import storable
 
 STREAM_MAXLEN = 10_000
 SEEN_TTL_S = 7 * 24 * 3600
@@ -136,7 +137,8 @@ class Publisher:
         if not letters:
             return
         with durable(self.outputs.pool) as conn, conn.cursor() as cur:
-            cur.executemany(_DEAD_LETTER_SQL, [(*d[:7], to_datetime(d.time), *d[8:]) for d in letters])
+            cur.executemany(_DEAD_LETTER_SQL, [(*d[:7], to_datetime(d.time), d.reason, storable(d.error), *d[10:])
+                                             for d in letters])
 
     def latest(self, tenant: str, instrument_key: str, timeframe: str, script_id: str,
                params_hash: str) -> dict | None:

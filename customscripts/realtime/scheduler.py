@@ -89,7 +89,7 @@ from customscripts import ids, logs
 from customscripts.auth import Principal
 from customscripts.bartime import bar_end, last_close
 from customscripts.config import Settings, settings
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 from customscripts.execution import Invoker, Scope, canonical_hash, check_result, error_detail
 from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow, params_hash
@@ -357,7 +357,7 @@ class Evaluator:
              ) -> tuple[dict[Node, Evaluation], dict[Node, list[Node]]]:
         """Due subscriptions (those of the events, or `due` as given: a series or a backfill) →
         evaluations (deduplicated per tenant) and their dependency edges."""
-        allowed: dict[tuple, list[tuple[str, int]] | ApiError] = {}
+        allowed: dict[tuple, list[tuple[str, int]] | DomainError] = {}
         evals: dict[Node, Evaluation] = {}
         deps: dict[Node, list[Node]] = {}
         for event, sub in (self._due(events) if due is None else due):
@@ -366,10 +366,10 @@ class Evaluator:
             if key not in allowed:
                 try:
                     allowed[key] = self.registry.check_execution(principal, sub.script_id, sub.version)
-                except ApiError as exc:  # 403/404/422: this subscriber may not run it any more
+                except DomainError as exc:  # 403/404/422: this subscriber may not run it any more
                     allowed[key] = exc
             closure = allowed[key]
-            if isinstance(closure, ApiError):
+            if isinstance(closure, DomainError):
                 report.statuses["denied"] += 1
                 report.denied.append((sub, principal, closure.message[:500]))
                 metrics.EVALUATIONS.labels("denied").inc()
@@ -682,7 +682,7 @@ class Evaluator:
                                        f"{len(results) if isinstance(results, list) else 'no'} results for "
                                        f"{len(chunk)} items")
             checked = [check_result(r) for r in results]
-        except ApiError as exc:
+        except DomainError as exc:
             # function unreachable / budget full / non-200 / malformed answer or result
             took = time.perf_counter() - started
             raise InvocationFailed(exc.message, deadline=took >= deadline * 0.95) from None
@@ -1167,21 +1167,19 @@ def timeframe_seconds(tf: str) -> int:
     return int(tf[: -len(unit)]) * _UNITS[unit]
 
 
-def build_evaluator(cfg: Settings | None = None) -> Evaluator:
-    """The production wiring: the one-time executor's Invoker, pooled Postgres, Redis publisher."""
+def build_evaluator(cfg: Settings | None = None, *, invoker: Invoker | None = None) -> Evaluator:
+    """The production wiring of an Evaluator around `invoker`: pooled Postgres, the Redis publisher, the
+    gateway's read-only role for prefetched windows. Without an invoker: the process's (customscripts.app)."""
     import redis
 
     from customscripts import db
-    from customscripts.execution import default_executor
     from customscripts.outputs import OutputStore
 
     cfg = cfg or settings()
-    invoker = default_executor().invoker
-    # The scheduler invokes versions with live subscriptions, which the budget never evicts; a function
-    # that vanished anyway (another replica, a provider restart) answers 404 and Invoker redeploys it.
-    # So re-checking the deployment every 2 s (the budget's default: a Redis lock plus a function list
-    # per version, serialising the invoking threads) buys nothing here.
-    invoker.budget.cache_s = max(invoker.budget.cache_s, BUDGET_RECHECK_S)
+    if invoker is None:
+        from customscripts.app import app
+
+        return app().evaluator(cfg)
     client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=5, socket_connect_timeout=2)
     pool = db.pool()
     market = MarketWindows(db.pool(cfg.pg_reader_dsn, max_size=2))  # the gateway's read-only role

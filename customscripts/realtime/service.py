@@ -30,23 +30,23 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from customscripts import db, ids
+from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
 from customscripts.errors import (
-    ApiError,
-    BadRequest,
     Conflict,
+    DomainError,
     Forbidden,
+    Invalid,
     NotFound,
-    ServiceUnavailable,
-    Unprocessable,
+    Unavailable,
 )
+from customscripts.execution import Invoker
 from customscripts.faas.naming import function_name
+from customscripts.inputs import check_query, int_param, parse_body, time_param
 from customscripts.outputs import MAX_HISTORY, OutputStore, params_hash, params_hash_from_query
 from customscripts.permissions import tier_of
 from customscripts.realtime.publisher import latest_key
@@ -58,17 +58,14 @@ from customscripts.realtime.subscriptions import (
     TenantShareExceeded,
     principal_snapshot,
 )
+from customscripts.registry.models import EvaluationTarget
 from customscripts.registry.service import RegistryService
+from customscripts.series import History
 
 
-class SubscribeBody(BaseModel):
+class SubscribeBody(EvaluationTarget):
     """POST /scripts/{id}/subscribe body."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    instrument_key: str = Field(max_length=64)
-    timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=999_999_999,
                                 description="Published version; default the latest at subscribe time (pinned).")
     backfill: int | None = Field(default=None, ge=0, le=1_000_000,
@@ -114,9 +111,12 @@ class SignalView(BaseModel):
 
 class RealtimeService:
     def __init__(self, registry: RegistryService, store: SubscriptionStore, outputs: OutputStore,
-                 redis_client: redis.Redis, cfg: Settings | None = None) -> None:
+                 redis_client: redis.Redis, cfg: Settings | None = None, *, invoker: Invoker,
+                 history: History) -> None:
         self.cfg = cfg or settings()
         self.registry = registry
+        self.invoker = invoker  # versions' meta.json (cached) and their params check
+        self.history = history  # backfill on subscribe
         self.store = store
         self.outputs = outputs
         self.redis = redis_client
@@ -127,15 +127,12 @@ class RealtimeService:
                   call_id: str | None = None) -> dict[str, Any]:
         tier = tier_of(principal, self.cfg)
         ids.script_id(script_id)
-        try:
-            body = SubscribeBody.model_validate(raw_body)
-        except ValidationError as exc:
-            raise Unprocessable.from_validation(exc, "subscribe body is invalid") from None
+        body = parse_body(SubscribeBody, raw_body, "subscribe")
         instrument, timeframe = ids.instrument_key(body.instrument_key), ids.timeframe(body.timeframe)
         if body.backfill is not None and body.backfill > tier.max_backfill:
-            raise Unprocessable(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
-                                code="backfill_too_large", details={"max_backfill": tier.max_backfill})
-        version = body.version or self._latest(principal, script_id)
+            raise Invalid(f"tier {tier.name!r} backfills at most {tier.max_backfill} outputs",
+                          code="backfill_too_large", details={"max_backfill": tier.max_backfill})
+        version = body.version or self.registry.latest_published(self.registry.visible_script(principal, script_id))
         audit = functools.partial(self.registry.catalog.audit, action="subscribe_realtime", script_id=script_id,
                                   version=version, user_id=principal.user_id, tenant=principal.tenant,
                                   call_id=call_id, params_hash=params_hash(body.params))
@@ -181,12 +178,10 @@ class RealtimeService:
         if count:
             # after the row exists: live events from now on are the scheduler's, and an event both
             # reach is published once (customscripts/series.py)
-            from customscripts.series import default_history
-
             try:
-                answer["backfill"] = default_history().backfill(sub, principal, count,
+                answer["backfill"] = self.history.backfill(sub, principal, count,
                                                                 call_id or uuid.uuid4().hex[:16])
-            except ApiError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
+            except DomainError as exc:  # e.g. 429 at the caller's concurrent executes: the subscription
                 # stands (live events run); subscribing again with `backfill` fills it later
                 answer["backfill"] = {"requested": count, "bars": 0, "published": 0,
                                       "error": {"code": exc.code, "message": exc.message}}
@@ -199,7 +194,7 @@ class RealtimeService:
         try:
             number = int(subscription_id)
         except ValueError:
-            raise Unprocessable("subscription id must be an integer", code="invalid_subscription_id") from None
+            raise Invalid("subscription id must be an integer", code="invalid_subscription_id") from None
         if not 1 <= number < 2**63 or not self.store.remove(principal.tenant, principal.user_id, number, script_id):
             raise NotFound(f"subscription {subscription_id} not found", code="subscription_not_found")
         self.registry.catalog.audit(action="unsubscribe_realtime", script_id=script_id, version=None,
@@ -212,34 +207,15 @@ class RealtimeService:
             ids.script_id(script_id)
         return [s.to_dict() for s in self.store.for_user(principal.tenant, principal.user_id, script_id)]
 
-    def _latest(self, principal: Principal, script_id: str) -> int:
-        row = self.registry.catalog.get_script(script_id)
-        if row is None or (row.tenant != principal.tenant and not row.marketplace):
-            raise NotFound(f"script {script_id} not found", code="script_not_found")
-        if not row.latest_version:
-            raise Conflict(f"script {script_id} has no published version", code="not_published")
-        return row.latest_version
-
-    def _meta(self, script_id: str, version: int):
-        from customscripts.execution import default_executor
-
-        return default_executor().invoker.version(script_id, version)[0]
-
     def _check_params(self, script_id: str, version: int, params: dict[str, Any],
                       closure: list[tuple[str, int]]) -> None:
-        meta = self._meta(script_id, version)
-        try:
-            jsonschema.validate(params, meta.input_schema or {})
-        except jsonschema.ValidationError as exc:
-            raise Unprocessable(f"params do not match the script's input_schema: {exc.message}",
-                                code="invalid_params", details={"path": list(exc.absolute_path)}) from None
+        """The subscription's params, and every dependency's: realtime evaluates them with params {}."""
+        self.invoker.check_params(script_id, version, params)
         for sid, ver in closure[:-1]:
-            try:
-                jsonschema.validate({}, self._meta(sid, ver).input_schema or {})
-            except jsonschema.ValidationError as exc:
-                raise Unprocessable(f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, which its "
-                                    f"input_schema rejects: {exc.message}", code="invalid_dependency_params",
-                                    details={"dependency": f"{sid}@{ver}"}) from None
+            self.invoker.check_params(sid, ver, {}, code="invalid_dependency_params",
+                                      problem=f"dependency {sid}@{ver} is evaluated with params {{}} in realtime, "
+                                              "which its input_schema rejects",
+                                      details={"dependency": f"{sid}@{ver}"})
 
     # ----------------------------------------------------------------- signals
 
@@ -248,18 +224,15 @@ class RealtimeService:
         tier_of(principal, self.cfg)
         instrument = ids.instrument_key(instrument_key)
         self.registry.list_versions(principal, script_id)  # 404 invisible, 403 not entitled to any version
-        allowed = {"timeframe", "params", "params_hash", "history", "start", "end"}
-        unknown = sorted(set(query) - allowed)
-        if unknown:
-            raise BadRequest(f"unknown query parameter(s): {', '.join(unknown)}", code="unknown_parameter")
+        check_query(query, ("timeframe", "params", "params_hash", "history", "start", "end"))
         timeframe = ids.timeframe(query.get("timeframe") or "")
         phash = params_hash_from_query(query)
         key = latest_key(principal.tenant, instrument, timeframe, script_id, phash)
         try:
             raw = self.redis.hget(key, "payload")
         except redis.RedisError:
-            raise ServiceUnavailable("signal cache temporarily unavailable", code="cache_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise Unavailable("signal cache temporarily unavailable", code="cache_unavailable",
+                              retry_after_s=1) from None
         if raw is None:
             raise NotFound(f"no realtime output of {script_id} for {instrument} {timeframe} (params_hash {phash})",
                            code="no_signal")
@@ -268,46 +241,12 @@ class RealtimeService:
                                "indicator": f"custom:{script_id}", "script_id": script_id, "params_hash": phash,
                                "value": payload["value"], "timestamp": payload["timestamp"],
                                "metadata": payload.get("metadata") or {}}
-        history, start, end = query.get("history"), _epoch(query, "start"), _epoch(query, "end")
+        history, start, end = query.get("history"), time_param(query, "start"), time_param(query, "end")
         if history or start is not None or end is not None:
-            limit = _int(history, "history", 1, MAX_HISTORY) if history else 200
+            limit = int_param(query, "history", 1, MAX_HISTORY, 200)
             out["history"] = self.outputs.history(principal.tenant, script_id, instrument, timeframe, phash,
                                                   as_of=time.time(), start=start, end=end, limit=limit)
         return out
-
-
-def _int(raw: str, name: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
-    if not low <= value <= high:
-        raise Unprocessable(f"{name} must be between {low} and {high}", code="invalid_parameter")
-    return value
-
-
-def _epoch(query: Mapping[str, str], name: str) -> float | None:
-    raw = query.get(name)
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be epoch seconds", code="invalid_parameter") from None
-    if not 0 <= value <= 4_102_444_800:
-        raise Unprocessable(f"{name} out of range", code="invalid_parameter")
-    return value
-
-
-@functools.cache
-def default_service() -> RealtimeService:
-    from customscripts.registry.api import service
-
-    cfg = settings()
-    pool = db.pool()
-    client = redis.Redis(host=cfg.redis_host, port=cfg.redis_port, socket_timeout=2, socket_connect_timeout=2)
-    return RealtimeService(service(), SubscriptionStore(pool), OutputStore(pool), client, cfg)
-
 
 
 __all__ = [
@@ -317,5 +256,4 @@ __all__ = [
     "Subscription",
     "SubscriptionList",
     "SubscriptionView",
-    "default_service",
 ]

@@ -37,15 +37,19 @@ import psycopg
 import psycopg_pool
 
 from customscripts import logs
-from customscripts.errors import ServiceUnavailable
+from customscripts.errors import Unavailable
+from customscripts.retry import RetryPolicy
+from customscripts.text import storable
 
 log = logs.get("customscripts.audit")
 
 BATCH_ROWS = 500
 LINGER_S = 0.05  # a row waits at most this long for others to share its INSERT
 MAX_PENDING = 10_000
-RETRY_MAX_S = 2.0
-RETRY_WAITED_MAX_S = 0.2  # while a caller waits on its row: retry soon after the database is back
+# The writer never gives up on a row (it only pauses between attempts); while a caller waits on its
+# row the pauses stay short, so its commit comes soon after the database is back.
+RETRY = RetryPolicy(attempts=2**31, backoff_s=0.05, max_backoff_s=2.0, jitter=False)
+RETRY_WAITED = RetryPolicy(attempts=2**31, backoff_s=0.05, max_backoff_s=0.2, jitter=False)
 CONNECT_TIMEOUT_S = 1.0  # a pooled connection not handed out by then: the attempt failed, retry
 DURABLE_SQL = "SET LOCAL synchronous_commit = on"  # this transaction's commit waits for the WAL flush
 
@@ -70,7 +74,7 @@ INSERT_SQL = f"INSERT INTO audit ({', '.join(AuditRow._fields)}) VALUES ({', '.j
 COPY_SQL = f"COPY audit ({', '.join(AuditRow._fields)}) FROM STDIN"
 
 
-class AuditUnavailable(ServiceUnavailable):
+class AuditUnavailable(Unavailable):
     """An execute's audit row could not be made durable in time: it is not answered as recorded."""
 
     code = "audit_unavailable"
@@ -79,6 +83,8 @@ class AuditUnavailable(ServiceUnavailable):
 def insert(conn: psycopg.Connection, rows: list[AuditRow]) -> None:
     """Insert rows on this connection (inside the caller's transaction, if any); many by COPY, which
     keeps thousands of realtime evaluations a second cheap for the database."""
+    # a script's error text may hold what PostgreSQL cannot (customscripts/text.py)
+    rows = [row if storable(row.detail) is row.detail else row._replace(detail=storable(row.detail)) for row in rows]
     with conn.cursor() as cur:
         if len(rows) == 1:
             cur.execute(INSERT_SQL, rows[0])
@@ -127,7 +133,7 @@ class AuditWriter:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             raise AuditUnavailable("this execute's audit row could not be recorded in time "
-                                                   "(database unavailable); retry", headers={"Retry-After": "1"})
+                                                   "(database unavailable); retry", retry_after_s=1)
                         self._cond.wait(left)
                     return
                 finally:
@@ -136,7 +142,7 @@ class AuditWriter:
             self._write([row])
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise AuditUnavailable(f"the audit row could not be recorded: {type(exc).__name__}",
-                                   headers={"Retry-After": "1"}) from None
+                                   retry_after_s=1) from None
 
     def _queue(self, row: AuditRow) -> int | None:
         """Append under the lock; the row's ticket, or None when the queue is full."""
@@ -185,7 +191,7 @@ class AuditWriter:
             insert(conn, rows)
 
     def _run(self) -> None:
-        delay = 0.05
+        failures = 0
         while True:
             with self._cond:
                 while not self._pending:
@@ -210,11 +216,11 @@ class AuditWriter:
                 self._cond.notify_all()
                 waited = self._waiting > 0
             if failed is None:
-                delay = 0.05
+                failures = 0
                 continue
+            failures += 1
             logs.event(log, "audit insert failed; retrying", logging.WARNING, rows=len(rows), error=str(failed))
-            time.sleep(min(delay, RETRY_WAITED_MAX_S) if waited else delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            time.sleep((RETRY_WAITED if waited else RETRY).pause(failures))
 
 
 def exit_cleanly_on_sigterm() -> None:

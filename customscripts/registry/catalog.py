@@ -343,13 +343,17 @@ class Catalog:
               status: str, call_id: str | None = None, detail: str | None = None,
               params_hash: str | None = None, output_hash: str | None = None,
               duration_ms: float | None = None, cpu_ms: float | None = None, memory_mb: float | None = None,
-              conn: psycopg.Connection | None = None, wait: bool = True) -> None:
-        """One audit row: in the caller's transaction (`conn`), now, or with `wait=False` through the
-        process's AuditWriter, off the request path."""
+              conn: psycopg.Connection | None = None) -> None:
+        """One audit row, the one way every attempt and action is recorded: in the caller's transaction
+        (`conn`: it commits with the change it records), else committed durably through the process's
+        AuditWriter before this returns (sharing its commit with concurrent callers; 503
+        `audit_unavailable` after CS_AUDIT_WAIT_S). The realtime scheduler alone queues its batches'
+        rows (`audit_log.submit`): nobody waits on an answer there."""
         row = AuditRow(call_id, script_id, version, user_id, tenant, action, status, detail, params_hash,
                        output_hash, duration_ms, cpu_ms, memory_mb)
-        if conn is None and not wait:
+        if conn is not None:
+            insert_audit(conn, [row])
+        elif self.cfg.audit_durable:
+            self.audit_log.write(row, self.cfg.audit_wait_s)
+        else:
             self.audit_log.submit(row)
-            return
-        with self._conn(conn) as c:
-            insert_audit(c, [row])

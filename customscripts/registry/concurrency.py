@@ -34,7 +34,7 @@ import redis
 
 from customscripts.auth import Principal
 from customscripts.config import Settings, Tier
-from customscripts.errors import ServiceUnavailable, TooManyRequests
+from customscripts.errors import Throttled, Unavailable
 
 KEY_PREFIX = "cs:cc:exec"
 
@@ -101,15 +101,15 @@ class ExecuteSlots:
         try:
             taken, wait_ms, full = self._acquire(keys=list(keys), args=[lease_ms, slack_ms, lease.member, *limits])
         except redis.RedisError as exc:
-            raise ServiceUnavailable(f"execute concurrency limiter unavailable: {type(exc).__name__}",
-                                     code="concurrency_unavailable", headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"execute concurrency limiter unavailable: {type(exc).__name__}",
+                              code="concurrency_unavailable", retry_after_s=1) from None
         if not taken:
             scope = ("user", "tenant")[int(full) - 1]
             limit = limits[int(full) - 1]
             retry = max(1, math.ceil(int(wait_ms) / 1000))
-            raise TooManyRequests(
+            raise Throttled(
                 f"too many concurrent executes for this {scope} (limit {limit}); retry after {retry}s",
-                code="too_many_concurrent_executes", headers={"Retry-After": str(retry)},
+                code="too_many_concurrent_executes", retry_after_s=retry,
                 details={"scope": scope, "limit": limit, "retry_after_s": retry})
         return lease
 
@@ -125,9 +125,9 @@ class ExecuteSlots:
     def in_process(self) -> Iterator[None]:
         """A place in this process for the body of the `with` (503 `execute_capacity` when full)."""
         if not self._local.acquire(blocking=False):
-            raise ServiceUnavailable(
+            raise Unavailable(
                 f"this registry replica already runs {self.max_inflight} executes; retry shortly",
-                code="execute_capacity", headers={"Retry-After": "1"}, details={"max_inflight": self.max_inflight})
+                code="execute_capacity", retry_after_s=1, details={"max_inflight": self.max_inflight})
         try:
             yield
         finally:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from customscripts import ids
-from customscripts.errors import ApiError
+from customscripts.errors import DomainError
 
 MAX_SOURCE_BYTES = 256 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -30,7 +30,7 @@ _TEXT = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]*\Z")
 def _as_value_error(func, value: Any) -> Any:
     try:
         return func(value)
-    except ApiError as exc:
+    except DomainError as exc:
         raise ValueError(exc.message) from None
 
 
@@ -301,3 +301,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class EvaluationTarget(BaseModel):
+    """What every evaluation request names (execute, series, subscribe): the series, the params, and
+    optionally the version (default: the latest published)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instrument_key: str = Field(max_length=64)
+    timeframe: str = Field(max_length=8)
+    params: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=999_999_999)

@@ -22,7 +22,7 @@ import hashlib
 import secrets
 
 from customscripts import ids
-from customscripts.errors import Unprocessable
+from customscripts.errors import Invalid
 
 TAG_LEN = 12
 MAX_ID = 63  # ids.script_id
@@ -42,8 +42,8 @@ def qualify(chosen: str, tenant: str) -> str:
     if sid.endswith(suffix):
         return sid
     if len(sid) > MAX_CHOSEN_ID:
-        raise Unprocessable(f"a chosen script id has at most {MAX_CHOSEN_ID} characters "
-                            f"(the tenant's {TAG_LEN + 1}-character tag is added)", code="invalid_script_id")
+        raise Invalid(f"a chosen script id has at most {MAX_CHOSEN_ID} characters "
+                      f"(the tenant's {TAG_LEN + 1}-character tag is added)", code="invalid_script_id")
     return sid + suffix
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from customscripts import ids
 from customscripts.auth import Principal
 from customscripts.config import Settings, settings
-from customscripts.errors import Conflict, Forbidden, NotFound, Unprocessable
+from customscripts.errors import Conflict, Forbidden, Invalid, NotFound
 from customscripts.faas import buildqueue
 from customscripts.permissions import (
     Denied,
@@ -97,12 +97,25 @@ class RegistryService:
         rows = self.catalog.get_versions(pairs)
         return {sid: rows[(sid, ver)] for sid, ver in pairs if (sid, ver) in rows}
 
-    def _script(self, principal: Principal, script_id: str) -> ScriptRow:
-        """The catalog row, or 404 if it does not exist or is another tenant's private script."""
-        row = self.catalog.get_script(ids.script_id(script_id))
+    def visible_script(self, principal: Principal, script_id: str, *, cached: bool = False) -> ScriptRow:
+        """The catalog row, or 404 if it does not exist or is another tenant's private script (never a
+        403 or 409 that would reveal it exists): the one visibility check. `cached`: from the
+        ScriptCache (the execute path, which reads it once per call)."""
+        sid = ids.script_id(script_id)
+        row = self.catalog.scripts.get(sid) if cached else self.catalog.get_script(sid)
         if row is None:
             raise _not_found(script_id)
         return self._visible(principal, row)
+
+    @staticmethod
+    def latest_published(row: ScriptRow) -> int:
+        """The script's latest published version (409 `not_published` for a draft-only script)."""
+        if not row.latest_version:
+            raise Conflict(f"script {row.script_id} has no published version", code="not_published")
+        return row.latest_version
+
+    def _script(self, principal: Principal, script_id: str) -> ScriptRow:
+        return self.visible_script(principal, script_id)
 
     @staticmethod
     def _visible(principal: Principal, row: ScriptRow) -> ScriptRow:
@@ -342,7 +355,7 @@ class RegistryService:
                 continue
             row = graph.get(node)
             if row is None:
-                raise Unprocessable(f"dependency {node[0]}@{node[1]} is missing", code="dependency_missing")
+                raise Invalid(f"dependency {node[0]}@{node[1]} is missing", code="dependency_missing")
             stack.append((node, True))
             for dep in reversed(row.depends_on):
                 pair = parse_dependency(dep)

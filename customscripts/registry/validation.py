@@ -24,7 +24,7 @@ from referencing.exceptions import Unresolvable
 
 from customscripts.auth import Principal
 from customscripts.config import Settings, Tier
-from customscripts.errors import PayloadTooLarge, Unprocessable
+from customscripts.errors import Invalid, TooLarge
 from customscripts.permissions import Denied, check_can_use
 from customscripts.registry.catalog import Catalog, VersionRow
 from customscripts.registry.models import MAX_SCHEMA_BYTES, MAX_SOURCE_BYTES, Limits, parse_dependency
@@ -34,32 +34,32 @@ MAX_GRAPH_NODES = 5000
 
 def check_schema(schema: object, field: str) -> None:
     if not isinstance(schema, dict):
-        raise Unprocessable(f"{field} must be a JSON object", code="invalid_schema", details={"field": field})
+        raise Invalid(f"{field} must be a JSON object", code="invalid_schema", details={"field": field})
     try:
         size = len(json.dumps(schema))
     except (ValueError, RecursionError):
-        raise Unprocessable(f"{field} is not serialisable JSON", code="invalid_schema",
-                            details={"field": field}) from None
+        raise Invalid(f"{field} is not serialisable JSON", code="invalid_schema",
+                      details={"field": field}) from None
     if size > MAX_SCHEMA_BYTES:
-        raise Unprocessable(f"{field} exceeds {MAX_SCHEMA_BYTES} bytes", code="invalid_schema",
-                            details={"field": field})
+        raise Invalid(f"{field} exceeds {MAX_SCHEMA_BYTES} bytes", code="invalid_schema",
+                      details={"field": field})
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         path = "/".join(str(p) for p in exc.absolute_path)
-        raise Unprocessable(f"{field} is not a valid JSON Schema: {exc.message[:300]}", code="invalid_schema",
-                            details={"field": field, "path": path}) from None
+        raise Invalid(f"{field} is not a valid JSON Schema: {exc.message[:300]}", code="invalid_schema",
+                      details={"field": field, "path": path}) from None
     except (RecursionError, ValueError, TypeError) as exc:
-        raise Unprocessable(f"{field} is not a valid JSON Schema: {type(exc).__name__}",
-                            code="invalid_schema", details={"field": field}) from None
+        raise Invalid(f"{field} is not a valid JSON Schema: {type(exc).__name__}",
+                      code="invalid_schema", details={"field": field}) from None
     try:  # one trial run: a schema that recurses without end, or names a $ref nowhere, is caught here
         Draft202012Validator(schema).is_valid({})
     except RecursionError:
-        raise Unprocessable(f"{field} recurses without end ($ref cycle)", code="invalid_schema",
-                            details={"field": field}) from None
+        raise Invalid(f"{field} recurses without end ($ref cycle)", code="invalid_schema",
+                      details={"field": field}) from None
     except Unresolvable as exc:
-        raise Unprocessable(f"{field} has an unresolvable $ref: {str(exc)[:200]}", code="invalid_schema",
-                            details={"field": field}) from None
+        raise Invalid(f"{field} has an unresolvable $ref: {str(exc)[:200]}", code="invalid_schema",
+                      details={"field": field}) from None
 
 
 def check_source(source: str) -> None:
@@ -67,29 +67,29 @@ def check_source(source: str) -> None:
     try:
         data = source.encode("utf-8")
     except UnicodeEncodeError:
-        raise Unprocessable("source must be valid UTF-8 text", code="invalid_source") from None
+        raise Invalid("source must be valid UTF-8 text", code="invalid_source") from None
     if len(data) > MAX_SOURCE_BYTES:
-        raise PayloadTooLarge(f"source exceeds {MAX_SOURCE_BYTES} bytes", code="source_too_large",
-                              details={"max_bytes": MAX_SOURCE_BYTES, "bytes": len(data)})
+        raise TooLarge(f"source exceeds {MAX_SOURCE_BYTES} bytes", code="source_too_large",
+                       details={"max_bytes": MAX_SOURCE_BYTES, "bytes": len(data)})
     try:
         tree = ast.parse(source, filename="script.py")
         compile(tree, "script.py", "exec", dont_inherit=True)
     except SyntaxError as exc:
-        raise Unprocessable(f"syntax error in script.py: {exc.msg}", code="syntax_error",
-                            details={"line": exc.lineno, "column": exc.offset, "message": exc.msg}) from None
+        raise Invalid(f"syntax error in script.py: {exc.msg}", code="syntax_error",
+                      details={"line": exc.lineno, "column": exc.offset, "message": exc.msg}) from None
     except (ValueError, RecursionError, MemoryError) as exc:
-        raise Unprocessable(f"script.py does not compile: {type(exc).__name__}", code="syntax_error",
-                            details={"line": None, "column": None, "message": str(exc)[:200]}) from None
+        raise Invalid(f"script.py does not compile: {type(exc).__name__}", code="syntax_error",
+                      details={"line": None, "column": None, "message": str(exc)[:200]}) from None
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "run":
             if _accepts_one_positional(node.args):
                 return
-            raise Unprocessable("run must accept exactly one argument: run(ctx)", code="invalid_run",
-                                details={"line": node.lineno, "column": node.col_offset + 1})
+            raise Invalid("run must accept exactly one argument: run(ctx)", code="invalid_run",
+                          details={"line": node.lineno, "column": node.col_offset + 1})
         if isinstance(node, ast.AsyncFunctionDef) and node.name == "run":
-            raise Unprocessable("run must be a plain function, not async", code="invalid_run",
-                                details={"line": node.lineno, "column": node.col_offset + 1})
-    raise Unprocessable("script.py must define a top-level function run(ctx)", code="missing_run")
+            raise Invalid("run must be a plain function, not async", code="invalid_run",
+                          details={"line": node.lineno, "column": node.col_offset + 1})
+    raise Invalid("script.py must define a top-level function run(ctx)", code="missing_run")
 
 
 def _accepts_one_positional(args: ast.arguments) -> bool:
@@ -106,8 +106,8 @@ def check_limits(limits: Limits | None, tier: Tier) -> None:
     over = {k: {"requested": getattr(limits, k), "cap": cap} for k, cap in caps.items()
             if getattr(limits, k) is not None and getattr(limits, k) > cap}
     if over:
-        raise Unprocessable(f"limits exceed tier {tier.name!r} caps: {sorted(over)}",
-                            code="limits_exceed_tier", details=over)
+        raise Invalid(f"limits exceed tier {tier.name!r} caps: {sorted(over)}",
+                      code="limits_exceed_tier", details=over)
 
 
 def walk_versions(catalog: Catalog, roots: Iterable[tuple[str, int]]) -> dict[tuple[str, int], VersionRow]:
@@ -126,7 +126,7 @@ def walk_versions(catalog: Catalog, roots: Iterable[tuple[str, int]]) -> dict[tu
                     seen.add(pair)
                     nxt.append(pair)
         if len(seen) > MAX_GRAPH_NODES:
-            raise Unprocessable("dependency graph too large", code="dependency_graph_too_large")
+            raise Invalid("dependency graph too large", code="dependency_graph_too_large")
         frontier = nxt
     return found
 
@@ -169,7 +169,7 @@ def check_dependencies(
     """Validate the draft's dependencies as its owner would use them; return the whole graph."""
     direct = [parse_dependency(d) for d in depends_on]
     if len(set(direct)) != len(direct):
-        raise Unprocessable("depends_on lists a dependency twice", code="invalid_dependency")
+        raise Invalid("depends_on lists a dependency twice", code="invalid_dependency")
     graph = walk_versions(catalog, direct)
     for sid, ver in direct:
         row = graph.get((sid, ver))
@@ -187,13 +187,13 @@ def check_dependencies(
                 problem = "is not accessible to the owner"
         if problem:
             # One code for every cause; another tenant's private ids read exactly like missing ones.
-            raise Unprocessable(f"dependency {sid}@{ver} {problem}", code="invalid_dependency",
-                                details={"dependency": f"{sid}@{ver}"})
+            raise Invalid(f"dependency {sid}@{ver} {problem}", code="invalid_dependency",
+                          details={"dependency": f"{sid}@{ver}"})
     edges: dict[str, set[str]] = {script_id: {sid for sid, _ in direct}}
     for row in graph.values():
         edges.setdefault(row.script_id, set()).update(parse_dependency(d)[0] for d in row.depends_on)
     cycle = find_cycle(edges, script_id)
     if cycle:
-        raise Unprocessable(f"dependency cycle: {' -> '.join([*cycle, cycle[0]])}", code="dependency_cycle",
-                            details={"cycle": cycle})
+        raise Invalid(f"dependency cycle: {' -> '.join([*cycle, cycle[0]])}", code="dependency_cycle",
+                      details={"cycle": cycle})
     return graph

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from customscripts.config import settings
-from customscripts.errors import Unauthorized
+from customscripts.errors import Unauthenticated
 
 PREFIX = b"csinv1."
 CLOCK_SKEW_S = 5
@@ -48,29 +48,29 @@ def mint_invocation_token(function_name: str, claims: dict[str, Any] | None = No
 
 def verify_invocation_token(token: str, function_name: str, *, secret: str | None = None,
                             now: float | None = None) -> dict[str, Any]:
-    """Return the claims or raise Unauthorized (bad format, bad signature, other function, expired)."""
+    """Return the claims or raise Unauthenticated (bad format, bad signature, other function, expired)."""
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN or token.count(".") != 1:
-        raise Unauthorized("missing or malformed invocation token", code="invalid_invocation_token")
+        raise Unauthenticated("missing or malformed invocation token", code="invalid_invocation_token")
     payload, sig = token.split(".")
     expected = _sign(secret or settings().invocation_secret, payload)
     if not hmac.compare_digest(expected.encode(), sig.encode()):
-        raise Unauthorized("invalid invocation token signature", code="invalid_invocation_token")
+        raise Unauthenticated("invalid invocation token signature", code="invalid_invocation_token")
     try:
         claims = json.loads(_b64d(payload))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Unauthorized("malformed invocation token", code="invalid_invocation_token") from exc
+        raise Unauthenticated("malformed invocation token", code="invalid_invocation_token") from exc
     if not isinstance(claims, dict):
-        raise Unauthorized("malformed invocation token", code="invalid_invocation_token")
+        raise Unauthenticated("malformed invocation token", code="invalid_invocation_token")
     if claims.get("fn") != function_name:
-        raise Unauthorized("invocation token is for another function", code="invalid_invocation_token")
+        raise Unauthenticated("invocation token is for another function", code="invalid_invocation_token")
     now = time.time() if now is None else now
     exp, iat = claims.get("exp"), claims.get("iat")
     if not isinstance(exp, int | float) or not isinstance(iat, int | float):
-        raise Unauthorized("invocation token without exp/iat", code="invalid_invocation_token")
+        raise Unauthenticated("invocation token without exp/iat", code="invalid_invocation_token")
     if now > exp:
-        raise Unauthorized("invocation token expired", code="invocation_token_expired")
+        raise Unauthenticated("invocation token expired", code="invocation_token_expired")
     if iat > now + CLOCK_SKEW_S:
-        raise Unauthorized("invocation token issued in the future", code="invalid_invocation_token")
+        raise Unauthenticated("invocation token issued in the future", code="invalid_invocation_token")
     return claims
 
 
@@ -103,17 +103,17 @@ def sign_prefetch(function_name: str, tenant: str, items: Any, default_token: An
 
 def verify_prefetch(prefetch: Any, function_name: str, tenant: str, items: Any, default_token: Any, *,
                     secret: str | None = None, now: float | None = None) -> str:
-    """The prefetch's data string, or Unauthorized (bad shape, MAC, expiry, other items or tenant)."""
+    """The prefetch's data string, or Unauthenticated (bad shape, MAC, expiry, other items or tenant)."""
     if not isinstance(prefetch, dict) or not isinstance(prefetch.get("data"), str) or \
             not isinstance(prefetch.get("mac"), str) or not isinstance(prefetch.get("exp"), int):
-        raise Unauthorized("malformed prefetch", code="invalid_prefetch")
+        raise Unauthenticated("malformed prefetch", code="invalid_prefetch")
     now = time.time() if now is None else now
     if now > prefetch["exp"]:
-        raise Unauthorized("prefetch expired", code="invalid_prefetch")
+        raise Unauthenticated("prefetch expired", code="invalid_prefetch")
     expected = _prefetch_mac(secret or settings().invocation_secret, function_name, tenant, prefetch["exp"],
                              batch_digest(items, default_token), prefetch["data"])
     if not hmac.compare_digest(expected.encode(), prefetch["mac"].encode()):
-        raise Unauthorized("invalid prefetch signature", code="invalid_prefetch")
+        raise Unauthenticated("invalid prefetch signature", code="invalid_prefetch")
     return prefetch["data"]
 
 
@@ -134,17 +134,17 @@ def _seal(prefix: bytes, claims: dict[str, Any], ttl: float, secret: str | None,
 
 def _open(prefix: bytes, token: Any, what: str, code: str, secret: str | None, now: float | None) -> dict[str, Any]:
     if not isinstance(token, str) or len(token) > 4 * MAX_TOKEN_LEN or token.count(".") != 1:
-        raise Unauthorized(f"missing or malformed {what}", code=code)
+        raise Unauthenticated(f"missing or malformed {what}", code=code)
     payload, sig = token.split(".")
     if not hmac.compare_digest(_sign(secret or settings().invocation_secret, payload, prefix).encode(), sig.encode()):
-        raise Unauthorized(f"invalid {what} signature", code=code)
+        raise Unauthenticated(f"invalid {what} signature", code=code)
     try:
         claims = json.loads(_b64d(payload))
     except (ValueError, UnicodeDecodeError):
-        raise Unauthorized(f"malformed {what}", code=code) from None
+        raise Unauthenticated(f"malformed {what}", code=code) from None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     if not isinstance(exp, int | float) or (time.time() if now is None else now) > exp:
-        raise Unauthorized(f"{what} expired", code=code)
+        raise Unauthenticated(f"{what} expired", code=code)
     return claims
 
 
@@ -158,11 +158,11 @@ def function_request_proof(function_name: str, purpose: str, call_id: str, body:
 
 def verify_function_request(proof: Any, purpose: str, call_id: str, body: bytes, *, secret: str | None = None,
                             now: float | None = None) -> str:
-    """The requesting function's name, or Unauthorized (not a function's proof, another call or body)."""
+    """The requesting function's name, or Unauthenticated (not a function's proof, another call or body)."""
     claims = _open(FUNCTION_REQUEST_PREFIX, proof, "function request proof", "invalid_function_request", secret, now)
     if claims.get("purpose") != purpose or claims.get("call") != call_id or \
             claims.get("body") != hashlib.sha256(body).hexdigest() or not isinstance(claims.get("fn"), str):
-        raise Unauthorized("function request proof is for another request", code="invalid_function_request")
+        raise Unauthenticated("function request proof is for another request", code="invalid_function_request")
     return claims["fn"]
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from customscripts.text import unstorable
+
 STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
 
 
@@ -111,9 +113,11 @@ class OutputValidator:
 
     def validate(self, raw: Any, timestamp: float) -> dict:
         out = normalise_output(raw, timestamp)
-        size = len(json.dumps(out, allow_nan=False, separators=(",", ":")))
-        if size > self.max_bytes:
-            raise InvalidOutput(f"output is {size} bytes; the limit is {self.max_bytes}")
+        text = json.dumps(out, allow_nan=False, separators=(",", ":"))
+        if len(text) > self.max_bytes:
+            raise InvalidOutput(f"output is {len(text)} bytes; the limit is {self.max_bytes}")
+        if ("\\u0000" in text or "\\ud" in text) and unstorable(out):  # ASCII-escaped: only as an escape
+            raise InvalidOutput("output holds a NUL character or a lone UTF-16 surrogate, which no store can keep")
         if self._validator is not None:
             target = out if self._whole else out["value"]
             errors = sorted(self._validator.iter_errors(target), key=lambda e: list(e.path))

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from customscripts.faas.naming import function_name
+from customscripts.http import http_status
 from customscripts.registry.audit import AuditRow, AuditUnavailable, AuditWriter
 from tests.integration.registry_support import Caller
 
@@ -135,7 +136,7 @@ def test_write_answers_audit_unavailable_when_the_row_cannot_be_committed_and_ke
     tenant = f"audit-{uid}"
     with pytest.raises(AuditUnavailable) as refused:
         writer.write(_row(tenant, 0), timeout=0.5)
-    assert refused.value.status == 503 and refused.value.body()["error"]["code"] == "audit_unavailable"
+    assert http_status(refused.value) == 503 and refused.value.body()["error"]["code"] == "audit_unavailable"
     assert writer.pending == 1  # the attempt is still recorded once the database is back
     writer.pool = psycopg_pool.ConnectionPool(stack.pg_dsn, min_size=1, max_size=1, open=True)
     assert writer.flush(timeout=30)

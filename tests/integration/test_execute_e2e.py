@@ -214,12 +214,12 @@ def test_function_budget_of_three_runs_five_versions_in_turn(stack, uid, api):
     import redis
 
     from customscripts import db
+    from customscripts.app import app
     from customscripts.auth import decode_token, issue_user_token
     from customscripts.execution import Executor, Invoker
     from customscripts.faas.budget import FunctionBudget, RedisLru
     from customscripts.faas.client import OpenFaaSClient
     from customscripts.outputs import OnetimeResults
-    from customscripts.registry.api import service
     from customscripts.registry.concurrency import ExecuteSlots
 
     owner = Caller(api, f"budget-{uid}", f"tenant-{uid}")
@@ -233,7 +233,7 @@ def test_function_budget_of_three_runs_five_versions_in_turn(stack, uid, api):
     lru = RedisLru(redis.Redis(host=stack.redis_host, port=stack.redis_port), key=f"test:lru:{uid}",
                    lock_key=f"test:lru-lock:{uid}")
     budget = FunctionBudget(client, budget=3, lru=lru, cache_s=0)
-    executor = Executor(Invoker(service(), client, budget), OnetimeResults(db.pool()), ExecuteSlots(stack))
+    executor = Executor(Invoker(app().registry, client, budget), OnetimeResults(db.pool()), ExecuteSlots(stack))
     principal = decode_token(issue_user_token(owner.user_id, owner.tenant))
     most = 0
     for round_ in range(2):

@@ -45,7 +45,7 @@ def test_dict_values_metadata_versions_and_as_of(store, uid):
 
 
 def test_invalid_ids_never_reach_sql(store, uid):
-    from customscripts.errors import Unprocessable
+    from customscripts.errors import Invalid
 
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         store.write_many([_row(uid, 1.0, 1.0, script_id="../x")])

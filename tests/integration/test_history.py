@@ -116,13 +116,13 @@ def test_series_of_a_dependent_evaluates_its_dependency_at_each_bar_end(alice, u
 
 
 def test_series_pages_at_the_tiers_cap(alice, uid, stack):
+    from customscripts.app import app
     from customscripts.auth import decode_token
-    from customscripts.series import default_history
 
     sid = alice.sid(f"last-{uid}")
     alice.create_published(sid, LAST)
     ends = bar_ends(stack, "GOOG", "1d", last=10, skip=50)
-    history = default_history()
+    history = app().history
     tiers = {**stack.tiers, "pro": dataclasses.replace(stack.tiers["pro"], max_series_bars=7)}
     capped = dataclasses.replace(stack, tiers=tiers)
     saved = history.cfg

@@ -84,16 +84,16 @@ def test_subscribe_list_unsubscribe(alice, uid, api):
 def test_subscription_cap_of_the_tier(alice, uid, stack):
     import dataclasses
 
+    from customscripts.app import app
     from customscripts.auth import decode_token
-    from customscripts.realtime.service import default_service
+    from customscripts.realtime.service import RealtimeService
 
     sid = alice.sid(f"cap-{uid}")
     alice.create_published(sid, LAST_CLOSE)
-    svc = default_service()
+    svc = app().realtime
     tiers = {**stack.tiers, "pro": dataclasses.replace(stack.tiers["pro"], max_subscriptions=2)}
-    capped = dataclasses.replace(svc, cfg=dataclasses.replace(stack, tiers=tiers)) \
-        if dataclasses.is_dataclass(svc) else type(svc)(svc.registry, svc.store, svc.outputs, svc.redis,
-                                                        dataclasses.replace(stack, tiers=tiers))
+    capped = RealtimeService(svc.registry, svc.store, svc.outputs, svc.redis, dataclasses.replace(stack, tiers=tiers),
+                             invoker=svc.invoker, history=svc.history)
     principal = decode_token(alice.token)
     for tf in ("1d", "1h"):
         assert capped.subscribe(principal, sid, {"instrument_key": "GOOG", "timeframe": tf, "backfill": 0})["created"]

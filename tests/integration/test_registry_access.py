@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from customscripts.app import app
 from customscripts.auth import decode_token
 from customscripts.errors import Forbidden, NotFound
 from customscripts.http import LocalServer
-from customscripts.registry.api import handle, service
+from customscripts.registry.api import handle
 from tests.integration.registry_support import LISTS, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
@@ -100,10 +101,10 @@ def test_execution_check_matrix(world, name):
     principal = decode_token(persona(world, name).token)
     for sid, expected in ((world.listed, MATRIX[name][0]), (world.private, MATRIX[name][1])):
         if expected == 200:
-            assert service().check_execution(principal, sid, 1) == [(sid, 1)]
+            assert app().registry.check_execution(principal, sid, 1) == [(sid, 1)]
         else:
             with pytest.raises(NotFound if expected == 404 else Forbidden):
-                service().check_execution(principal, sid, 1)
+                app().registry.check_execution(principal, sid, 1)
 
 
 def test_every_dependency_must_be_usable(world):
@@ -111,11 +112,11 @@ def test_every_dependency_must_be_usable(world):
     allowed = decode_token(persona(world, "allowed_user").token)
     assert allowed.user_id == f"allowed-{world.u}"
     with pytest.raises(Forbidden) as err:
-        service().check_execution(allowed, world.chain, 1)
+        app().registry.check_execution(allowed, world.chain, 1)
     gated = world.owner.sid(f"gated-{world.u}")
     assert err.value.code == "dependency_forbidden" and f"{gated}@1" in err.value.message
     team = decode_token(persona(world, "team_member").token)
-    assert service().check_execution(team, world.chain, 1) == [(gated, 1), (world.chain, 1)]
+    assert app().registry.check_execution(team, world.chain, 1) == [(gated, 1), (world.chain, 1)]
 
 
 def test_subscriber_lists_only_listed_versions_and_never_sees_source(world):

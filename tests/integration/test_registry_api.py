@@ -7,11 +7,12 @@ import dataclasses
 import psycopg
 import pytest
 
+from customscripts.app import app
 from customscripts.auth import Principal, issue_user_token
 from customscripts.config import Tier
 from customscripts.errors import Conflict, Forbidden
 from customscripts.http import LocalServer
-from customscripts.registry.api import handle, service
+from customscripts.registry.api import handle
 from customscripts.registry.models import DraftCreate
 from customscripts.registry.namespace import qualify
 from customscripts.registry.service import RegistryService
@@ -121,7 +122,7 @@ def test_dependencies_resolve_in_order(alice, uid):
     alice.create_published(a)
     alice.create_published(b, depends_on=[f"{a}@1"])
     alice.create_published(c, depends_on=[f"{b}@1", f"{a}@1"])
-    assert service().resolve_closure(c, 1) == [(a, 1), (b, 1), (c, 1)]
+    assert app().registry.resolve_closure(c, 1) == [(a, 1), (b, 1), (c, 1)]
     assert alice.call("GET", f"/scripts/{c}/versions/1").json()["depends_on"] == [f"{b}@1", f"{a}@1"]
 
 
@@ -278,7 +279,7 @@ def test_403_for_a_tier_without_the_feature_writes_nothing(base, alice, store, u
     resp = free.call(method, template.format(sid=target), _body_for(method, template, target))
     assert resp.status_code == 403 and error_code(resp) == "tier_not_allowed"
     assert store.keys(f"scripts/{free.user_id}/") == []
-    assert service().catalog.get_script(alice.sid(new_sid)) is None
+    assert app().registry.catalog.get_script(alice.sid(new_sid)) is None
 
 
 @pytest.mark.parametrize("method, template", ROUTES[:-1])
@@ -406,13 +407,11 @@ def test_storage_outage_is_503_with_json(monkeypatch, stack, alice, uid):
     import urllib3
     from minio import Minio
 
-    from customscripts.registry import api
-
     sid = f"outage-{uid}"
     alice.create_published(sid)
     dead = Minio("127.0.0.1:1", access_key="x", secret_key="y", secure=False,
                  http_client=urllib3.PoolManager(retries=0, timeout=1))
-    monkeypatch.setattr(api, "service", lambda: RegistryService(stack, store=ScriptStore(stack, minio=dead)))
+    monkeypatch.setattr(app(), "registry", RegistryService(stack, store=ScriptStore(stack, minio=dead)))
     resp = alice.call("GET", f"/scripts/{sid}")
     assert resp.status_code == 503 and error_code(resp) == "backend_unavailable"
     assert resp.headers["Retry-After"] == "1"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from customscripts.app import app
 from customscripts.auth import decode_token
 from customscripts.errors import Forbidden, NotFound
-from customscripts.registry.api import service
 from tests.integration.registry_support import LISTS, Caller, error_code
 
 pytestmark = [pytest.mark.stack, pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")]
@@ -27,7 +27,7 @@ def run(caller: Caller, script_id: str, version: int | None = None):
 def usable(caller: Caller, script_id: str, version: int) -> bool:
     """Whether the realtime scheduler's per-event check lets `caller` run it (RegistryService)."""
     try:
-        service().check_execution(decode_token(caller.token), script_id, version)
+        app().registry.check_execution(decode_token(caller.token), script_id, version)
     except (Forbidden, NotFound):
         return False
     return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from customscripts.errors import Unprocessable
+from customscripts.errors import Invalid
 from customscripts.faas.naming import function_name, is_dns1123, label_value
 
 
@@ -42,13 +42,13 @@ def test_many_long_ids_do_not_collide() -> None:
 
 @pytest.mark.parametrize("bad", ["../x", "A", "a/b", "", "a\x00"])
 def test_invalid_ids_rejected(bad: str) -> None:
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         function_name(bad, 1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "1.0", True])
 def test_invalid_versions_rejected(bad: object) -> None:
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         function_name("abc", bad)  # type: ignore[arg-type]
 
 

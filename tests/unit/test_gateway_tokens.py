@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from customscripts.config import settings
-from customscripts.errors import Unauthorized, Unprocessable
+from customscripts.errors import Invalid, Unauthenticated
 from customscripts.gateway.tokens import mint_execution_token, verify_execution_token
 from customscripts.outputs import params_hash
 
@@ -39,7 +39,7 @@ def test_readable_versions_follow_the_closure_and_include_the_script_itself():
 
 def test_expired_token_is_rejected():
     token = _mint(ttl_s=10, now=1_000.0)
-    with pytest.raises(Unauthorized) as err:
+    with pytest.raises(Unauthenticated) as err:
         verify_execution_token(token)
     assert err.value.code == "token_expired"
 
@@ -49,7 +49,7 @@ def test_tampered_payload_is_rejected():
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     claims["tenant"] = "victim"
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    with pytest.raises(Unauthorized) as err:
+    with pytest.raises(Unauthenticated) as err:
         verify_execution_token(f"{header}.{forged}.{signature}")
     assert err.value.code == "invalid_token"
 
@@ -60,20 +60,20 @@ def test_token_signed_with_another_secret_or_audience_is_rejected():
     user_token = jwt.encode({"sub": "alice", "tenant": "acme", "tier": "pro", "exp": 4_000_000_000},
                             cfg.jwt_secret, algorithm="HS256")
     for token in (user_token, "", "not-a-jwt", _mint().replace(".", "x", 1)):
-        with pytest.raises(Unauthorized):
+        with pytest.raises(Unauthenticated):
             verify_execution_token(token)
 
 
 def test_alg_none_is_rejected():
     unsigned = jwt.encode({"sub": "alice", "aud": "customscripts-gateway"}, None, algorithm="none")
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_execution_token(unsigned)
 
 
 def test_minting_validates_ids():
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         _mint(script_id="../etc")
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         _mint(deps=["ok@0"])
 
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 from waitress.server import create_server
 
-from customscripts.http import Event, KeepAlivePool, LocalServer, json_response, python3_http_result
+from customscripts.http import Event, KeepAlivePool, LocalServer, http_status, json_response, python3_http_result
 from tests.python3_http_reference import flask_app
 
 
@@ -117,12 +117,12 @@ def test_binary_bodies_go_out_as_sent(servers):
     (b"\xff\xfe{", "invalid_json"),
 ])
 def test_parse_json_refuses_what_is_not_strict_bounded_json(text, code):
-    from customscripts.errors import BadRequest
+    from customscripts.errors import Malformed
     from customscripts.http import parse_json
 
-    with pytest.raises(BadRequest) as err:
+    with pytest.raises(Malformed) as err:
         parse_json(text if isinstance(text, bytes) else text.encode())
-    assert err.value.code == code and err.value.status == 400
+    assert err.value.code == code and http_status(err.value) == 400
 
 
 def test_parse_json_takes_json_up_to_the_depth_limit():

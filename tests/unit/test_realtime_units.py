@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from customscripts.auth import Principal
-from customscripts.errors import Unauthorized, Unprocessable
+from customscripts.errors import Invalid, Unauthenticated
 from customscripts.gateway.tokens import mint_execution_token, verify_execution_token
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.realtime.prefetch import Window, encode, jsonb_normal, output_entry
@@ -44,7 +44,7 @@ def test_candle_close_and_timer_events_parse():
                                   b'{"instrument_key": "GOOG", "timeframe": "1d", "time": "NaN"}',
                                   b'{"instrument_key": "GOOG", "timeframe": "1d", "time": 0, "end_time": 0}'])
 def test_malformed_events_are_rejected(body):
-    with pytest.raises((ValueError, Unprocessable, KeyError)):
+    with pytest.raises((ValueError, Invalid, KeyError)):
         parse_event("s", body)
 
 
@@ -192,9 +192,9 @@ def test_prefetch_mac_binds_function_tenant_items_and_expiry():
            ("cs-fn-v1", "t1", items, "tok", {**signed, "exp": signed["exp"] + 100}),
            ("cs-fn-v1", "t1", items, "tok", sign_prefetch("cs-fn-v1", "t1", items, "tok", "{}", secret="wrong"))]
     for fn, tenant, its, tok, pf in bad:
-        with pytest.raises(Unauthorized):
+        with pytest.raises(Unauthenticated):
             verify_prefetch(pf, fn, tenant, its, tok)
-    with pytest.raises(Unauthorized, match="expired"):
+    with pytest.raises(Unauthenticated, match="expired"):
         verify_prefetch(signed, "cs-fn-v1", "t1", items, "tok", now=signed["exp"] + 1)
 
 

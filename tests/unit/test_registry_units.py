@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from customscripts.auth import Principal, decode_token, issue_user_token, principal_from_request
 from customscripts.config import settings
-from customscripts.errors import PayloadTooLarge, Unauthorized, Unprocessable
-from customscripts.http import Event, Request
+from customscripts.errors import Invalid, TooLarge, Unauthenticated
+from customscripts.http import Event, Request, http_status
 from customscripts.permissions import Denied, check_can_use, check_dependency_closure
 from customscripts.registry import store
 from customscripts.registry.models import DraftCreate, Permissions, ScriptMeta, parse_dependency
@@ -36,7 +36,7 @@ def test_token_round_trip():
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Basic dTpw", "Bearer not.a.jwt", "Bearer " + "a" * 9000])
 def test_malformed_headers_are_401(header):
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         principal_from_request(_req({} if header is None else {"Authorization": header}))
 
 
@@ -54,7 +54,7 @@ def test_expired_forged_and_unsigned_tokens_are_401():
         jwt.encode({**base, "teams": ["a/b"]}, settings().jwt_secret, algorithm="HS256"),
     ]
     for token in bad:
-        with pytest.raises(Unauthorized):
+        with pytest.raises(Unauthenticated):
             decode_token(token)
 
 
@@ -99,7 +99,7 @@ def test_check_can_use(who, subscribed, listed, expected):
     else:
         with pytest.raises(Denied) as err:
             check_can_use(P[who], meta, 1, subscribed=subscribed)
-        assert err.value.code == expected and err.value.status == 403
+        assert err.value.code == expected and http_status(err.value) == 403
         assert err.value.hidden == (expected == "not_entitled" and P[who].tenant != "acme")
 
 
@@ -160,7 +160,7 @@ def test_keys_follow_the_layout_and_refuse_bad_segments():
     assert store.key("u", "s", "draft", "script.py") == "scripts/u/s/draft/script.py"
     for owner, sid, ver in [("..", "s", 1), ("u", "a/b", 1), ("u", "s", "../1"), ("u\x00", "s", 1),
                             ("u", "\u0455", 1), ("u", "s", "\uff11")]:
-        with pytest.raises(Unprocessable):
+        with pytest.raises(Invalid):
             store.key(owner, sid, ver, "script.py")
 
 
@@ -170,23 +170,23 @@ def test_keys_follow_the_layout_and_refuse_bad_segments():
 def test_source_checks():
     check_source("def run(ctx):\n    return 1\n")
     check_source("def run(ctx, *, scale=1):\n    return scale\n")
-    with pytest.raises(Unprocessable) as err:
+    with pytest.raises(Invalid) as err:
         check_source("def run(ctx):\n  x = = 1\n")
     assert err.value.details["line"] == 2 and err.value.details["column"] >= 1
-    with pytest.raises(Unprocessable, match="run"):
+    with pytest.raises(Invalid, match="run"):
         check_source("def run(a, b):\n    return 1\n")
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         check_source("def run(ctx):\n    return '\ud800'\n")
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(TooLarge):
         check_source("def run(ctx):\n    return 1\n" + "#" * 300_000)
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         check_source("x = " + "(" * 10_000 + ")" * 10_000 + "\ndef run(ctx):\n    return 1\n")
 
 
 def test_schema_checks():
     check_schema({"type": "object", "properties": {"x": {"type": "number"}}}, "input_schema")
     for bad in ({"type": "nope"}, {"pattern": "("}, {"minimum": "1"}, {"$defs": 1}):
-        with pytest.raises(Unprocessable):
+        with pytest.raises(Invalid):
             check_schema(bad, "input_schema")
 
 
@@ -195,7 +195,7 @@ def test_limits_within_tier():
     from customscripts.registry.models import Limits
 
     check_limits(Limits(timeout_ms=tier.timeout_ms), tier)
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         check_limits(Limits(memory_mb=tier.memory_mb + 1), tier)
 
 
@@ -234,9 +234,9 @@ def test_chosen_script_ids_are_per_tenant():
     assert qualify(a, "tenant-b") != a and is_own(qualify(a, "tenant-b"), "tenant-b")
     assert is_own(new_script_id("tenant-a"), "tenant-a") and not is_own(a, "tenant-b")
     assert len(qualify("x" * MAX_CHOSEN_ID, "t")) == 63
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         qualify("x" * (MAX_CHOSEN_ID + 1), "t")
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Invalid):
         qualify("../x", "t")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from customscripts.errors import Unauthorized
+from customscripts.errors import Unauthenticated
 from customscripts.sandbox import (
     ExecutionRequest,
     IsolationUnavailable,
@@ -213,16 +213,16 @@ def test_missing_bwrap_raises_isolation_unavailable(monkeypatch: pytest.MonkeyPa
 def test_invocation_token_roundtrip_and_failures() -> None:
     tok = mint_invocation_token("fn-a", {"user": "u1"}, 30, secret="s")
     assert verify_invocation_token(tok, "fn-a", secret="s")["user"] == "u1"
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_invocation_token(tok, "fn-b", secret="s")
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_invocation_token(tok, "fn-a", secret="other")
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_invocation_token(tok[:-2] + "xx", "fn-a", secret="s")
     old = mint_invocation_token("fn-a", {}, 10, secret="s", now=1000)
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_invocation_token(old, "fn-a", secret="s")
-    with pytest.raises(Unauthorized):
+    with pytest.raises(Unauthenticated):
         verify_invocation_token("garbage", "fn-a", secret="s")
 
 
