@@ -11,7 +11,7 @@ request on the 2-core dev machine, this about 0.05 ms; every execute crosses thr
 `KeepAlivePool` is the matching client: pooled `http.client` connections with TCP_NODELAY, about
 0.05 ms per call against requests' 0.45 ms.
 
-Why one module of ~850 lines: it is one wire format read and written in one place. Three parts, in
+Why one module: (~900 lines) it is one wire format read and written in one place. Three parts, in
 this order: the handler contract and router (`Event`, `Request`, `Router`, `parse_json`), the server
 (`HandlerServer`, `call_handler`, `format_result`) and the client (`ClientConnection`, `KeepAlivePool`);
 the server and the client share the wire layer (`Headers`, the header-line and header-count limits,
