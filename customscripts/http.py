@@ -56,7 +56,6 @@ from customscripts.errors import (
     Unavailable,
     UpstreamFailed,
 )
-from customscripts.text import unstorable
 
 MAX_BODY_BYTES = 1 << 20
 # Arrays and objects nested deeper than this are refused at parse time (400 json_too_deep), so no
@@ -161,9 +160,6 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-_ESCAPED_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
-
-
 def parse_json(data: bytes | str, what: str = "request body", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """JSON sent by an untrusted peer, the one parser for every HTTP body and JSON query parameter.
 
@@ -184,10 +180,6 @@ def parse_json(data: bytes | str, what: str = "request body", max_depth: int = M
         raise Malformed(f"{what} is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if opens > max_depth and json_depth(value, max_depth) > max_depth:
         raise _too_deep(what, max_depth)
-    # NUL and lone surrogates only reach a string through an escape: look only when one is there
-    if _ESCAPED_UNSTORABLE.search(data if raw else data.encode("utf-8", "surrogatepass")) and unstorable(value):
-        raise Malformed(f"{what} holds a NUL character or a lone UTF-16 surrogate, which no store can keep",
-                        code="invalid_text")
     return value
 
 

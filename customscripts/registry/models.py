@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from customscripts import ids
 from customscripts.errors import DomainError
+from customscripts.text import unstorable
 
 MAX_SOURCE_BYTES = 256 * 1024
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -50,6 +51,15 @@ def _text(value: str) -> str:
     if not _TEXT.match(value):
         raise ValueError("text must not contain control characters or lone surrogates")
     return value
+
+
+def _storable_json(value: Any) -> Any:
+    if unstorable(value):
+        raise ValueError("strings must not contain NUL characters or lone surrogates (no store can keep them)")
+    return value
+
+
+StorableParams = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 
 
 def parse_dependency(value: str) -> tuple[str, int]:
@@ -251,7 +261,7 @@ class DeprecateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    reason: Annotated[str, Field(max_length=500)] | None = None
+    reason: Annotated[str, Field(max_length=500), AfterValidator(_storable_json)] | None = None
 
 
 class Deprecation(BaseModel):
@@ -311,5 +321,5 @@ class EvaluationTarget(BaseModel):
 
     instrument_key: str = Field(max_length=64)
     timeframe: str = Field(max_length=8)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: StorableParams = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=999_999_999)
