@@ -37,8 +37,10 @@ another user's, so no user's params can reach an output another user reads. Item
 order: nothing a script read for a later event can be kept for an earlier one.
 
 Failures stay inside their function and tenant. Whether a failure is transient is decided on the
-trusted side only: the supervisor's `retryable` flag (a data gateway outage it saw itself, by type)
-or the invocation itself failing (function unreachable, non-200, malformed answer, wrong result
+trusted side only: the supervisor's `retryable` flag (by the type of what it saw itself: a data
+gateway outage, or a dependency read missing bars not yet published — another replica may be
+publishing T-1 right now; still missing after the attempts, it is final `dependency_failed`, not a
+dead letter) or the invocation itself failing (function unreachable, non-200, malformed answer, wrong result
 count, past its deadline). What a script raises or prints never counts: it is that evaluation's
 `error`. Every answer publishes what succeeded; only the failed items are tried again, up to
 `scheduler_retry_attempts` with exponential backoff, then dead-lettered: status `error` naming the
@@ -831,8 +833,15 @@ class _BatchRun:
         for ev, res in zip(chunk, answer.results, strict=True):
             ev.metrics = {k: res.get(k) for k in ("duration_ms", "cpu_ms", "memory_mb")}
             if res["status"] != "ok" and res.get("retryable") is True:
-                # set by the supervisor only, from a data gateway outage it saw itself
-                if self._retry(ev, "data_source_unavailable", str((res.get("error") or {}).get("message", ""))):
+                # set by the supervisor only, by the type of what it saw: a data gateway outage, or a
+                # dependency's bars not yet published (another replica may be publishing them now)
+                error = res.get("error") or {}
+                if res["status"] == "dependency_failed":
+                    ev.error = {k: v for k, v in error.items() if k != "traceback"}
+                    reason = "dependency_unpublished"
+                else:
+                    reason = "data_source_unavailable"
+                if self._retry(ev, reason, str(error.get("message", ""))):
                     finals.append(ev)
                 continue
             ev.status, ev.error = res["status"], res.get("error")
@@ -862,6 +871,11 @@ class _BatchRun:
         are spent and it was dead-lettered instead."""
         ev.attempts += 1
         if ev.attempts >= self.cfg.scheduler_retry_attempts:
+            if reason == "dependency_unpublished":  # final: what it read is still missing, nothing is lost
+                ev.status = "dependency_failed"
+                ev.error = {**(ev.error or {}), "attempts": ev.attempts,
+                            "message": f"{message[:1000]} (still missing after {ev.attempts} attempt(s))"}
+                return True
             self._give_up(ev, reason, message)
             return True
         backoff = self.cfg.scheduler_retry_backoff_s * 2 ** (ev.attempts - 1)

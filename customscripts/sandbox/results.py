@@ -24,7 +24,8 @@ class ExecutionResult:
     memory_mb: float = 0.0
     stdout: str = ""
     stderr: str = ""
-    # set only by the supervisor, from the type of a failure it saw itself (DataSourceUnavailable):
+    # set only by the supervisor, from the type of a failure it saw itself (DataSourceUnavailable, or a
+    # dependency's bars not yet published: DependencyNotPublished):
     # nothing a script raises or prints can make a result retryable
     retryable: bool = False
     meta: dict = field(default_factory=dict)
