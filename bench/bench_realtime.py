@@ -33,8 +33,9 @@ from customscripts import localstack, outputs
 from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
-from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
-from customscripts.realtime.scheduler import Scheduler, build_evaluator, latency_summary
+from customscripts.realtime.consumer import Scheduler
+from customscripts.realtime.events import ensure_stream, msg_id, subject_for
+from customscripts.realtime.scheduler import build_evaluator, latency_summary
 from customscripts.realtime.service import default_service
 
 # The bench's one tenant subscribes to 10 versions: more than its default share of the function

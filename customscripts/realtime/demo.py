@@ -23,8 +23,9 @@ from customscripts.auth import issue_user_token
 from customscripts.client import ApiError, Client
 from customscripts.config import Settings, settings
 from customscripts.marketdata.replayer import replay
+from customscripts.realtime.consumer import Scheduler
 from customscripts.realtime.publisher import stream_key
-from customscripts.realtime.scheduler import Scheduler, build_evaluator
+from customscripts.realtime.scheduler import build_evaluator
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rsi.py"
 

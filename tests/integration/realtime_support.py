@@ -21,8 +21,9 @@ import psycopg
 import redis
 
 from customscripts.config import Settings
+from customscripts.realtime.consumer import RunStats, Scheduler
 from customscripts.realtime.publisher import latest_key, stream_key
-from customscripts.realtime.scheduler import RunStats, Scheduler, build_evaluator
+from customscripts.realtime.scheduler import build_evaluator
 from tests.waiting import wait_until
 
 
@@ -135,7 +136,7 @@ def publish_candles(cfg: Settings, candles: list[dict]) -> None:
     """What the replayer sends, from candles already in memory (works while PostgreSQL is down)."""
     import nats
 
-    from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
+    from customscripts.realtime.events import ensure_stream, msg_id, subject_for
 
     async def go() -> None:
         nc = await nats.connect(cfg.nats_url, connect_timeout=5)

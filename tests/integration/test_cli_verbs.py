@@ -82,7 +82,8 @@ def test_every_script_verb(author, tmp_path, uid):
 
 
 def test_execute_subscribe_signals_series(author, stack, tmp_path, uid):
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.realtime.events import Event
+    from customscripts.realtime.scheduler import build_evaluator
 
     src = tmp_path / "sma.py"
     src.write_text(SMA)

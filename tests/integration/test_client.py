@@ -64,7 +64,8 @@ def tenant(stack, uid):
 
 
 def test_execute_store_subscribe_signal_and_series(api, stack, uid, tenant):
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.realtime.events import Event
+    from customscripts.realtime.scheduler import build_evaluator
 
     me = client(api, f"author-{uid}", tenant)
     sid = me.create_script(f"sma-{uid}", SMA)["script_id"]

@@ -17,8 +17,9 @@ import pytest
 from customscripts import db
 from customscripts.marketdata.replayer import load_candles
 from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.realtime.events import Event
 from customscripts.realtime.publisher import Publisher
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.scheduler import build_evaluator
 from tests.integration.realtime_support import (
     drop_subscriptions,
     fault_replay,

@@ -13,7 +13,8 @@ import pytest
 
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.outputs import params_hash
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.events import Event
+from customscripts.realtime.scheduler import build_evaluator
 from tests.integration.realtime_support import (
     delete_stream,
     drop_subscriptions,
@@ -300,3 +301,20 @@ def test_realtime_reads_have_their_own_rate_budget(stack, uid):
     assert limiter.check(**who, cost=burst).allowed
     assert not limiter.check(**who).allowed
     assert limiter.check(**who, realtime=True).allowed
+
+
+def test_build_evaluator_uses_the_given_invoker_and_leaves_the_shared_budget_alone(stack):
+    """The evaluator re-checks deployments on its own budget's schedule; the executor's budget (shared
+    with one-time executes) keeps its own setting."""
+    from customscripts.execution import default_executor
+
+    shared = default_executor().invoker
+    before = shared.budget.cache_s
+    evaluator = build_evaluator(stack, invoker=shared)
+    try:
+        own = evaluator.invoker
+        assert own.registry is shared.registry and own.client is shared.client
+        assert own.budget is not shared.budget and own.budget.lru is shared.budget.lru
+        assert shared.budget.cache_s == before and own.budget.cache_s >= 60
+    finally:
+        evaluator.close()

@@ -22,8 +22,9 @@ import pytest
 
 from customscripts.marketdata.replayer import load_candles
 from customscripts.outputs import OutputRow, params_hash
+from customscripts.realtime.events import Event
 from customscripts.realtime.publisher import Publisher
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.scheduler import build_evaluator
 from tests.integration.realtime_support import drop_subscriptions, rows, subscribe
 from tests.integration.registry_support import Caller
 from tests.waiting import wait_until
@@ -67,7 +68,7 @@ def _on_first_retryable(evaluator: Any, script_id: str, action) -> list[int]:
     """Run `action()` inside the first invocation of `script_id` whose answer is retryable, before
     that answer is applied (so the retry certainly comes after it); returns a list counting the
     invocations of `script_id`."""
-    inner = evaluator._invoke
+    inner = evaluator.invocations.invoke
     calls: list[int] = []
     fired = threading.Event()
 
@@ -80,7 +81,7 @@ def _on_first_retryable(evaluator: Any, script_id: str, action) -> list[int]:
                 action()
         return answer
 
-    evaluator._invoke = invoke
+    evaluator.invocations.invoke = invoke
     return calls
 
 

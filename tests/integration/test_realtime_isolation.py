@@ -26,7 +26,8 @@ from customscripts.faas.client import OpenFaaSClient
 from customscripts.faas.naming import function_name
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.outputs import params_hash
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.events import Event
+from customscripts.realtime.scheduler import build_evaluator
 from tests.integration.realtime_support import (
     FunctionKiller,
     delete_stream,

@@ -101,7 +101,8 @@ def run(ctx):
 
 def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
     """The same scripts and events evaluated with and without prefetch publish identical outputs."""
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.realtime.events import Event
+    from customscripts.realtime.scheduler import build_evaluator
     from tests.integration.realtime_support import rows
 
     results = []

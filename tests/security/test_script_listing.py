@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.events import Event
+from customscripts.realtime.scheduler import build_evaluator
 from tests.integration.realtime_support import drop_subscriptions
 from tests.integration.registry_support import LISTS, Caller, error_code
 
