@@ -86,6 +86,7 @@ class Planner:
         self.subscriptions = subscriptions
         self._phashes: dict[int, tuple[dict[str, Any], str]] = {}
         self._principals: dict[int, tuple[dict[str, Any], Principal]] = {}
+        self._closures: dict[tuple[str, int], list[tuple[str, int]]] = {}
 
     def due(self, events: Sequence[Event]) -> list[tuple[Event, Subscription]]:
         assert self.subscriptions is not None, "a planner without subscriptions plans only given `due`"
@@ -140,9 +141,19 @@ class Planner:
             return node
         evals[node] = Evaluation(node, params, principal, closure)
         deps[node] = [self._add(evals, deps, tenant, dep_id, dep_ver, {}, event, principal,
-                                self.registry.resolve_closure(dep_id, dep_ver))
+                                self.closure(dep_id, dep_ver))
                       for dep_id, dep_ver in self.versions.dependencies(script_id, version)]
         return node
+
+    def closure(self, script_id: str, version: int) -> list[tuple[str, int]]:
+        """A published version's dependency closure as RegistryService.resolve_closure gives it (itself
+        last), kept for the process: a published version's closure never changes, and planning asks for
+        it once per dependency and event."""
+        key = (script_id, version)
+        found = self._closures.get(key)
+        if found is None:
+            found = self._closures[key] = self.registry.resolve_closure(script_id, version)
+        return found
 
     def principal(self, sub: Subscription) -> Principal:
         """The subscriber's claims snapshot as a Principal, built once per subscription and snapshot."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 STATUSES = ("ok", "error", "timeout", "invalid_output", "dependency_failed", "denied")
@@ -35,9 +35,12 @@ class ExecutionResult:
         return self.status == "ok"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["meta"]:
-            d.pop("meta")
+        """The wire form (no copy: dataclasses.asdict deep-copied every output, per item of a batch)."""
+        d = {"status": self.status, "output": self.output, "error": self.error, "duration_ms": self.duration_ms,
+             "cpu_ms": self.cpu_ms, "memory_mb": self.memory_mb, "stdout": self.stdout, "stderr": self.stderr,
+             "retryable": self.retryable}
+        if self.meta:
+            d["meta"] = self.meta
         return d
 
 

@@ -353,3 +353,13 @@ def test_batches_are_grouped_per_principal_and_audience():
     groups = {mine.group, theirs.group, shared.group}
     assert len(groups) == 3  # no two of them share a child
     assert mine.group[:5] == ("s", 1, "t", "alice", "pro") and theirs.group[:5] == ("s", 1, "t", "bob", "pro")
+
+
+def test_result_wire_form_has_every_field_and_drops_only_empty_meta():
+    import dataclasses
+
+    from customscripts.sandbox.results import ExecutionResult
+
+    names = {f.name for f in dataclasses.fields(ExecutionResult)}
+    assert set(ExecutionResult("ok", meta={"a": 1}).to_dict()) == names
+    assert set(ExecutionResult("ok").to_dict()) == names - {"meta"}
