@@ -91,6 +91,16 @@ def _dead_letters(cfg, tenant: str, script_id: str) -> int:
                             (tenant, script_id)).fetchone()[0]
 
 
+def _window_chain(owner: Caller, uid: str) -> tuple[str, str]:
+    """A (the close) and B (the sum of A's last three outputs), both subscribed on GOOG 1d."""
+    a, b = owner.sid(f"a-{uid}"), owner.sid(f"b-{uid}")
+    owner.create_published(a, TIMES_A)
+    owner.create_published(b, SUM3.format(a=a), depends_on=[f"{a}@1"])
+    for sid in (a, b):
+        assert subscribe(owner, sid).status_code == 201
+    return a, b
+
+
 def _closes(cfg) -> tuple[list[float], dict[float, float]]:
     candles = load_candles(cfg, "GOOG", "1d", START, None, 6)
     close = {c["end_time"]: float(c["close"]) for c in candles}
@@ -101,11 +111,7 @@ def test_a_window_another_replica_is_still_publishing_is_retried_and_published_r
     """Replica 2 is publishing A at T-1 (held) while replica 1 evaluates B at T, which reads A's last
     three outputs: B's first attempt fails (T-1 missing), T-1 is then published, and the retry
     publishes B at T = A(T-2) + A(T-1) + A(T)."""
-    a, b = owner.sid(f"a-{uid}"), owner.sid(f"b-{uid}")
-    owner.create_published(a, TIMES_A)
-    owner.create_published(b, SUM3.format(a=a), depends_on=[f"{a}@1"])
-    for sid in (a, b):
-        assert subscribe(owner, sid).status_code == 201
+    _a, b = _window_chain(owner, uid)
     times, close = _closes(cfg)
     fast, slow = build_evaluator(cfg), build_evaluator(cfg)
     gate = _GatedPublisher(slow.publisher)
@@ -140,11 +146,7 @@ def test_a_window_another_replica_is_still_publishing_is_retried_and_published_r
 def test_a_window_whose_bar_never_publishes_ends_dependency_failed_after_the_bounded_retries(owner, cfg, uid):
     """A at T-1 is never published: B at T is tried scheduler_retry_attempts times, then is
     `dependency_failed` naming A and the missing bar end; no row, no dead letter, A at T published."""
-    a, b = owner.sid(f"a-{uid}"), owner.sid(f"b-{uid}")
-    owner.create_published(a, TIMES_A)
-    owner.create_published(b, SUM3.format(a=a), depends_on=[f"{a}@1"])
-    for sid in (a, b):
-        assert subscribe(owner, sid).status_code == 201
+    a, b = _window_chain(owner, uid)
     times, _close = _closes(cfg)
     evaluator = build_evaluator(cfg)
     calls = _on_first_retryable(evaluator, b, lambda: None)
