@@ -35,8 +35,9 @@ from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
 from customscripts.local import stack as localstack
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
-from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
-from customscripts.realtime.scheduler import Scheduler, build_evaluator, latency_summary
+from customscripts.realtime.consumer import Scheduler
+from customscripts.realtime.events import ensure_stream, msg_id, subject_for
+from customscripts.realtime.scheduler import latency_summary
 
 # The bench's one tenant subscribes to 10 versions: more than its default share of the function
 # budget (a third of it, customscripts/faas/budget.py), so it is given that share here.
@@ -110,7 +111,7 @@ async def publish_ticks(cfg, instruments: list[str], times: list[float], interva
 
 def run_phase(cfg, instruments: list[str], times: list[float], interval: float | None,
               prefetch: bool = True) -> dict:
-    evaluator = build_evaluator(cfg)
+    evaluator = app().evaluator(cfg)
     evaluator.prefetch = prefetch
     timings: dict[str, float] = {}
     process = evaluator.process

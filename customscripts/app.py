@@ -12,6 +12,7 @@ nothing here) and shared by the process's threads, as the pools and clients insi
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import redis
@@ -22,8 +23,9 @@ from customscripts.execution import ExecuteSlots, Executor, Invoker, OnetimeResu
 from customscripts.faas.budget import FunctionBudget, RedisLru
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.outputs import OutputStore
+from customscripts.realtime.evaluator import Evaluator
+from customscripts.realtime.prefetch import MarketWindows
 from customscripts.realtime.publisher import Publisher
-from customscripts.realtime.scheduler import BUDGET_RECHECK_S, Evaluator, build_evaluator
 from customscripts.realtime.service import RealtimeService
 from customscripts.realtime.subscriptions import SubscriptionStore
 from customscripts.registry.service import RegistryService
@@ -57,23 +59,17 @@ class App:
     def outputs(self) -> OutputStore:
         return OutputStore(db.pool())
 
-    def budget(self, *, cache_s: float | None = None) -> FunctionBudget:
-        """A function budget over the shared LRU in Redis; `cache_s`: how long a deployment check is
-        trusted (the scheduler's evaluator trusts it longer: its versions are pinned)."""
+    @functools.cached_property
+    def invoker(self) -> Invoker:
+        """A version's function: deployed within the function budget (its LRU shared in Redis), invoked."""
         client = OpenFaaSClient(self.cfg.provider_url, self.cfg.openfaas_user, self.cfg.openfaas_password)
-        budget = FunctionBudget(client, lru=RedisLru(redis.Redis(host=self.cfg.redis_host, port=self.cfg.redis_port)),
-                                pinned=self.subscriptions.pinned_functions)
-        if cache_s is not None:
-            budget.cache_s = max(budget.cache_s, cache_s)
-        return budget
-
-    def invoker(self, *, cache_s: float | None = None) -> Invoker:
-        budget = self.budget(cache_s=cache_s)
-        return Invoker(self.registry, budget.client, budget, self.cfg)
+        lru = RedisLru(redis.Redis(host=self.cfg.redis_host, port=self.cfg.redis_port))
+        budget = FunctionBudget(client, lru=lru, pinned=self.subscriptions.pinned_functions)
+        return Invoker(self.registry, client, budget, self.cfg)
 
     @functools.cached_property
     def executor(self) -> Executor:
-        return Executor(self.invoker(), OnetimeResults(db.pool()), ExecuteSlots(self.cfg))
+        return Executor(self.invoker, OnetimeResults(db.pool()), ExecuteSlots(self.cfg))
 
     @functools.cached_property
     def history(self) -> History:
@@ -84,13 +80,33 @@ class App:
     @functools.cached_property
     def realtime(self) -> RealtimeService:
         return RealtimeService(self.registry, self.subscriptions, self.outputs, self.redis, self.cfg,
-                               invoker=self.executor.invoker, history=self.history)
+                               invoker=self.invoker, history=self.history)
 
     def evaluator(self, cfg: Settings | None = None) -> Evaluator:
-        """A realtime evaluator with an invoker of its own. Its versions have live subscriptions, which
-        the budget never evicts; one that vanished anyway answers 404 and is redeployed, so re-checking
-        the deployment every few seconds buys nothing here (BUDGET_RECHECK_S)."""
-        return build_evaluator(cfg or self.cfg, invoker=self.invoker(cache_s=BUDGET_RECHECK_S))
+        """A realtime evaluator (`cfg`: the scheduler's settings, default the process's): the shared
+        invoker seen through a budget of its own, pooled PostgreSQL, the Redis publisher, the candle
+        windows through the gateway's read-only role."""
+        cfg = cfg or self.cfg
+        market = MarketWindows(db.pool(cfg.pg_reader_dsn, max_size=2))
+        return Evaluator(with_own_budget(self.invoker), self.subscriptions, Publisher(self.redis, self.outputs), cfg,
+                         market=market)
+
+
+# The scheduler invokes versions with live subscriptions, which the budget never evicts; a function that
+# vanished anyway (another replica, a provider restart) answers 404 and the Invoker redeploys it. So
+# re-checking the deployment every 2 s (the budget's default: a Redis lock plus a function list per
+# version, serialising the invoking threads) buys nothing there.
+BUDGET_RECHECK_S = 60.0
+
+
+def with_own_budget(invoker: Invoker) -> Invoker:
+    """The same Invoker (registry, client, endpoints, the budget's state in Redis and its memory of
+    what is deployed) whose budget re-checks deployments only every BUDGET_RECHECK_S: a shallow copy
+    of it and of its budget, so the executor's budget keeps its own setting."""
+    own = copy.copy(invoker)
+    own.budget = copy.copy(invoker.budget)
+    own.budget.cache_s = max(invoker.budget.cache_s, BUDGET_RECHECK_S)
+    return own
 
 
 @functools.cache

@@ -381,7 +381,7 @@ class Settings:
     pod_metrics_port: int = field(default_factory=lambda: _env_int("CS_POD_METRICS_PORT", 9464))
     scheduler_timer_subject: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMER_SUBJECT", "cs.timer"))
     scheduler_timers: str = field(default_factory=lambda: _env("CS_SCHEDULER_TIMERS", ""))  # e.g. "1m,1h"
-    # Failures stay inside their function and tenant (customscripts/realtime/scheduler.py, "Failures"):
+    # Failures stay inside their function and tenant (customscripts/realtime/batchrun.py):
     # an evaluation whose invocation failed, or whose result the supervisor marked retryable, is tried
     # at most this many times in its batch, waiting backoff_s, doubled each time, up to backoff_max_s;
     # then it is dead-lettered and its events are acknowledged.

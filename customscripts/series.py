@@ -2,7 +2,7 @@
 
 Why: a built-in indicator has a history from the start; a custom one had only what realtime
 published since its subscription. Both runs here compute exactly what realtime would have computed
-at each bar end, because they *are* the realtime evaluator (customscripts/realtime/scheduler.py):
+at each bar end, because they *are* the realtime evaluator (customscripts/realtime/evaluator.py):
 one evaluation per (bar end, script version, params), its dependencies added for the same bar end
 with params `{}` and run first, its execution token as of that bar end (customscripts/bartime.py:
 the bar is visible then, never before), items batched per function in event-time order into
@@ -44,9 +44,11 @@ from customscripts.execution import Executor, canonical_hash
 from customscripts.inputs import parse_body
 from customscripts.outputs import OutputRow, params_hash
 from customscripts.permissions import tier_of
+from customscripts.realtime.evaluator import Evaluator
+from customscripts.realtime.events import Event
 from customscripts.realtime.prefetch import MarketWindows
 from customscripts.realtime.publisher import DeadLetter, Publisher
-from customscripts.realtime.scheduler import BatchReport, Evaluator, Event
+from customscripts.realtime.recording import BatchReport
 from customscripts.realtime.subscriptions import Subscription, principal_snapshot
 from customscripts.registry.models import EvaluationTarget
 

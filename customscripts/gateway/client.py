@@ -31,6 +31,7 @@ from customscripts.sandbox.datasource import (
     DataDenied,
     DataSourceUnavailable,
     DeadlineExceeded,
+    DependencyNotPublished,
     DependencyUnavailable,
     read_deadline,
 )
@@ -234,16 +235,25 @@ class GatewayClient:
 
     def _raise_final(self, call: str, response: RawReply, script_id: str | None) -> None:
         status, message = response.status, _error_message(response)
-        code = ""
+        error: dict = {}
         with contextlib.suppress(ValueError, AttributeError):
-            code = response.json().get("error", {}).get("code", "")
-        if status == 404 and code == "no_output" and script_id:
+            error = response.json().get("error", {})
+        if status == 404 and error.get("code") == "no_output" and script_id:
+            missing = (error.get("details") or {}).get("missing_bar_ends")
+            if isinstance(missing, list) and missing and all(_is_number(t) for t in missing):
+                # a realtime read whose series is not complete up to the event: maybe still in flight
+                raise DependencyNotPublished(script_id, [float(t) for t in missing],
+                                             str(error.get("message") or "")[:300] or None)
             raise DependencyUnavailable(script_id)
         if status in (401, 403):
             raise DataDenied(f"data gateway at {self.base_url} denied {call}: {message}")
         if status in (400, 422):
             raise DataRequestError(f"{call} rejected by the data gateway: {message}")
         raise DataAccessError(f"data gateway at {self.base_url} failed {call}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _window(limit: int | None, start: float | None, end: float | None) -> dict[str, Any]:

@@ -64,10 +64,11 @@ def _publish_realtime(cfg: Settings, client: Client, script_id: str, times: list
     """Evaluate `script_id` for GOOG 1d closes at `times` the way the scheduler does on a candle close
     (subscription, evaluation, publish), then drop the subscription. A one-time execute never writes
     a script's history: the realtime publish is the value of record for its event."""
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.app import app
+    from customscripts.realtime.events import Event
 
     sub = client.subscribe(script_id, instrument_key="GOOG", timeframe="1d", backfill=0)
-    evaluator = build_evaluator(cfg)
+    evaluator = app().evaluator(cfg)
     try:
         evaluator.process([Event("GOOG", "1d", t) for t in times])
     finally:

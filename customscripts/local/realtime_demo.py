@@ -19,12 +19,13 @@ from pathlib import Path
 
 import redis
 
+from customscripts.app import app
 from customscripts.auth import issue_user_token
 from customscripts.client import Client, DomainError
 from customscripts.config import Settings, settings
 from customscripts.marketdata.replayer import replay
+from customscripts.realtime.consumer import Scheduler
 from customscripts.realtime.publisher import stream_key
-from customscripts.realtime.scheduler import Scheduler, build_evaluator
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rsi.py"
 
@@ -43,7 +44,7 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
     sub = api.subscribe(sid, instrument_key=instrument_key, timeframe=timeframe, params={"period": 14},
                          backfill=0)  # the demo shows live outputs
     echo(f"[realtime] subscribed {sid}@1 on {instrument_key} {timeframe} (subscription {sub['id']})")
-    evaluator = build_evaluator(cfg)
+    evaluator = app().evaluator(cfg)
     scheduler = Scheduler(evaluator, cfg)
     worker = threading.Thread(target=lambda: asyncio.run(scheduler.run(until=lambda s: s.events >= limit,
                                                                        idle_exit_s=30)), daemon=True)

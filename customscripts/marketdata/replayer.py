@@ -1,11 +1,9 @@
 """Replay stored candles as candle-close events on NATS JetStream, at a chosen speed.
 
-Subjects are `{nats_subject_prefix}.{instrument}.{timeframe}` on stream `nats_stream`; the message is
-the JSON candle `{instrument_key, timeframe, time (its start, epoch s), end_time, open, high, low, close,
-volume}`: a candle closes at its end, so that is when it is sent and what the event's time is
-(customscripts/bartime.py); `start`/`end` select candles by their end. It carries a
-`Nats-Msg-Id` header of the event identity, so JetStream drops a re-sent event inside its duplicate
-window and consumers can dedupe outside it. This is how the local stack feeds the realtime scheduler.
+A producer of the market event stream whose contract (subjects, message ids, the stream) is
+customscripts/realtime/events.py: each candle is sent at its end, as the JSON candle with its
+`Nats-Msg-Id`; `start`/`end` select candles by their end (customscripts/bartime.py). This is how the
+local stack feeds the realtime scheduler.
 """
 
 from __future__ import annotations
@@ -20,32 +18,7 @@ import psycopg
 
 from customscripts import ids
 from customscripts.config import Settings, settings
-
-DUPLICATE_WINDOW_S = 600
-
-
-def subject_for(cfg: Settings, instrument_key: str, timeframe: str) -> str:
-    """NATS subject of an instrument's candle closes. '.' splits subject tokens, so it becomes '~'
-    (which instrument keys cannot contain); the payload always carries the real instrument key."""
-    ids.instrument_key(instrument_key)
-    ids.timeframe(timeframe)
-    return f"{cfg.nats_subject_prefix}.{instrument_key.replace('.', '~')}.{timeframe}"
-
-
-def msg_id(instrument_key: str, timeframe: str, epoch: float) -> str:
-    return f"candle:{instrument_key}:{timeframe}:{epoch:.0f}"
-
-
-async def ensure_stream(js, cfg: Settings) -> None:
-    """Create the market stream if missing; an existing stream (maybe made by the scheduler) is left as is."""
-    from nats.js.api import StreamConfig
-    from nats.js.errors import NotFoundError
-
-    try:
-        await js.stream_info(cfg.nats_stream)
-    except NotFoundError:
-        await js.add_stream(StreamConfig(name=cfg.nats_stream, subjects=[f"{cfg.nats_subject_prefix}.>"],
-                                         duplicate_window=DUPLICATE_WINDOW_S))
+from customscripts.realtime.events import ensure_stream, msg_id, subject_for
 
 
 @dataclass(frozen=True)

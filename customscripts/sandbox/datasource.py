@@ -18,6 +18,17 @@ class DependencyUnavailable(Exception):
         self.script_id = script_id
 
 
+class DependencyNotPublished(DependencyUnavailable):
+    """A realtime read of a dependency found its series incomplete as of the event: the gateway named
+    the bar ends (`bars`, epoch s) without an output. Another replica may still be publishing them, so
+    the evaluation is retryable; the scheduler tries it again within its bounded attempts before the
+    evaluation is final `dependency_failed`."""
+
+    def __init__(self, script_id: str, bars: list[float], message: str | None = None) -> None:
+        super().__init__(script_id, message)
+        self.bars = bars
+
+
 class DataAccessError(Exception):
     """The data source failed after retries; the execution fails with status error."""
 

@@ -29,6 +29,7 @@ from .datasource import (
     DataSource,
     DataSourceUnavailable,
     DeadlineExceeded,
+    DependencyNotPublished,
     DependencyUnavailable,
     read_deadline,
 )
@@ -203,12 +204,18 @@ def apply_data_failure(res: ExecutionResult, failures: list[BaseException]) -> N
             res.status = "denied"
             res.error = {"type": "DataDenied", "message": str(exc) or "read denied", "traceback": traceback}
             return
-    for exc in failures:
-        if isinstance(exc, DependencyUnavailable):
-            res.status = "dependency_failed"
-            res.error = {"type": "DependencyUnavailable", "message": str(exc), "dependency": exc.script_id,
-                         "traceback": traceback}
-            return
+    missing = [exc for exc in failures if isinstance(exc, DependencyUnavailable)]
+    if missing:
+        first = missing[0]
+        res.status = "dependency_failed"
+        res.error = {"type": type(first).__name__, "message": str(first), "dependency": first.script_id,
+                     "traceback": traceback}
+        # only bars the gateway named as not (yet) published: the scheduler tries it again (by type)
+        res.retryable = all(isinstance(e, DependencyNotPublished) for e in missing)
+        if res.retryable:
+            res.error["missing_bar_ends"] = sorted({t for e in missing if isinstance(e, DependencyNotPublished)
+                                                    for t in e.bars})[:10]
+        return
     exc = failures[-1]
     res.error = {"type": "DataAccessError", "message": str(exc), "traceback": traceback}
     res.retryable = isinstance(exc, DataSourceUnavailable)  # by type, from what this side saw

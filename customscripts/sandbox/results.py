@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from customscripts.text import unstorable
@@ -26,7 +26,8 @@ class ExecutionResult:
     memory_mb: float = 0.0
     stdout: str = ""
     stderr: str = ""
-    # set only by the supervisor, from the type of a failure it saw itself (DataSourceUnavailable):
+    # set only by the supervisor, from the type of a failure it saw itself (DataSourceUnavailable, or a
+    # dependency's bars not yet published: DependencyNotPublished):
     # nothing a script raises or prints can make a result retryable
     retryable: bool = False
     meta: dict = field(default_factory=dict)
@@ -36,9 +37,12 @@ class ExecutionResult:
         return self.status == "ok"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["meta"]:
-            d.pop("meta")
+        """The wire form (no copy: dataclasses.asdict deep-copied every output, per item of a batch)."""
+        d = {"status": self.status, "output": self.output, "error": self.error, "duration_ms": self.duration_ms,
+             "cpu_ms": self.cpu_ms, "memory_mb": self.memory_mb, "stdout": self.stdout, "stderr": self.stderr,
+             "retryable": self.retryable}
+        if self.meta:
+            d["meta"] = self.meta
         return d
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import psycopg
 import redis
 
+from customscripts.app import app
 from customscripts.config import Settings
+from customscripts.realtime.consumer import RunStats, Scheduler
 from customscripts.realtime.publisher import latest_key, stream_key
-from customscripts.realtime.scheduler import RunStats, Scheduler, build_evaluator
 from tests.waiting import wait_until
 
 
@@ -65,7 +66,7 @@ def delete_stream(cfg: Settings) -> None:
 
 def run_scheduler(cfg: Settings, events: int, idle_exit_s: float = 60.0) -> RunStats:
     """Run one in-process replica until it has acknowledged `events` events (or idles out)."""
-    evaluator = build_evaluator(cfg)
+    evaluator = app().evaluator(cfg)
     try:
         return asyncio.run(Scheduler(evaluator, cfg).run(until=lambda s: s.events >= events,
                                                          idle_exit_s=idle_exit_s))
@@ -135,7 +136,7 @@ def publish_candles(cfg: Settings, candles: list[dict]) -> None:
     """What the replayer sends, from candles already in memory (works while PostgreSQL is down)."""
     import nats
 
-    from customscripts.marketdata.replayer import ensure_stream, msg_id, subject_for
+    from customscripts.realtime.events import ensure_stream, msg_id, subject_for
 
     async def go() -> None:
         nc = await nats.connect(cfg.nats_url, connect_timeout=5)

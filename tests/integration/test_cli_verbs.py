@@ -82,7 +82,8 @@ def test_every_script_verb(author, tmp_path, uid):
 
 
 def test_execute_subscribe_signals_series(author, stack, tmp_path, uid):
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.app import app
+    from customscripts.realtime.events import Event
 
     src = tmp_path / "sma.py"
     src.write_text(SMA)
@@ -96,7 +97,7 @@ def test_execute_subscribe_signals_series(author, stack, tmp_path, uid):
     subs = author.json("subscriptions")["subscriptions"]
     assert len(subs) == 1
     assert author("subscriptions", "--script", f"s-{uid}")[0].splitlines()[0].split()[:2] == ["ID", "SCRIPT"]
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         evaluator.process([Event("GOOG", "1d", 1357084800.0)])  # the close of 2013-01-02
     finally:

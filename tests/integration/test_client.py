@@ -64,7 +64,8 @@ def tenant(stack, uid):
 
 
 def test_execute_store_subscribe_signal_and_series(api, stack, uid, tenant):
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.app import app
+    from customscripts.realtime.events import Event
 
     me = client(api, f"author-{uid}", tenant)
     sid = me.create_script(f"sma-{uid}", SMA)["script_id"]
@@ -78,7 +79,7 @@ def test_execute_store_subscribe_signal_and_series(api, stack, uid, tenant):
     with pytest.raises(NotFound) as no_signal:
         me.signal("GOOG", sid, timeframe="1d")
     assert no_signal.value.code == "no_signal"
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         evaluator.process([Event("GOOG", "1d", AT)])
     finally:

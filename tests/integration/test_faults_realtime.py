@@ -15,10 +15,11 @@ import psycopg
 import pytest
 
 from customscripts import db
+from customscripts.app import app
 from customscripts.marketdata.replayer import load_candles
 from customscripts.outputs import OutputRow, OutputStore, params_hash
+from customscripts.realtime.events import Event
 from customscripts.realtime.publisher import Publisher
-from customscripts.realtime.scheduler import Event, build_evaluator
 from tests.integration.realtime_support import (
     drop_subscriptions,
     fault_replay,
@@ -132,7 +133,7 @@ def test_dependent_never_reads_a_window_with_a_bar_another_replica_is_still_publ
     candles = load_candles(stack, "GOOG", "1d", START, None, 6)
     close = {c["end_time"]: float(c["close"]) for c in candles}
     times = sorted(close)
-    fast, slow = build_evaluator(stack), build_evaluator(stack)
+    fast, slow = app().evaluator(stack), app().evaluator(stack)
     slow.publisher = _DelayedPublisher(slow.publisher, 3.0)
     try:
         fast.process([Event("GOOG", "1d", t) for t in times[:4]])  # history up to T-2
@@ -172,7 +173,7 @@ def test_dependency_read_at_an_event_never_returns_an_older_point(owner, stack, 
     times = [c["end_time"] for c in candles]
     for sid in (a, b_latest, b_window):
         assert subscribe(owner, sid).status_code == 201
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     evaluator.prefetch = False  # every read through gateway-fn
     try:
         evaluator.process([Event("GOOG", "1d", t) for t in times[:3]])

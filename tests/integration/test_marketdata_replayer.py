@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import psycopg
 
 from customscripts.marketdata.loader import CsvRow, load_rows
-from customscripts.marketdata.replayer import msg_id, replay, subject_for
+from customscripts.marketdata.replayer import replay
+from customscripts.realtime.events import msg_id, subject_for
 
 T0 = 1_700_000_000.0
 

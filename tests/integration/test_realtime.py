@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from customscripts.app import app
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.outputs import params_hash
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.events import Event
 from tests.integration.realtime_support import (
     delete_stream,
     drop_subscriptions,
@@ -207,7 +208,7 @@ def test_failed_dependency_marks_dependents_and_never_reuses_a_stale_value(alice
                            depends_on=[f"{base}@1"])
     assert subscribe(alice, dep).status_code == 201
     times = sorted(closes(stack, "GOOG", "1d", GOOG_START, 6))
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         report = evaluator.process([Event("GOOG", "1d", t) for t in times])
     finally:
@@ -236,7 +237,7 @@ def test_lost_entitlement_takes_effect_on_the_next_evaluation(api, uid, stack):
     try:
         assert subscribe(buyer, sid).status_code == 201
         times = sorted(closes(stack, "GOOG", "1d", GOOG_START, 2))
-        evaluator = build_evaluator(stack)
+        evaluator = app().evaluator(stack)
         try:
             first = evaluator.process([Event("GOOG", "1d", times[0])])
             assert first.statuses == {"ok": 1}
@@ -263,7 +264,7 @@ def test_timeout_is_confined_to_its_own_evaluations(alice, uid, stack):
     assert subscribe(alice, slow).status_code == 201
     assert subscribe(alice, fast).status_code == 201
     times = sorted(closes(stack, "GOOG", "1d", GOOG_START, 2))
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         report = evaluator.process([Event("GOOG", "1d", t) for t in times])
     finally:
@@ -277,7 +278,7 @@ def test_redelivered_events_publish_once(alice, uid, stack):
     alice.create_published(sid, LAST_CLOSE)
     assert subscribe(alice, sid).status_code == 201
     events = [Event("GOOG", "1d", t) for t in sorted(closes(stack, "GOOG", "1d", GOOG_START, 5))]
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         assert evaluator.process(events).published == 5
         assert evaluator.process(events).published == 0  # the same events again: nothing new goes out
@@ -300,3 +301,18 @@ def test_realtime_reads_have_their_own_rate_budget(stack, uid):
     assert limiter.check(**who, cost=burst).allowed
     assert not limiter.check(**who).allowed
     assert limiter.check(**who, realtime=True).allowed
+
+
+def test_an_evaluator_uses_the_shared_invoker_and_leaves_the_executors_budget_alone(stack):
+    """The evaluator re-checks deployments on its own budget's schedule; the executor's budget (shared
+    with one-time executes) keeps its own setting."""
+    shared = app().executor.invoker
+    before = shared.budget.cache_s
+    evaluator = app().evaluator(stack)
+    try:
+        own = evaluator.invoker
+        assert own.registry is shared.registry and own.client is shared.client
+        assert own.budget is not shared.budget and own.budget.lru is shared.budget.lru
+        assert shared.budget.cache_s == before and own.budget.cache_s >= 60
+    finally:
+        evaluator.close()

@@ -13,7 +13,7 @@ import pytest
 
 from customscripts.local import stack as localstack
 from customscripts.marketdata.replayer import load_candles, replay
-from customscripts.realtime.scheduler import RunStats
+from customscripts.realtime.consumer import RunStats
 from tests.integration.realtime_support import (
     delete_stream,
     drop_subscriptions,

@@ -21,12 +21,13 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
+from customscripts.app import app
 from customscripts.faas.client import OpenFaaSClient
 from customscripts.faas.naming import function_name
 from customscripts.local import stack as localstack
 from customscripts.marketdata.replayer import load_candles, replay
 from customscripts.outputs import params_hash
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.realtime.events import Event
 from tests.integration.realtime_support import (
     FunctionKiller,
     delete_stream,
@@ -222,7 +223,7 @@ def test_open_breaker_skips_the_function_until_its_cool_down_then_probes_once(te
     good.create_published(plain, LAST_CLOSE)
     subscribed(hostile, slow)
     subscribed(good, plain)
-    evaluator = build_evaluator(dataclasses.replace(stack, scheduler_breaker_strikes=2,
+    evaluator = app().evaluator(dataclasses.replace(stack, scheduler_breaker_strikes=2,
                                                     scheduler_breaker_cooldown_s=60))
     now = [time.monotonic()]
     evaluator.breakers.clock = lambda: now[0]
@@ -258,7 +259,7 @@ def test_function_mixing_timeouts_into_ok_answers_is_cut_off_too(tenants, stack,
     subscribed(good, plain)
     times = sorted(closes(stack, 24))
     strikes = stack.scheduler_breaker_strikes
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     statuses: list[list[str]] = []
     try:
         for k in range(3):

@@ -101,7 +101,8 @@ def run(ctx):
 
 def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
     """The same scripts and events evaluated with and without prefetch publish identical outputs."""
-    from customscripts.realtime.scheduler import Event, build_evaluator
+    from customscripts.app import app
+    from customscripts.realtime.events import Event
     from tests.integration.realtime_support import rows
 
     results = []
@@ -114,7 +115,7 @@ def test_prefetch_changes_nothing_but_speed(api_callers, stack) -> None:
             resp = caller.call("POST", f"/scripts/{sid}/subscribe", {"instrument_key": "GOOG", "timeframe": "1d",
                                                                      "backfill": 0})
             assert resp.status_code == 201, resp.text
-        evaluator = build_evaluator(stack)
+        evaluator = app().evaluator(stack)
         evaluator.prefetch = prefetch
         try:
             report = evaluator.process([Event("GOOG", "1d", t) for t in times])

@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from customscripts.realtime.scheduler import Event, build_evaluator
+from customscripts.app import app
+from customscripts.realtime.events import Event
 from tests.integration.realtime_support import drop_subscriptions
 from tests.integration.registry_support import LISTS, Caller, error_code
 
@@ -168,7 +169,7 @@ def test_deprecated_versions_take_no_new_subscriptions_and_running_ones_go_on(ap
     # the running subscription goes on: still listed, still evaluated and published
     subs = member.call("GET", "/subscriptions").json()["subscriptions"]
     assert [s["id"] for s in subs] == [running.json()["id"]]
-    evaluator = build_evaluator(stack)
+    evaluator = app().evaluator(stack)
     try:
         evaluator.process([Event("GOOG", "1d", AT)])
     finally:

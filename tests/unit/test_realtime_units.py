@@ -12,17 +12,13 @@ from customscripts.auth import Principal
 from customscripts.errors import Invalid, Unauthenticated
 from customscripts.gateway.tokens import mint_execution_token, verify_execution_token
 from customscripts.outputs import OutputRow, params_hash
+from customscripts.realtime.batches import BatchData
+from customscripts.realtime.breakers import Breakers
+from customscripts.realtime.evaluator import Evaluator
+from customscripts.realtime.events import Event, parse_event, timeframe_seconds
+from customscripts.realtime.planner import Evaluation, Node, assign_groups
 from customscripts.realtime.prefetch import Window, encode, jsonb_normal, output_entry
-from customscripts.realtime.scheduler import (
-    BatchData,
-    Evaluation,
-    Evaluator,
-    Event,
-    Node,
-    latency_summary,
-    parse_event,
-    timeframe_seconds,
-)
+from customscripts.realtime.scheduler import latency_summary
 from customscripts.sandbox import prefetch as sp
 from customscripts.sandbox.invocation import sign_prefetch, verify_prefetch
 
@@ -239,17 +235,18 @@ def test_scheduler_offers_only_unambiguous_direct_dependency_outputs_of_the_even
     data = BatchData(deps={top.node: [mid, b2, other_time]})
     for node in (mid, b1, b2, other_time):
         data.outputs[node] = {"script_id": node.script_id, "time": node.time}
-    sent = json.loads(evaluator._prefetch("top", 1, "t1", [top], data))
+    sent = json.loads(evaluator.invocations.prefetch("top", 1, "t1", [top], data))
     # mid: yes; b@2: two versions of b are readable (the gateway would choose), so no; another event: no
     assert [o["script_id"] for o in sent["outputs"]] == ["mid"] and sent["tenant"] == "t1"
-    assert evaluator._prefetch("top", 1, "t2", [top], data) is None  # never across tenants
+    assert evaluator.invocations.prefetch("top", 1, "t2", [top], data) is None  # never across tenants
 
 
 def test_batches_run_items_in_event_time_order():
     evaluator = _evaluator({("s", 1): ([], "get_market_data()")})
     evaluator.prefetch, evaluator.market = True, object()  # type: ignore[assignment]
     group = [_eval("t", "s", 1, T0 + DAY * (i % 3), [], key=f"K{i:03d}") for i in range(900, 0, -1)]
-    for chunks in (evaluator._chunks(("s", 1, "t"), group), evaluator._chunks(("s", 1, "t"), group[::-1])):
+    chunked = evaluator.invocations.chunks
+    for chunks in (chunked(("s", 1, "t"), group), chunked(("s", 1, "t"), group[::-1])):
         flat = [ev.node.time for chunk in chunks for ev in chunk]
         assert flat == sorted(flat) and len(flat) == 900
         assert all(len({(e.node.instrument_key, e.node.timeframe) for e in c}) <= 256 for c in chunks)
@@ -284,7 +281,6 @@ def test_breaker_opens_after_strikes_cools_down_probes_and_doubles():
     import dataclasses
 
     from customscripts.config import settings
-    from customscripts.realtime.scheduler import Breakers
 
     cfg = dataclasses.replace(settings(), scheduler_breaker_strikes=2, scheduler_breaker_cooldown_s=10,
                               scheduler_breaker_cooldown_max_s=25, scheduler_max_items=1000)
@@ -324,7 +320,6 @@ def test_breaker_forgives_openings_once_the_function_stays_clean():
     import dataclasses
 
     from customscripts.config import settings
-    from customscripts.realtime.scheduler import Breakers
 
     cfg = dataclasses.replace(settings(), scheduler_breaker_strikes=1, scheduler_breaker_cooldown_s=10,
                               scheduler_breaker_cooldown_max_s=100)
@@ -344,7 +339,6 @@ def test_breaker_forgives_openings_once_the_function_stays_clean():
 
 
 def test_batches_are_grouped_per_principal_and_audience():
-    evaluator = _evaluator({("s", 1): ([], ""), ("dep", 1): ([], "")})
     alice, bob = Principal("alice", "t", "pro", ()), Principal("bob", "t", "pro", ())
 
     def ev(user: Principal, phash: str, sid: str = "s") -> Evaluation:
@@ -354,8 +348,18 @@ def test_batches_are_grouped_per_principal_and_audience():
     mine.audience, theirs.audience, shared.audience = {"alice"}, {"bob"}, {"bob", "carol"}
     evals = {e.node: e for e in (mine, theirs, shared, dep)}
     deps = {theirs.node: [dep.node], shared.node: [dep.node]}
-    evaluator._group(evals, deps)
+    assign_groups(evals, deps)
     assert dep.audience == {"bob", "carol"}  # read by both of its dependents' audiences
     groups = {mine.group, theirs.group, shared.group}
     assert len(groups) == 3  # no two of them share a child
     assert mine.group[:5] == ("s", 1, "t", "alice", "pro") and theirs.group[:5] == ("s", 1, "t", "bob", "pro")
+
+
+def test_result_wire_form_has_every_field_and_drops_only_empty_meta():
+    import dataclasses
+
+    from customscripts.sandbox.results import ExecutionResult
+
+    names = {f.name for f in dataclasses.fields(ExecutionResult)}
+    assert set(ExecutionResult("ok", meta={"a": 1}).to_dict()) == names
+    assert set(ExecutionResult("ok").to_dict()) == names - {"meta"}
