@@ -390,6 +390,11 @@ class Settings:
         default_factory=lambda: _env_float("CS_SCHEDULER_RETRY_BACKOFF_S", 0.2))
     scheduler_retry_backoff_max_s: float = field(
         default_factory=lambda: _env_float("CS_SCHEDULER_RETRY_BACKOFF_MAX_S", 2.0))
+    # An outage of the platform's data path the supervisor saw (by type: the data gateway or the database
+    # behind it unavailable) is not the script's: it is retried, with the same backoff, until it has
+    # lasted this long (a database restart fits) before it is dead-lettered.
+    scheduler_outage_retry_s: float = field(
+        default_factory=lambda: _env_float("CS_SCHEDULER_OUTAGE_RETRY_S", 30.0))
     # One invocation's deadline: this, or items x the version's item timeout + 5 s when that is less
     # (never less than one item's timeout + 5 s); chunks are sized to take about half of it from the
     # per-item time the function last took.

@@ -56,6 +56,10 @@ from customscripts.sandbox.prefetch import MAX_TIME_ABS  # the range the prefetc
 from customscripts.sandbox.protocol import COLUMNS_MEDIA_TYPE, binary_payload, pack_columns
 
 DEFAULT_LIMIT = 200
+# A read waits at most this long for a database connection: when the database is down or restarting the
+# caller gets a quick 503, which its client retries and the scheduler treats as an outage, instead of a
+# read that outlasts the execution's time.
+DB_WAIT_S = 1.0
 MAX_LIMIT = MAX_HISTORY
 # `time` is the bar's start, `end_time` its end: the bar is visible as of T only when end_time <= T
 CANDLE_COLUMNS = ("time", "end_time", "open", "high", "low", "close", "volume")
@@ -260,7 +264,7 @@ class GatewayApi:
 
     def _query(self, sql: str, args: list[Any], binary: bool = False) -> list[tuple[Any, ...]]:
         try:
-            with self.pool.connection(timeout=5) as conn:
+            with self.pool.connection(timeout=DB_WAIT_S) as conn:
                 return list(conn.cursor(binary=binary).execute(sql, args).fetchall())
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise Unavailable(f"market data store unavailable: {exc}", code="store_unavailable",

@@ -195,6 +195,7 @@ class GatewayClient:
         execution's `read_deadline`, if one is set: attempts and pauses never outlast it."""
         last = "no attempt made"
         limited = False
+        down = False  # the gateway said it cannot serve (502-504) or refused the connection: an outage
         deadline = read_deadline.get()
         for attempt in range(1, self.retry.attempts + 1):
             wait: float | None = None
@@ -203,13 +204,14 @@ class GatewayClient:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DeadlineExceeded(f"{call} did not finish within the execution's time")
+                    raise self._out_of_time(call, last, down)
                 timeout = (min(self.timeout[0], left), min(self.timeout[1], left))
             self.requests_sent += 1
             try:
                 response = self._send(path, params, headers, timeout)
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+                down = down or not isinstance(exc, TimeoutError)  # a slow answer may be the read's own doing
             else:
                 status = response.status
                 if status == 200:
@@ -218,6 +220,7 @@ class GatewayClient:
                     self._raise_final(call, response, script_id)
                 last = _error_message(response)
                 limited = status == 429
+                down = down or status != 429
                 if status == 429 or status == 503:
                     after = _retry_after(response)
                     if after is not None:
@@ -225,13 +228,22 @@ class GatewayClient:
             if not self.retry.gives_up(attempt):
                 pause = wait if wait is not None else self.retry.pause(attempt)
                 if deadline is not None and time.monotonic() + pause >= deadline:
-                    raise DeadlineExceeded(f"{call} did not finish within the execution's time: {last}")
+                    raise self._out_of_time(call, last, down)
                 self.retries += 1
                 self.sleep(pause)
         # refused for the caller's own rate limit: the script's quota, not an outage (not retryable)
         error = DataAccessError if limited else DataSourceUnavailable
         raise error(f"data gateway at {self.base_url} unavailable for {call}: {last} "
                     f"(gave up after {self.retry.attempts} attempts)")
+
+    def _out_of_time(self, call: str, last: str, down: bool) -> Exception:
+        """The execution's time ran out before an answer: an outage (DataSourceUnavailable, retryable)
+        when the gateway itself said it could not serve or refused the connection, which a script cannot
+        cause; otherwise the read took the time (DeadlineExceeded: the execution's own timeout)."""
+        if down:
+            return DataSourceUnavailable(f"data gateway at {self.base_url} unavailable for {call} until the "
+                                         f"execution's time ran out: {last}")
+        return DeadlineExceeded(f"{call} did not finish within the execution's time: {last}")
 
     def _raise_final(self, call: str, response: RawReply, script_id: str | None) -> None:
         status, message = response.status, _error_message(response)

@@ -211,10 +211,14 @@ class BatchRun:
         return finals
 
     def _retry(self, ev: Evaluation, reason: str, message: str) -> bool:
-        """Queue a failed evaluation for another attempt after its backoff; True when its attempts
-        are spent and it was dead-lettered instead."""
+        """Queue a failed evaluation for another attempt after its backoff; True when its attempts are
+        spent (for a data path outage: also CS_SCHEDULER_OUTAGE_RETRY_S since its first failure) and it
+        was dead-lettered instead."""
         ev.attempts += 1
-        if ev.attempts >= self.cfg.scheduler_retry_attempts:
+        now = time.monotonic()
+        ev.failing_since = ev.failing_since or now
+        outage = reason == "data_source_unavailable" and now - ev.failing_since < self.cfg.scheduler_outage_retry_s
+        if ev.attempts >= self.cfg.scheduler_retry_attempts and not outage:
             if reason == "dependency_unpublished":  # final: what it read is still missing, nothing is lost
                 ev.status = "dependency_failed"
                 ev.error = {**(ev.error or {}), "attempts": ev.attempts,
@@ -222,8 +226,8 @@ class BatchRun:
                 return True
             self._give_up(ev, reason, message)
             return True
-        backoff = self.cfg.scheduler_retry_backoff_s * 2 ** (ev.attempts - 1)
-        ev.not_before = time.monotonic() + min(backoff, self.cfg.scheduler_retry_backoff_max_s)
+        backoff = self.cfg.scheduler_retry_backoff_s * 2 ** min(ev.attempts - 1, 30)
+        ev.not_before = now + min(backoff, self.cfg.scheduler_retry_backoff_max_s)
         self.pending.append(ev)
         self.report.item_retries += 1
         metrics.ITEM_RETRIES.labels(reason).inc()

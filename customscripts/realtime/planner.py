@@ -75,6 +75,7 @@ class Evaluation:
     group: tuple = ()  # what may share a sandboxed child with it: see assign_groups()
     attempts: int = 0  # failed attempts in this batch (invocation failed, or retryable)
     not_before: float = 0.0  # monotonic time of the next attempt
+    failing_since: float = 0.0  # monotonic time of its first failed attempt
     row: OutputRow | None = None  # the output, once ok
 
 

@@ -20,7 +20,9 @@ from customscripts.sandbox.datasource import (
     DataDenied,
     DataSource,
     DataSourceUnavailable,
+    DeadlineExceeded,
     DependencyUnavailable,
+    read_deadline,
 )
 from customscripts.sandbox.protocol import split_binary
 
@@ -190,5 +192,42 @@ def test_server_errors_are_not_retried(api, token):
         with pytest.raises(DataAccessError, match="internal_error"):
             client.get_market_data("GOOG", "1d")
         assert handler.calls == 1
+    finally:
+        server.stop()
+
+
+def test_an_outage_that_outlasts_the_executions_time_is_still_an_outage(api, token):
+    """503 until the execution's time runs out: the retryable DataSourceUnavailable (the gateway said
+    it could not serve), not the execution's own timeout."""
+    fault = json_response({"error": {"code": "store_unavailable", "message": "down"}}, 503, {"Retry-After": "1"})
+    server = LocalServer(Counting(api, faults=[fault] * 10)).start()
+    try:
+        client = GatewayClient(server.url, token, retry=RetryPolicy(attempts=10, backoff_s=0.01))
+        token_ = read_deadline.set(time.monotonic() + 0.5)
+        try:
+            with pytest.raises(DataSourceUnavailable, match="time ran out"):
+                client.get_market_data("GOOG", "1d")
+        finally:
+            read_deadline.reset(token_)
+    finally:
+        server.stop()
+
+
+def test_a_read_that_takes_the_executions_time_is_its_timeout(api, token):
+    """A slow answer is not an outage a script could hide behind: the execution's own timeout."""
+
+    def slow(event, context=None):
+        time.sleep(1.0)
+        return api.handle(event, context)
+
+    server = LocalServer(slow).start()
+    try:
+        client = GatewayClient(server.url, token)
+        token_ = read_deadline.set(time.monotonic() + 0.3)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                client.get_market_data("GOOG", "1d")
+        finally:
+            read_deadline.reset(token_)
     finally:
         server.stop()
