@@ -237,7 +237,9 @@ def test_scheduler_deployment(docs: dict[str, list[dict[str, Any]]]) -> None:
     assert _platform_config(rendered)["CS_SCHEDULER_METRICS_ADDR"] == "0.0.0.0"
     projected = {s["secret"]["name"] for v in spec["volumes"] for s in (v.get("projected") or {}).get("sources", [])}
     assert projected == {SECRET_SETTINGS[name][0] for name in SCHEDULER_SECRETS}
-    assert spec["terminationGracePeriodSeconds"] > 30
+    # the batch's stop grace, then the hand-back and a bounded NATS close, fit in the pod's grace
+    stop_grace = float(_platform_config(rendered).get("CS_SCHEDULER_STOP_GRACE_S", settings().scheduler_stop_grace_s))
+    assert spec["terminationGracePeriodSeconds"] >= stop_grace + 10
     pdb = one(rendered, "PodDisruptionBudget", "customscripts-scheduler", "customscripts")
     assert pdb["spec"]["selector"] == dep["spec"]["selector"]
     assert pdb["spec"].get("maxUnavailable") == 1
