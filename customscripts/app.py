@@ -3,8 +3,8 @@
 Why one place: a module receives what it needs through its constructor and never looks a service
 up from inside a method, so the import graph points one way (the API edge and the entry points ->
 this module -> the services -> their stores) and a test can build any service from its own parts.
-Only the edges use it: the registry-fn routes (`registry/api.py`), the scheduler's entry point,
-the CLI and the demo.
+Only the edges use it: the registry-fn routes (`registry/api.py`), the scheduler's command line
+(`realtime/scheduler.py`), the CLI, the demo and the tests.
 
 Services are built on first use (registry-fn never builds the realtime evaluator; gateway-fn builds
 nothing here) and shared by the process's threads, as the pools and clients inside them are.
@@ -40,8 +40,8 @@ class App:
 
     @functools.cached_property
     def redis(self) -> redis.Redis:
-        """Latest values, streams, the concurrency leases' neighbours: short timeouts, so an outage is
-        a quick 503 rather than a hung request."""
+        """The realtime service's and the publishers' client (latest values, streams): short timeouts,
+        so an outage is a quick 503 rather than a hung request."""
         return redis.Redis(host=self.cfg.redis_host, port=self.cfg.redis_port, socket_timeout=5,
                            socket_connect_timeout=2)
 
