@@ -36,7 +36,8 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from customscripts.outputs import OutputRow
-from customscripts.sandbox.prefetch import CANDLE_COLUMNS, WIRE_VERSION, epoch_us
+from customscripts.sandbox.prefetch import WIRE_VERSION
+from customscripts.sandbox.windows import CANDLE_COLUMNS, epoch_us
 
 DEFAULT_BARS = 200  # the read APIs' default limit: sent until a version's functions report what it reads
 MAX_BARS = 2000  # never more per window, whatever a script reads (beyond it reads go to the gateway)

@@ -34,21 +34,15 @@ import hashlib
 import json
 import math
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import protocol
+from .windows import CANDLE_COLUMNS, MAX_FAST_TIME, epoch_us, window_rows
 
 WIRE_VERSION = 2  # 2: windows carry each bar's end, and a bar is visible at its end (bartime.py)
-CANDLE_COLUMNS = ("time", "end_time", "open", "high", "low", "close", "volume")  # gateway-fn's columns
 MAX_TIME_ABS = 1e11  # the gateway's range for time parameters
-# below 2**32 s (year 2106) distinct microseconds are distinct float64s, so comparing floats rounded to
-# microseconds is comparing PostgreSQL timestamps; beyond it the read goes to the gateway
-MAX_FAST_TIME = float(2**32)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 
 
 def params_hash(params: dict[str, Any] | None) -> str:
@@ -60,12 +54,6 @@ def params_hash(params: dict[str, Any] | None) -> str:
 
 class PrefetchError(ValueError):
     """A malformed prefetch: the handler rejects the whole request (only the platform sends one)."""
-
-
-def epoch_us(value: float) -> int:
-    """Epoch seconds -> integer microseconds, rounded exactly as the gateway's datetime conversion
-    (`datetime.fromtimestamp`) and PostgreSQL's timestamptz compare them."""
-    return (datetime.fromtimestamp(value, tz=UTC) - _EPOCH) // _US
 
 
 class _Window:
@@ -113,13 +101,24 @@ class _Window:
             self.ends, self.view = ends, memoryview(blob)
         return self.ends, self.view  # type: ignore[return-value]
 
+    def columns(self, lo: int, hi: int) -> bytes:
+        """Rows [lo, hi) as float64 columns, one after another (CANDLE_COLUMNS)."""
+        assert self.view is not None
+        n, view = self.n, self.view
+        return b"".join(view[8 * (c * n + lo): 8 * (c * n + hi)] for c in range(len(CANDLE_COLUMNS)))
+
     def frame(self, lo: int, hi: int, head: dict) -> bytes:
         """Rows [lo, hi) as the binary reply the supervisor would build from the gateway's columns."""
-        assert self.view is not None
-        n, k, view = self.n, hi - lo, self.view
-        spec = [[name, k] for name in CANDLE_COLUMNS]
-        blob = b"".join(view[8 * (c * n + lo): 8 * (c * n + hi)] for c in range(len(CANDLE_COLUMNS)))
-        return protocol.binary_frame({"ok": head, "f64": spec}, blob)
+        spec = [[name, hi - lo] for name in CANDLE_COLUMNS]
+        return protocol.binary_frame({"ok": head, "f64": spec}, self.columns(lo, hi))
+
+
+class Handover(NamedTuple):
+    """What the child may answer by itself for the items of one event: the `data` frame (see
+    `Prefetched.handover`) and the most rows of a window in it (what the child can claim to have read)."""
+
+    frame: bytes
+    rows: int
 
 
 class Prefetched:
@@ -132,8 +131,9 @@ class Prefetched:
             self.outputs[(o["script_id"], o["instrument_key"], o["timeframe"], o["params_hash"],
                           epoch_us(o["time"]))] = {"value": o["value"], "timestamp": o["timestamp"],
                                                    "metadata": o["metadata"]}
-        self.hits = 0  # reads answered here (observability, tests)
+        self.hits = 0  # reads answered here or by the child from a handover (observability, tests)
         self.bars = 0  # the most candles before an item's as-of one market read needed (window sizing)
+        self._default_hash = params_hash(None)
 
     @classmethod
     def parse(cls, data: str, *, tenant: str, dependencies: Iterable[str]) -> Prefetched:
@@ -191,35 +191,54 @@ class Prefetched:
         w = self.windows.get((instrument_key, timeframe))
         if w is None:
             return None
-        for x in (end, start):
-            if x is not None and not (math.isfinite(x) and abs(x) < MAX_FAST_TIME):
-                return None  # out of the fast range, or the gateway rejects it: let it answer
-        end_us = epoch_us(end)
-        if end_us > w.hi_us:
-            return None  # rows after the window's as-of may exist
         decoded = w._decode()
         if decoded is None:
             return None
-        times = decoded[0]  # the bars' ends: what the gateway compares with end and start
-        idx = bisect_right(times, end_us / 1_000_000)  # the float the gateway's timestamp compare means
-        after = bisect_right(times, epoch_us(as_of) / 1_000_000) - idx  # candles between end and as-of
-        if start is None:
-            self.bars = max(self.bars, min(limit + after, 1_000_000))
-            if idx < limit and not w.complete:
-                return None
-            lo, hi = max(0, idx - limit), idx
-        else:
-            start_us = epoch_us(start)
-            if start_us > end_us:
-                return None  # the gateway answers 422
-            lo = bisect_left(times, start_us / 1_000_000)
-            if lo == 0 and not w.complete and (not w.n or start_us < epoch_us(times[0])):
-                self.bars = max(self.bars, 2 * w.n + 1)  # how many more is unknown: ask for twice as many
-                return None  # rows before the window may be in the range
-            self.bars = max(self.bars, idx + after - lo)
-            hi = max(lo, min(lo + limit, idx))
+        rows, needed = window_rows(decoded[0], w.n, w.complete, w.hi_us, limit=limit, start=start, end=end,
+                                   as_of=as_of)
+        self.bars = max(self.bars, needed)
+        if rows is None:
+            return None
         self.hits += 1
-        return w.frame(lo, hi, {"instrument_key": instrument_key, "timeframe": timeframe, "as_of": as_of})
+        return w.frame(rows[0], rows[1], {"instrument_key": instrument_key, "timeframe": timeframe, "as_of": as_of})
+
+    def handover(self, series: Iterable[tuple[str, str]], as_of: float) -> Handover | None:
+        """The part of this prefetch the child may hold while it runs the items of one event (`as_of`) on
+        `series`, their own instruments and timeframes: each series' window cut at the as-of, and the
+        dependency outputs of that event with default params on those series; None when there is none.
+        The supervisor sends it only when the child starts the first of those items, so nothing after an
+        item's as-of, and nothing of a series no item of the event runs on, is ever in the child.
+
+        Frame (binary, supervisor -> child): head {"op": "data", "as_of", "windows": [[instrument_key,
+        timeframe, n, complete], ...], "outputs": [[script_id, instrument_key, timeframe, JSON text of
+        {"value", "timestamp", "metadata"}], ...]} + each window's n rows as float64 columns
+        (CANDLE_COLUMNS), window after window. The child answers from it with `windows.window_rows`, the
+        rule the supervisor's own answers follow."""
+        try:
+            as_of_us = epoch_us(as_of)
+        except (ValueError, OverflowError, OSError):
+            return None
+        wanted = set(series)
+        heads: list[list[Any]] = []
+        blobs: list[bytes] = []
+        rows = 0
+        for key in sorted(wanted):
+            w = self.windows.get(key)
+            if w is None or as_of_us > w.hi_us:
+                continue  # candles after the window's as-of may exist: those reads go to the supervisor
+            decoded = w._decode()
+            if decoded is None:
+                continue
+            k = bisect_right(decoded[0], as_of_us / 1_000_000)
+            heads.append([key[0], key[1], k, w.complete])
+            blobs.append(w.columns(0, k))
+            rows = max(rows, k)
+        outputs = [[sid, key, tf, json.dumps(hit)] for (sid, key, tf, ph, t_us), hit in self.outputs.items()
+                   if t_us == as_of_us and ph == self._default_hash and (key, tf) in wanted]
+        if not heads and not outputs:
+            return None
+        head = {"op": "data", "as_of": as_of, "windows": heads, "outputs": outputs}
+        return Handover(protocol.binary_frame(head, b"".join(blobs)), rows)
 
     def script_output(self, script_id: str, instrument_key: str, timeframe: str, params_hash: str,
                       as_of: float) -> dict | None:

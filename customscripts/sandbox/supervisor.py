@@ -16,6 +16,10 @@ The request path, and what was moved off it:
     zygote's wait4 report (about 1 ms of mm teardown and reaping); wait4 is the authority wherever
     the child did not finish normally or could not be measured alive (timeouts, crashes, protocol
     violations), and the zygote reaps everything in the background.
+  * a realtime batch's prefetched reads are answered in the child itself: when the child starts the
+    first item of an event, the supervisor hands over that event's part of the prefetch (the items' own
+    candle windows cut at the event's time, its dependency outputs: prefetch.Prefetched.handover), so
+    most items need no read round trip at all and nothing after an item's as-of is ever in the child;
   * a killed child is certainly gone before the next child gets its request: the supervisor checks
     its pidfd or the kernel's PF_EXITING flag. Each child has its own /tmp anyway (privatetmp.py).
 
@@ -49,6 +53,7 @@ from . import seccomp as seccomp_mod
 from .children import EXIT_REPORT_TIMEOUT_S, Child, ExitReport, IsolationUnavailable, Zygote
 from .datasource import DataSource
 from .limits import SandboxLimits
+from .prefetch import Handover, Prefetched
 from .reads import ExecutionRequest, answer_frame, apply_data_failure
 from .results import ExecutionResult, InvalidOutput, OutputValidator
 
@@ -270,9 +275,17 @@ class Supervisor:
         child.cpu0 = cpu_mark = child.cpu_s()
         t_item = time.perf_counter()
         deadline = t_item + timeout_s  # the item's wall time, its reads included
+        handovers = _handovers(reqs)
+        handed: Handover | None = None  # what the child holds for the event it runs now
         try:
             sock.settimeout(timeout_s)
-            protocol.send_frame(sock, {"op": "run", "items": [r.wire() for r in reqs]}, allow_nan=True)
+            items = [r.wire() for r in reqs]
+            for i in handovers:
+                items[i]["data"] = True  # the child waits for the event's data before this item
+            protocol.send_frame(sock, {"op": "run", "items": items}, allow_nan=True)
+            if 0 in handovers:
+                handed = handovers[0]
+                sock.sendall(handed.frame)
             while True:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -294,10 +307,13 @@ class Supervisor:
                 elif op == "item":
                     now = time.perf_counter()
                     cpu_now = child.cpu_s()
-                    res = self._item_result(msg, reqs[len(results)], data_failures)
+                    req = reqs[len(results)]
+                    res = self._item_result(msg, req, data_failures)
                     res.duration_ms = round((now - t_item) * 1000, 3)
                     item_cpu.append(None if cpu_now is None or cpu_mark is None else max(cpu_now - cpu_mark, 0.0))
                     cpu_mark = cpu_now
+                    if handed is not None and req.prefetch is not None:
+                        self._count_local_reads(msg.get("local"), handed, req.prefetch)
                     results.append(res)
                     data_failures = []
                     calls = 0
@@ -305,6 +321,10 @@ class Supervisor:
                     deadline = now + timeout_s
                     if len(results) == len(reqs):
                         break
+                    if len(results) in handovers:  # the next event's data, now that this one is done
+                        handed = handovers[len(results)]
+                        sock.settimeout(timeout_s)
+                        sock.sendall(handed.frame)
                 else:
                     raise protocol.ProtocolError(f"unexpected message {str(op)[:40]!r}")
         except TimeoutError:
@@ -378,6 +398,15 @@ class Supervisor:
         self._account(results, item_cpu, child.cpu0, cpu_end, rss_kb or 0, failure)
         return results
 
+    def _count_local_reads(self, claim: Any, handed: Handover, prefetch: Prefetched) -> None:
+        """The reads the child says it answered from the handover, for the prefetch's counters only:
+        bounded by what this side allows and sent (a child claiming more changes no limit and makes
+        no window larger than the one it was handed)."""
+        if not (isinstance(claim, list) and len(claim) == 2 and all(type(x) is int for x in claim)):
+            return
+        prefetch.hits += min(max(claim[0], 0), self.max_calls)
+        prefetch.bars = max(prefetch.bars, min(max(claim[1], 0), handed.rows))
+
     def _account(self, results: list[ExecutionResult], item_cpu: list[float | None], cpu0: float | None,
                  cpu_end: float | None, maxrss_kb: int, failure: ExecutionResult | None) -> None:
         """cpu_ms: the kernel's figure for the whole request (single item) or per answered item (batch),
@@ -437,6 +466,24 @@ class Supervisor:
         if failures and status == "error":
             apply_data_failure(res, failures)
         return res
+
+
+def _handovers(reqs: list[ExecutionRequest]) -> dict[int, Handover]:
+    """Per event (a run of consecutive items with one timestamp and prefetch), what the child may
+    answer by itself, keyed by the index of the event's first item (prefetch.Prefetched.handover)."""
+    out: dict[int, Handover] = {}
+    i = 0
+    while i < len(reqs):
+        pre, ts = reqs[i].prefetch, float(reqs[i].timestamp)
+        j = i + 1
+        while j < len(reqs) and reqs[j].prefetch is pre and float(reqs[j].timestamp) == ts:
+            j += 1
+        if pre is not None:
+            handover = pre.handover({(r.instrument_key, r.timeframe) for r in reqs[i:j]}, ts)
+            if handover is not None:
+                out[i] = handover
+        i = j
+    return out
 
 
 def _bounded(value: Any, limit: int) -> str:

@@ -188,3 +188,81 @@ def test_sample_source_is_not_a_prefetch_bypass() -> None:
     with make_supervisor(LOOKAHEAD, guards=False, data=SampleDataSource()) as sup:
         res = sup.execute(ExecutionRequest("GOOG", "1d", {}, GOOG_TS - 30 * DAY))
     assert res.status == "ok" and res.output["value"] <= GOOG_TS - 30 * DAY
+
+
+# ---------------------------------------------------------------------- the child's own answers (handover)
+
+HOARDER = """
+seen = []
+
+def run(ctx):
+    bars = get_market_data(limit=200, end=ctx.timestamp + 10**9)
+    seen.append(float(max(bars.time)))
+    return {"value": float(max(seen)), "metadata": {"n": len(bars), "marker": 99999.0 in list(bars.close)}}
+"""
+
+
+@pytest.mark.parametrize("guards", [False, True])
+def test_a_child_never_holds_a_later_events_data(guards: bool) -> None:
+    """A batch of three events on one series, with a window reaching past all of them: the child
+    answers each item's reads itself, but from data cut at that item's event, handed over only when
+    the event starts - so even a script hoarding everything in module state never sees a later bar."""
+    last = GOOG_TS - 30 * DAY
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1",
+                                       "market": [goog_window(last, 300, future=30)]}), tenant="t1", dependencies=[])
+    events = [last - 2 * DAY, last - DAY, last]
+    with make_supervisor(HOARDER, guards=guards) as sup:
+        results = sup.execute_batch([ExecutionRequest("GOOG", "1d", {}, t, prefetch=pre) for t in events])
+    assert [r.status for r in results] == ["ok"] * 3, [r.to_dict() for r in results]
+    for res, t in zip(results, events, strict=True):
+        assert res.output["value"] <= t and res.output["metadata"]["marker"] is False
+    assert pre.hits == 3  # answered by the child from the handover, not by the data source
+
+
+EQUAL = """
+def run(ctx):
+    out = {}
+    for name, kw in [("a", {}), ("b", {"limit": 7}), ("c", {"end": ctx.timestamp - 3 * 86400, "limit": 4}),
+                     ("d", {"start": ctx.timestamp - 9 * 86400, "limit": 5}), ("e", {"limit": 10**6}),
+                     ("f", {"start": ctx.timestamp - 9 * 86400, "end": ctx.timestamp - 2 * 86400})]:
+        bars = get_market_data(**kw)
+        out[name] = [len(bars), bars.keys(), [float(bars[c].sum()) for c in bars.keys()],
+                     [float(bars[c][-1]) for c in bars.keys()] if len(bars) else [],
+                     bars.instrument_key, bars.timeframe]
+    bars = get_market_data(limit=3)
+    bars.close[0] = -1.0  # the script's own copy: a second read is unchanged
+    out["g"] = list(get_market_data(limit=3).close)
+    for bad in ({"limit": 0}, {"limit": True}, {"end": float("nan")}, {"instrument_key": 5}):
+        try:
+            get_market_data(**bad)
+            out[str(bad)] = "answered"
+        except Exception as exc:
+            out[str(bad)] = type(exc).__name__
+    return {"value": 1.0, "metadata": out}
+"""
+
+
+def test_the_childs_answers_equal_the_supervisors() -> None:
+    """The same reads answered by the child from a handover and by the supervisor from the same prefetch
+    (test_realtime_prefetch checks those against gateway-fn) give the same bars, copies and errors."""
+    from customscripts.sandbox.sampledata import SampleDataSource
+
+    data = SampleDataSource().preload()
+    cols = data.get_market_data("GOOG", "1d", limit=400, end=GOOG_TS)["columns"]
+    blob = array("d")
+    for name in ("time", "end_time", "open", "high", "low", "close", "volume"):
+        blob.extend(cols[name])
+    window = {"instrument_key": "GOOG", "timeframe": "1d", "hi": GOOG_TS, "complete": False,
+              "n": len(cols["time"]), "cols": base64.b64encode(blob.tobytes()).decode()}
+    wire = json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [window]})
+    pre, kept = (Prefetched.parse(wire, tenant="t1", dependencies=[]) for _ in range(2))
+    kept.handover = lambda *_args: None  # type: ignore[method-assign]  # the supervisor answers every read
+    events = [GOOG_TS - 5 * DAY, GOOG_TS]
+    with make_supervisor(EQUAL, guards=True, data=data) as sup:
+        local = sup.execute_batch([ExecutionRequest("GOOG", "1d", {}, t, data=data, prefetch=pre) for t in events])
+        remote = sup.execute_batch([ExecutionRequest("GOOG", "1d", {}, t, data=data, prefetch=kept) for t in events])
+    assert [r.status for r in local + remote] == ["ok"] * 4, [r.to_dict() for r in local + remote]
+    for mine, theirs in zip(local, remote, strict=True):
+        for name in theirs.output["metadata"]:
+            assert mine.output["metadata"][name] == theirs.output["metadata"][name], name
+    assert pre.hits >= kept.hits >= 2 * 5 and kept.bars == pre.bars  # (repeated reads: cached there)
