@@ -125,17 +125,18 @@ def run_phase(cfg, instruments: list[str], times: list[float], interval: float |
     evaluator.process = timed  # type: ignore[method-assign]
     total = len(times) * len(instruments)
     publisher = threading.Thread(target=lambda: asyncio.run(publish_ticks(cfg, instruments, times, interval)))
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     publisher.start()
     try:
         stats = asyncio.run(Scheduler(evaluator, cfg).run(until=lambda s: s.events >= total, idle_exit_s=60))
     finally:
         evaluator.close()
         publisher.join()
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
     return {"events": stats.events, "evaluations": stats.evaluations, "statuses": dict(stats.statuses),
             "wall_s": round(wall, 2), "evaluations_per_s": round(stats.evaluations / wall),
-            "batches": stats.batches, **latency_summary(stats.latencies_s),
+            "batches": stats.batches, "scheduler_cpu_us_per_evaluation": round(cpu * 1e6 / max(1, stats.evaluations)),
+            **latency_summary(stats.latencies_s),
             "queued": latency_summary(stats.queued_s), "prefetched_reads": stats.prefetched_reads,
             "time_in_s": {k: round(v, 2) for k, v in timings.items()}}
 

@@ -137,11 +137,17 @@ class Scope:
     tier: str
 
 
+# json.dumps with options builds an encoder per call; these are built once (the realtime path calls
+# them per evaluation and per invocation). Same output as the json.dumps calls they stand for.
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_BODY_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def canonical_hash(value: Any) -> str:
     """sha256 of canonical JSON, shortened (audit rows). Values come bounded in depth (parse_json,
     check_result); anything unencodable still hashes, by its repr, rather than failing the request."""
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        text = _CANONICAL_JSON.encode(value)
     except (TypeError, ValueError, RecursionError):
         text = repr(type(value)) + ":unencodable"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -223,7 +229,7 @@ class Invoker:
         """POST the payload (one execution or {"items": [...]}) to the version's function: at its own
         address when it is running there (one hop less), else through the gateway, which starts it.
         `timeout`: seconds to wait for the answer (default: the client's invoke timeout)."""
-        body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        body = _BODY_JSON.encode(payload)
         for attempt in range(1, REDEPLOY_RETRY.attempts + 1):
             name = self.function_for(script_id, version, scope.tenant)
             token = mint_invocation_token(name, {"user": scope.user_id, "tenant": scope.tenant})

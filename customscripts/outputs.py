@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -88,6 +88,19 @@ def _split_value(value: Any) -> tuple[float | None, str | None]:
     return None, json.dumps(value, allow_nan=False)
 
 
+def _once(memo: dict[tuple, Any], convert: Callable[[Any], Any], value: Any) -> Any:
+    """`convert(value)`, remembered in `memo` by the converter, the value's type and the value (so a
+    True is never taken for a checked 1); unhashable values are converted (and refused) every time."""
+    key = (convert, type(value), value)
+    try:
+        return memo[key]
+    except KeyError:
+        memo[key] = converted = convert(value)
+        return converted
+    except TypeError:
+        return convert(value)
+
+
 @contextmanager
 def durable(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
     """A transaction whose commit returns only once it is on disk (`synchronous_commit = on` for it,
@@ -139,13 +152,15 @@ class OutputStore:
         skipped, missing ones written again, so a retry restores a row whatever Redis says. Returns
         how many were inserted."""
         cols: list[list[Any]] = [[] for _ in range(12)]
+        memo: dict[tuple, Any] = {}  # a batch's rows share most of these: check and convert each once
         for row in rows:
             value, value_json = _split_value(row.value)
             values = (
-                to_datetime(row.time), ids.tenant_id(row.tenant), ids.instrument_key(row.instrument_key),
-                ids.timeframe(row.timeframe), ids.script_id(row.script_id), ids.version(row.version),
-                row.params_hash, value, value_json, json.dumps(row.metadata or {}, allow_nan=False),
-                row.status, row.call_id,
+                _once(memo, to_datetime, row.time), _once(memo, ids.tenant_id, row.tenant),
+                _once(memo, ids.instrument_key, row.instrument_key), _once(memo, ids.timeframe, row.timeframe),
+                _once(memo, ids.script_id, row.script_id), _once(memo, ids.version, row.version),
+                row.params_hash, value, value_json,
+                json.dumps(row.metadata, allow_nan=False) if row.metadata else "{}", row.status, row.call_id,
             )
             for col, val in zip(cols, values, strict=True):
                 col.append(val)

@@ -57,6 +57,8 @@ return new
 """
 
 
+_PAYLOAD_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # built once, not per output
+
 _DEAD_LETTER_SQL = """
 INSERT INTO realtime_dead_letters (tenant, user_id, script_id, version, params_hash, instrument_key, timeframe,
                                    event_time, reason, error, attempts, call_id)
@@ -123,7 +125,7 @@ class Publisher:
             keys: list[str] = []
             args: list[str | float | int] = [SEEN_TTL_S, STREAM_MAXLEN]
             for row in rows[i:i + REDIS_CHUNK]:
-                payload = json.dumps(indicator_payload(row), allow_nan=False, separators=(",", ":"))
+                payload = _PAYLOAD_JSON.encode(indicator_payload(row))
                 keys += (_seen_key(row),
                          latest_key(row.tenant, row.instrument_key, row.timeframe, row.script_id, row.params_hash),
                          stream_key(row.tenant, row.instrument_key, row.timeframe))

@@ -56,7 +56,7 @@ class BatchRecorder:
     def __init__(self, publisher: Publisher, planner: Planner, audit_log, audit_action: str | None) -> None:
         self.publisher = publisher
         self.planner = planner
-        self.audit_log = audit_log  # the registry's AuditWriter (its `submit`); None: no audit rows
+        self.audit_log = audit_log  # the registry's AuditWriter (its `submit_many`); None: no audit rows
         self.audit_action = audit_action  # None: no row per evaluation (the caller writes its own)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cs-sched-publish")
 
@@ -102,15 +102,13 @@ class BatchRecorder:
         action = self.audit_action
         if action is None or self.audit_log is None:
             return
-        submit = self.audit_log.submit
-        for ev in report.results.values():
-            n = ev.node
-            submit(AuditRow(report.call_id, n.script_id, n.version, ev.principal.user_id, n.tenant, action,
-                            ev.status, error_detail(ev.error), n.params_hash, ev.output_hash,
-                            ev.metrics.get("duration_ms"), ev.metrics.get("cpu_ms"), ev.metrics.get("memory_mb")))
-        for sub, principal, reason in report.denied:
-            submit(AuditRow(report.call_id, sub.script_id, sub.version, principal.user_id, sub.tenant, action,
-                            "denied", reason, self.planner.params_hash(sub)))
+        rows = [AuditRow(report.call_id, ev.node.script_id, ev.node.version, ev.principal.user_id, ev.node.tenant,
+                         action, ev.status, error_detail(ev.error), ev.node.params_hash, ev.output_hash,
+                         ev.metrics.get("duration_ms"), ev.metrics.get("cpu_ms"), ev.metrics.get("memory_mb"))
+                for ev in report.results.values()]
+        rows += [AuditRow(report.call_id, sub.script_id, sub.version, principal.user_id, sub.tenant, action,
+                          "denied", reason, self.planner.params_hash(sub)) for sub, principal, reason in report.denied]
+        self.audit_log.submit_many(rows)  # one hand-over for the batch, not one per row
 
 
 def record_latencies(rows: list[OutputRow], done: float, report: BatchReport, received: Received,

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import psycopg
@@ -119,6 +120,21 @@ class AuditWriter:
             if self._queue(row) is not None:
                 return
         self._write([row])  # back-pressure: the database is behind or down; this caller waits for it
+
+    def submit_many(self, rows: Iterable[AuditRow]) -> None:
+        """`submit` for a batch's rows: one lock and one wake-up of the writer for all of them (a
+        realtime batch has thousands); rows that find the queue full are written by this caller."""
+        rows = list(rows)
+        with self._cond:
+            room = max(0, self.max_pending - len(self._pending) - self._writing)
+            queued = rows[:room]
+            if queued:
+                self._pending.extend(queued)
+                self._queued += len(queued)
+                self._start()
+                self._cond.notify_all()
+        if len(rows) > room:
+            self._write(rows[room:])  # back-pressure, as in submit
 
     def write(self, row: AuditRow, timeout: float) -> None:
         """Return once the row is committed durably, sharing the commit with whatever else is queued;

@@ -85,6 +85,28 @@ def test_a_full_queue_makes_the_caller_write_its_row_itself(stack, uid):
     good.close()
 
 
+def test_a_batch_handed_over_at_once_keeps_its_order_and_the_queue_bound(stack, uid):
+    """submit_many (the realtime batch's one hand-over): rows land in order; what does not fit in the
+    queue is written by the caller, never dropped."""
+    bad = _unreachable_pool()
+    writer = AuditWriter(bad, max_pending=3)
+    tenant = f"audit-{uid}"
+    with pytest.raises((psycopg.Error, psycopg_pool.PoolTimeout)):  # 3 queued, the other 2 fail for the caller
+        writer.submit_many([_row(tenant, i) for i in range(5)])
+    assert writer.pending == 3
+    good = psycopg_pool.ConnectionPool(stack.pg_dsn, min_size=1, max_size=2, open=True)
+    writer.pool = good
+    writer.submit_many([_row(tenant, i) for i in range(5, 1205)])  # still full: the caller writes them
+    assert writer.flush(timeout=30)
+    assert sorted(r[0] for r in _rows(stack, tenant)) == sorted(f"s{i}" for i in (0, 1, 2, *range(5, 1205)))
+    roomy = AuditWriter(good)
+    roomy.submit_many([_row(f"{tenant}-2", i) for i in range(1200)])  # queued: several batches, in order
+    assert roomy.flush(timeout=30)
+    assert [r[0] for r in _rows(stack, f"{tenant}-2")] == [f"s{i}" for i in range(1200)]
+    bad.close()
+    good.close()
+
+
 CHILD = """
 import os, signal, sys, time
 import psycopg_pool

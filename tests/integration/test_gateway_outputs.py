@@ -49,3 +49,16 @@ def test_invalid_ids_never_reach_sql(store, uid):
 
     with pytest.raises(Invalid):
         store.write_many([_row(uid, 1.0, 1.0, script_id="../x")])
+
+
+@pytest.mark.parametrize("bad", [dict(version=True), dict(version=1.0), dict(time=float("nan")),
+                                 dict(script_id=["s"]), dict(tenant="../t")])
+def test_an_invalid_row_after_valid_ones_of_the_same_batch_is_still_refused(store, uid, bad):
+    """Each distinct value is checked once per batch: a value equal to a checked one (True == 1 == 1.0)
+    or unhashable is checked on its own, and nothing of the batch is written."""
+    from customscripts.errors import Invalid
+
+    good = [_row(uid, 1000.0 + i, float(i)) for i in range(3)]
+    with pytest.raises((Invalid, ValueError)):
+        store.write_many([*good, _row(uid, 1000.0, 9.0, **bad)])
+    assert store.history(f"t-{uid}", f"s-{uid}", "GOOG", "1d", params_hash({"n": 14}), as_of=1e9)["time"] == []
