@@ -202,10 +202,10 @@ class Prefetched:
         self.hits += 1
         return w.frame(rows[0], rows[1], {"instrument_key": instrument_key, "timeframe": timeframe, "as_of": as_of})
 
-    def handover(self, series: Iterable[tuple[str, str]], as_of: float) -> Handover | None:
+    def handover(self, series: Iterable[tuple[str, str]], as_of: float) -> Handover:
         """The part of this prefetch the child may hold while it runs the items of one event (`as_of`) on
         `series`, their own instruments and timeframes: each series' window cut at the as-of, and the
-        dependency outputs of that event with default params on those series; None when there is none.
+        dependency outputs of that event with default params on those series (possibly nothing).
         The supervisor sends it only when the child starts the first of those items, so nothing after an
         item's as-of, and nothing of a series no item of the event runs on, is ever in the child.
 
@@ -214,11 +214,11 @@ class Prefetched:
         {"value", "timestamp", "metadata"}], ...]} + each window's n rows as float64 columns
         (CANDLE_COLUMNS), window after window. The child answers from it with `windows.window_rows`, the
         rule the supervisor's own answers follow."""
+        wanted = set(series)
         try:
             as_of_us = epoch_us(as_of)
         except (ValueError, OverflowError, OSError):
-            return None
-        wanted = set(series)
+            wanted, as_of, as_of_us = set(), 0.0, 0  # out of range: nothing handed over, all reads go as before
         heads: list[list[Any]] = []
         blobs: list[bytes] = []
         rows = 0
@@ -235,8 +235,6 @@ class Prefetched:
             rows = max(rows, k)
         outputs = [[sid, key, tf, json.dumps(hit)] for (sid, key, tf, ph, t_us), hit in self.outputs.items()
                    if t_us == as_of_us and ph == self._default_hash and (key, tf) in wanted]
-        if not heads and not outputs:
-            return None
         head = {"op": "data", "as_of": as_of, "windows": heads, "outputs": outputs}
         return Handover(protocol.binary_frame(head, b"".join(blobs)), rows)
 

@@ -256,7 +256,8 @@ def test_the_childs_answers_equal_the_supervisors() -> None:
               "n": len(cols["time"]), "cols": base64.b64encode(blob.tobytes()).decode()}
     wire = json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [window]})
     pre, kept = (Prefetched.parse(wire, tenant="t1", dependencies=[]) for _ in range(2))
-    kept.handover = lambda *_args: None  # type: ignore[method-assign]  # the supervisor answers every read
+    # an empty handover: the supervisor answers every read
+    kept.handover = lambda _series, as_of: Prefetched.handover(kept, (), as_of)  # type: ignore[method-assign]
     events = [GOOG_TS - 5 * DAY, GOOG_TS]
     with make_supervisor(EQUAL, guards=True, data=data) as sup:
         local = sup.execute_batch([ExecutionRequest("GOOG", "1d", {}, t, data=data, prefetch=pre) for t in events])
