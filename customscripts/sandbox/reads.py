@@ -33,7 +33,7 @@ from .datasource import (
     DependencyUnavailable,
     read_deadline,
 )
-from .prefetch import Prefetched, params_hash
+from .prefetch import Handover, Prefetched, params_hash
 from .results import ExecutionResult
 
 log = logs.get("customscripts.sandbox")
@@ -157,6 +157,33 @@ def prefetched_reply(call: ReadCall, req: ExecutionRequest, pre: Prefetched) -> 
     except (ValueError, TypeError, OverflowError):
         return None
     return None
+
+
+def handover_events(reqs: list[ExecutionRequest]) -> dict[int, int]:
+    """The events the child gets a handover for (prefetch.Prefetched.handover), as {index of the
+    event's first item: index after its last}. An event is a run of consecutive items with one
+    timestamp and prefetch. Handed over: the first event (sent with the request, it saves the child a
+    round trip) and every event of several items (one round trip instead of one per item); an event of
+    one item later in the batch (a series' bar ends) reads through the supervisor as before, which
+    costs the same round trip without copying its window."""
+    out: dict[int, int] = {}
+    i = 0
+    while i < len(reqs):
+        pre, ts = reqs[i].prefetch, float(reqs[i].timestamp)
+        j = i + 1
+        while j < len(reqs) and reqs[j].prefetch is pre and float(reqs[j].timestamp) == ts:
+            j += 1
+        if pre is not None and (pre.windows or pre.outputs) and (i == 0 or j - i > 1):
+            out[i] = j
+        i = j
+    return out
+
+
+def handover(reqs: list[ExecutionRequest], first: int, stop: int) -> Handover:
+    """The data the child gets for the event of reqs[first:stop]."""
+    pre = reqs[first].prefetch
+    assert pre is not None
+    return pre.handover({(r.instrument_key, r.timeframe) for r in reqs[first:stop]}, float(reqs[first].timestamp))
 
 
 def source_reply(call: ReadCall, source: DataSource, failures: list[BaseException]) -> dict | bytes:

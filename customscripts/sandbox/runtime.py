@@ -19,10 +19,10 @@ import types
 from typing import Any
 
 from . import protocol
-from .windows import CANDLE_COLUMNS, epoch_us, window_rows
+from .handover import SegmentData
+from .windows import CANDLE_COLUMNS
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # supervisor -> child data replies
-MAX_MARKET_LIMIT = 5000  # reads.MAX_MARKET_LIMIT: the supervisor caps a read's limit the same way
 
 
 class DataError(Exception):
@@ -147,95 +147,6 @@ class Bars:
         return f"Bars({self.instrument_key!r}, {self.timeframe!r}, n={len(self)})"
 
 
-def _text(value: Any, maxlen: int) -> str | None:
-    """The string the supervisor's read-call check would accept (reads._s), else None."""
-    return value if type(value) is str and 0 < len(value) <= maxlen else None
-
-
-def _time(value: Any) -> float | None:
-    """A read's start/end as the supervisor's check would take it (reads._num); ValueError if it would
-    refuse it."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expected a number")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-class SegmentData:
-    """What the supervisor handed over for the items of one event (prefetch.Prefetched.handover): the
-    items' own candle windows cut at the event's time and its dependency outputs. The child answers
-    the reads these certainly hold itself, with the rule the supervisor uses (windows.window_rows);
-    every other read, and every call argument the supervisor would refuse, still goes over the socket,
-    so a script sees exactly the same answers and errors either way."""
-
-    def __init__(self, head: dict, blob: memoryview) -> None:
-        self.as_of_us = epoch_us(float(head["as_of"]))
-        self.windows: dict[tuple[str, str], tuple[int, bool, memoryview]] = {}
-        width = 8 * len(CANDLE_COLUMNS)
-        off = 0
-        for key, tf, n, complete in head.get("windows") or ():
-            self.windows[(key, tf)] = (n, complete is True, blob[off:off + width * n])
-            off += width * n
-        self.outputs = {(sid, key, tf): text for sid, key, tf, text in head.get("outputs") or ()}
-        self.hits = 0  # per item: reads answered here, and the most candles one needed (window sizing)
-        self.bars = 0
-
-    def market(self, ctx: Context, instrument_key: Any, timeframe: Any, limit: Any, start: Any,
-               end: Any) -> Bars | None:
-        key, tf = _text(instrument_key or ctx.instrument_key, 64), _text(timeframe or ctx.timeframe, 16)
-        if key != ctx.instrument_key or tf != ctx.timeframe:
-            return None  # only the item's own series was handed over
-        window = self.windows.get((key, tf))
-        if window is None:
-            return None
-        if limit is None:
-            limit = 200
-        if type(limit) is not int or limit < 1:
-            return None
-        n, complete, raw = window
-        try:
-            start_s, end_s = _time(start), _time(end)
-            as_of = ctx.timestamp
-            end_s = as_of if end_s is None else min(end_s, as_of)
-            rows, needed = window_rows(raw[8 * n:16 * n].cast("d"), n, complete, self.as_of_us,
-                                       limit=min(limit, MAX_MARKET_LIMIT), start=start_s, end=end_s, as_of=as_of)
-        except (ValueError, OverflowError, OSError):
-            return None
-        self.bars = max(self.bars, needed)
-        if rows is None:
-            return None
-        import numpy as np
-
-        lo, hi = rows
-        table = np.frombuffer(raw, dtype=np.float64, count=len(CANDLE_COLUMNS) * n).reshape(
-            len(CANDLE_COLUMNS), n)[:, lo:hi].copy()
-        self.hits += 1
-        return Bars({"instrument_key": key, "timeframe": tf},
-                    {name: table[i] for i, name in enumerate(CANDLE_COLUMNS)})
-
-    def script_output(self, ctx: Context, script_id: Any, instrument_key: Any, timeframe: Any, params: Any,
-                      history: Any) -> Any:
-        """The dependency's output for this event as the supervisor would answer it, or None."""
-        if history is not None or not (params is None or (type(params) is dict and not params)):
-            return None  # the handover holds default-params outputs of this event only
-        try:
-            if epoch_us(ctx.timestamp) != self.as_of_us:
-                return None  # an output of this event is not "latest" for a later one
-        except (ValueError, OverflowError, OSError):
-            return None
-        sid = _text(script_id, 128)
-        key, tf = _text(instrument_key or ctx.instrument_key, 64), _text(timeframe or ctx.timeframe, 16)
-        text = self.outputs.get((sid, key, tf)) if sid and key and tf else None
-        if text is None:
-            return None
-        self.hits += 1
-        return json.loads(text)
-
-
 class _Channel:
     def __init__(self, sock: socket.socket | None) -> None:
         self.sock = sock
@@ -283,9 +194,10 @@ class Context:
                         limit: int = 200, start: float | None = None, end: float | None = None) -> Bars:
         local = self._channel.local
         if local is not None and self._channel.item is self:
-            bars = local.market(self, instrument_key, timeframe, limit, start, end)
-            if bars is not None:
-                return bars
+            hit = local.market(self.instrument_key, self.timeframe, self.timestamp, instrument_key, timeframe,
+                               limit, start, end)
+            if hit is not None:
+                return Bars(*hit)
         payload, cols = self._channel.call("market", {
             "instrument_key": instrument_key or self.instrument_key, "timeframe": timeframe or self.timeframe,
             "limit": limit, "start": start, "end": end})
@@ -303,7 +215,8 @@ class Context:
                           history: int | None = None) -> Any:
         local = self._channel.local
         if local is not None and self._channel.item is self:
-            hit = local.script_output(self, script_id, instrument_key, timeframe, params, history)
+            hit = local.script_output(self.instrument_key, self.timeframe, self.timestamp, script_id,
+                                      instrument_key, timeframe, params, history)
             if hit is not None:
                 return hit
         return self._channel.call("script_output", {
@@ -419,8 +332,8 @@ class Runtime:
             ctx.timestamp = 1000.0
             channel = ctx._channel
             channel.local, channel.item = SegmentData(*handed), ctx
-            channel.local.market(ctx, None, None, 20, None, None)
-            channel.local.script_output(ctx, "s", None, None, None, None)
+            channel.local.market("X", "1d", 1000.0, None, None, 20, None, None)
+            channel.local.script_output("X", "1d", 1000.0, "s", None, None, None, None)
             channel.local = channel.item = None
             value = {"mean": float(np.mean(close[-20:])), "np": np.float64(1.0), "arr": close[:2]}
             len(bars)

@@ -54,7 +54,7 @@ from .children import EXIT_REPORT_TIMEOUT_S, Child, ExitReport, IsolationUnavail
 from .datasource import DataSource
 from .limits import SandboxLimits
 from .prefetch import Handover, Prefetched
-from .reads import ExecutionRequest, answer_frame, apply_data_failure
+from .reads import ExecutionRequest, answer_frame, apply_data_failure, handover, handover_events
 from .results import ExecutionResult, InvalidOutput, OutputValidator
 
 log = logs.get("customscripts.sandbox")
@@ -275,7 +275,7 @@ class Supervisor:
         child.cpu0 = cpu_mark = child.cpu_s()
         t_item = time.perf_counter()
         deadline = t_item + timeout_s  # the item's wall time, its reads included
-        events = _events(reqs)
+        events = handover_events(reqs)
         handed: Handover | None = None  # what the child holds for the event it runs now
         try:
             sock.settimeout(timeout_s)
@@ -284,7 +284,7 @@ class Supervisor:
                 items[i]["data"] = True  # the child waits for the event's data before this item
             protocol.send_frame(sock, {"op": "run", "items": items}, allow_nan=True)
             if 0 in events:
-                handed = _handover(reqs, 0, events[0])
+                handed = handover(reqs, 0, events[0])
                 sock.sendall(handed.frame)
             while True:
                 left = deadline - time.perf_counter()
@@ -322,7 +322,7 @@ class Supervisor:
                     if len(results) == len(reqs):
                         break
                     if len(results) in events:  # the next event's data, now that this one is done
-                        handed = _handover(reqs, len(results), events[len(results)])
+                        handed = handover(reqs, len(results), events[len(results)])
                         sock.settimeout(timeout_s)
                         sock.sendall(handed.frame)
                 else:
@@ -466,32 +466,6 @@ class Supervisor:
         if failures and status == "error":
             apply_data_failure(res, failures)
         return res
-
-
-def _events(reqs: list[ExecutionRequest]) -> dict[int, int]:
-    """The events the child gets a handover for (prefetch.Prefetched.handover), as {index of the
-    event's first item: index after its last}. An event is a run of consecutive items with one
-    timestamp and prefetch. Handed over: the first event (sent with the request, it saves the child a
-    round trip) and every event of several items (one round trip instead of one per item); an event of
-    one item later in the batch (a series' bar ends) reads through the supervisor as before, which
-    costs the same round trip without copying its window."""
-    out: dict[int, int] = {}
-    i = 0
-    while i < len(reqs):
-        pre, ts = reqs[i].prefetch, float(reqs[i].timestamp)
-        j = i + 1
-        while j < len(reqs) and reqs[j].prefetch is pre and float(reqs[j].timestamp) == ts:
-            j += 1
-        if pre is not None and (pre.windows or pre.outputs) and (i == 0 or j - i > 1):
-            out[i] = j
-        i = j
-    return out
-
-
-def _handover(reqs: list[ExecutionRequest], first: int, stop: int) -> Handover:
-    pre = reqs[first].prefetch
-    assert pre is not None
-    return pre.handover({(r.instrument_key, r.timeframe) for r in reqs[first:stop]}, float(reqs[first].timestamp))
 
 
 def _bounded(value: Any, limit: int) -> str:

@@ -3,7 +3,7 @@ answer a market read exactly as gateway-fn would.
 
 Why one function for both sides: the supervisor answers reads from the scheduler's prefetch
 (prefetch.py), and the child answers its own item's reads from the part of it the supervisor hands
-over for the item's event (runtime.py, `SegmentData`); the two must never disagree with each other or
+over for the item's event (handover.py, `SegmentData`); the two must never disagree with each other or
 with the gateway. Rules (the gateway's): a bar is visible at its end, times compare in microseconds
 like PostgreSQL's timestamptz, `end` is already clamped to the item's as-of.
 
