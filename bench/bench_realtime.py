@@ -163,6 +163,31 @@ def commits(mode: str) -> Iterator[None]:
         outputs.durable = durable
 
 
+def measure(args: argparse.Namespace, instruments: list[str], n_subs: int) -> None:
+    """Warm-up, then the sustained and paced phases (twice, interleaved, with --commit-cost)."""
+    uid = uuid.uuid4().hex[:8]
+    cfg = dataclasses.replace(settings(), nats_stream=f"BENCH{uid.upper()}", nats_subject_prefix=f"bench{uid}.c",
+                              scheduler_durable=f"bench-{uid}")
+    with psycopg.connect(cfg.pg_dsn) as conn:
+        days = [r[0] for r in conn.execute(
+            "SELECT extract(epoch FROM time)::float8 FROM candles WHERE instrument_key = 'GOOG' AND timeframe = '1d'"
+            " ORDER BY time DESC LIMIT %s", (1 + (2 if args.commit_cost else 1) * (args.ticks + args.paced),))][::-1]
+    pf = not args.no_prefetch
+    print(f"subscriptions: {n_subs} ({args.instruments} instruments x 10 scripts, chain of 3); "
+          f"data reads per evaluation: {'yes' if args.reads else 'no'}; prefetch: {'on' if pf else 'off'}")
+    warm = run_phase(cfg, instruments, days[:1], None, pf)
+    print("warm-up (deploys the functions):", json.dumps(warm))
+    rest = days[1:]
+    for mode in (("async commit", "durable") if args.commit_cost else ("",)):
+        label = f" [{mode}]" if mode else ""
+        with commits(mode):
+            sustained = run_phase(cfg, instruments, rest[:args.ticks], None, pf)
+            print(f"sustained{label}:", json.dumps(sustained))
+            paced = run_phase(cfg, instruments, rest[args.ticks:args.ticks + args.paced], args.interval, pf)
+            print(f"paced{label} (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
+        rest = rest[args.ticks + args.paced:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instruments", type=int, default=100)
@@ -177,29 +202,11 @@ def main() -> None:
                              "committed asynchronously (as before issue 13) and durably (synchronous commit)")
     args = parser.parse_args()
     _principal, instruments, subs = setup(args.instruments, args.reads)
-    uid = uuid.uuid4().hex[:8]
-    cfg = dataclasses.replace(settings(), nats_stream=f"BENCH{uid.upper()}", nats_subject_prefix=f"bench{uid}.c",
-                              scheduler_durable=f"bench-{uid}")
-    with psycopg.connect(cfg.pg_dsn) as conn:
-        days = [r[0] for r in conn.execute(
-            "SELECT extract(epoch FROM time)::float8 FROM candles WHERE instrument_key = 'GOOG' AND timeframe = '1d'"
-            " ORDER BY time DESC LIMIT %s", (1 + (2 if args.commit_cost else 1) * (args.ticks + args.paced),))][::-1]
-    pf = not args.no_prefetch
-    print(f"subscriptions: {len(subs)} ({args.instruments} instruments x 10 scripts, chain of 3); "
-          f"data reads per evaluation: {'yes' if args.reads else 'no'}; prefetch: {'on' if pf else 'off'}")
-    warm = run_phase(cfg, instruments, days[:1], None, pf)
-    print("warm-up (deploys the functions):", json.dumps(warm))
-    rest = days[1:]
-    for mode in (("async commit", "durable") if args.commit_cost else ("",)):
-        label = f" [{mode}]" if mode else ""
-        with commits(mode):
-            sustained = run_phase(cfg, instruments, rest[:args.ticks], None, pf)
-            print(f"sustained{label}:", json.dumps(sustained))
-            paced = run_phase(cfg, instruments, rest[args.ticks:args.ticks + args.paced], args.interval, pf)
-            print(f"paced{label} (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
-        rest = rest[args.ticks + args.paced:]
-    with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
-        conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (subs[0]["tenant"],))
+    try:
+        measure(args, instruments, len(subs))
+    finally:  # an interrupted run leaves no subscriptions holding the function budget
+        with psycopg.connect(settings().pg_dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (subs[0]["tenant"],))
 
 
 if __name__ == "__main__":
