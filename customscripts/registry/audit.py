@@ -126,15 +126,9 @@ class AuditWriter:
         realtime batch has thousands); rows that find the queue full are written by this caller."""
         rows = list(rows)
         with self._cond:
-            room = max(0, self.max_pending - len(self._pending) - self._writing)
-            queued = rows[:room]
-            if queued:
-                self._pending.extend(queued)
-                self._queued += len(queued)
-                self._start()
-                self._cond.notify_all()
-        if len(rows) > room:
-            self._write(rows[room:])  # back-pressure, as in submit
+            queued = self._queue_many(rows)
+        if queued < len(rows):
+            self._write(rows[queued:])  # back-pressure, as in submit
 
     def write(self, row: AuditRow, timeout: float) -> None:
         """Return once the row is committed durably, sharing the commit with whatever else is queued;
@@ -162,13 +156,17 @@ class AuditWriter:
 
     def _queue(self, row: AuditRow) -> int | None:
         """Append under the lock; the row's ticket, or None when the queue is full."""
-        if len(self._pending) + self._writing >= self.max_pending:
-            return None
-        self._pending.append(row)
-        self._queued += 1
-        self._start()
-        self._cond.notify_all()
-        return self._queued
+        return self._queued if self._queue_many([row]) else None
+
+    def _queue_many(self, rows: list[AuditRow]) -> int:
+        """Append under the lock as many rows as the queue has room for; how many that was."""
+        taken = rows[:max(0, self.max_pending - len(self._pending) - self._writing)]
+        if taken:
+            self._pending.extend(taken)
+            self._queued += len(taken)
+            self._start()
+            self._cond.notify_all()
+        return len(taken)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every submitted row is written; False if that took longer than `timeout`."""

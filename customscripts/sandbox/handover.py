@@ -9,30 +9,9 @@ reads.parse_read, else the read goes over the socket). Runs inside the sandbox: 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-from .windows import CANDLE_COLUMNS, epoch_us, window_rows
-
-MAX_MARKET_LIMIT = 5000  # reads.MAX_MARKET_LIMIT: the supervisor caps a read's limit the same way
-
-
-def _text(value: Any, maxlen: int) -> str | None:
-    """The string the supervisor's read-call check would accept (reads._s), else None."""
-    return value if type(value) is str and 0 < len(value) <= maxlen else None
-
-
-def _time(value: Any) -> float | None:
-    """A read's start/end as the supervisor's check would take it (reads._num); ValueError if it would
-    refuse it."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expected a number")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
+from .windows import CANDLE_COLUMNS, epoch_us, read_limit, read_text, read_time, window_rows
 
 
 class SegmentData:
@@ -58,24 +37,17 @@ class SegmentData:
                start: Any, end: Any) -> tuple[dict, dict] | None:
         """(payload, columns) for `Bars`, answering the running item's read (its own series `own_key`,
         `own_tf`, as of `as_of`), or None: then the read goes to the supervisor."""
-        key, tf = _text(instrument_key or own_key, 64), _text(timeframe or own_tf, 16)
-        if key != own_key or tf != own_tf:
-            return None  # only the item's own series was handed over
-        window = self.windows.get((key, tf))
-        if window is None:
-            return None
-        if limit is None:
-            limit = 200
-        if type(limit) is not int or limit < 1:
-            return None
-        n, complete, raw = window
         try:
-            start_s, end_s = _time(start), _time(end)
+            key, tf = read_text(instrument_key or own_key, 64), read_text(timeframe or own_tf, 16)
+            if key != own_key or tf != own_tf or (key, tf) not in self.windows:
+                return None  # only the item's own series was handed over
+            n, complete, raw = self.windows[(key, tf)]
+            end_s = read_time(end)
             end_s = as_of if end_s is None else min(end_s, as_of)
             rows, needed = window_rows(raw[8 * n:16 * n].cast("d"), n, complete, self.as_of_us,
-                                       limit=min(limit, MAX_MARKET_LIMIT), start=start_s, end=end_s, as_of=as_of)
+                                       limit=read_limit(limit), start=read_time(start), end=end_s, as_of=as_of)
         except (ValueError, OverflowError, OSError):
-            return None
+            return None  # the supervisor answers (or refuses) it
         self.bars = max(self.bars, needed)
         if rows is None:
             return None
@@ -95,11 +67,10 @@ class SegmentData:
         try:
             if epoch_us(as_of) != self.as_of_us:
                 return None  # an output of this event is not "latest" for a later one
+            text = self.outputs.get((read_text(script_id, 128), read_text(instrument_key or own_key, 64),
+                                     read_text(timeframe or own_tf, 16)))
         except (ValueError, OverflowError, OSError):
-            return None
-        sid = _text(script_id, 128)
-        key, tf = _text(instrument_key or own_key, 64), _text(timeframe or own_tf, 16)
-        text = self.outputs.get((sid, key, tf)) if sid and key and tf else None
+            return None  # the supervisor answers (or refuses) it
         if text is None:
             return None
         self.hits += 1

@@ -13,7 +13,6 @@ decides what explains a failed item (`apply_data_failure`).
 from __future__ import annotations
 
 import functools
-import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -35,11 +34,10 @@ from .datasource import (
 )
 from .prefetch import Handover, Prefetched, params_hash
 from .results import ExecutionResult
+from .windows import DEFAULT_LIMIT, read_limit, read_text, read_time
 
 log = logs.get("customscripts.sandbox")
 
-MAX_MARKET_LIMIT = 5000
-DEFAULT_LIMIT = 200
 BINARY_FNS = frozenset({"market", "metric"})  # replies the child turns into numpy columns (Bars)
 READ_FNS = ("market", "metric", "script_output")
 
@@ -82,14 +80,14 @@ class ReadCall:
 def parse_read(fn: Any, args: dict, as_of: float) -> ReadCall:
     """The call, validated; ValueError (or OverflowError) says what is wrong with it."""
     if fn in ("market", "metric"):
-        key = _s(args.get("instrument_key"), 64)
-        subject = _s(args.get("timeframe"), 16) if fn == "market" else _s(args.get("name"), 64)
-        start, end = _num(args.get("start")), _num(args.get("end"))
+        key = read_text(args.get("instrument_key"), 64)
+        subject = read_text(args.get("timeframe"), 16) if fn == "market" else read_text(args.get("name"), 64)
+        start, end = read_time(args.get("start")), read_time(args.get("end"))
         end = as_of if end is None else min(end, as_of)  # as-of: never later
-        return ReadCall(fn, key, subject, as_of, end, limit=_limit(args.get("limit")), start=start)
+        return ReadCall(fn, key, subject, as_of, end, limit=read_limit(args.get("limit")), start=start)
     if fn == "script_output":
-        sid, key, tf = _s(args.get("script_id"), 128), _s(args.get("instrument_key"), 64), \
-            _s(args.get("timeframe"), 16)
+        sid, key, tf = read_text(args.get("script_id"), 128), read_text(args.get("instrument_key"), 64), \
+            read_text(args.get("timeframe"), 16)
         params = args.get("params")
         if params is not None and not isinstance(params, dict):
             raise ValueError("params must be an object")
@@ -98,7 +96,8 @@ def parse_read(fn: Any, args: dict, as_of: float) -> ReadCall:
             frozen = None if params is None else _freeze(params)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
-        return ReadCall(fn, key, tf, as_of, as_of, script_id=sid, history=None if history is None else _limit(history),
+        return ReadCall(fn, key, tf, as_of, as_of, script_id=sid,
+                        history=None if history is None else read_limit(history),
                         params_key=frozen, params=params)
     raise ValueError(f"unknown read call {str(fn)[:40]!r}")
 
@@ -303,29 +302,3 @@ def _child_frame(columns_body: bytes | bytearray) -> bytes | None:
     except (TypeError, ValueError):
         return None
     return protocol.binary_frame({"ok": head, "f64": spec}, bytes(blob))
-
-
-def _s(value: Any, maxlen: int) -> str:
-    if not isinstance(value, str) or not value or len(value) > maxlen:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
-def _num(value: Any) -> float | None:
-    """A finite float or None: NaN or an infinity would defeat every comparison and clamp after it."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expected a number")
-    number = float(value)  # OverflowError for an int beyond float: an invalid read call too
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-def _limit(value: Any) -> int:
-    if value is None:
-        return DEFAULT_LIMIT
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("limit must be a positive integer")
-    return min(value, MAX_MARKET_LIMIT)

@@ -22,6 +22,8 @@ CANDLE_COLUMNS = ("time", "end_time", "open", "high", "low", "close", "volume") 
 # microseconds is comparing PostgreSQL timestamps; beyond it the read goes to the gateway
 MAX_FAST_TIME = float(2**32)
 MAX_NEEDED = 1_000_000  # the most candles a read is ever reported to need (window sizing)
+MAX_MARKET_LIMIT = 5000
+DEFAULT_LIMIT = 200
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -59,3 +61,32 @@ def window_rows(ends: Sequence[float], n: int, complete: bool, hi_us: int, *, li
     if lo == 0 and not complete and (not n or start_us < epoch_us(ends[0])):
         return None, 2 * n + 1  # rows before the window may be in the range: how many is unknown
     return (lo, max(lo, min(lo + limit, idx))), idx + after - lo
+
+
+# A read call's arguments, checked the same way wherever it is answered (supervisor: reads.parse_read;
+# child: handover.SegmentData, which sends anything these refuse over the socket for the error).
+
+def read_text(value: object, maxlen: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > maxlen:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def read_time(value: object) -> float | None:
+    """A finite float or None: NaN or an infinity would defeat every comparison and clamp after it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number")
+    number = float(value)  # OverflowError for an int beyond float: an invalid read call too
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+def read_limit(value: object) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("limit must be a positive integer")
+    return min(value, MAX_MARKET_LIMIT)
