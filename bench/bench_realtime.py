@@ -109,10 +109,9 @@ async def publish_ticks(cfg, instruments: list[str], times: list[float], interva
     await nc.drain()
 
 
-def run_phase(cfg, instruments: list[str], times: list[float], interval: float | None,
-              prefetch: bool = True) -> dict:
-    evaluator = app().evaluator(cfg)
-    evaluator.prefetch = prefetch
+def run_phase(cfg, evaluator, instruments: list[str], times: list[float], interval: float | None) -> dict:
+    """One phase through a Scheduler on `evaluator`: the phases share it, as a running replica keeps
+    its evaluator (its functions proven by the breakers, its caches warm) from batch to batch."""
     timings: dict[str, float] = {}
     process = evaluator.process
 
@@ -130,7 +129,7 @@ def run_phase(cfg, instruments: list[str], times: list[float], interval: float |
     try:
         stats = asyncio.run(Scheduler(evaluator, cfg).run(until=lambda s: s.events >= total, idle_exit_s=60))
     finally:
-        evaluator.close()
+        evaluator.process = process  # type: ignore[method-assign]
         publisher.join()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
     return {"events": stats.events, "evaluations": stats.evaluations, "statuses": dict(stats.statuses),
@@ -175,17 +174,23 @@ def measure(args: argparse.Namespace, instruments: list[str], n_subs: int) -> No
     pf = not args.no_prefetch
     print(f"subscriptions: {n_subs} ({args.instruments} instruments x 10 scripts, chain of 3); "
           f"data reads per evaluation: {'yes' if args.reads else 'no'}; prefetch: {'on' if pf else 'off'}")
-    warm = run_phase(cfg, instruments, days[:1], None, pf)
-    print("warm-up (deploys the functions):", json.dumps(warm))
-    rest = days[1:]
-    for mode in (("async commit", "durable") if args.commit_cost else ("",)):
-        label = f" [{mode}]" if mode else ""
-        with commits(mode):
-            sustained = run_phase(cfg, instruments, rest[:args.ticks], None, pf)
-            print(f"sustained{label}:", json.dumps(sustained))
-            paced = run_phase(cfg, instruments, rest[args.ticks:args.ticks + args.paced], args.interval, pf)
-            print(f"paced{label} (one tick of {args.instruments} events every {args.interval}s):", json.dumps(paced))
-        rest = rest[args.ticks + args.paced:]
+    evaluator = app().evaluator(cfg)
+    evaluator.prefetch = pf
+    try:
+        warm = run_phase(cfg, evaluator, instruments, days[:1], None)
+        print("warm-up (deploys the functions):", json.dumps(warm))
+        rest = days[1:]
+        for mode in (("async commit", "durable") if args.commit_cost else ("",)):
+            label = f" [{mode}]" if mode else ""
+            with commits(mode):
+                sustained = run_phase(cfg, evaluator, instruments, rest[:args.ticks], None)
+                print(f"sustained{label}:", json.dumps(sustained))
+                paced = run_phase(cfg, evaluator, instruments, rest[args.ticks:args.ticks + args.paced], args.interval)
+                print(f"paced{label} (one tick of {args.instruments} events every {args.interval}s):",
+                      json.dumps(paced))
+            rest = rest[args.ticks + args.paced:]
+    finally:
+        evaluator.close()
 
 
 def main() -> None:

@@ -361,6 +361,10 @@ class Settings:
     # Realtime scheduler (customscripts.realtime.scheduler)
     scheduler_durable: str = field(default_factory=lambda: _env("CS_SCHEDULER_DURABLE", "cs-scheduler"))
     scheduler_fetch_batch: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_FETCH_BATCH", 500))
+    # Batches a replica works on at once: the next batch's first dependency wave runs while the one
+    # before it finishes its later waves and its publishing (each is acknowledged on its own, as two
+    # replicas' batches are). 1: strictly one after another.
+    scheduler_batches_in_flight: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_BATCHES_IN_FLIGHT", 2))
     scheduler_fetch_wait_s: float = field(default_factory=lambda: _env_float("CS_SCHEDULER_FETCH_WAIT_S", 0.02))
     scheduler_ack_wait_s: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_ACK_WAIT_S", 30))
     scheduler_max_deliver: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_MAX_DELIVER", -1))
@@ -400,8 +404,9 @@ class Settings:
     # per-item time the function last took.
     scheduler_invoke_timeout_s: float = field(
         default_factory=lambda: _env_float("CS_SCHEDULER_INVOKE_TIMEOUT_S", 15.0))
-    # Invocations of one script function in flight at once. Its supervisor runs one at a time, so more
-    # only queue there (and spend their deadline queueing); raise it where functions run replicas.
+    # Invocations of one script function in flight at once from a replica (across its batches). Its
+    # supervisor runs one at a time, so more only queue there (and spend their deadline queueing);
+    # raise it where functions run replicas.
     scheduler_function_inflight: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_FUNCTION_INFLIGHT", 1))
     # Circuit breaker per function and tenant: after this many consecutive timeouts or failed
     # invocations (or one invocation past its deadline) the function's items of that tenant are

@@ -133,47 +133,38 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# A number that may overflow to inf (exponent of 100 or more, or 309+ digits): only then does the
-# parser check every float in Python; anything else parses at the C decoder's speed.
-_MAYBE_HUGE = re.compile(r"[eE]\+?0*[1-9][0-9]{2}|[0-9]{309}")
-_MAYBE_HUGE_BYTES = re.compile(_MAYBE_HUGE.pattern.encode())
+_CONTAINERS = (dict, list, tuple)
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    """How deeply arrays and objects nest in `value` (a scalar is 0), counted without recursion and
-    given up as soon as it passes `limit` (then limit + 1)."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
+    """How deeply arrays and objects nest in `value` (a scalar is 0), counted level by level without
+    recursion and given up as soon as it passes `limit` (then limit + 1)."""
+    level = [value] if isinstance(value, _CONTAINERS) else []
+    depth = 0
+    while level:
         depth += 1
         if depth > limit:
             return limit + 1
-        deepest = max(deepest, depth)
-        stack.extend((child, depth) for child in children if isinstance(child, dict | list | tuple))
-    return deepest
+        below: list[Any] = []
+        for item in level:
+            below += [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, _CONTAINERS)]
+        level = below
+    return depth
 
 
 def parse_json(data: bytes | str, what: str = "request body", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """JSON sent by an untrusted peer, the one parser for every HTTP body and JSON query parameter.
 
     400 `invalid_json` for anything but strict JSON (NaN, Infinity and numbers that overflow to
-    infinity are not JSON values), 400
-    `json_too_deep` for arrays/objects nested more than `max_depth` levels, however deep: the
-    decoder's own RecursionError is caught, and a shallower excess is found by a walk that runs
+    infinity are not JSON values: every number with a fraction or an exponent is checked as it is
+    read), 400 `json_too_deep` for arrays/objects nested more than `max_depth` levels, however deep:
+    the decoder's own RecursionError is caught, and a shallower excess is found by a walk that runs
     only when the text holds more brackets than `max_depth` (never for ordinary small bodies).
     """
     raw = isinstance(data, bytes | bytearray)
     opens = data.count(b"[") + data.count(b"{") if raw else data.count("[") + data.count("{")
-    huge = (_MAYBE_HUGE_BYTES if raw else _MAYBE_HUGE).search(data) is not None  # type: ignore[arg-type]
     try:
-        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float if huge else None)
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise _too_deep(what, max_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:

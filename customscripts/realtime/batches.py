@@ -83,6 +83,19 @@ class Invocations:
         self.versions = versions
         self.cfg = cfg
         self.market = market  # None: no candle windows are prefetched (reads go to the gateway)
+        self._slots: dict[tuple[str, int], threading.Semaphore] = {}
+        self._slots_lock = threading.Lock()
+
+    def _slot(self, script_id: str, version: int) -> threading.Semaphore:
+        """The function's invocations in flight from this replica, across its batches
+        (scheduler_function_inflight): a second one waits here, not at the function's supervisor,
+        where the wait would count against its deadline."""
+        with self._slots_lock:
+            slot = self._slots.get((script_id, version))
+            if slot is None:
+                slot = self._slots[(script_id, version)] = threading.Semaphore(
+                    max(1, self.cfg.scheduler_function_inflight))
+            return slot
 
     # ------------------------------------------------------------------ data sent along
 
@@ -196,10 +209,11 @@ class Invocations:
             if prefetch is not None:
                 # bound to this function, tenant (the invocation token's) and exact items by a MAC
                 body["prefetch"] = sign_prefetch(function_name(script_id, version), tenant, items, common, prefetch)
-            self.invoker.function_for(script_id, version, tenant)  # deployed before the clock runs
-            started = time.perf_counter()
-            answer = self.invoker.invoke(script_id, version, body, Scope(first.user_id, tenant, first.tier),
-                                         call_id, timeout=deadline)
+            with self._slot(script_id, version):
+                self.invoker.function_for(script_id, version, tenant)  # deployed before the clock runs
+                started = time.perf_counter()
+                answer = self.invoker.invoke(script_id, version, body, Scope(first.user_id, tenant, first.tier),
+                                             call_id, timeout=deadline)
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list) or len(results) != len(chunk):
                 raise InvocationFailed(f"function {function_name(script_id, version)} answered "

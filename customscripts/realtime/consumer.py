@@ -89,10 +89,19 @@ class Scheduler:
 
     async def run(self, *, max_events: int | None = None, idle_exit_s: float | None = None,
                   until: Callable[[RunStats], bool] | None = None) -> RunStats:
-        """Serve until stopped, `max_events` processed, `until(stats)` true, or idle for `idle_exit_s`."""
+        """Serve until stopped, `max_events` processed, `until(stats)` true, or idle for `idle_exit_s`.
+
+        Batches overlap only under a backlog: while a batch is under way the next one is gathered
+        and starts early (up to `scheduler_batches_in_flight` at once) only once it is full
+        (`scheduler_fetch_batch` events); otherwise it starts when the replica is free, as one batch.
+        A replica so holds at most that many batches' messages and one batch gathering."""
         nc = js = psub = None
         idle_since = time.monotonic()
         timer_task = None
+        fetching: asyncio.Task | None = None
+        gathered: list = []  # fetched, waiting for their batch
+        batches: set[asyncio.Task] = set()
+        full = self.cfg.scheduler_fetch_batch
         loop = asyncio.get_running_loop()
         try:
             while not self.stopping.is_set():
@@ -108,34 +117,62 @@ class Scheduler:
                             with contextlib.suppress(Exception):
                                 await nc.close()
                         nc = js = psub = None
-                        if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                        if idle_exit_s is not None and not batches and time.monotonic() - idle_since > idle_exit_s:
                             break
                         await asyncio.sleep(0.5)
                         continue
-                try:
-                    msgs = await psub.fetch(self.cfg.scheduler_fetch_batch, timeout=1.0)
-                except TimeoutError:
-                    msgs = []
-                except Exception as exc:  # connection trouble: nats-py reconnects; back off a little
-                    logs.event(log, "fetch failed", error=repr(exc)[:200])
-                    await asyncio.sleep(0.2)
-                    msgs = []
-                if not msgs:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                        break
+                if gathered and (not batches or (len(gathered) >= full and
+                                                 len(batches) < max(1, self.cfg.scheduler_batches_in_flight))):
+                    batches.add(asyncio.create_task(self._handle(loop, gathered)))
+                    gathered = []
+                    idle_since = time.monotonic()
                     continue
-                await self._handle(loop, msgs)
-                idle_since = time.monotonic()
+                if fetching is None and len(gathered) < full:
+                    fetching = asyncio.create_task(self._fetch(psub, full - len(gathered),
+                                                               0.1 if batches or gathered else 1.0))
+                done, _ = await asyncio.wait(batches | ({fetching} if fetching else set()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for finished in batches & done:
+                    batches.discard(finished)
+                    idle_since = time.monotonic()
+                    if not finished.cancelled() and finished.exception() is not None:
+                        logs.event(log, "batch task failed", error=repr(finished.exception())[:300])
+                if fetching is not None and fetching in done:
+                    msgs, fetching = fetching.result(), None
+                    gathered += msgs
+                    if not msgs and not batches and not gathered and idle_exit_s is not None \
+                            and time.monotonic() - idle_since > idle_exit_s:
+                        break
                 if max_events is not None and self.stats.events >= max_events:
                     break
                 if until is not None and until(self.stats):
                     break
         finally:
+            if fetching is not None:  # a short fetch (batches were under way): what it gets goes back
+                with contextlib.suppress(Exception):
+                    gathered += await fetching
+            for m in gathered:  # fetched but never started: redelivered at once
+                with contextlib.suppress(Exception):
+                    await m.nak()
+            if batches:  # each keeps its own grace (`_handle`): acknowledged, or handed back
+                await asyncio.gather(*batches, return_exceptions=True)
             if timer_task is not None:
                 timer_task.cancel()
             if nc is not None:
                 await self._disconnect(nc, psub)
         return self.stats
+
+    async def _fetch(self, psub, n: int, timeout: float) -> list:
+        """Up to `n` messages, or none after `timeout` without any (short while a batch is under way
+        or gathering: the loop looks again soon, and a fetch never outlives a stop by much)."""
+        try:
+            return await psub.fetch(n, timeout=timeout)
+        except TimeoutError:
+            return []
+        except Exception as exc:  # connection trouble: nats-py reconnects; back off a little
+            logs.event(log, "fetch failed", error=repr(exc)[:200])
+            await asyncio.sleep(0.2)
+            return []
 
     @staticmethod
     async def _disconnect(nc, psub) -> None:
