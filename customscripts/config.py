@@ -365,6 +365,8 @@ class Settings:
     # before it finishes its later waves and its publishing (each is acknowledged on its own, as two
     # replicas' batches are). 1: strictly one after another.
     scheduler_batches_in_flight: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_BATCHES_IN_FLIGHT", 2))
+    # A free replica gives a batch this long from its first event to fill up (events published together,
+    # e.g. one tick of many instruments, land in one batch, not in one per fetch).
     scheduler_fetch_wait_s: float = field(default_factory=lambda: _env_float("CS_SCHEDULER_FETCH_WAIT_S", 0.02))
     scheduler_ack_wait_s: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_ACK_WAIT_S", 30))
     scheduler_max_deliver: int = field(default_factory=lambda: _env_int("CS_SCHEDULER_MAX_DELIVER", -1))

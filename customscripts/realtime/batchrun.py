@@ -31,7 +31,7 @@ from customscripts.faas.naming import function_name
 from customscripts.outputs import OutputRow
 from customscripts.realtime import metrics
 from customscripts.realtime.batches import Answer, BatchData, InvocationFailed
-from customscripts.realtime.planner import Evaluation, Node, node_of
+from customscripts.realtime.planner import Evaluation, Node
 from customscripts.realtime.recording import BatchReport, Received, record_latencies
 from customscripts.realtime.waves import Frontier
 
@@ -245,12 +245,12 @@ class BatchRun:
         """Publish the outputs of evaluations that reached their final status (what another evaluation
         reads first, so it reads this event's value), then release their dependents: invoked when all
         their dependencies are ok, `dependency_failed` otherwise."""
-        rows = [ev.row for ev in finals if ev.status == "ok" and ev.row is not None]
-        first = [row for row in rows if node_of(row) in self.needed]
+        oks = [ev for ev in finals if ev.status == "ok" and ev.row is not None]
+        first = [ev.row for ev in oks if ev.node in self.needed]
         if first:
             self.recorder.publish_now(first, self.data if self.prefetching else None, self.report, self.received,
                                       self.started)
-        self.rest += [row for row in rows if node_of(row) not in self.needed]
+        self.rest += [ev.row for ev in oks if ev.node not in self.needed]
         if self.rest and all(f.done() for f in self.background):  # one background publish at a time
             self.background.append(self.recorder.publish_later(self.rest))
             self.rest = []

@@ -91,17 +91,22 @@ class Scheduler:
                   until: Callable[[RunStats], bool] | None = None) -> RunStats:
         """Serve until stopped, `max_events` processed, `until(stats)` true, or idle for `idle_exit_s`.
 
-        Batches overlap only under a backlog: while a batch is under way the next one is gathered
-        and starts early (up to `scheduler_batches_in_flight` at once) only once it is full
-        (`scheduler_fetch_batch` events); otherwise it starts when the replica is free, as one batch.
-        A replica so holds at most that many batches' messages and one batch gathering."""
+        Batches overlap only under a backlog: while a batch is under way the next one is gathered and
+        starts early (up to `scheduler_batches_in_flight` at once) once it is full
+        (`scheduler_fetch_batch` events), or at least half full with nothing more waiting (a backlog's
+        last batch); otherwise it starts when the replica is free, as one batch. A free replica gives
+        a batch `scheduler_fetch_wait_s` from its first event to fill (events published together land
+        in one batch). A replica so holds at most that many batches' messages and one batch gathering."""
         nc = js = psub = None
         idle_since = time.monotonic()
         timer_task = None
         fetching: asyncio.Task | None = None
         gathered: list = []  # fetched, waiting for their batch
+        first_at = 0.0  # when the first of them arrived
+        short = False  # the last fetch got fewer than it asked for: nothing more is waiting
         batches: set[asyncio.Task] = set()
         full = self.cfg.scheduler_fetch_batch
+        linger = self.cfg.scheduler_fetch_wait_s
         loop = asyncio.get_running_loop()
         try:
             while not self.stopping.is_set():
@@ -121,15 +126,15 @@ class Scheduler:
                             break
                         await asyncio.sleep(0.5)
                         continue
-                if gathered and (not batches or (len(gathered) >= full and
-                                                 len(batches) < max(1, self.cfg.scheduler_batches_in_flight))):
+                waited = time.monotonic() - first_at
+                if gathered and self._starts(len(gathered), len(batches), waited, short):
                     batches.add(asyncio.create_task(self._handle(loop, gathered)))
                     gathered = []
                     idle_since = time.monotonic()
                     continue
                 if fetching is None and len(gathered) < full:
-                    fetching = asyncio.create_task(self._fetch(psub, full - len(gathered),
-                                                               0.1 if batches or gathered else 1.0))
+                    timeout = 1.0 if not (batches or gathered) else 0.1 if batches else max(0.005, linger - waited)
+                    fetching = asyncio.create_task(self._fetch(psub, full - len(gathered), timeout))
                 done, _ = await asyncio.wait(batches | ({fetching} if fetching else set()),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for finished in batches & done:
@@ -139,6 +144,9 @@ class Scheduler:
                         logs.event(log, "batch task failed", error=repr(finished.exception())[:300])
                 if fetching is not None and fetching in done:
                     msgs, fetching = fetching.result(), None
+                    if msgs and not gathered:
+                        first_at = time.monotonic()
+                    short = len(msgs) < full - len(gathered)
                     gathered += msgs
                     if not msgs and not batches and not gathered and idle_exit_s is not None \
                             and time.monotonic() - idle_since > idle_exit_s:
@@ -161,6 +169,14 @@ class Scheduler:
             if nc is not None:
                 await self._disconnect(nc, psub)
         return self.stats
+
+    def _starts(self, gathered: int, running: int, waited: float, short: bool) -> bool:
+        """Whether the gathered events start their batch now (see `run`)."""
+        if not running:
+            return gathered >= self.cfg.scheduler_fetch_batch or waited >= self.cfg.scheduler_fetch_wait_s
+        if running >= max(1, self.cfg.scheduler_batches_in_flight):
+            return False
+        return gathered >= self.cfg.scheduler_fetch_batch or (short and 2 * gathered >= self.cfg.scheduler_fetch_batch)
 
     async def _fetch(self, psub, n: int, timeout: float) -> list:
         """Up to `n` messages, or none after `timeout` without any (short while a batch is under way

@@ -39,6 +39,8 @@ from customscripts.outputs import OutputRow
 from customscripts.sandbox.prefetch import WIRE_VERSION
 from customscripts.sandbox.windows import CANDLE_COLUMNS, epoch_us
 
+_WIRE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 DEFAULT_BARS = 200  # the read APIs' default limit: sent until a version's functions report what it reads
 MAX_BARS = 2000  # never more per window, whatever a script reads (beyond it reads go to the gateway)
 
@@ -63,12 +65,12 @@ CROSS JOIN LATERAL (
 class Window:
     """One candle window (column-major float64: CANDLE_COLUMNS), of the bars ending at or before `hi`."""
 
-    __slots__ = ("_b64", "cols", "complete", "hi", "instrument_key", "n", "timeframe")
+    __slots__ = ("_json", "cols", "complete", "hi", "instrument_key", "n", "timeframe")
 
     def __init__(self, instrument_key: str, timeframe: str, hi: float, n: int, complete: bool, cols: bytes) -> None:
         self.instrument_key, self.timeframe, self.hi = instrument_key, timeframe, hi
         self.n, self.complete, self.cols = n, complete, cols
-        self._b64: str | None = None
+        self._json: str | None = None  # the wire form as JSON text, made once: a batch's functions share it
 
     def last(self, m: int) -> Window:
         """The newest m candles (all if fewer): complete only if nothing was cut off a complete window."""
@@ -79,10 +81,13 @@ class Window:
         return Window(self.instrument_key, self.timeframe, self.hi, m, False, cols)
 
     def wire(self) -> dict[str, Any]:
-        if self._b64 is None:
-            self._b64 = base64.b64encode(self.cols).decode()
         return {"instrument_key": self.instrument_key, "timeframe": self.timeframe, "hi": self.hi,
-                "complete": self.complete, "n": self.n, "cols": self._b64}
+                "complete": self.complete, "n": self.n, "cols": base64.b64encode(self.cols).decode()}
+
+    def wire_json(self) -> str:
+        if self._json is None:
+            self._json = _WIRE_JSON.encode(self.wire())
+        return self._json
 
 
 class MarketWindows:
@@ -166,6 +171,8 @@ def output_entry(row: OutputRow) -> dict[str, Any] | None:
 
 
 def encode(tenant: str, windows: Iterable[Window], outputs: Iterable[dict[str, Any]]) -> str:
-    """The prefetch `data` string of one invocation."""
-    return json.dumps({"v": WIRE_VERSION, "tenant": tenant, "market": [w.wire() for w in windows],
-                       "outputs": list(outputs)}, separators=(",", ":"), allow_nan=False)
+    """The prefetch `data` string of one invocation: {"v", "tenant", "market": [window, ...], "outputs"},
+    each window's JSON text made once per batch, not once per function it is sent to."""
+    head = _WIRE_JSON.encode({"v": WIRE_VERSION, "tenant": tenant})
+    return (f'{head[:-1]},"market":[{",".join(w.wire_json() for w in windows)}],'
+            f'"outputs":{_WIRE_JSON.encode(list(outputs))}}}')

@@ -9,7 +9,7 @@ tenant's next level.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from typing import TypeVar
 
 Node = TypeVar("Node", bound=Hashable)
@@ -57,13 +57,22 @@ class Frontier:
     `done(node)` the nodes whose last unfinished dependency it was. Nodes on a cycle never become
     ready (`unfinished` names what is left)."""
 
-    def __init__(self, nodes: Iterable[Node], deps: Mapping[Node, Iterable[Node]]) -> None:
-        graph = _closure(nodes, deps)
-        self._waiting = {node: len(d) for node, d in graph.items()}
-        self._dependents: dict[Node, list[Node]] = {node: [] for node in graph}
-        for node, d in graph.items():
+    def __init__(self, nodes: Iterable[Node], deps: Mapping[Node, Collection[Node]]) -> None:
+        self._waiting: dict[Node, int] = {}
+        self._dependents: dict[Node, list[Node]] = {}
+        stack = list(nodes)
+        while stack:  # every node and, transitively, what it depends on (a batch's thousands: one pass)
+            node = stack.pop()
+            if node in self._waiting:
+                continue
+            d: Collection[Node] = deps.get(node, ())
+            if len(d) > 1:
+                d = set(d)
+            self._waiting[node] = len(d)
             for dep in d:
-                self._dependents[dep].append(node)
+                self._dependents.setdefault(dep, []).append(node)
+                if dep not in self._waiting:
+                    stack.append(dep)
         self._finished: set[Node] = set()
 
     def ready(self) -> list[Node]:

@@ -126,3 +126,18 @@ def test_a_replica_stopping_mid_backlog_hands_back_what_it_fetched_and_did_not_s
                                                           for c in _candles(30)}
         assert not set(first.seen()) & set(second.seen())  # acknowledged once, never redone
         assert _ack_pending(cfg) == (0, 0)
+
+
+def test_when_gathered_events_start_their_batch():
+    from customscripts.config import settings
+
+    cfg = dataclasses.replace(settings(), scheduler_fetch_batch=10, scheduler_batches_in_flight=2,
+                              scheduler_fetch_wait_s=0.02)
+    starts = Scheduler(RecordingEvaluator(0), cfg)._starts  # type: ignore[arg-type]
+    # a free replica: a full batch at once, else after the short wait for the rest of a burst
+    assert starts(10, 0, 0.0, short=False) and not starts(3, 0, 0.0, short=True) and starts(3, 0, 0.03, short=True)
+    # one under way: only full batches, or a backlog's last one (half full, nothing more waiting)
+    assert starts(10, 1, 0.0, short=False) and starts(5, 1, 0.0, short=True)
+    assert not starts(5, 1, 5.0, short=False) and not starts(4, 1, 5.0, short=True)
+    # as many under way as allowed: nothing more starts
+    assert not starts(10, 2, 5.0, short=True)
