@@ -267,3 +267,36 @@ def test_the_childs_answers_equal_the_supervisors() -> None:
         for name in theirs.output["metadata"]:
             assert mine.output["metadata"][name] == theirs.output["metadata"][name], name
     assert pre.hits >= kept.hits >= 2 * 5 and kept.bars == pre.bars  # (repeated reads: cached there)
+
+
+FORGER = """
+import gc
+
+def run(ctx):
+    get_market_data(limit=3)
+    forged = 0
+    for o in gc.get_objects():  # the runtime's own record of what it answered from the handover
+        if type(o).__name__ == "SegmentData":
+            o.hits, o.bars = 10**9, 10**9
+            forged += 1
+    return {"value": 1.0, "metadata": {"forged": forged}}
+"""
+
+
+def test_a_childs_claim_of_local_reads_is_bounded_by_what_the_supervisor_allowed_and_sent() -> None:
+    """With the guard layer off a script can rewrite the runtime's count of the reads it answered from
+    the handover (the `local` claim of its item message). The claim only feeds the prefetch's
+    counters, and the supervisor clamps it: reads to the per-item call limit, bars to the rows it
+    handed over - so no window the scheduler sizes from it grows past what was already sent."""
+    last = GOOG_TS - 30 * DAY
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [goog_window(last, 40)]}),
+                           tenant="t1", dependencies=[])
+    events = [last - DAY, last]
+    with make_supervisor(FORGER, guards=False) as sup:
+        results = sup.execute_batch([ExecutionRequest("GOOG", "1d", {}, t, prefetch=pre) for t in events])
+        max_calls = sup.max_calls
+    assert [r.status for r in results] == ["ok"] * 2, [r.to_dict() for r in results]
+    assert all(r.output["metadata"]["forged"] >= 1 for r in results)  # the forgery itself took place
+    # per item at most the call limit claimed, plus the one read each really made
+    assert 2 <= pre.hits <= 2 * max_calls + 2
+    assert 3 <= pre.bars <= 40
