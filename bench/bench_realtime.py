@@ -191,6 +191,19 @@ def measure(args: argparse.Namespace, instruments: list[str], n_subs: int) -> No
             rest = rest[args.ticks + args.paced:]
     finally:
         evaluator.close()
+        asyncio.run(drop_stream(cfg))
+
+
+async def drop_stream(cfg) -> None:
+    """The run's own stream (every run makes one, with its durable consumer)."""
+    import nats
+
+    nc = await nats.connect(cfg.nats_url)
+    try:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(cfg.nats_stream)
+    finally:
+        await nc.close()
 
 
 def main() -> None:
@@ -209,9 +222,23 @@ def main() -> None:
     _principal, instruments, subs = setup(args.instruments, args.reads)
     try:
         measure(args, instruments, len(subs))
-    finally:  # an interrupted run leaves no subscriptions holding the function budget
-        with psycopg.connect(settings().pg_dsn, autocommit=True) as conn:
-            conn.execute("DELETE FROM subscriptions WHERE tenant = %s", (subs[0]["tenant"],))
+    finally:  # an interrupted run too
+        clean_up(subs[0]["tenant"])
+
+
+def clean_up(tenant: str) -> None:
+    """What a run leaves of its own tenant: its subscriptions (they would hold the function budget),
+    and its ~44,000 outputs and Redis keys per run, which slow the next runs down (an
+    aged stack measured 3,400-4,600/s where a fresh one measured 5,100-6,600/s with the same code)."""
+    cfg = settings()
+    with psycopg.connect(cfg.pg_dsn, autocommit=True) as conn:
+        for table in ("subscriptions", "script_outputs", "realtime_dead_letters"):
+            conn.execute(f"DELETE FROM {table} WHERE tenant = %s", (tenant,))
+    r = app().redis
+    for pattern in (f"signals:{tenant}:*", f"signals:stream:{tenant}:*", f"signals:seen:{tenant}:*"):
+        keys = list(r.scan_iter(match=pattern, count=5000))
+        for i in range(0, len(keys), 5000):
+            r.unlink(*keys[i:i + 5000])
 
 
 if __name__ == "__main__":
