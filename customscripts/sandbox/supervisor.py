@@ -276,7 +276,9 @@ class Supervisor:
         t_item = time.perf_counter()
         deadline = t_item + timeout_s  # the item's wall time, its reads included
         events = handover_events(reqs)
-        handed: Handover | None = None  # what the child holds for the event it runs now
+        starts = {i for i in range(1, len(reqs))  # where an event (one timestamp and prefetch) begins
+                  if reqs[i].timestamp != reqs[i - 1].timestamp or reqs[i].prefetch is not reqs[i - 1].prefetch}
+        handed: Handover | None = None  # what the child was handed for the event it runs now
         try:
             sock.settimeout(timeout_s)
             items = [r.wire() for r in reqs]
@@ -325,6 +327,8 @@ class Supervisor:
                         handed = handover(reqs, len(results), events[len(results)])
                         sock.settimeout(timeout_s)
                         sock.sendall(handed.frame)
+                    elif len(results) in starts:  # an event without a handover: no local reads to count
+                        handed = None
                 else:
                     raise protocol.ProtocolError(f"unexpected message {str(op)[:40]!r}")
         except TimeoutError:

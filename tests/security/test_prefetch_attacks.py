@@ -297,6 +297,8 @@ def test_a_childs_claim_of_local_reads_is_bounded_by_what_the_supervisor_allowed
         max_calls = sup.max_calls
     assert [r.status for r in results] == ["ok"] * 2, [r.to_dict() for r in results]
     assert all(r.output["metadata"]["forged"] >= 1 for r in results)  # the forgery itself took place
-    # per item at most the call limit claimed, plus the one read each really made
-    assert 2 <= pre.hits <= 2 * max_calls + 2
+    # the call limit claimed for the first event's item (handed over), nothing for the second's (a
+    # one-item event later in a batch gets no handover: its claim is not counted), plus the one read
+    # each really made
+    assert 2 <= pre.hits <= max_calls + 2
     assert 3 <= pre.bars <= 40
