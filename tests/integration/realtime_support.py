@@ -398,5 +398,9 @@ def fault_replay(cfg: Settings, caller: Any, fault: str, candles: list[dict], lo
 
             if not localstack.running_pid(cfg, fault):
                 restore_service(cfg, fault)
+            # the next test starts on a whole stack: registry-fn's pool reconnects with a backoff after
+            # an outage (a first request may wait it out and answer 503 backend_unavailable meanwhile)
+            assert wait_until(lambda: caller.call("GET", "/scripts").status_code == 200, timeout=120,
+                              interval=0.5), "registry-fn did not recover from the outage"
     outcome = chain_outcome(cfg, caller.tenant, sids, instrument, timeframe, reference)
     return FaultRun(fault, outcome, round(recovery, 2), all(c is not None for c in codes))
