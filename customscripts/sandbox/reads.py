@@ -158,23 +158,32 @@ def prefetched_reply(call: ReadCall, req: ExecutionRequest, pre: Prefetched) -> 
     return None
 
 
-def handover_events(reqs: list[ExecutionRequest]) -> dict[int, int]:
-    """The events the child gets a handover for (prefetch.Prefetched.handover), as {index of the
-    event's first item: index after its last}. An event is a run of consecutive items with one
-    timestamp and prefetch. Handed over: the first event (sent with the request, it saves the child a
-    round trip) and every event of several items (one round trip instead of one per item); an event of
-    one item later in the batch (a series' bar ends) reads through the supervisor as before, which
-    costs the same round trip without copying its window."""
-    out: dict[int, int] = {}
+def event_runs(reqs: list[ExecutionRequest]) -> list[tuple[int, int]]:
+    """The batch's events as (index of the first item, index after the last): runs of consecutive
+    items with one timestamp and prefetch."""
+    runs: list[tuple[int, int]] = []
     i = 0
     while i < len(reqs):
         pre, ts = reqs[i].prefetch, float(reqs[i].timestamp)
         j = i + 1
         while j < len(reqs) and reqs[j].prefetch is pre and float(reqs[j].timestamp) == ts:
             j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def handover_events(runs: list[tuple[int, int]], reqs: list[ExecutionRequest]) -> dict[int, int]:
+    """The events (`event_runs`) the child gets a handover for (prefetch.Prefetched.handover), as
+    {index of the event's first item: index after its last}. Handed over: the first event (sent with
+    the request, it saves the child a round trip) and every event of several items (one round trip
+    instead of one per item); an event of one item later in the batch (a series' bar ends) reads
+    through the supervisor as before, which costs the same round trip without copying its window."""
+    out: dict[int, int] = {}
+    for i, j in runs:
+        pre = reqs[i].prefetch
         if pre is not None and (pre.windows or pre.outputs) and (i == 0 or j - i > 1):
             out[i] = j
-        i = j
     return out
 
 

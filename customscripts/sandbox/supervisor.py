@@ -54,7 +54,7 @@ from .children import EXIT_REPORT_TIMEOUT_S, Child, ExitReport, IsolationUnavail
 from .datasource import DataSource
 from .limits import SandboxLimits
 from .prefetch import Handover, Prefetched
-from .reads import ExecutionRequest, answer_frame, apply_data_failure, handover, handover_events
+from .reads import ExecutionRequest, answer_frame, apply_data_failure, event_runs, handover, handover_events
 from .results import ExecutionResult, InvalidOutput, OutputValidator
 
 log = logs.get("customscripts.sandbox")
@@ -275,9 +275,9 @@ class Supervisor:
         child.cpu0 = cpu_mark = child.cpu_s()
         t_item = time.perf_counter()
         deadline = t_item + timeout_s  # the item's wall time, its reads included
-        events = handover_events(reqs)
-        starts = {i for i in range(1, len(reqs))  # where an event (one timestamp and prefetch) begins
-                  if reqs[i].timestamp != reqs[i - 1].timestamp or reqs[i].prefetch is not reqs[i - 1].prefetch}
+        runs = event_runs(reqs)
+        events = handover_events(runs, reqs)
+        starts = {i for i, _ in runs}
         handed: Handover | None = None  # what the child was handed for the event it runs now
         try:
             sock.settimeout(timeout_s)
