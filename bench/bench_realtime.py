@@ -34,6 +34,7 @@ from customscripts.app import app
 from customscripts.auth import decode_token, issue_user_token
 from customscripts.config import settings
 from customscripts.local import stack as localstack
+from customscripts.local.realtime_demo import drop_stream
 from customscripts.marketdata.loader import load_rows, load_sample_data, read_csv, sample_csv
 from customscripts.realtime.consumer import Scheduler
 from customscripts.realtime.events import ensure_stream, msg_id, subject_for
@@ -191,19 +192,8 @@ def measure(args: argparse.Namespace, instruments: list[str], n_subs: int) -> No
             rest = rest[args.ticks + args.paced:]
     finally:
         evaluator.close()
-        asyncio.run(drop_stream(cfg))
-
-
-async def drop_stream(cfg) -> None:
-    """The run's own stream (every run makes one, with its durable consumer)."""
-    import nats
-
-    nc = await nats.connect(cfg.nats_url)
-    try:
         with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(cfg.nats_stream)
-    finally:
-        await nc.close()
+            drop_stream(cfg)  # the run's own stream, with its durable consumer
 
 
 def main() -> None:

@@ -163,10 +163,8 @@ def _run_demo(cfg: Settings) -> int:
     for path in write_plots(client, ids, cfg.state_dir / "demo", plot_times, cols):
         say(f"  plot: {path}")
 
-    try:
-        from customscripts.local.realtime_demo import run_realtime_demo
-    except ImportError:
-        return 0
+    from customscripts.local.realtime_demo import run_realtime_demo
+
     say("realtime: replaying GOOG candle closes through NATS JetStream to the scheduler")
     run_realtime_demo(cfg, echo=say)
     return 0

@@ -21,7 +21,7 @@ import redis
 
 from customscripts.app import app
 from customscripts.auth import issue_user_token
-from customscripts.client import Client, DomainError
+from customscripts.client import Client, ClientError
 from customscripts.config import Settings, settings
 from customscripts.marketdata.replayer import replay
 from customscripts.realtime.consumer import Scheduler
@@ -70,14 +70,15 @@ def run_realtime_demo(cfg: Settings | None = None, *, instrument_key: str = "GOO
         kept = len((signal.get("history") or {}).get("value") or [])
         echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: value {signal['value']:.2f} as of "
              f"{datetime.fromtimestamp(signal['timestamp'], UTC).date()}, the last {kept} from its history")
-    except DomainError as exc:
+    except ClientError as exc:
         echo(f"[realtime] GET /signals/{instrument_key}/custom/{sid}: {exc}")
     api.unsubscribe(sid, sub["id"])
-    _drop_stream(cfg)
+    drop_stream(cfg)
     return 0 if seen == limit else 1
 
 
-def _drop_stream(cfg: Settings) -> None:
+def drop_stream(cfg: Settings) -> None:
+    """Delete `cfg.nats_stream`: a run's own stream (this demo's, a bench run's), never the platform's."""
     import nats
 
     async def go() -> None:
