@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -96,20 +97,39 @@ def _mark_returned(conn: psycopg.Connection) -> None:
     setattr(conn, _RETURNED_AT, time.monotonic())
 
 
-def check_if_idle(conn: psycopg.Connection) -> None:
-    """Pool `check` hook: ping only connections idle for more than CHECK_IDLE_S (or never used)."""
-    returned = getattr(conn, _RETURNED_AT, None)
-    if returned is None or time.monotonic() - returned > CHECK_IDLE_S:
-        ConnectionPool.check_connection(conn)
+class Pool(ConnectionPool):
+    """A pool that survives a PostgreSQL restart with one reconnect, not one backoff per connection.
+
+    psycopg_pool's own `check` hook discards a dead connection and sleeps (1 s, 2 s, 4 s, ...) before
+    trying the next one: after a restart every idle connection is dead, so a pool of six gave up after
+    its 30 s timeout. Here a checkout pings a connection idle for more than CHECK_IDLE_S; when the ping
+    fails the server went away, so every idle connection is checked at once (`check`, which replaces
+    the dead ones) and the checkout takes the next connection without sleeping. Connections are in
+    autocommit mode unless `kwargs` says otherwise."""
+
+    def __init__(self, conninfo: str, **options: Any) -> None:
+        options.setdefault("kwargs", {"autocommit": True})
+        super().__init__(conninfo, reset=_mark_returned, **options)
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        conn = super().getconn(timeout)
+        returned = getattr(conn, _RETURNED_AT, None)
+        if returned is not None and time.monotonic() - returned <= CHECK_IDLE_S:
+            return conn
+        try:
+            self.check_connection(conn)
+        except psycopg.Error:
+            self.putconn(conn)  # broken: the pool discards it and opens a replacement
+            self.check()
+            return super().getconn(max(deadline - time.monotonic(), 0.001))
+        return conn
 
 
 @functools.cache
 def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
     """A process-wide pool per DSN (the writer DSN by default)."""
-    # `check` revalidates a connection idle for a while when it is handed out, so a PostgreSQL restart
-    # costs one reconnect instead of an error on every pooled connection.
-    p = ConnectionPool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True,
-                       kwargs={"autocommit": True}, check=check_if_idle, reset=_mark_returned)
+    p = Pool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True)
     p.wait(timeout=30)
     return p
 

@@ -63,7 +63,7 @@ class Caller:
         return self.call("POST", f"/scripts/{script_id}/publish")
 
     def create_published(self, script_id: str, source: str = RUN_OK, **fields: Any) -> dict:
-        """Create and publish a new script; an API error raises (customscripts.client.DomainError)."""
+        """Create and publish a new script; an API error raises (customscripts.client.ClientError)."""
         self.client.create_script(script_id, source, name=f"script {script_id}", **fields)
         published = self.client.publish(script_id)
         assert not published["unchanged"], published

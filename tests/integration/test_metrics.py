@@ -49,6 +49,11 @@ def _execute(caller: Caller, script_id: str, **params) -> dict:
     return resp.json()
 
 
+def _ok(caller: Caller, script_id: str) -> None:
+    out = _execute(caller, script_id)
+    assert out["status"] == "ok", out
+
+
 def _ops(cfg, name: str) -> str:
     """The ops listener of a running function, as the provider names it (bounded wait for a cold start)."""
     found: dict[str, str | None] = {}
@@ -75,12 +80,12 @@ def test_one_time_execute_moves_every_components_metrics(alice, uid, stack):
     sid = alice.sid(f"metrics-{uid}")
     alice.create_published(sid, SCRIPT)
     fn = function_name(sid, 1)
-    assert _execute(alice, sid)["status"] == "ok"  # deploys and warms the function
+    _ok(alice, sid)  # deploys and warms the function
     ops = {name: _ops(stack, name) for name in ("registry-fn", "gateway-fn", fn)}
     ops["provider"] = stack.provider_url
     before = {name: scrape(url) for name, url in ops.items()}
 
-    assert _execute(alice, sid)["status"] == "ok"
+    _ok(alice, sid)
     assert _execute(alice, sid, fail=1)["status"] == "error"
     after = {name: scrape(url) for name, url in ops.items()}
 
