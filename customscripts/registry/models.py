@@ -315,9 +315,10 @@ class ErrorBody(BaseModel):
 
 class EvaluationTarget(BaseModel):
     """What every evaluation request names (execute, series, subscribe): the series, the params, and
-    optionally the version (default: the latest published)."""
+    optionally the version (default: the latest published). Strict like the other request bodies: a
+    number is a JSON number (never `true` or `"5"`), a flag a JSON boolean."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     instrument_key: str = Field(max_length=64)
     timeframe: str = Field(max_length=8)

@@ -204,10 +204,12 @@ class Prefetched:
 
     def handover(self, series: Iterable[tuple[str, str]], as_of: float) -> Handover:
         """The part of this prefetch the child may hold while it runs the items of one event (`as_of`) on
-        `series`, their own instruments and timeframes: each series' window cut at the as-of, and the
-        dependency outputs of that event with default params on those series (possibly nothing).
-        The supervisor sends it only when the child starts the first of those items, so nothing after an
-        item's as-of, and nothing of a series no item of the event runs on, is ever in the child.
+        `series`, their own instruments and timeframes: each series' window cut at the as-of (its last
+        `bars` candles there once reads have shown how many they need; a read needing more asks the
+        supervisor, which answers from the whole window and grows `bars`), and the dependency outputs
+        of that event with default params on those series (possibly nothing). The supervisor sends it
+        only when the child starts the first of those items, so nothing after an item's as-of, and
+        nothing of a series no item of the event runs on, is ever in the child.
 
         Frame (binary, supervisor -> child): head {"op": "data", "as_of", "windows": [[instrument_key,
         timeframe, n, complete], ...], "outputs": [[script_id, instrument_key, timeframe, JSON text of
@@ -230,9 +232,10 @@ class Prefetched:
             if decoded is None:
                 continue
             k = bisect_right(decoded[0], as_of_us / 1_000_000)
-            heads.append([key[0], key[1], k, w.complete])
-            blobs.append(w.columns(0, k))
-            rows = max(rows, k)
+            lo = max(0, k - self.bars) if self.bars else 0  # the last candles the reads needed so far
+            heads.append([key[0], key[1], k - lo, w.complete and lo == 0])
+            blobs.append(w.columns(lo, k))
+            rows = max(rows, k - lo)
         outputs = [[sid, key, tf, json.dumps(hit)] for (sid, key, tf, ph, t_us), hit in self.outputs.items()
                    if t_us == as_of_us and ph == self._default_hash and (key, tf) in wanted]
         head = {"op": "data", "as_of": as_of, "windows": heads, "outputs": outputs}

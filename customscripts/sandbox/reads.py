@@ -175,16 +175,10 @@ def event_runs(reqs: list[ExecutionRequest]) -> list[tuple[int, int]]:
 
 def handover_events(runs: list[tuple[int, int]], reqs: list[ExecutionRequest]) -> dict[int, int]:
     """The events (`event_runs`) the child gets a handover for (prefetch.Prefetched.handover), as
-    {index of the event's first item: index after its last}. Handed over: the first event (sent with
-    the request, it saves the child a round trip) and every event of several items (one round trip
-    instead of one per item); an event of one item later in the batch (a series' bar ends) reads
-    through the supervisor as before, which costs the same round trip without copying its window."""
-    out: dict[int, int] = {}
-    for i, j in runs:
-        pre = reqs[i].prefetch
-        if pre is not None and (pre.windows or pre.outputs) and (i == 0 or j - i > 1):
-            out[i] = j
-    return out
+    {index of the event's first item: index after its last}: every event with prefetched data. A
+    handover costs what one read's reply costs (it holds only as many candles as the reads needed so
+    far) and saves the child a round trip per read: a series' one-item bar ends included."""
+    return {i: j for i, j in runs if (pre := reqs[i].prefetch) is not None and (pre.windows or pre.outputs)}
 
 
 def handover(reqs: list[ExecutionRequest], first: int, stop: int) -> Handover:

@@ -243,3 +243,29 @@ def test_function_budget_of_three_runs_five_versions_in_turn(stack, uid, api):
             assert result["status"] == "ok" and result["output"]["value"] == float(i)
             most = max(most, len(budget.deployed()))
     assert most == 3
+
+
+COERCED = [  # a JSON value of another type than the field's, which a lax parser would turn into one
+    ("execute", "timestamp", True), ("execute", "timestamp", "1357084800"), ("execute", "store", "yes"),
+    ("execute", "store", 1), ("execute", "version", True), ("execute", "version", "1"), ("execute", "version", 1.0),
+    ("series", "start", True), ("series", "start", "1357084800"), ("series", "end", False),
+    ("subscribe", "backfill", True), ("subscribe", "backfill", "5"), ("subscribe", "version", 1.0),
+]
+
+
+@pytest.mark.parametrize(("route", "field", "value"), COERCED)
+def test_evaluation_bodies_take_json_numbers_and_booleans_only(alice, uid, stack, route, field, value):
+    """execute, series and subscribe bodies are strict: `true` is no timestamp, `"5"` no backfill, 1 no
+    flag; 422 `invalid_body` names the field, and nothing ran (no audit row, no subscription)."""
+    sid = alice.sid(f"strict-{uid}")
+    alice.create_published(sid, "def run(ctx):\n    return 1.0\n", runtime_mode="realtime")
+    body = {"instrument_key": "GOOG", "timeframe": "1d", field: value}
+    if route == "series" and field != "start":
+        body["start"] = AS_OF
+    resp = alice.call("POST", f"/scripts/{sid}/{route}", body)
+    assert resp.status_code == 422 and error_code(resp) == "invalid_body", resp.text
+    assert [d["loc"] for d in resp.json()["error"]["details"]] == [[field]], resp.text
+    with psycopg.connect(stack.pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM audit WHERE script_id = %s AND action NOT IN "
+                            "('create_draft', 'publish')", (sid,)).fetchone() == (0,)
+    assert [s for s in alice.call("GET", "/subscriptions").json()["subscriptions"] if s["script_id"] == sid] == []

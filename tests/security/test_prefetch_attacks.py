@@ -297,8 +297,46 @@ def test_a_childs_claim_of_local_reads_is_bounded_by_what_the_supervisor_allowed
         max_calls = sup.max_calls
     assert [r.status for r in results] == ["ok"] * 2, [r.to_dict() for r in results]
     assert all(r.output["metadata"]["forged"] >= 1 for r in results)  # the forgery itself took place
-    # the call limit claimed for the first event's item (handed over), nothing for the second's (a
-    # one-item event later in a batch gets no handover: its claim is not counted), plus the one read
-    # each really made
-    assert 2 <= pre.hits <= max_calls + 2
+    # each event is handed over: per item at most the call limit is counted, plus the one read each
+    # really made; bars never more than the rows handed over (the window's 40 at most), so the next
+    # event's handover, sized from them, holds no more than the whole window cut at its as-of
+    assert 2 <= pre.hits <= 2 * max_calls + 2
     assert 3 <= pre.bars <= 40
+
+
+GROWING = """
+def run(ctx):
+    n = int(ctx.params.get("last", 0)) if ctx.timestamp >= ctx.params.get("from", 10**12) else 3
+    bars = get_market_data(limit=n or 3)
+    return {"value": float(bars.end_time[-1]), "metadata": {"n": len(bars), "first": float(bars.end_time[0])}}
+"""
+
+
+def test_a_handover_holds_the_candles_the_reads_needed_and_a_larger_read_still_gets_its_answer() -> None:
+    """One-item events (a series' bar ends) are each handed over, cut to the candles the reads so far
+    needed; an item that reads more than was handed gets the whole answer from the supervisor, and
+    later handovers grow to it. Nothing after an item's as-of is in any of them."""
+    last = GOOG_TS - 30 * DAY
+    events = [last - DAY * i for i in range(5, -1, -1)]
+    pre = Prefetched.parse(json.dumps({"v": WIRE_VERSION, "tenant": "t1", "market": [goog_window(last, 40)]}),
+                           tenant="t1", dependencies=[])
+    handed: list[tuple[float, int]] = []
+    cut = pre.handover
+
+    def recording(series, as_of):  # type: ignore[no-untyped-def]
+        h = cut(series, as_of)
+        handed.append((as_of, h.rows))
+        return h
+
+    pre.handover = recording  # type: ignore[method-assign]
+    params = {"from": events[3], "last": 20}
+    with make_supervisor(GROWING, guards=True) as sup:
+        results = sup.execute_batch([ExecutionRequest("GOOG", "1d", params, t, prefetch=pre) for t in events])
+    assert [r.status for r in results] == ["ok"] * len(events), [r.to_dict() for r in results]
+    assert [r.output["value"] for r in results] == events  # each item's last candle is its own as-of
+    assert [r.output["metadata"]["n"] for r in results] == [3, 3, 3, 20, 20, 20]
+    assert [r.output["metadata"]["first"] for r in results] == \
+        [t - DAY * (3 - 1) for t in events[:3]] + [t - DAY * (20 - 1) for t in events[3:]]
+    assert [as_of for as_of, _ in handed] == events  # every event handed over
+    rows = [n for _, n in handed]
+    assert rows[0] == 40 - 5 and rows[1:4] == [3, 3, 3] and rows[4:] == [20, 20]
