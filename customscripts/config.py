@@ -210,6 +210,10 @@ class Settings:
     pg_reader_password: str = field(
         default_factory=lambda: secret("pg-reader-password", "CS_PG_READER_PASSWORD", "reader-local")
     )
+    # How long a request waits for a database connection before it fails (503), and how long a pool
+    # retries a lost connection on its own (with backoff) before the next request that needs one tries
+    # afresh: PostgreSQL coming back is noticed at once, not after a backoff grown over the outage.
+    pg_wait_s: float = field(default_factory=lambda: _env_float("CS_PG_WAIT_S", 5.0))
 
     # Redis
     redis_host: str = field(default_factory=lambda: _env("CS_REDIS_HOST", "127.0.0.1"))

@@ -104,11 +104,19 @@ class Pool(ConnectionPool):
     trying the next one: after a restart every idle connection is dead, so a pool of six gave up after
     its 30 s timeout. Here a checkout pings a connection idle for more than CHECK_IDLE_S; when the ping
     fails the server went away, so every idle connection is checked at once (`check`, which replaces
-    the dead ones) and the checkout takes the next connection without sleeping. Connections are in
-    autocommit mode unless `kwargs` says otherwise."""
+    the dead ones) and the checkout takes the next connection without sleeping.
+
+    While the server is away a checkout waits at most `pg_wait_s` (then PoolTimeout: the API answers
+    503), and a lost connection is retried for that long only: psycopg_pool's backoff would otherwise
+    grow over the outage (1 s, 2 s, ... 64 s between attempts), and a request after the server came
+    back waited for the next attempt. Connections are in autocommit mode unless `kwargs` says
+    otherwise."""
 
     def __init__(self, conninfo: str, **options: Any) -> None:
-        options.setdefault("kwargs", {"autocommit": True})
+        wait_s = settings().pg_wait_s
+        options.setdefault("kwargs", {"autocommit": True, "connect_timeout": max(1, round(wait_s))})
+        options.setdefault("timeout", wait_s)
+        options.setdefault("reconnect_timeout", wait_s)
         super().__init__(conninfo, reset=_mark_returned, **options)
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection:
@@ -126,12 +134,16 @@ class Pool(ConnectionPool):
         return conn
 
 
-@functools.cache
 def pool(dsn: str | None = None, max_size: int = 10) -> ConnectionPool:
-    """A process-wide pool per DSN (the writer DSN by default)."""
-    p = Pool(dsn or settings().pg_dsn, min_size=1, max_size=max_size, open=True)
-    p.wait(timeout=30)
-    return p
+    """The process-wide pool of a DSN (the writer DSN by default). It connects in the background: a
+    process started while PostgreSQL is away serves (503 for what needs the database) and recovers
+    when it is back, rather than failing to start."""
+    return _pool(dsn or settings().pg_dsn, max_size)
+
+
+@functools.cache
+def _pool(dsn: str, max_size: int) -> ConnectionPool:
+    return Pool(dsn, min_size=1, max_size=max_size, open=True)
 
 
 class ChangeFeed:

@@ -17,7 +17,7 @@ from psycopg_pool import PoolTimeout
 
 from customscripts import db
 from customscripts.local import stack as localstack
-from tests.integration.registry_support import Caller
+from tests.integration.registry_support import Caller, error_code
 from tests.integration.test_execute_e2e import execute
 
 IDLE = 8
@@ -89,3 +89,28 @@ def test_the_first_execute_after_a_restart_succeeds(api, uid, stack, service):
         resp = execute(caller, sid)
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "ok", resp.json()
+
+
+def test_while_postgres_is_away_the_api_answers_503_and_serves_again_once_it_is_back(api, uid, stack):
+    """Each request during the outage fails on its own within CS_PG_WAIT_S (503 `backend_unavailable`
+    with Retry-After, nothing half-written); after an outage longer than psycopg_pool's backoff would
+    have grown to, the first request once PostgreSQL is back is served (the pool retries a lost
+    connection for CS_PG_WAIT_S only, then the next request that needs one connects afresh)."""
+    alice = Caller(api, f"alice-{uid}", f"tenant-{uid}")
+    sid = alice.sid(f"away-{uid}")
+    alice.create_published(sid, SCRIPT)
+    assert alice.call("GET", "/subscriptions").status_code == 200
+    localstack.down(stack, only={"postgres"})
+    try:
+        for method, path, body in [("GET", "/scripts", None), ("GET", "/subscriptions", None),
+                                   ("POST", "/scripts", {"name": "n", "source": SCRIPT, "script_id": f"lost-{uid}"})]:
+            resp = alice.call(method, path, body)
+            assert resp.status_code == 503 and error_code(resp) == "backend_unavailable", resp.text
+            assert resp.headers.get("Retry-After"), resp.headers
+        time.sleep(15)  # the outage goes on: a plain pool's next attempt would now be 16 s away
+    finally:
+        localstack.up(stack, only={"postgres"})
+    resp = alice.call("GET", "/scripts")
+    assert resp.status_code == 200, resp.text
+    assert execute(alice, sid).json()["status"] == "ok"
+    assert alice.call("GET", f"/scripts/lost-{uid}").status_code == 404  # the refused create left nothing
