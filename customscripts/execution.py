@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
 from pydantic import BaseModel, Field
@@ -46,7 +46,7 @@ from customscripts.inputs import parse_body
 from customscripts.outputs import OnetimeResult, OnetimeResults, params_hash
 from customscripts.permissions import tier_of
 from customscripts.registry.concurrency import ExecuteSlots, Lease
-from customscripts.registry.models import EvaluationTarget, ScriptMeta
+from customscripts.registry.models import EvaluationTarget, Number, ScriptMeta
 from customscripts.registry.service import RegistryService
 from customscripts.retry import RetryPolicy
 from customscripts.sandbox.invocation import mint_invocation_token, open_grant, seal_grant
@@ -63,7 +63,7 @@ REDEPLOY_RETRY = RetryPolicy(attempts=2, backoff_s=0.0, max_backoff_s=0.0, jitte
 class ExecuteBody(EvaluationTarget):
     """POST /scripts/{id}/execute body."""
 
-    timestamp: float | None = Field(default=None, ge=0, le=4_102_444_800, allow_inf_nan=False,
+    timestamp: Annotated[float | None, Number] = Field(default=None, ge=0, le=4_102_444_800, allow_inf_nan=False,
                                     description="As-of epoch seconds, not after the server's now (422 "
                                                 "`timestamp_in_future`); default now. No data after it is "
                                                 "visible.")

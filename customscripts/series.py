@@ -32,7 +32,7 @@ import functools
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field
@@ -50,7 +50,7 @@ from customscripts.realtime.prefetch import MarketWindows
 from customscripts.realtime.publisher import DeadLetter, Publisher
 from customscripts.realtime.recording import BatchReport
 from customscripts.realtime.subscriptions import Subscription, principal_snapshot
-from customscripts.registry.models import EvaluationTarget
+from customscripts.registry.models import EvaluationTarget, Number
 
 log = logs.get("customscripts.series")
 
@@ -71,9 +71,9 @@ SELECT e FROM (SELECT extract(epoch FROM end_time)::float8 AS e FROM candles
 class SeriesBody(EvaluationTarget):
     """POST /scripts/{id}/series body."""
 
-    start: float = Field(ge=0, le=MAX_EPOCH, allow_inf_nan=False,
+    start: Annotated[float, Number] = Field(ge=0, le=MAX_EPOCH, allow_inf_nan=False,
                          description="Epoch seconds: the first bar end evaluated is at or after it.")
-    end: float | None = Field(default=None, ge=0, le=MAX_EPOCH, allow_inf_nan=False,
+    end: Annotated[float | None, Number] = Field(default=None, ge=0, le=MAX_EPOCH, allow_inf_nan=False,
                               description="Epoch seconds: the last bar end evaluated is at or before it "
                                           "(default, and at most, the server's now).")
 

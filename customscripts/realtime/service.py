@@ -28,7 +28,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from pydantic import BaseModel, Field
@@ -58,7 +58,7 @@ from customscripts.realtime.subscriptions import (
     TenantShareExceeded,
     principal_snapshot,
 )
-from customscripts.registry.models import EvaluationTarget
+from customscripts.registry.models import EvaluationTarget, Number
 from customscripts.registry.service import RegistryService
 from customscripts.series import History
 
@@ -66,9 +66,9 @@ from customscripts.series import History
 class SubscribeBody(EvaluationTarget):
     """POST /scripts/{id}/subscribe body."""
 
-    version: int | None = Field(default=None, ge=1, le=999_999_999,
+    version: Annotated[int | None, Number] = Field(default=None, ge=1, le=999_999_999,
                                 description="Published version; default the latest at subscribe time (pinned).")
-    backfill: int | None = Field(default=None, ge=0, le=1_000_000,
+    backfill: Annotated[int | None, Number] = Field(default=None, ge=0, le=1_000_000,
                                  description="Publish the outputs at the last N bar ends before now first, so the "
                                              "history is there at once (default: the tier's `default_backfill` "
                                              "for a new subscription, none for an existing one; at most the "

@@ -14,7 +14,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from customscripts import ids
 from customscripts.errors import DomainError
@@ -60,6 +60,17 @@ def _storable_json(value: Any) -> Any:
 
 
 StorableParams = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true or false")
+    return value
+
+
+# A number field of an evaluation body: pydantic's lax mode reads `true` as 1 (a series from 1970, a
+# version 1); numeric strings stay accepted as they always were.
+Number = BeforeValidator(_not_bool)
 
 
 def parse_dependency(value: str) -> tuple[str, int]:
@@ -315,12 +326,12 @@ class ErrorBody(BaseModel):
 
 class EvaluationTarget(BaseModel):
     """What every evaluation request names (execute, series, subscribe): the series, the params, and
-    optionally the version (default: the latest published). Strict like the other request bodies: a
-    number is a JSON number (never `true` or `"5"`), a flag a JSON boolean."""
+    optionally the version (default: the latest published). A number may come as a numeric string, never
+    as `true` or `false` (`Number`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
     instrument_key: str = Field(max_length=64)
     timeframe: str = Field(max_length=8)
     params: StorableParams = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=999_999_999)
+    version: Annotated[int | None, Number] = Field(default=None, ge=1, le=999_999_999)
