@@ -289,14 +289,23 @@ class Provider:
                 self.processes[name] = fp
             return fp
 
-    def stop_function(self, name: str) -> bool:
+    def stop_function(self, name: str, *, idle_for: float | None = None) -> bool:
+        """Stop the function's process (False: none runs). `idle_for`: only if no call uses it and none
+        came for that long, decided under the lock a call takes its process under (`_acquire`), so the
+        idle reaper never kills a process a call has just picked. Holds the function's start lock, so a
+        start of the same function waits until the old process (its port, its container) is gone."""
         with self._lock:
-            fp = self.processes.pop(name, None)
-        if fp is None:
-            return False
-        fp.close_pool()
-        kill(fp.proc)
-        self.launcher.stopped(name)
+            start_lock = self._start_locks.setdefault(name, threading.Lock())
+        with start_lock:
+            with self._lock:
+                fp = self.processes.get(name)
+                if fp is None or (idle_for is not None and (
+                        fp.inflight or time.monotonic() - fp.last_used < idle_for)):
+                    return False
+                del self.processes[name]
+            fp.close_pool()
+            kill(fp.proc)
+            self.launcher.stopped(name)
         logs.event(log, "function stopped", function=name, pid=fp.proc.pid)
         return True
 
@@ -353,9 +362,9 @@ class Provider:
                         if fp.inflight == 0 and now - fp.last_used >= self.idle_s
                         and service_port(fp.spec) is None and self._called_directly_s(n) >= self.idle_s]
             for name in idle:
-                logs.event(log, "function idle; stopping", function=name)
                 fp = self.processes.get(name)
-                if fp is not None and self.stop_function(name):
+                if fp is not None and self.stop_function(name, idle_for=self.idle_s):
+                    logs.event(log, "function idle; stopped", function=name)
                     metrics.PROVIDER_IDLE_STOPS.labels(kind(fp.spec)).inc()
             self._keep_services()
 
@@ -366,9 +375,7 @@ class Provider:
         """Send one request to the function process (cold-starting it), retrying once on a dead socket."""
         start = time.perf_counter()
         for attempt in (1, 2):
-            fp = self.ensure_running(name)
-            fp.inflight += 1
-            fp.last_used = time.monotonic()
+            fp = self._acquire(name)
             conn: ClientConnection | None = None
             try:
                 conn = fp.connection(self.upstream_timeout)
@@ -402,9 +409,21 @@ class Provider:
                     conn.close()
                 raise
             finally:
-                fp.inflight -= 1
-                fp.last_used = time.monotonic()
+                with self._lock:
+                    fp.inflight -= 1
+                    fp.last_used = time.monotonic()
         raise AssertionError("unreachable")
+
+    def _acquire(self, name: str) -> FunctionProcess:
+        """The function's running process, counted as in use: taken under the lock the idle reaper
+        decides under, so it is either still the registered process (and now not idle) or replaced."""
+        while True:
+            fp = self.ensure_running(name)
+            with self._lock:
+                if self.processes.get(name) is fp:
+                    fp.inflight += 1
+                    fp.last_used = time.monotonic()
+                    return fp
 
     def count_invocation(self, name: str) -> None:
         with self._lock:

@@ -443,3 +443,44 @@ def test_each_tenants_functions_share_one_cpu_group(tmp_path: Path) -> None:
     assert a1 == a2 and cpugroups.PREFIX in a1
     assert b != a1 and cpugroups.PREFIX in b
     assert cpugroups.PREFIX not in plat
+
+
+def test_the_idle_reaper_never_stops_a_function_a_call_is_using(tmp_path: Path) -> None:
+    """A call takes its process, and the reaper decides a process is idle and removes it, each in one
+    step under the provider's lock: a process a call holds is not idle (stop refused, the call
+    answers), one idle long enough is stopped, and a call never gets a process being killed. Then
+    calls arriving about when the function turns idle, in a bounded loop on loopback, all answer."""
+    import random
+    import threading
+
+    tpl = make_template(tmp_path)
+    functions = tmp_path / "functions"
+    rng = random.Random(7)
+    with Provider("127.0.0.1", 0, state_dir=tmp_path / "state", functions_dir=functions, idle_s=0.1,
+                  user=AUTH[0], password=AUTH[1], secrets={"invocation-secret": "s"}) as provider:
+        client = OpenFaaSClient(provider.url, *AUTH)
+        client.deploy(version_spec(tpl, functions, "edge", 1))
+        pid = client.invoke("cs-edge-v1").json()["pid"]
+        held: list[int] = []
+        call = threading.Thread(target=lambda: held.append(
+            client.invoke("cs-edge-v1", path="/sleep", params={"s": "1.0"}).status))
+        call.start()
+        while not provider.processes["cs-edge-v1"].inflight:
+            time.sleep(0.01)
+        assert provider.stop_function("cs-edge-v1", idle_for=0.0) is False  # in use: not idle
+        call.join(timeout=30)
+        assert held == [200] and provider.processes["cs-edge-v1"].proc.pid == pid
+        assert provider.stop_function("cs-edge-v1", idle_for=60.0) is False  # used a moment ago
+        assert provider.stop_function("cs-edge-v1", idle_for=0.0) is True
+        assert "cs-edge-v1" not in provider.processes
+
+        statuses, pids = [], set()
+        for _ in range(60):
+            reply = client.invoke("cs-edge-v1", path="/sleep", params={"s": "0.02"})
+            statuses.append(reply.status)
+            if reply.status == 200:
+                pids.add(reply.json()["pid"])
+            time.sleep(rng.uniform(0.07, 0.13))  # about when the reaper finds it idle
+        client.close()
+    assert statuses == [200] * len(statuses), statuses
+    assert len(pids) > 1  # the reaper did stop it between calls
