@@ -290,17 +290,14 @@ class Provider:
             return fp
 
     def stop_function(self, name: str, *, idle_for: float | None = None) -> bool:
-        """Stop the function's process (False: none runs). `idle_for`: only if no call uses it and none
-        came for that long, decided under the lock a call takes its process under (`_acquire`), so the
-        idle reaper never kills a process a call has just picked. Holds the function's start lock, so a
-        start of the same function waits until the old process (its port, its container) is gone."""
+        """`idle_for`: only if unused that long, decided under the lock `_acquire` takes a process under
+        (the reaper never kills one a call just picked). A start of it waits until the old one is gone."""
         with self._lock:
             start_lock = self._start_locks.setdefault(name, threading.Lock())
         with start_lock:
             with self._lock:
                 fp = self.processes.get(name)
-                if fp is None or (idle_for is not None and (
-                        fp.inflight or time.monotonic() - fp.last_used < idle_for)):
+                if fp is None or (idle_for is not None and (fp.inflight or time.monotonic() - fp.last_used < idle_for)):
                     return False
                 del self.processes[name]
             fp.close_pool()
@@ -356,15 +353,12 @@ class Provider:
         """Stop idle functions (not services) and keep services running."""
         interval = max(0.05, min(1.0, self.idle_s / 4))
         while not self._stopping.wait(interval):
-            now = time.monotonic()
-            with self._lock:
-                idle = [n for n, fp in self.processes.items()
-                        if fp.inflight == 0 and now - fp.last_used >= self.idle_s
-                        and service_port(fp.spec) is None and self._called_directly_s(n) >= self.idle_s]
+            with self._lock:  # a first look; stop_function decides again under the lock
+                idle = [n for n, fp in self.processes.items() if not fp.inflight and service_port(fp.spec) is None
+                        and min(time.monotonic() - fp.last_used, self._called_directly_s(n)) >= self.idle_s]
             for name in idle:
                 fp = self.processes.get(name)
                 if fp is not None and self.stop_function(name, idle_for=self.idle_s):
-                    logs.event(log, "function idle; stopped", function=name)
                     metrics.PROVIDER_IDLE_STOPS.labels(kind(fp.spec)).inc()
             self._keep_services()
 
@@ -410,19 +404,16 @@ class Provider:
                 raise
             finally:
                 with self._lock:
-                    fp.inflight -= 1
-                    fp.last_used = time.monotonic()
+                    fp.inflight, fp.last_used = fp.inflight - 1, time.monotonic()
         raise AssertionError("unreachable")
 
     def _acquire(self, name: str) -> FunctionProcess:
-        """The function's running process, counted as in use: taken under the lock the idle reaper
-        decides under, so it is either still the registered process (and now not idle) or replaced."""
+        """The running process, counted in use under the lock the idle reaper decides under."""
         while True:
             fp = self.ensure_running(name)
             with self._lock:
                 if self.processes.get(name) is fp:
-                    fp.inflight += 1
-                    fp.last_used = time.monotonic()
+                    fp.inflight, fp.last_used = fp.inflight + 1, time.monotonic()
                     return fp
 
     def count_invocation(self, name: str) -> None:
